@@ -1,0 +1,174 @@
+"""Model configurations selectable by name: ``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``.
+
+Each spec holds the diffusers configs of the three parts (transformer, VAE, text encoder) and the streaming defaults
+of DESIGN §3. ``tiny`` has random weights made locally from a fixed seed: small enough for real time on a laptop CPU,
+it serves tests, CI and benchmarks. The Wan specs describe the real shapes; their weights come from a local path or
+the hub cache (see ``sdlive.daemon.model.loading``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Upstream per-channel latent statistics (diffusers' AutoencoderKLWan defaults, = Wan2.1_VAE).
+WAN_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+WAN_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+
+_WAN_VAE = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "latents_mean": WAN_LATENTS_MEAN,
+    "latents_std": WAN_LATENTS_STD,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build (or find the weights of) one model family member."""
+
+    name: str
+    transformer: dict[str, Any]
+    """kwargs of ``WanTransformer3DModel`` (names identical to diffusers)."""
+    vae: dict[str, Any]
+    """kwargs of ``AutoencoderKLWan``."""
+    text_encoder: dict[str, Any]
+    """kwargs of ``transformers.UMT5Config`` (the encoder part is used)."""
+    text_len: int = 512
+    default_steps: int = 2
+    noise_scale: float = 0.8
+    num_kv_cache: int = 6
+    num_sink: int = 3
+    sink_threshold: float = 0.2
+    rope_refresh_frames: int = 50
+    random_weights: bool = False
+    """True for ``tiny``: weights are made from ``seed``, nothing is loaded."""
+    seed: int = 0
+    hub_repo: str | None = None
+    """Hub repo of the diffusers-format base model (transformer/, vae/, text_encoder/, tokenizer/)."""
+    generator_repo: str | None = None
+    generator_file: str | None = None
+    """StreamDiffusionV2 distilled generator (original Wan key names) that overrides the base transformer."""
+    estimated_vram_gb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.transformer["text_dim"])
+
+
+TINY = ModelSpec(
+    name="tiny",
+    transformer={
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 64,
+        "freq_dim": 64,
+        "ffn_dim": 256,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    },
+    vae={
+        "base_dim": 4,
+        "z_dim": 16,
+        "dim_mult": [1, 2, 2, 2],
+        "num_res_blocks": 1,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "latents_mean": WAN_LATENTS_MEAN,
+        "latents_std": WAN_LATENTS_STD,
+    },
+    text_encoder={
+        "vocab_size": 256384,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_encoder_decoder": False,
+    },
+    default_steps=2,
+    random_weights=True,
+    seed=0,
+)
+
+WAN_1_3B = ModelSpec(
+    name="wan2.1-1.3b",
+    transformer={
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 12,
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 4096,
+        "freq_dim": 256,
+        "ffn_dim": 8960,
+        "num_layers": 30,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    },
+    vae=_WAN_VAE,
+    text_encoder={
+        "vocab_size": 256384,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_encoder_decoder": False,
+    },
+    default_steps=2,
+    hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    generator_repo="jerryfeng/StreamDiffusionV2",
+    generator_file="wan_causal_dmd_v2v/model.pt",
+    estimated_vram_gb=20.0,
+)
+
+WAN_14B = ModelSpec(
+    name="wan2.1-14b",
+    transformer={**WAN_1_3B.transformer, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+    vae=_WAN_VAE,
+    text_encoder=WAN_1_3B.text_encoder,
+    default_steps=1,
+    hub_repo="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    generator_repo="jerryfeng/StreamDiffusionV2",
+    generator_file="wan_causal_dmd_v2v_14b/model.pt",
+    estimated_vram_gb=60.0,
+)
+
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (TINY, WAN_1_3B, WAN_14B)}
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_SPECS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec called ``name``; a clear ``ValueError`` listing the known names otherwise."""
+    try:
+        return MODEL_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}") from None

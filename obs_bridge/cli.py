@@ -1,0 +1,3 @@
+"""The `sdlive` command line."""
+def main() -> None:
+    print("sdlive")

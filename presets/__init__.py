@@ -1,0 +1,1 @@
+"""Shipped presets (TOML files). Loaded by sdlive.daemon.presets."""
