@@ -1,3 +1,26 @@
-"""The `sdlive` command line."""
+"""The `sdlive` console script.
+
+One typer app; each command group lives in its own module and adds itself through ``register(app)``. Nothing here
+imports torch: commands that need the daemon side (``serve``, ``models pull``) import ``sdlive.daemon`` lazily.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import cli_daemon, cli_media, cli_models, cli_obs
+
+app = typer.Typer(
+    name="sdlive",
+    help="Real-time generative video for live streamers: a local GPU daemon, an OBS filter and a virtual webcam.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+for _module in (cli_daemon, cli_models, cli_obs, cli_media):
+    _module.register(app)
+
+
 def main() -> None:
-    print("sdlive")
+    """Entry point of the `sdlive` console script."""
+    app()

@@ -1,0 +1,9 @@
+"""`sdlive` commands: serve, status, preset, shutdown (the daemon and its control)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `sdlive` app."""

@@ -1,0 +1,9 @@
+"""`sdlive` commands: obs setup / obs preset / obs status (obs-websocket)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `sdlive` app."""
