@@ -1,0 +1,192 @@
+"""The daemon's one config object.
+
+Precedence (DESIGN §6): CLI flags > ``SDLIVE_*`` environment variables > the config file (TOML) > defaults.
+The config file is ``--config FILE`` (or ``SDLIVE_CONFIG``), else ``user_config_dir("sdlive")/config.toml`` when it
+exists. Keys in the file are the field names below (``control = "tcp://0.0.0.0:5557"``, ``token = "…"``).
+
+No torch here: the CLI builds and validates the config before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from platformdirs import user_config_dir
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+DEFAULT_PUB = "tcp://127.0.0.1:5558"
+DEFAULT_DATA = "tcp://127.0.0.1:5559"
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sdlive_config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the problem and the fix."""
+
+
+def default_config_file() -> Path:
+    return Path(user_config_dir("sdlive")) / "config.toml"
+
+
+def host_of(address: str) -> str:
+    """Host part of a ZeroMQ endpoint (``tcp://HOST:PORT``, ``ipc://…`` and ``inproc://…`` are local)."""
+    if not address.startswith("tcp://"):
+        return "localhost"
+    rest = address[len("tcp://") :]
+    if rest.startswith("["):  # tcp://[::1]:5557
+        return rest[1 : rest.index("]")]
+    return rest.rsplit(":", 1)[0]
+
+
+def is_loopback(address: str) -> bool:
+    """True when a ZeroMQ endpoint only reaches this machine (loopback IP, ``localhost``, ipc or inproc)."""
+    host = host_of(address)
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:  # a host name: loopback only when every address it resolves to is
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+class DaemonConfig(BaseSettings):
+    """Everything `sdlive serve` can be told. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(env_prefix="SDLIVE_", extra="forbid", validate_default=True)
+
+    model: str = "tiny"
+    """Model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``)."""
+    weights: Path | None = None
+    """Local weights (file or folder); default: the hub cache / random weights for ``tiny``."""
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    control: str = DEFAULT_CONTROL
+    """ROUTER endpoint for requests."""
+    pub: str = DEFAULT_PUB
+    """PUB endpoint for stats, events and the daemon heartbeat."""
+    data: str = DEFAULT_DATA
+    """ROUTER endpoint for frames over the network (sessions with ``transport="net"``)."""
+    token: str | None = None
+    """Shared secret every request must carry; required when any endpoint is not loopback."""
+    max_sessions: int = Field(default=4, ge=1, le=64)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    heartbeat_liveness: int = Field(default=3, ge=1, le=100)
+    """A session whose client is silent for liveness × interval seconds is closed."""
+    ring_slots: int = Field(default=4, ge=2, le=64)
+    preset_dirs: list[Path] = Field(default_factory=list)
+    """Extra preset folders (after the shipped and user presets; later folders override earlier ones)."""
+    user_presets: bool = True
+    """Load presets from ``user_config_dir("sdlive")/presets`` too."""
+    default_preset: str | None = None
+    """Preset for sessions opened without one (default: the first in sorted order)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_file: Path | None = None
+    ui: bool = True
+    """Live stats table in the terminal (also off when stdout is not a TTY)."""
+    stats_interval_s: float = Field(default=1.0, gt=0, le=60)
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("control", "pub", "data")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"{value!r} is not a ZeroMQ endpoint; write it as tcp://HOST:PORT, e.g. {DEFAULT_CONTROL}")
+        if value.startswith("tcp://") and ":" not in value[len("tcp://") :]:
+            raise ValueError(f"{value!r} has no port; write it as tcp://HOST:PORT")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _remote_needs_token(self) -> DaemonConfig:
+        remote = [a for a in (self.control, self.pub, self.data) if not is_loopback(a)]
+        if remote and not self.token:
+            raise ValueError(
+                f"refusing to bind {', '.join(remote)} without a token: anyone on the network could drive the daemon. "
+                "Pass --token SECRET (or set SDLIVE_TOKEN) and give clients the same token, "
+                "or bind to 127.0.0.1 for local use."
+            )
+        return self
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    @property
+    def remote(self) -> bool:
+        return not all(is_loopback(a) for a in (self.control, self.pub, self.data))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_config(config_file: Path | str | None = None, **overrides: Any) -> DaemonConfig:
+    """Build the config: ``overrides`` (CLI flags; None means "not given") > env > ``config_file`` > defaults.
+
+    Raises :class:`ConfigError` with one readable message (the file, the key and the fix) on any problem.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    explicit = config_file if config_file is not None else os.environ.get("SDLIVE_CONFIG")
+    path = Path(explicit).expanduser() if explicit else default_config_file()
+    if explicit and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; create it or drop --config / SDLIVE_CONFIG")
+    if path.is_file():
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    else:
+        path = None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    token = _CONFIG_FILE.set(path)
+    try:
+        return DaemonConfig(**given)
+    except ValidationError as exc:
+        where = f" (config file {path})" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from exc
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,224 @@
+"""Preset loading: shipped ``sdlive.presets`` TOML files, then the user's preset folder, then extra folders.
+
+A preset is one TOML file (``presets/<name>.toml``)::
+
+    name = "anime"                 # optional, defaults to the file name
+    prompt = "anime style, ..."    # required
+    steps = 2                      # 1–4 denoising steps
+    noise_scale = 0.7              # 0–1: how far the model may move away from the input
+    seed = 42
+    transition_chunks = 4          # chunks over which a switch to this preset blends in
+    hotkey = "ctrl+shift+1"        # suggestion for the OBS hotkey binding
+    description = "..."
+
+A later folder overrides an earlier one by preset name (user presets override shipped ones). A broken file is
+reported by file and line and skipped; it never stops the daemon. Presets are indexed by their position in the sorted
+name list (:meth:`PresetLibrary.names`): that index is what the ring control block's ``requested_preset`` carries.
+
+No torch here (the CLI and OBS side import this module).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_config_dir
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+PRESET_SUFFIX = ".toml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Preset(BaseModel):
+    """One named style: what ``set_preset`` applies to a session (via the engine's ``set_params``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    prompt: str = Field(min_length=1, max_length=2000)
+    steps: int = Field(default=2, ge=1, le=4)
+    noise_scale: float = Field(default=0.8, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    transition_chunks: int = Field(default=4, ge=0, le=64)
+    hotkey: str | None = None
+    description: str | None = None
+    source: str | None = Field(default=None, exclude=True)
+    """The file it came from (not part of the TOML)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"preset name {value!r} must be 1–64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not value:
+            raise ValueError("prompt is empty")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The engine ``SessionParams`` fields this preset sets."""
+        return {
+            "prompt": self.prompt,
+            "steps": self.steps,
+            "noise_scale": self.noise_scale,
+            "seed": self.seed,
+            "transition_chunks": self.transition_chunks,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly description (``list_presets``)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+@dataclass(frozen=True)
+class PresetProblem:
+    """A preset file that could not be used."""
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else str(self.path)
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class PresetLibrary:
+    """The presets in effect, by name, plus the problems found while loading."""
+
+    presets: dict[str, Preset] = field(default_factory=dict)
+    problems: list[PresetProblem] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        """Sorted names; position i is the in-band ``requested_preset`` index i."""
+        return sorted(self.presets)
+
+    def get(self, name: str) -> Preset:
+        try:
+            return self.presets[name]
+        except KeyError:
+            raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(self.names()) or '(none)'}") from None
+
+    def by_index(self, index: int) -> Preset:
+        names = self.names()
+        if not 0 <= index < len(names):
+            raise IndexError(f"preset index {index} out of range 0..{len(names) - 1}")
+        return self.presets[names[index]]
+
+    def index_of(self, name: str) -> int:
+        return self.names().index(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.presets
+
+    def __len__(self) -> int:
+        return len(self.presets)
+
+
+def shipped_presets_dir() -> Path:
+    """The folder of the presets shipped in the wheel (package ``sdlive.presets``)."""
+    return Path(str(resources.files("sdlive.presets")))
+
+
+def user_presets_dir() -> Path:
+    """``user_config_dir("sdlive")/presets``: the user's presets override shipped ones by name."""
+    return Path(user_config_dir("sdlive")) / "presets"
+
+
+def _line_of_key(text: str, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def load_preset_file(path: Path) -> Preset:
+    """Parse and validate one preset file; raises :class:`PresetFileError` naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetFileError(PresetProblem(path, None, f"cannot read: {exc}")) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise PresetFileError(
+            PresetProblem(path, int(match.group(1)) if match else None, f"not valid TOML: {exc}")
+        ) from exc
+    data.setdefault("name", path.stem)
+    try:
+        return Preset(**data, source=str(path))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        line = _line_of_key(text, key) if key else None
+        what = f"{key}: " if key else ""
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key; allowed keys: {', '.join(f for f in Preset.model_fields if f != 'source')}"
+        raise PresetFileError(PresetProblem(path, line, f"{what}{message}{more}")) from exc
+    except TypeError as exc:  # e.g. a key that collides with a keyword (source=)
+        raise PresetFileError(PresetProblem(path, None, str(exc))) from exc
+
+
+class PresetFileError(ValueError):
+    def __init__(self, problem: PresetProblem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def load_presets(
+    extra_dirs: list[Path] | tuple[Path, ...] = (),
+    *,
+    shipped: bool = True,
+    user: bool = True,
+) -> PresetLibrary:
+    """Load shipped presets, then the user's, then ``extra_dirs`` (later wins by name); problems are logged and kept."""
+    dirs: list[Path] = []
+    if shipped:
+        dirs.append(shipped_presets_dir())
+    if user:
+        dirs.append(user_presets_dir())
+    extra = [Path(d).expanduser() for d in extra_dirs]
+    dirs.extend(extra)
+    library = PresetLibrary(dirs=dirs)
+    for folder in dirs:
+        if not folder.is_dir():
+            if folder in extra:
+                library.problems.append(PresetProblem(folder, None, "preset folder does not exist"))
+            continue
+        for path in sorted(folder.glob(f"*{PRESET_SUFFIX}")):
+            try:
+                preset = load_preset_file(path)
+            except PresetFileError as exc:
+                library.problems.append(exc.problem)
+                log.warning("skipping preset %s", exc.problem)
+                continue
+            if preset.name in library.presets:
+                log.debug("preset %s from %s overrides %s", preset.name, path, library.presets[preset.name].source)
+            library.presets[preset.name] = preset
+    return library
