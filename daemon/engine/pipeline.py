@@ -1,0 +1,142 @@
+"""The loaded model on one device, shared by every session it opens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.configs import ModelSpec, get_model_spec
+from .params import SessionParams
+from .session import NoiseFn, StreamSession
+
+logger = logging.getLogger(__name__)
+
+PROMPT_MEMO_SIZE = 16
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' requested but torch sees no CUDA device: use --device cpu or install a CUDA build of torch"
+        )
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (DESIGN §3)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class StreamEngine:
+    """A model bundle (causal DiT, VAE weights, prompt encoder) on one device; sessions hold all stream state."""
+
+    def __init__(
+        self, bundle: Any, *, device: torch.device, dtype: torch.dtype, normalize_latents: bool = False
+    ) -> None:
+        self.bundle = bundle
+        self.spec: ModelSpec = bundle.spec
+        self.device = device
+        self.dtype = dtype
+        self.normalize_latents = normalize_latents
+        self.transformer = bundle.transformer
+        self._prompt_memo: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "tiny",
+        *,
+        weights: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        normalize_latents: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> StreamEngine:
+        """Build the engine for a model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
+
+        ``normalize_latents=False`` reproduces upstream, whose DiT sees the raw VAE mean (DESIGN §3).
+        """
+        from ..model.loading import load_model_bundle
+
+        get_model_spec(model)  # a clear error for an unknown name before anything loads
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
+        bundle = load_model_bundle(
+            model, weights=Path(weights) if weights else None, device=device, dtype=dtype, progress=progress
+        )
+        logger.info("engine ready: model=%s device=%s dtype=%s", model, device, dtype)
+        return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents)
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.name
+
+    def open_session(
+        self,
+        *,
+        width: int,
+        height: int,
+        params: SessionParams | None = None,
+        pixel_format: str = "rgb24",
+        noise_fn: NoiseFn | None = None,
+    ) -> StreamSession:
+        """A new stream at ``width×height`` (multiples of 16)."""
+        if params is None:
+            params = SessionParams(steps=self.spec.default_steps, noise_scale=self.spec.noise_scale)
+        with torch.inference_mode():
+            return StreamSession(
+                self, width=width, height=height, params=params, pixel_format=pixel_format, noise_fn=noise_fn
+            )
+
+    # ---------------------------------------------------------------- used by sessions
+
+    def new_vae(self) -> Any:
+        """A streaming VAE with its own causal-conv caches over the shared weights."""
+        from ..model.vae import StreamingVAE
+
+        return StreamingVAE(self.bundle.vae, normalize_latents=self.normalize_latents)
+
+    def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> Any:
+        spec = self.spec
+        return self.transformer.new_kv_cache(
+            batch_size=batch_size,
+            tokens_per_frame=tokens_per_frame,
+            num_kv_cache=spec.num_kv_cache,
+            num_sink=spec.num_sink,
+            sink_threshold=spec.sink_threshold,
+            rope_refresh_frames=spec.rope_refresh_frames,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[1, text_len, text_dim] on the engine's device; the on-disk cache means a known prompt never loads the
+        text encoder."""
+        if not prompt or not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        embeds = self._prompt_memo.get(prompt)
+        if embeds is None:
+            embeds = self.bundle.text.encode(prompt).to(self.device, self.dtype)
+            if len(self._prompt_memo) >= PROMPT_MEMO_SIZE:
+                self._prompt_memo.pop(next(iter(self._prompt_memo)))
+            self._prompt_memo[prompt] = embeds
+        return embeds
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (stage timings on CUDA would lie otherwise)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def memory_bytes(self) -> int:
+        """Device memory in use by torch (CUDA), or the parameter bytes on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return sum(p.numel() * p.element_size() for p in self.transformer.parameters())

@@ -1,0 +1,396 @@
+"""One live stream through the StreamDiffusionV2 loop: frames in, restyled frames out.
+
+A session owns all per-stream state (VAE feature caches, DiT KV caches, the noise controller, the prompt blend, the
+random generator); the model weights belong to the ``StreamEngine`` and are shared by every session.
+
+The loop (DESIGN §3): frames are grouped into chunks (5 frames first, then 4), VAE-encoded, noised by the
+motion-aware controller and denoised by the causal DiT. In stream-batch mode with n steps, slot i of one batched
+forward holds the chunk that is at step i, each slot with its own KV cache; a chunk leaves the pipeline after n
+calls. In no-batch mode each chunk runs its n steps back to back on one cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .params import PIXEL_FORMATS, SessionParams
+from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
+
+if TYPE_CHECKING:
+    from .pipeline import StreamEngine
+
+FIRST_CHUNK_FRAMES = 5
+CHUNK_FRAMES = 4
+SPATIAL_MULTIPLE = 16  # VAE ×8, then the DiT's 2×2 patches
+
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class OutputFrame:
+    """A restyled frame; ``index`` is the 0-based count of the input frame it restyles."""
+
+    index: int
+    pixels: np.ndarray
+
+
+@dataclass
+class _InFlight:
+    """A chunk inside the stream-batch pipeline, waiting for its next denoising step."""
+
+    latent: torch.Tensor  # x_t at `step`, [1, 16, F, h, w]
+    step: int
+    first_index: int
+
+
+class StreamSession:
+    """Frames in, restyled frames out, with live parameter changes.
+
+    ``push`` takes one frame (``H×W×C`` uint8 in ``pixel_format``, or a float tensor ``[3, H, W]`` RGB in [-1, 1])
+    and returns the frames that became ready (possibly none). Bad input raises ``ValueError`` and leaves the
+    session as it was.
+    """
+
+    def __init__(
+        self,
+        engine: StreamEngine,
+        *,
+        width: int,
+        height: int,
+        params: SessionParams,
+        pixel_format: str = "rgb24",
+        noise_fn: NoiseFn | None = None,
+    ) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value < SPATIAL_MULTIPLE or value % SPATIAL_MULTIPLE:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {SPATIAL_MULTIPLE} (got {value!r}): "
+                    f"resize or crop the source, e.g. 512×512 or 480×832"
+                )
+        if pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"unknown pixel format {pixel_format!r}: expected one of {', '.join(PIXEL_FORMATS)}")
+        if not isinstance(params, SessionParams):
+            raise ValueError(f"params must be a SessionParams (got {type(params).__name__})")
+        self.engine = engine
+        self.width = width
+        self.height = height
+        self.pixel_format = pixel_format
+        self._channels, self._rgb_index = PIXEL_FORMATS[pixel_format]
+        self._params = params
+        self._external_noise = noise_fn
+        self._device = engine.device
+        self._dtype = engine.dtype
+        self._tokens_per_frame = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+        self._vae = engine.new_vae()
+        self.stage_ms: dict[str, float] = {"encode": 0.0, "dit": 0.0, "decode": 0.0}
+        self.reset()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def params(self) -> SessionParams:
+        return self._params
+
+    @property
+    def latency_frames(self) -> int:
+        """Most input frames that arrive after an input frame before its output is ready."""
+        depth = self._params.steps if self._params.stream_batch else 1
+        return FIRST_CHUNK_FRAMES - 1 + CHUNK_FRAMES * (depth - 1)
+
+    @property
+    def frames_in(self) -> int:
+        return self._frames_in
+
+    @property
+    def frames_out(self) -> int:
+        return self._frames_out
+
+    @property
+    def chunks(self) -> int:
+        return self._chunks
+
+    def kv_cache_bytes(self) -> int:
+        caches = [c for c in (self._batch_cache, self._seq_cache) if c is not None]
+        return sum(int(c.nbytes) for c in caches)
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Start over: empty caches, counters and noise state (the prompt stays)."""
+        self._vae.reset()
+        self._controller = NoiseController(self._params.noise_scale)
+        self._generator = torch.Generator(device="cpu").manual_seed(self._params.seed)
+        self._pending: list[torch.Tensor] = []
+        self._ready: list[OutputFrame] = []
+        self._next_chunk_index = 0
+        self._previous_frame: torch.Tensor | None = None
+        self._inflight: list[_InFlight] = []
+        self._batch_cache: Any = None
+        self._seq_cache: Any = None
+        self._cache_steps = 0
+        self._frames_in = 0
+        self._frames_out = 0
+        self._chunks = 0
+        self._embeds = self.engine.encode_prompt(self._params.prompt)
+        self._blend_from: torch.Tensor | None = None
+        self._blend_to: torch.Tensor | None = None
+        self._blend_done = 0
+        self._blend_total = 0
+        self._cross = self.engine.transformer.cross_attention_cache(self._embeds)
+
+    @torch.inference_mode()
+    def set_params(self, **changes: Any) -> None:
+        """Change parameters between chunks. A prompt change blends over ``transition_chunks`` chunks; caches and
+        counters continue. Unknown names or invalid values raise ``ValueError`` and change nothing."""
+        new = SessionParams.model_validate({**self._params.model_dump(), **changes})
+        old = self._params
+        mode_change = new.stream_batch != old.stream_batch or new.steps != old.steps
+        if mode_change and self._chunks:
+            # Finish what is in the pipeline at the old step count, then rebuild the caches for the new one.
+            self._ready.extend(self._drain())
+        if new.prompt != old.prompt:
+            target = self.engine.encode_prompt(new.prompt)
+            if new.transition_chunks == 0 or self._chunks == 0:
+                self._set_embeds(target)
+                self._blend_to = None
+            else:
+                self._blend_from = self._embeds
+                self._blend_to = target
+                self._blend_done = 0
+                self._blend_total = new.transition_chunks
+        if new.seed != old.seed:
+            self._generator = torch.Generator(device="cpu").manual_seed(new.seed)
+        if new.noise_scale != old.noise_scale:
+            self._controller.noise_scale = new.noise_scale
+        self._params = new
+        if mode_change and self._chunks:
+            self._rebuild_caches()
+
+    @torch.inference_mode()
+    def push(self, frame: np.ndarray | torch.Tensor) -> list[OutputFrame]:
+        """Add one frame; returns the restyled frames that became ready, in input order."""
+        pixels = self._frame_to_tensor(frame)
+        self._pending.append(pixels)
+        self._frames_in += 1
+        needed = FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES
+        if len(self._pending) >= needed:
+            self._run_chunk(needed)
+        return self._take_ready()
+
+    @torch.inference_mode()
+    def flush(self) -> list[OutputFrame]:
+        """End of stream: finish every chunk in flight and a partial last chunk (padded by repeating its last
+        frame; only real frames are returned), so every pushed frame gets its output."""
+        if self._pending:
+            needed = FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES
+            self._pending.extend([self._pending[-1]] * (needed - len(self._pending)))
+            self._run_chunk(needed)
+        self._ready.extend(self._drain())
+        padding = [f for f in self._ready if f.index >= self._frames_in]
+        self._frames_out -= len(padding)
+        self._ready = [f for f in self._ready if f.index < self._frames_in]
+        return self._take_ready()
+
+    # ------------------------------------------------------------------ frames
+
+    def _frame_to_tensor(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Validate one frame and turn it into RGB float [3, H, W] in [-1, 1] on the engine's device."""
+        if isinstance(frame, torch.Tensor):
+            if frame.shape != (3, self.height, self.width):
+                raise ValueError(f"tensor frame must be [3, {self.height}, {self.width}] RGB (got {list(frame.shape)})")
+            if not frame.is_floating_point():
+                raise ValueError(f"tensor frame must be floating point in [-1, 1] (got {frame.dtype})")
+            if not torch.isfinite(frame).all():
+                raise ValueError("frame contains NaN or infinite values")
+            return frame.to(self._device, torch.float32).clamp(-1, 1)
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"frame must be a numpy array or a torch tensor (got {type(frame).__name__})")
+        expected = (self.height, self.width, self._channels)
+        if frame.shape != expected:
+            raise ValueError(
+                f"frame shape {frame.shape} != {expected} ({self.pixel_format} at {self.width}×{self.height})"
+            )
+        if frame.dtype != np.uint8:
+            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
+        rgb = np.ascontiguousarray(frame[:, :, list(self._rgb_index)])
+        tensor = torch.from_numpy(rgb).to(self._device).permute(2, 0, 1).float()
+        return tensor / 127.5 - 1.0
+
+    def _tensor_to_frames(self, video: torch.Tensor) -> list[np.ndarray]:
+        """[1, 3, T, H, W] in [-1, 1] → T frames H×W×C uint8 in the session's pixel format."""
+        u8 = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
+        rgb = u8.permute(1, 2, 3, 0).cpu().numpy()  # [T, H, W, 3]
+        out = np.empty((rgb.shape[0], self.height, self.width, self._channels), dtype=np.uint8)
+        for dst, src in enumerate(self._rgb_index):
+            out[..., src] = rgb[..., dst]
+        if self._channels == 4:
+            out[..., 3] = 255
+        return list(out)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._external_noise is not None:
+            noise = self._external_noise(shape)
+        else:
+            # Drawn on the CPU so a seed gives the same stream on every device.
+            noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
+        return noise.to(self._device, self._dtype)
+
+    def _chunk_cross(self) -> Any:
+        """The cross-attention cache for this chunk, one blend step further if a prompt transition is running."""
+        if self._blend_to is not None:
+            self._blend_done += 1
+            alpha = min(self._blend_done / self._blend_total, 1.0)
+            self._set_embeds(torch.lerp(self._blend_from, self._blend_to, alpha))
+            if alpha >= 1.0:
+                self._blend_from = self._blend_to = None
+        return self._cross
+
+    def _set_embeds(self, embeds: torch.Tensor) -> None:
+        self._embeds = embeds
+        self._cross = self.engine.transformer.cross_attention_cache(embeds)
+
+    def _run_chunk(self, needed: int) -> None:
+        frames = self._pending[:needed]
+        del self._pending[:needed]
+        first_index = self._next_chunk_index
+        self._next_chunk_index += needed
+        video = torch.stack(frames, dim=1).unsqueeze(0).to(self._dtype)  # [1, 3, T, H, W]
+        sync = self.engine.synchronize
+
+        # 1. VAE encode (the causal-conv caches carry over from the previous chunk)
+        t0 = time.perf_counter()
+        latents = self._vae.encode(video)
+        sync()
+        t1 = time.perf_counter()
+
+        # 2. Motion-aware noise: s interpolates the input, current_step labels it
+        steps = timesteps_for(self._params.steps)
+        if self._chunks == 0:
+            strength, first_step = self._controller.first(), steps[0]
+        else:
+            motion_frames = torch.cat([self._previous_frame.unsqueeze(1).unsqueeze(0), video.float()], dim=2)
+            strength, first_step = self._controller.update(motion_frames)
+        self._previous_frame = frames[-1]
+        noisy = strength * self._noise(tuple(latents.shape)) + (1 - strength) * latents
+        cross = self._chunk_cross()
+
+        # 3. DiT: the first chunk (and no-batch mode) runs all steps here; stream batch runs one step per slot
+        finished: list[tuple[torch.Tensor, int]] = []
+        if self._chunks == 0 or not self._params.stream_batch:
+            x0 = self._denoise_sequential(noisy, first_step, steps, cross)
+            finished.append((x0, first_index))
+        else:
+            finished.extend(self._stream_batch_step(noisy, first_step, steps, cross, first_index))
+        sync()
+        t2 = time.perf_counter()
+
+        # 4. VAE decode of what left the pipeline
+        for x0, start in finished:
+            self._ready.extend(self._decode(x0, start))
+        sync()
+        t3 = time.perf_counter()
+
+        self._chunks += 1
+        self.stage_ms = {"encode": (t1 - t0) * 1e3, "dit": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3}
+
+    def _denoise_sequential(
+        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: Any
+    ) -> torch.Tensor:
+        """All steps of one chunk back to back on the batch-1 cache (no-batch mode and the first chunk)."""
+        if self._seq_cache is None:
+            self._seq_cache = self._new_cache(batch_size=1)
+        x = noisy
+        x0 = noisy
+        for i, step in enumerate(steps):
+            label = first_step if i == 0 else step
+            t = torch.tensor([label], device=self._device, dtype=torch.float32)
+            # Only the last step's keys stay in the cache: the earlier writes go to the same slot.
+            flow = self.engine.transformer.forward_stream(x, t, cross, self._seq_cache, commit=i == len(steps) - 1)
+            x0 = flow_to_x0(x, flow.to(x.dtype), [label])
+            if i < len(steps) - 1:
+                x = add_noise(x0, self._noise(tuple(x0.shape)), [steps[i + 1]])
+        if self._params.stream_batch and len(steps) > 1:
+            # The first chunk fills the caches; from now on every step level has its own copy.
+            self._batch_cache = self._seq_cache.repeat(len(steps))
+            self._seq_cache = None
+        self._cache_steps = len(steps)
+        return x0
+
+    def _stream_batch_step(
+        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: Any, first_index: int
+    ) -> list[tuple[torch.Tensor, int]]:
+        """One batched forward: slot 0 takes the new chunk, slot i the chunk that is at step i."""
+        n = len(steps)
+        if n == 1:
+            return [(self._denoise_sequential(noisy, first_step, steps, cross), first_index)]
+        slots = [_InFlight(noisy, 0, first_index), *self._inflight]
+        k = len(slots)  # < n while the pipeline fills: empty slots are not run, so their caches stay clean
+        x = torch.cat([s.latent for s in slots], dim=0)
+        labels = [first_step] + [steps[s.step] for s in slots[1:]]
+        t = torch.tensor(labels, device=self._device, dtype=torch.float32)
+        flow = self.engine.transformer.forward_stream(x, t, cross, self._batch_cache.narrow(k), commit=True)
+        x0 = flow_to_x0(x, flow.to(x.dtype), labels)
+        finished: list[tuple[torch.Tensor, int]] = []
+        inflight: list[_InFlight] = []
+        for i, slot in enumerate(slots):
+            if i == n - 1:
+                finished.append((x0[i : i + 1], slot.first_index))
+            else:
+                renoised = add_noise(x0[i : i + 1], self._noise(tuple(x0[i : i + 1].shape)), [steps[i + 1]])
+                inflight.append(_InFlight(renoised, i + 1, slot.first_index))
+        self._inflight = inflight
+        return finished
+
+    def _drain(self) -> list[OutputFrame]:
+        """Finish the chunks in the stream-batch pipeline, oldest first, each remaining step on its own level's cache
+        (the same writes the pipeline would have made), and return their frames."""
+        out: list[OutputFrame] = []
+        steps = timesteps_for(self._cache_steps) if self._cache_steps else ()
+        for chunk in reversed(self._inflight):
+            x, j = chunk.latent, chunk.step
+            while True:
+                t = torch.tensor([steps[j]], device=self._device, dtype=torch.float32)
+                flow = self.engine.transformer.forward_stream(x, t, self._cross, self._batch_cache.slot(j), commit=True)
+                x0 = flow_to_x0(x, flow.to(x.dtype), [steps[j]])
+                if j == len(steps) - 1:
+                    break
+                x = add_noise(x0, self._noise(tuple(x0.shape)), [steps[j + 1]])
+                j += 1
+            out.extend(self._decode(x0, chunk.first_index))
+        self._inflight = []
+        self.engine.synchronize()
+        return out
+
+    def _rebuild_caches(self) -> None:
+        """Shape the caches for the current mode and step count, keeping what they hold."""
+        if self._chunks == 0:
+            return
+        base = self._seq_cache
+        if self._batch_cache is not None:
+            base = self._batch_cache.select(self._batch_cache.batch_size - 1)  # the most denoised level
+        n = self._params.steps
+        if self._params.stream_batch and n > 1:
+            self._batch_cache, self._seq_cache = base.repeat(n), None
+        else:
+            self._batch_cache, self._seq_cache = None, base
+        self._cache_steps = n
+
+    def _decode(self, x0: torch.Tensor, first_index: int) -> list[OutputFrame]:
+        frames = self._tensor_to_frames(self._vae.decode(x0))
+        out = [OutputFrame(first_index + i, f) for i, f in enumerate(frames)]
+        self._frames_out += len(out)
+        return out
+
+    def _take_ready(self) -> list[OutputFrame]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _new_cache(self, batch_size: int) -> Any:
+        return self.engine.new_kv_cache(batch_size=batch_size, tokens_per_frame=self._tokens_per_frame)
