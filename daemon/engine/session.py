@@ -335,7 +335,8 @@ class StreamSession:
         x = torch.cat([s.latent for s in slots], dim=0)
         labels = [first_step] + [steps[s.step] for s in slots[1:]]
         t = torch.tensor(labels, device=self._device, dtype=torch.float32)
-        flow = self.engine.transformer.forward_stream(x, t, cross, self._batch_cache.narrow(k), commit=True)
+        with self._batch_cache.subset(0, k) as cache:
+            flow = self.engine.transformer.forward_stream(x, t, cross, cache, commit=True)
         x0 = flow_to_x0(x, flow.to(x.dtype), labels)
         finished: list[tuple[torch.Tensor, int]] = []
         inflight: list[_InFlight] = []
@@ -357,7 +358,8 @@ class StreamSession:
             x, j = chunk.latent, chunk.step
             while True:
                 t = torch.tensor([steps[j]], device=self._device, dtype=torch.float32)
-                flow = self.engine.transformer.forward_stream(x, t, self._cross, self._batch_cache.slot(j), commit=True)
+                with self._batch_cache.subset(j, j + 1) as cache:
+                    flow = self.engine.transformer.forward_stream(x, t, self._cross, cache, commit=True)
                 x0 = flow_to_x0(x, flow.to(x.dtype), [steps[j]])
                 if j == len(steps) - 1:
                     break

@@ -1,0 +1,155 @@
+"""Engine benchmark: throughput, time to first frame and stage times of the streaming loop.
+
+    python bench/engine.py --model tiny --size 256x256 --steps 1 --frames 64 --json out/engine.json
+
+Prints a table and writes JSON with ``fps``, ``ttff_s``, ``stage_ms`` (encode/dit/decode medians),
+``recompute_ratio`` (our streaming DiT loop over a baseline that recomputes the whole attention window every chunk:
+same weights, same run) and ``stream_batch_ratio`` (stream batch over no-batch at 2 steps, same run), ``device``.
+``--model wan2.1-1.3b --size 480x832`` runs the real shapes with random weights (``--random-weights``), for GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, moving_shapes, parse_size, report, stamp  # noqa: E402
+
+from sdlive.daemon.engine import SessionParams, StreamEngine  # noqa: E402
+from sdlive.daemon.engine.schedule import timesteps_for  # noqa: E402
+
+
+def run_stream(engine: StreamEngine, clip, *, steps: int, stream_batch: bool, log_iterations: bool = False) -> dict:
+    """Push the clip as fast as the engine takes it; returns timing figures."""
+    n, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
+    params = SessionParams(prompt="a watercolor painting", steps=steps, stream_batch=stream_batch, seed=0)
+    session = engine.open_session(width=width, height=height, params=params, pixel_format="rgb24")
+    stages: dict[str, list[float]] = {"encode": [], "dit": [], "decode": []}
+    first_out = None
+    outputs = 0
+    steady_start = None
+    steady_frames = 0
+    start = time.perf_counter()
+    for i in range(n):
+        chunks_before = session.chunks
+        out = session.push(clip[i])
+        if session.chunks != chunks_before:
+            for key in stages:
+                stages[key].append(session.stage_ms[key])
+            if log_iterations:  # per-chunk detail, off by default (vLLM's log_iteration_details habit)
+                print(f"chunk {session.chunks}: {session.stage_ms}", file=sys.stderr)
+        if out and first_out is None:
+            first_out = time.perf_counter() - start
+            steady_start = time.perf_counter()
+        elif out:
+            steady_frames += len(out)
+        outputs += len(out)
+    steady_s = time.perf_counter() - steady_start if steady_start else float("nan")
+    return {
+        "ttff_s": first_out,
+        "fps": steady_frames / steady_s if steady_frames else float("nan"),
+        "frames_out": outputs,
+        "stage_ms": {k: median(v[1:] or v) for k, v in stages.items()},  # the first chunk (5 frames, all steps) aside
+        "chunk_ms": median([sum(x) for x in zip(*(v[1:] for v in stages.values()), strict=True)]),
+    }
+
+
+@torch.inference_mode()
+def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, steps: int, chunks: int) -> float:
+    """DiT time per chunk when every chunk recomputes its whole attention window (num_kv_cache latent frames plus
+    the new one) from scratch, instead of reusing cached keys and values."""
+    spec = engine.spec
+    tokens = (height // 16) * (width // 16)
+    window = spec.num_kv_cache + 1
+    x = torch.randn(1, 16, window, height // 8, width // 8, device=engine.device, dtype=engine.dtype)
+    cross = engine.transformer.cross_attention_cache(engine.encode_prompt("a watercolor painting"))
+    times = []
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        for step in timesteps_for(steps):
+            cache = engine.new_kv_cache(batch_size=1, tokens_per_frame=tokens)
+            t = torch.tensor([step], device=engine.device, dtype=torch.float32)
+            engine.transformer.forward_stream(x, t, cross, cache, commit=True)
+        engine.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", default="256x256", help="WIDTHxHEIGHT, multiples of 16")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--weights", default=None, help="checkpoint path (default: the model's own lookup)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--log-iterations", action="store_true", help="print every chunk's stage times")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    width, height = parse_size(args.size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    engine = StreamEngine.load(args.model, weights=args.weights, device=args.device)
+    clip = moving_shapes(width, height, args.frames)
+    run_stream(engine, clip[:16], steps=args.steps, stream_batch=True)  # warm-up: allocator, kernels
+    main_run = run_stream(engine, clip, steps=args.steps, stream_batch=True, log_iterations=args.log_iterations)
+
+    # Recompute baseline: the same loop with the DiT replaced by a full-window recompute (same weights, same run).
+    chunks = max(3, min(8, args.frames // 4))
+    baseline_dit = recompute_baseline_dit_ms(engine, width, height, args.steps, chunks)
+    ours = main_run["stage_ms"]
+    baseline_chunk_ms = ours["encode"] + baseline_dit + ours["decode"]
+    recompute_ratio = baseline_chunk_ms / main_run["chunk_ms"]
+
+    batch2 = run_stream(engine, clip, steps=2, stream_batch=True)
+    nobatch2 = run_stream(engine, clip, steps=2, stream_batch=False)
+    stream_batch_ratio = batch2["fps"] / nobatch2["fps"]
+
+    device = str(engine.device)
+    if engine.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(engine.device)})"
+    else:
+        device += f" ({torch.get_num_threads()} threads)"
+    result = {
+        **stamp(),
+        "model": args.model,
+        "size": f"{width}x{height}",
+        "steps": args.steps,
+        "frames": args.frames,
+        "device": device,
+        "fps": main_run["fps"],
+        "ttff_s": main_run["ttff_s"],
+        "stage_ms": ours,
+        "chunk_ms": main_run["chunk_ms"],
+        "recompute_baseline_dit_ms": baseline_dit,
+        "recompute_ratio": recompute_ratio,
+        "stream_batch_fps_2steps": batch2["fps"],
+        "no_batch_fps_2steps": nobatch2["fps"],
+        "stream_batch_ratio": stream_batch_ratio,
+    }
+    rows = [
+        ("device", device),
+        (f"fps ({args.steps} step)", result["fps"]),
+        ("ttff_s", result["ttff_s"]),
+        ("encode ms / chunk", ours["encode"]),
+        ("dit ms / chunk", ours["dit"]),
+        ("decode ms / chunk", ours["decode"]),
+        ("recompute baseline dit ms / chunk", baseline_dit),
+        ("recompute_ratio", recompute_ratio),
+        ("fps 2 steps, stream batch", batch2["fps"]),
+        ("fps 2 steps, no batch", nobatch2["fps"]),
+        ("stream_batch_ratio", stream_batch_ratio),
+    ]
+    report(f"sdlive engine: {args.model} {width}x{height}", rows, result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
