@@ -101,7 +101,8 @@ class StreamSession:
     def latency_frames(self) -> int:
         """Most input frames that arrive after an input frame before its output is ready."""
         depth = self._params.steps if self._params.stream_batch else 1
-        return FIRST_CHUNK_FRAMES - 1 + CHUNK_FRAMES * (depth - 1)
+        # A chunk's first frame waits for the rest of its chunk, then for depth − 1 more chunks.
+        return max(FIRST_CHUNK_FRAMES - 1, CHUNK_FRAMES - 1 + CHUNK_FRAMES * (depth - 1))
 
     @property
     def frames_in(self) -> int:
