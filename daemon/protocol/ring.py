@@ -1,0 +1,678 @@
+"""The shared-memory frame ring: one per direction per session, single producer, single consumer, no locks.
+
+Stdlib only (``mmap``, ``struct``, ``os``, ``time``) and importable as a single standalone file, so the OBS script,
+which runs in OBS's own Python without numpy or pyzmq, can load it by path. It must never import pydantic, numpy,
+zmq or anything from sdlive. The byte layout below is the wire contract; ``docs/protocol.md`` documents it for
+clients in other languages.
+
+Layout (little-endian; offsets in bytes)::
+
+    header (256 bytes)
+      0  8s  magic            b"SDLRING\\0"
+      8  u32 version          1
+     12  u32 header_size      256
+     16  u32 width            pixels
+     20  u32 height           pixels
+     24  u32 pixel_format     1 bgra, 2 rgba, 3 rgb24, 4 bgr24
+     28  u32 stride           bytes per row (width * bytes per pixel, rows are packed)
+     32  u32 slot_count       N
+     36  u32 creator_pid      informational
+     40  u64 slot_size        bytes per slot, slot header included, a multiple of 64
+     48  u64 frame_size       stride * height (pixel bytes per slot)
+     56  u64 write_count      sequence number of the newest published frame (0 = none yet); producer-written
+     64  u64 read_count       sequence number of the last frame the consumer took; consumer-written
+     72  u64 dropped          frames the consumer never saw (lapped, or skipped by read_latest); consumer-written
+     80  ... reserved (zero)
+    control block (at 128)
+    128  u64 control_seq      seqlock over the request fields below (odd while a client writes them)
+    136  i32 requested_preset index into list_presets' (name-sorted) list, -1 = none
+    140  i32 requested_steps  1-4, 0 = unchanged
+    144  f64 requested_noise_scale  (0, 1], negative = unchanged
+    152  u32 flags            bit 0 PAUSED (the producer paused on purpose: no frames is not death)
+    156  u32 closed           1 = a side has closed the session; the other should let go
+    160  u64 producer_heartbeat_ns   time.monotonic_ns() of the producer's last sign of life
+    168  u64 consumer_heartbeat_ns   time.monotonic_ns() of the consumer's last sign of life
+    176  u64 applied_control_seq     the control_seq the daemon has applied (written by the daemon)
+    184  64s requested_preset_name   UTF-8, NUL padded; wins over requested_preset when not empty
+    248  ... reserved (zero)
+    slots, slot i at 256 + i * slot_size
+      0  u64 seq              seqlock word: 2n-1 while frame n is being written, 2n once frame n is complete
+      8  u64 timestamp_ns     capture time of frame n, time.monotonic_ns() clock of the capturing machine
+     16  u64 size             pixel bytes (= frame_size)
+     24  ... reserved up to 64
+     64  pixels               frame_size bytes, rows top to bottom, ``stride`` bytes each
+
+Seqlock (frame n, 1-based, lives in slot (n - 1) % N):
+
+* write: store seq = 2n-1; store pixels, timestamp, size; store seq = 2n; store write_count = n.
+* read: s1 = seq; if s1 != 2n the slot holds another frame (or is mid-write): skip or retry. Copy pixels and
+  timestamp. s2 = seq; if s2 != s1 the writer lapped us during the copy: the copy is torn, discard it.
+
+Memory ordering: the producer writes the pixels, then publishes the slot's seq, then write_count, in program
+order. CPython cannot emit fences; on x86-64 (TSO) stores are seen in program order, so the algorithm is exact.
+On weakly ordered CPUs (ARM64) the double check still catches a writer that lapped the reader, which is the
+failure that matters for live video, but a stale pixel line is possible in theory.
+"""
+
+from __future__ import annotations
+
+# No dataclasses here: they look their module up in sys.modules, which fails when a host (the OBS script) loads
+# this file by path without registering it. NamedTuple has no such need.
+import math
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+from typing import NamedTuple
+
+__all__ = [
+    "FLAG_PAUSED",
+    "PIXEL_FORMATS",
+    "RING_MAGIC",
+    "RING_VERSION",
+    "ControlBlock",
+    "FrameRing",
+    "RingError",
+    "RingFrame",
+    "bytes_per_pixel",
+    "ring_path",
+]
+
+RING_MAGIC = b"SDLRING\x00"
+RING_VERSION = 1
+HEADER_SIZE = 256
+SLOT_HEADER_SIZE = 64
+SLOT_ALIGN = 64
+MAX_SLOTS = 256
+MAX_DIMENSION = 16384
+MAX_PRESET_NAME_BYTES = 63
+
+# name -> (code in the header, bytes per pixel)
+PIXEL_FORMATS: dict[str, tuple[int, int]] = {
+    "bgra": (1, 4),
+    "rgba": (2, 4),
+    "rgb24": (3, 3),
+    "bgr24": (4, 3),
+}
+_FORMAT_BY_CODE = {code: name for name, (code, _bpp) in PIXEL_FORMATS.items()}
+
+FLAG_PAUSED = 1
+
+# header fields: (offset, struct format)
+_STATIC = struct.Struct("<8sIIIIIIIIQQ")  # magic .. frame_size, offsets 0..55
+_U64 = struct.Struct("<Q")
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+_F64 = struct.Struct("<d")
+_SLOT_HEAD = struct.Struct("<QQQ")  # seq, timestamp_ns, size
+
+OFF_WRITE_COUNT = 56
+OFF_READ_COUNT = 64
+OFF_DROPPED = 72
+OFF_CONTROL = 128
+OFF_CONTROL_SEQ = 128
+OFF_REQUESTED_PRESET = 136
+OFF_REQUESTED_STEPS = 140
+OFF_REQUESTED_NOISE = 144
+OFF_FLAGS = 152
+OFF_CLOSED = 156
+OFF_PRODUCER_HB = 160
+OFF_CONSUMER_HB = 168
+OFF_APPLIED_CONTROL_SEQ = 176
+OFF_PRESET_NAME = 184
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_IS_WINDOWS = sys.platform == "win32"
+
+
+class RingError(Exception):
+    """The ring cannot be created, opened or used; the message names the problem and the fix."""
+
+
+class RingFrame(NamedTuple):
+    """One frame taken from a ring.
+
+    ``data`` is a private copy (``bytes``/``bytearray``) unless the read asked for ``copy=False``: then it is a
+    read-only ``memoryview`` into the slot, and the caller must ask ``ring.still_valid(frame)`` after using it.
+    """
+
+    seq: int
+    timestamp_ns: int
+    data: bytes | bytearray | memoryview
+
+
+class ControlBlock(NamedTuple):
+    """A consistent snapshot of the ring's in-band control block."""
+
+    control_seq: int
+    requested_preset: int
+    requested_preset_name: str
+    requested_steps: int
+    requested_noise_scale: float
+    flags: int
+    closed: bool
+    producer_heartbeat_ns: int
+    consumer_heartbeat_ns: int
+    applied_control_seq: int
+
+
+def bytes_per_pixel(pixel_format: str) -> int:
+    try:
+        return PIXEL_FORMATS[pixel_format][1]
+    except KeyError:
+        raise RingError(f"unknown pixel format {pixel_format!r}: use one of {', '.join(PIXEL_FORMATS)}") from None
+
+
+def _shm_dir() -> str:
+    override = os.environ.get("SDLIVE_SHM_DIR")
+    if override:
+        return override
+    if os.path.isdir("/dev/shm"):
+        return "/dev/shm"
+    # macOS and other POSIX systems without /dev/shm: a per-user file under the temp dir (page-cache backed).
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"sdlive-shm-{os.getuid()}")
+
+
+def ring_path(name: str) -> str:
+    """Where the ring called ``name`` lives on POSIX systems (``/dev/shm/<name>`` on Linux)."""
+    _check_name(name)
+    return os.path.join(_shm_dir(), name)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RingError(
+            f"invalid ring name {name!r}: use 1-200 characters from A-Z a-z 0-9 _ . - starting with a letter or digit"
+        )
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+class FrameRing:
+    """A single-producer single-consumer frame ring in shared memory. Create with ``create`` or ``open``.
+
+    The producer calls ``write``; the consumer calls ``read_next`` (every frame, in order) or ``read_latest``
+    (newest wins). Neither ever blocks on the other; ``wait`` is a short sleeping poll for consumers that have no
+    ZeroMQ notification.
+    """
+
+    def __init__(self, name: str, mm: mmap.mmap, *, owner: bool, observer: bool = False) -> None:
+        # Use create()/open(); this only wraps an already validated mapping.
+        self.name = name
+        self._mm = mm
+        self._buf = memoryview(mm)
+        self._owner = owner
+        self._observer = observer
+        self._closed = False
+        (
+            _magic,
+            _version,
+            _header_size,
+            self.width,
+            self.height,
+            code,
+            self.stride,
+            self.slots,
+            self.creator_pid,
+            self.slot_size,
+            self.frame_size,
+        ) = _STATIC.unpack_from(mm, 0)
+        self.pixel_format = _FORMAT_BY_CODE[code]
+        self.channels = PIXEL_FORMATS[self.pixel_format][1]
+        # The producer's next sequence number and the consumer's cursor are kept locally: the header copies are
+        # for the other side and for monitoring. Opening an existing ring resumes from its counters.
+        self._written = _U64.unpack_from(mm, OFF_WRITE_COUNT)[0]
+        self._cursor = _U64.unpack_from(mm, OFF_READ_COUNT)[0]
+        self._dropped = _U64.unpack_from(mm, OFF_DROPPED)[0]
+        self._control_seq = _U64.unpack_from(mm, OFF_CONTROL_SEQ)[0]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, name: str, *, width: int, height: int, pixel_format: str = "bgra", slots: int = 4) -> FrameRing:
+        """Create a new ring (the daemon does this). Fails if a ring of that name exists."""
+        _check_name(name)
+        code, bpp = PIXEL_FORMATS.get(pixel_format, (None, None))
+        if code is None:
+            raise RingError(f"unknown pixel format {pixel_format!r}: use one of {', '.join(PIXEL_FORMATS)}")
+        for label, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or not 1 <= value <= MAX_DIMENSION:
+                raise RingError(f"ring {label} must be an int in 1..{MAX_DIMENSION}, got {value!r}")
+        if not isinstance(slots, int) or not 2 <= slots <= MAX_SLOTS:
+            raise RingError(f"ring slots must be an int in 2..{MAX_SLOTS}, got {slots!r}")
+        stride = width * bpp
+        frame_size = stride * height
+        slot_size = _round_up(SLOT_HEADER_SIZE + frame_size, SLOT_ALIGN)
+        total = HEADER_SIZE + slots * slot_size
+
+        if _IS_WINDOWS:
+            mm = mmap.mmap(-1, total, tagname=name)
+            if any(mm[:8]):  # a named mapping that already exists is opened, not created
+                mm.close()
+                raise RingError(f"ring {name!r} already exists: close the session that owns it or pick another name")
+        else:
+            directory = _shm_dir()
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                raise RingError(
+                    f"ring {name!r} already exists at {path}: close the session that owns it or remove the stale file"
+                ) from None
+            try:
+                os.fchmod(fd, 0o600)  # owner only, whatever the umask
+                os.ftruncate(fd, total)
+                mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            os.close(fd)  # the mapping keeps the memory; the name stays until unlink()
+
+        # Everything but the magic first, the magic last: a client that opens a half-built ring sees no magic.
+        _STATIC.pack_into(
+            mm,
+            0,
+            b"\x00" * 8,
+            RING_VERSION,
+            HEADER_SIZE,
+            width,
+            height,
+            code,
+            stride,
+            slots,
+            os.getpid() & 0xFFFFFFFF,
+            slot_size,
+            frame_size,
+        )
+        _I32.pack_into(mm, OFF_REQUESTED_PRESET, -1)
+        _F64.pack_into(mm, OFF_REQUESTED_NOISE, -1.0)
+        mm[0:8] = RING_MAGIC
+        return cls(name, mm, owner=True)
+
+    @classmethod
+    def open(cls, name: str, *, observer: bool = False) -> FrameRing:
+        """Open a ring another process created. ``observer=True`` reads without updating the consumer counters
+        (a second watcher, e.g. a virtual camera mirroring an OBS filter's output)."""
+        _check_name(name)
+        if _IS_WINDOWS:
+            probe = mmap.mmap(-1, HEADER_SIZE, tagname=name)
+            try:
+                total = _validate_header(name, probe[:HEADER_SIZE], None)
+            finally:
+                probe.close()
+            mm = mmap.mmap(-1, total, tagname=name)
+        else:
+            path = ring_path(name)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise RingError(
+                    f"ring {name!r} not found at {path}: open the session first (the daemon creates the rings)"
+                ) from None
+            except PermissionError:
+                raise RingError(f"no permission to open ring {name!r} at {path}: run as the daemon's user") from None
+            try:
+                size = os.fstat(fd).st_size
+                if size < HEADER_SIZE:
+                    raise RingError(
+                        f"ring {name!r} is corrupt: {size} bytes is smaller than the {HEADER_SIZE}-byte header"
+                    )
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            try:
+                _validate_header(name, mm[:HEADER_SIZE], size)
+            except RingError:
+                mm.close()
+                raise
+        return cls(name, mm, owner=False, observer=observer)
+
+    # ------------------------------------------------------------------ producer
+
+    def write(self, pixels, *, timestamp_ns: int | None = None) -> int:
+        """Publish one frame (any C-contiguous bytes-like of ``frame_size`` bytes). Never blocks: an unread
+        frame that is lapped is the consumer's drop. Returns the frame's sequence number (1, 2, ...)."""
+        self._check_open()
+        view = memoryview(pixels)
+        if view.nbytes != self.frame_size:
+            raise ValueError(
+                f"frame is {view.nbytes} bytes, ring {self.name!r} takes {self.frame_size} "
+                f"({self.width}x{self.height} {self.pixel_format})"
+            )
+        if not view.c_contiguous:
+            raise ValueError("frame is not C-contiguous: pass a contiguous buffer (numpy: np.ascontiguousarray)")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if timestamp_ns is None:
+            timestamp_ns = time.monotonic_ns()
+        n = self._written + 1
+        base = HEADER_SIZE + ((n - 1) % self.slots) * self.slot_size
+        buf = self._buf
+        _U64.pack_into(buf, base, 2 * n - 1)  # odd: slot n is being written
+        buf[base + SLOT_HEADER_SIZE : base + SLOT_HEADER_SIZE + self.frame_size] = view
+        _U64.pack_into(buf, base + 8, timestamp_ns)
+        _U64.pack_into(buf, base + 16, self.frame_size)
+        _U64.pack_into(buf, base, 2 * n)  # even: frame n complete (published after the pixels)
+        _U64.pack_into(buf, OFF_WRITE_COUNT, n)
+        _U64.pack_into(buf, OFF_PRODUCER_HB, time.monotonic_ns())
+        self._written = n
+        return n
+
+    # ------------------------------------------------------------------ consumer
+
+    def read_next(self, *, copy: bool = True, out=None) -> RingFrame | None:
+        """The next frame in order, or None when there is none yet. When the writer has lapped the reader, skip
+        to the oldest frame still in the ring and count the skipped ones as dropped."""
+        self._check_open()
+        while True:
+            newest = _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+            if newest <= self._cursor:
+                self._beat_consumer()
+                return None
+            want = self._cursor + 1
+            oldest = newest - self.slots + 1
+            if want < oldest:
+                self._skip_to(oldest)
+                want = oldest
+            frame = self._take(want, copy=copy, out=out)
+            if frame is not None:
+                self._consumed(want)
+                return frame
+            # Lapped while copying: frame `want` is gone. Count it, move on to what is still there.
+            self._skip_to(want + 1)
+
+    def read_latest(self, *, copy: bool = True, out=None) -> RingFrame | None:
+        """The newest frame not read yet, or None. Older unread frames are skipped and counted as dropped."""
+        self._check_open()
+        for _attempt in range(self.slots + 2):
+            newest = _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+            if newest <= self._cursor:
+                self._beat_consumer()
+                return None
+            frame = self._take(newest, copy=copy, out=out)
+            if frame is not None:
+                self._skip_to(newest)
+                self._consumed(newest)
+                return frame
+        return None  # the writer kept lapping us (a writer this fast makes every read torn): try again later
+
+    def still_valid(self, frame: RingFrame) -> bool:
+        """After using a ``copy=False`` frame: True when the writer has not touched its slot since it was read."""
+        base = HEADER_SIZE + ((frame.seq - 1) % self.slots) * self.slot_size
+        return _U64.unpack_from(self._buf, base)[0] == 2 * frame.seq
+
+    def wait(self, timeout_s: float, *, poll_s: float = 0.0005) -> bool:
+        """Sleep in ``poll_s`` steps until a frame newer than the last one read is published, at most ``timeout_s``.
+
+        A short wait, never a busy spin: for consumers without a ZeroMQ notification (the OBS script)."""
+        self._check_open()
+        deadline = time.monotonic() + timeout_s
+        while _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0] <= self._cursor:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(poll_s, remaining))
+        return True
+
+    def _take(self, n: int, *, copy: bool, out) -> RingFrame | None:
+        base = HEADER_SIZE + ((n - 1) % self.slots) * self.slot_size
+        buf = self._buf
+        s1, timestamp_ns, size = _SLOT_HEAD.unpack_from(buf, base)
+        if s1 != 2 * n or size != self.frame_size:
+            return None  # mid-write, or already overwritten by a newer frame
+        start = base + SLOT_HEADER_SIZE
+        if out is not None:
+            target = memoryview(out).cast("B") if memoryview(out).format != "B" else memoryview(out)
+            if target.nbytes != self.frame_size:
+                raise ValueError(f"out buffer is {target.nbytes} bytes, ring frames are {self.frame_size}")
+            target[:] = buf[start : start + self.frame_size]
+            data = out
+        elif copy:
+            data = self._mm[start : start + self.frame_size]  # one memcpy into a new bytes object
+        else:
+            data = buf[start : start + self.frame_size].toreadonly()
+        if _U64.unpack_from(buf, base)[0] != s1:
+            return None  # torn: the writer came back to this slot during the copy
+        return RingFrame(n, timestamp_ns, data)
+
+    def _skip_to(self, n: int) -> None:
+        """Mark frames (cursor, n) as never seen."""
+        if n - 1 > self._cursor:
+            self._dropped += n - 1 - self._cursor
+            self._cursor = n - 1
+            if not self._observer:
+                _U64.pack_into(self._buf, OFF_DROPPED, self._dropped)
+
+    def _consumed(self, n: int) -> None:
+        self._cursor = n
+        if not self._observer:
+            _U64.pack_into(self._buf, OFF_READ_COUNT, n)
+            _U64.pack_into(self._buf, OFF_CONSUMER_HB, time.monotonic_ns())
+
+    def _beat_consumer(self) -> None:
+        if not self._observer:
+            _U64.pack_into(self._buf, OFF_CONSUMER_HB, time.monotonic_ns())
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def written(self) -> int:
+        """Frames published so far (the newest frame's sequence number)."""
+        return _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+
+    @property
+    def read(self) -> int:
+        """Sequence number of the last frame this reader took (for the consumer, the header's read_count)."""
+        return self._cursor
+
+    @property
+    def dropped(self) -> int:
+        """Frames this reader never saw: lapped by the writer or skipped by read_latest."""
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Frames published and not read yet (can exceed ``slots``: the excess is already lost)."""
+        return max(0, self.written - self._cursor)
+
+    def header_counters(self) -> tuple[int, int, int]:
+        """(write_count, read_count, dropped) as stored in the header, whoever wrote them."""
+        return (
+            _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0],
+            _U64.unpack_from(self._buf, OFF_READ_COUNT)[0],
+            _U64.unpack_from(self._buf, OFF_DROPPED)[0],
+        )
+
+    # ------------------------------------------------------------------ control block
+
+    def control(self) -> ControlBlock:
+        """A consistent snapshot of the control block (retries while a client is writing its request)."""
+        self._check_open()
+        buf = self._buf
+        for _attempt in range(1000):
+            s1 = _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0]
+            if s1 & 1:
+                time.sleep(0)
+                continue
+            preset = _I32.unpack_from(buf, OFF_REQUESTED_PRESET)[0]
+            steps = _I32.unpack_from(buf, OFF_REQUESTED_STEPS)[0]
+            noise = _F64.unpack_from(buf, OFF_REQUESTED_NOISE)[0]
+            raw_name = bytes(buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1])
+            if _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0] == s1:
+                break
+        else:
+            raise RingError(f"ring {self.name!r}: control block stayed mid-write (a client crashed while writing it)")
+        name = raw_name.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
+        return ControlBlock(
+            control_seq=s1 // 2,
+            requested_preset=preset,
+            requested_preset_name=name,
+            requested_steps=steps,
+            requested_noise_scale=noise,
+            flags=_U32.unpack_from(buf, OFF_FLAGS)[0],
+            closed=bool(_U32.unpack_from(buf, OFF_CLOSED)[0]),
+            producer_heartbeat_ns=_U64.unpack_from(buf, OFF_PRODUCER_HB)[0],
+            consumer_heartbeat_ns=_U64.unpack_from(buf, OFF_CONSUMER_HB)[0],
+            applied_control_seq=_U64.unpack_from(buf, OFF_APPLIED_CONTROL_SEQ)[0],
+        )
+
+    def request(
+        self,
+        *,
+        preset: int | str | None = None,
+        steps: int | None = None,
+        noise_scale: float | None = None,
+    ) -> int:
+        """In-band request for a client without ZeroMQ: ask the daemon for a preset (list_presets index or
+        name), steps (1-4) and/or noise scale ((0, 1]). Fields not given are left as they are. Returns the new
+        control_seq; the daemon writes it back to applied_control_seq once applied."""
+        self._check_open()
+        name_bytes = None
+        if isinstance(preset, str):
+            name_bytes = preset.encode("utf-8")
+            if not name_bytes or len(name_bytes) > MAX_PRESET_NAME_BYTES or b"\x00" in name_bytes:
+                raise ValueError(f"preset name must be 1-{MAX_PRESET_NAME_BYTES} UTF-8 bytes without NUL: {preset!r}")
+        elif preset is not None and (not isinstance(preset, int) or preset < 0):
+            raise ValueError(f"preset index must be an int >= 0, got {preset!r}")
+        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 4):
+            raise ValueError(f"steps must be an int in 1..4, got {steps!r}")
+        if noise_scale is not None and not (isinstance(noise_scale, (int, float)) and 0 < noise_scale <= 1):
+            raise ValueError(f"noise_scale must be in (0, 1], got {noise_scale!r}")
+        buf = self._buf
+        seq = _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0]
+        seq += 1 if seq % 2 == 0 else 0
+        _U64.pack_into(buf, OFF_CONTROL_SEQ, seq)  # odd: request being written
+        if isinstance(preset, int):
+            _I32.pack_into(buf, OFF_REQUESTED_PRESET, preset)
+            buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1] = bytes(MAX_PRESET_NAME_BYTES + 1)
+        elif name_bytes is not None:
+            _I32.pack_into(buf, OFF_REQUESTED_PRESET, -1)
+            buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1] = name_bytes.ljust(
+                MAX_PRESET_NAME_BYTES + 1, b"\x00"
+            )
+        if steps is not None:
+            _I32.pack_into(buf, OFF_REQUESTED_STEPS, steps)
+        if noise_scale is not None:
+            _F64.pack_into(buf, OFF_REQUESTED_NOISE, float(noise_scale))
+        seq += 1
+        _U64.pack_into(buf, OFF_CONTROL_SEQ, seq)  # even: request complete
+        return seq // 2
+
+    def mark_applied(self, control_seq: int) -> None:
+        """Daemon side: the request numbered ``control_seq`` (ControlBlock.control_seq) has been applied."""
+        _U64.pack_into(self._buf, OFF_APPLIED_CONTROL_SEQ, control_seq)
+
+    @property
+    def flags(self) -> int:
+        return _U32.unpack_from(self._buf, OFF_FLAGS)[0]
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        _U32.pack_into(self._buf, OFF_FLAGS, value & 0xFFFFFFFF)
+
+    def beat(self, role: str) -> None:
+        """Record a sign of life for ``role`` ("producer" or "consumer") without moving a frame."""
+        if role not in ("producer", "consumer"):
+            raise ValueError(f"role must be 'producer' or 'consumer', got {role!r}")
+        _U64.pack_into(self._buf, OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB, time.monotonic_ns())
+
+    def heartbeat_age_s(self, role: str) -> float:
+        """Seconds since ``role``'s last sign of life (inf if it never showed one)."""
+        offset = OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB
+        stamp = _U64.unpack_from(self._buf, offset)[0]
+        return math.inf if stamp == 0 else max(0.0, (time.monotonic_ns() - stamp) / 1e9)
+
+    @property
+    def closed_flag(self) -> bool:
+        """True once either side called ``mark_closed``: the session is over, let go of the ring."""
+        return bool(_U32.unpack_from(self._buf, OFF_CLOSED)[0])
+
+    def mark_closed(self) -> None:
+        _U32.pack_into(self._buf, OFF_CLOSED, 1)
+
+    # ------------------------------------------------------------------ teardown
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        """Unmap this process's view (idempotent). The ring itself lives on until ``unlink``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buf.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            # A copy=False frame is still held somewhere; the mapping goes when it is garbage collected.
+            pass
+
+    def unlink(self) -> None:
+        """Remove the ring's name (``/dev/shm/<name>``); mapped views stay valid until closed. Windows frees a
+        named mapping when its last handle closes, so there this only closes."""
+        if _IS_WINDOWS:
+            self.close()
+            return
+        try:
+            os.unlink(ring_path(self.name))
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> FrameRing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"written={self.written} read={self._cursor} dropped={self._dropped}"
+        return f"FrameRing({self.name!r}, {self.width}x{self.height} {self.pixel_format}, slots={self.slots}, {state})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RingError(f"ring {self.name!r} is closed")
+
+
+def _validate_header(name: str, header: bytes, size: int | None) -> int:
+    """Check a header read from shared memory; return the ring's total size. Raises RingError naming the fault."""
+    (magic, version, header_size, width, height, code, stride, slots, _pid, slot_size, frame_size) = (
+        _STATIC.unpack_from(header, 0)
+    )
+    where = f"ring {name!r} is corrupt"
+    if magic != RING_MAGIC:
+        if magic == b"\x00" * 8:
+            raise RingError(f"ring {name!r} is not initialised (no magic): it is being created or its creator died")
+        raise RingError(f"{where}: bad magic {magic!r}, expected {RING_MAGIC!r} (not an sdlive ring)")
+    if version != RING_VERSION:
+        raise RingError(
+            f"ring {name!r} has layout version {version}, this client speaks {RING_VERSION}: "
+            "upgrade sdlive on both sides"
+        )
+    if header_size != HEADER_SIZE:
+        raise RingError(f"{where}: header_size {header_size}, expected {HEADER_SIZE}")
+    if code not in _FORMAT_BY_CODE:
+        raise RingError(f"{where}: unknown pixel format code {code}")
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise RingError(f"{where}: size {width}x{height} outside 1..{MAX_DIMENSION}")
+    bpp = PIXEL_FORMATS[_FORMAT_BY_CODE[code]][1]
+    if stride != width * bpp:
+        raise RingError(f"{where}: stride {stride} != width {width} * {bpp} bytes per pixel")
+    if frame_size != stride * height:
+        raise RingError(f"{where}: frame_size {frame_size} != stride {stride} * height {height}")
+    if not 2 <= slots <= MAX_SLOTS:
+        raise RingError(f"{where}: slot count {slots} outside 2..{MAX_SLOTS}")
+    if slot_size < SLOT_HEADER_SIZE + frame_size or slot_size % SLOT_ALIGN:
+        raise RingError(f"{where}: slot_size {slot_size} cannot hold a {frame_size}-byte frame")
+    total = HEADER_SIZE + slots * slot_size
+    if size is not None and size < total:
+        raise RingError(f"{where}: {size} bytes, the header describes {total} (truncated)")
+    return total

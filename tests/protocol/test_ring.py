@@ -1,0 +1,381 @@
+"""The shared-memory frame ring: ordering, newest-wins, drop counting, the seqlock, cross-process use with the
+stdlib only, owner-only permissions, cleanup, and exact errors for corrupt headers."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sdlive.daemon.protocol import ring as ring_mod
+from sdlive.daemon.protocol.ring import (
+    FLAG_PAUSED,
+    HEADER_SIZE,
+    PIXEL_FORMATS,
+    FrameRing,
+    RingError,
+    ring_path,
+)
+
+RING_FILE = Path(ring_mod.__file__)
+POSIX = sys.platform != "win32"
+
+
+@pytest.fixture
+def name():
+    n = f"sdlive-test-{uuid.uuid4().hex[:12]}"
+    yield n
+    if POSIX:
+        try:
+            os.unlink(ring_path(n))
+        except FileNotFoundError:
+            pass
+
+
+def frame(width: int, height: int, bpp: int, value: int) -> bytes:
+    return bytes([value % 256]) * (width * height * bpp)
+
+
+@pytest.fixture
+def pair(name):
+    producer = FrameRing.create(name, width=8, height=4, pixel_format="bgra", slots=4)
+    consumer = FrameRing.open(name)
+    yield producer, consumer
+    consumer.close()
+    producer.unlink()
+    producer.close()
+
+
+def test_frames_come_out_in_order_with_their_timestamps(pair):
+    producer, consumer = pair
+    assert consumer.read_next() is None
+    for i in range(3):
+        assert producer.write(frame(8, 4, 4, i), timestamp_ns=1000 + i) == i + 1
+    got = [consumer.read_next() for _ in range(3)]
+    assert [f.seq for f in got] == [1, 2, 3]
+    assert [f.timestamp_ns for f in got] == [1000, 1001, 1002]
+    assert [bytes(f.data) for f in got] == [frame(8, 4, 4, i) for i in range(3)]
+    assert consumer.read_next() is None
+    assert (consumer.read, consumer.dropped, producer.written) == (3, 0, 3)
+    assert producer.header_counters() == (3, 3, 0)
+
+
+def test_read_latest_returns_the_newest_and_counts_the_skipped_as_dropped(pair):
+    producer, consumer = pair
+    for i in range(3):
+        producer.write(frame(8, 4, 4, i), timestamp_ns=i)
+    latest = consumer.read_latest()
+    assert latest.seq == 3 and bytes(latest.data) == frame(8, 4, 4, 2)
+    assert consumer.dropped == 2
+    assert consumer.read_latest() is None  # nothing newer than what was read
+
+
+def test_a_lapped_reader_skips_to_the_oldest_frame_still_in_the_ring_and_counts_drops(pair):
+    producer, consumer = pair  # 4 slots
+    for i in range(10):
+        producer.write(frame(8, 4, 4, i), timestamp_ns=i)
+    first = consumer.read_next()
+    assert first.seq == 7  # frames 7..10 are still in the 4 slots
+    assert bytes(first.data) == frame(8, 4, 4, 6)
+    assert consumer.dropped == 6
+    assert [consumer.read_next().seq for _ in range(3)] == [8, 9, 10]
+    assert producer.header_counters() == (10, 10, 6)
+
+
+def test_the_seqlock_detects_a_slot_being_written(pair):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 1), timestamp_ns=1)
+    producer.write(frame(8, 4, 4, 2), timestamp_ns=2)
+    slot0 = HEADER_SIZE  # frame 1 lives in slot 0
+    # Simulate a writer mid-way through frame 1's slot: the seq word is odd.
+    struct.pack_into("<Q", producer._buf, slot0, 2 * 1 - 1)
+    got = consumer.read_next()
+    assert got.seq == 2, "a slot whose seq is odd must never be returned"
+    assert consumer.dropped == 1
+
+
+def test_the_seqlock_detects_a_torn_copy_when_the_seq_changes_during_the_read(pair, monkeypatch):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 1), timestamp_ns=1)
+    producer.write(frame(8, 4, 4, 2), timestamp_ns=2)
+    real_head = ring_mod._SLOT_HEAD
+    lapped = []
+
+    class WriterArrivesDuringTheCopy:
+        """The first slot-header read succeeds, then the writer starts overwriting that slot (seq goes odd)."""
+
+        def unpack_from(self, buf, offset):
+            values = real_head.unpack_from(buf, offset)
+            if not lapped:
+                lapped.append(values[0] // 2)
+                struct.pack_into("<Q", buf, offset, values[0] + 1)
+            return values
+
+    monkeypatch.setattr(ring_mod, "_SLOT_HEAD", WriterArrivesDuringTheCopy())
+    got = consumer.read_next()
+    assert lapped == [1]
+    assert got.seq == 2, "the torn copy of frame 1 must be discarded"
+    assert consumer.dropped == 1
+
+
+def test_a_zero_copy_frame_reports_when_the_writer_overwrote_it(pair):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 7), timestamp_ns=7)
+    view = consumer.read_next(copy=False)
+    assert isinstance(view.data, memoryview) and view.data.readonly
+    assert bytes(view.data) == frame(8, 4, 4, 7) and consumer.still_valid(view)
+    for i in range(4):  # the fourth write reuses slot 0
+        producer.write(frame(8, 4, 4, i), timestamp_ns=i)
+    assert not consumer.still_valid(view)
+
+
+def test_read_into_a_caller_buffer(pair):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 9), timestamp_ns=9)
+    out = bytearray(producer.frame_size)
+    got = consumer.read_next(out=out)
+    assert got.data is out and bytes(out) == frame(8, 4, 4, 9)
+    with pytest.raises(ValueError, match="out buffer is 3 bytes"):
+        producer.write(frame(8, 4, 4, 1))
+        consumer.read_next(out=bytearray(3))
+
+
+def test_write_rejects_a_frame_of_the_wrong_size_naming_both_sizes(pair):
+    producer, _ = pair
+    with pytest.raises(ValueError, match=r"frame is 10 bytes, ring .* takes 128 \(8x4 bgra\)"):
+        producer.write(b"x" * 10)
+
+
+def test_write_takes_any_contiguous_buffer_including_numpy(pair):
+    np = pytest.importorskip("numpy")
+    producer, consumer = pair
+    pixels = np.arange(4 * 8 * 4, dtype=np.uint8).reshape(4, 8, 4)
+    producer.write(pixels, timestamp_ns=5)
+    assert bytes(consumer.read_next().data) == pixels.tobytes()
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        producer.write(np.zeros((8, 4, 4), np.uint8).transpose(1, 0, 2))
+
+
+def test_wait_returns_when_a_frame_arrives_and_times_out_otherwise(pair):
+    producer, consumer = pair
+    assert consumer.wait(0.01) is False
+    producer.write(frame(8, 4, 4, 1))
+    assert consumer.wait(0.01) is True
+
+
+def test_control_block_round_trip(pair):
+    producer, consumer = pair
+    block = producer.control()
+    assert (block.requested_preset, block.requested_preset_name, block.closed) == (-1, "", False)
+    seq = consumer.request(preset=2, steps=3, noise_scale=0.5)
+    block = producer.control()
+    assert (block.control_seq, block.requested_preset, block.requested_steps) == (seq, 2, 3)
+    assert block.requested_noise_scale == 0.5
+    seq2 = consumer.request(preset="anime")
+    block = producer.control()
+    assert block.control_seq == seq2 == seq + 1
+    assert (block.requested_preset, block.requested_preset_name, block.requested_steps) == (-1, "anime", 3)
+    producer.mark_applied(seq2)
+    assert consumer.control().applied_control_seq == seq2
+    consumer.flags = FLAG_PAUSED
+    assert producer.control().flags == FLAG_PAUSED
+    producer.mark_closed()
+    assert consumer.closed_flag and consumer.control().closed
+    with pytest.raises(ValueError, match="steps must be an int in 1..4"):
+        consumer.request(steps=9)
+
+
+def test_heartbeats_of_each_side(pair):
+    producer, consumer = pair
+    assert producer.heartbeat_age_s("consumer") > 1e6 or producer.control().consumer_heartbeat_ns == 0
+    producer.write(frame(8, 4, 4, 1))
+    consumer.read_next()
+    assert producer.heartbeat_age_s("consumer") < 5 and consumer.heartbeat_age_s("producer") < 5
+
+
+def test_an_observer_does_not_move_the_consumer_counters(pair, name):
+    producer, consumer = pair
+    observer = FrameRing.open(name, observer=True)
+    try:
+        producer.write(frame(8, 4, 4, 1))
+        producer.write(frame(8, 4, 4, 2))
+        assert observer.read_latest().seq == 2
+        assert producer.header_counters() == (2, 0, 0)
+        assert consumer.read_next().seq == 1
+    finally:
+        observer.close()
+
+
+@pytest.mark.skipif(not POSIX, reason="/dev/shm permissions are a POSIX matter")
+def test_the_ring_file_is_owner_only_and_unlink_removes_it(name):
+    old_umask = os.umask(0)  # even a permissive umask must not widen the mode
+    try:
+        ring = FrameRing.create(name, width=16, height=16, pixel_format="rgb24")
+    finally:
+        os.umask(old_umask)
+    path = ring_path(name)
+    if os.path.isdir("/dev/shm") and "SDLIVE_SHM_DIR" not in os.environ:
+        assert path == f"/dev/shm/{name}"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    ring.unlink()
+    assert not os.path.exists(path)
+    ring.close()
+    ring.close()  # idempotent
+
+
+def test_create_refuses_an_existing_name(pair, name):
+    with pytest.raises(RingError, match="already exists"):
+        FrameRing.create(name, width=8, height=4)
+
+
+def test_open_of_a_missing_ring_names_the_fix():
+    with pytest.raises(RingError, match="not found .* open the session first"):
+        FrameRing.open(f"sdlive-missing-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.parametrize(
+    ("bad", "kwargs"),
+    [
+        ("pixel format", {"pixel_format": "yuv420"}),
+        ("width", {"width": 0}),
+        ("slots", {"slots": 1}),
+    ],
+)
+def test_create_rejects_bad_geometry(name, bad, kwargs):
+    args = {"width": 8, "height": 4, "pixel_format": "bgra", "slots": 4} | kwargs
+    with pytest.raises(RingError, match=bad):
+        FrameRing.create(name, **args)
+
+
+def test_invalid_names_are_refused():
+    with pytest.raises(RingError, match="invalid ring name"):
+        FrameRing.create("../etc/passwd", width=8, height=8)
+
+
+def _corrupt(name: str, offset: int, fmt: str, value) -> None:
+    with open(ring_path(name), "r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, value))
+
+
+@pytest.mark.skipif(not POSIX, reason="corrupts the backing file")
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value", "message"),
+    [
+        (0, "<8s", b"NOTARING", "bad magic"),
+        (0, "<8s", b"\x00" * 8, "not initialised"),
+        (8, "<I", 99, "layout version 99"),
+        (24, "<I", 42, "unknown pixel format code 42"),
+        (28, "<I", 7, "stride 7"),
+        (32, "<I", 0, "slot count 0"),
+        (32, "<I", 200, "truncated"),
+        (40, "<Q", 8, "slot_size 8"),
+        (16, "<I", 0, "size 0x4"),
+    ],
+)
+def test_a_corrupt_header_raises_ring_error_naming_the_problem(name, offset, fmt, value, message):
+    ring = FrameRing.create(name, width=8, height=4, pixel_format="bgra", slots=2)
+    ring.close()
+    _corrupt(name, offset, fmt, value)
+    with pytest.raises(RingError, match=message):
+        FrameRing.open(name)
+
+
+@pytest.mark.skipif(not POSIX, reason="truncates the backing file")
+def test_a_truncated_file_raises_ring_error(name):
+    FrameRing.create(name, width=8, height=4).close()
+    os.truncate(ring_path(name), 100)
+    with pytest.raises(RingError, match="smaller than the 256-byte header"):
+        FrameRing.open(name)
+
+
+def test_ring_py_loads_as_a_standalone_file_by_path(pair):
+    spec = importlib.util.spec_from_file_location("standalone_sdlive_ring", RING_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    producer, _ = pair
+    producer.write(frame(8, 4, 4, 3), timestamp_ns=3)
+    other = module.FrameRing.open(producer.name, observer=True)
+    try:
+        assert bytes(other.read_latest().data) == frame(8, 4, 4, 3)
+    finally:
+        other.close()
+
+
+def test_ring_py_imports_nothing_outside_the_stdlib():
+    tree = ast.parse(RING_FILE.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "ring.py must not use relative imports (it is loaded as a standalone file)"
+            imported.add(node.module.split(".")[0])
+    assert imported <= set(sys.stdlib_module_names) - {"multiprocessing"}, imported
+
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("ring_by_path", sys.argv[1])
+    ring_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ring_mod)
+    ring = ring_mod.FrameRing.open(sys.argv[2])
+    frames = []
+    while len(frames) < int(sys.argv[3]):
+        if not ring.wait(5.0):
+            break
+        f = ring.read_next()
+        frames.append([f.seq, f.timestamp_ns, f.data[0], len(f.data)])
+    ring.request(preset="from-child", steps=1)
+    ring.close()
+    heavy = sorted(m for m in ("numpy", "pydantic", "zmq", "sdlive", "multiprocessing") if m in sys.modules)
+    print(json.dumps({"frames": frames, "heavy": heavy, "geometry": [ring.width, ring.height, ring.pixel_format]}))
+    """
+)
+
+
+def test_a_second_process_with_the_stdlib_only_reads_what_this_process_wrote(name):
+    producer = FrameRing.create(name, width=32, height=8, pixel_format="rgb24", slots=8)
+    try:
+        for i in range(5):
+            producer.write(frame(32, 8, 3, 10 + i), timestamp_ns=5000 + i)
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", CHILD, str(RING_FILE), name, "5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["heavy"] == [], f"the child imported {report['heavy']}"
+        assert report["geometry"] == [32, 8, "rgb24"]
+        assert report["frames"] == [[i + 1, 5000 + i, 10 + i, 32 * 8 * 3] for i in range(5)]
+        block = producer.control()
+        assert (block.requested_preset_name, block.requested_steps) == ("from-child", 1)
+        assert producer.header_counters() == (5, 5, 0)
+    finally:
+        producer.unlink()
+        producer.close()
+
+
+@pytest.mark.parametrize("pixel_format", sorted(PIXEL_FORMATS))
+def test_every_pixel_format_has_the_right_stride(name, pixel_format):
+    ring = FrameRing.create(name, width=10, height=3, pixel_format=pixel_format)
+    try:
+        assert ring.stride == 10 * PIXEL_FORMATS[pixel_format][1]
+        assert ring.frame_size == ring.stride * 3
+        assert ring.slot_size % 64 == 0
+    finally:
+        ring.unlink()
+        ring.close()
