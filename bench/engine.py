@@ -72,7 +72,16 @@ def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, ste
     for _ in range(chunks):
         t0 = time.perf_counter()
         for step in timesteps_for(steps):
-            cache = engine.new_kv_cache(batch_size=1, tokens_per_frame=tokens)
+            cache = engine.transformer.new_kv_cache(
+                batch_size=1,
+                tokens_per_frame=tokens,
+                num_kv_cache=window,
+                num_sink=0,
+                sink_threshold=-1,
+                rope_refresh_frames=0,
+                device=engine.device,
+                dtype=engine.dtype,
+            )
             t = torch.tensor([step], device=engine.device, dtype=torch.float32)
             engine.transformer.forward_stream(x, t, cross, cache, commit=True)
         engine.synchronize()
