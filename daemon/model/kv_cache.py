@@ -42,7 +42,8 @@ Design choices (see also ``docs/architecture.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,37 @@ class KVCache:
         key = [k[i : i + 1].clone() for k in self.key]
         value = [v[i : i + 1].clone() for v in self.value]
         return self._copy_with(key, value, [i])
+
+    @contextmanager
+    def subset(self, start: int, stop: int) -> Iterator[KVCache]:
+        """Slots ``[start, stop)`` as a cache of their own that shares this cache's tensors.
+
+        Writes land in this cache's storage and the bookkeeping (frame counts, positions, ring order, a chunk in
+        flight) is copied back on exit. The stream batch runs the pipeline's filling calls (fewer chunks than slots)
+        and its drain (one slot at a time) this way, without copying a tensor and without writing anything into
+        the slots that hold no chunk.
+        """
+        if not 0 <= start < stop <= self.batch_size:
+            raise IndexError(f"slots [{start}, {stop}) out of range for a cache of {self.batch_size} slots")
+        if start == 0 and stop == self.batch_size:
+            yield self
+            return
+        slots = range(start, stop)
+        view = self._copy_with([k[start:stop] for k in self.key], [v[start:stop] for v in self.value], slots)
+        for j, b in enumerate(slots):
+            view._pending_frames[j] = self._pending_frames[b]
+            for layer in range(self.num_layers):
+                view._pending[layer][j] = self._pending[layer][b]
+        try:
+            yield view
+        finally:
+            for j, b in enumerate(slots):
+                self._num_frames[b] = view._num_frames[j]
+                self._position[b] = view._position[j]
+                self._pending_frames[b] = view._pending_frames[j]
+                for layer in range(self.num_layers):
+                    self._ring[layer][b] = view._ring[layer][j]
+                    self._pending[layer][b] = view._pending[layer][j]
 
     # ------------------------------------------------------------------ one chunk
 
