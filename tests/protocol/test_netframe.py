@@ -1,0 +1,178 @@
+"""Network frames: the 40-byte header round-trips, raw frames are exact and zero-copy, JPEG frames come back close
+in every pixel format, malformed messages raise NetFrameError (a ProtocolError), and a real ZeroMQ pair carries
+them."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import zmq
+
+from sdlive.daemon.protocol.errors import ErrorCode, ProtocolError
+from sdlive.daemon.protocol.netframe import (
+    NETFRAME_HEADER_SIZE,
+    NetFrameError,
+    NetFrameHeader,
+    decode_frame,
+    encode_frame,
+    recv_frame,
+    send_frame,
+)
+from sdlive.daemon.protocol.ring import PIXEL_FORMATS
+
+FORMATS = sorted(PIXEL_FORMATS)
+
+
+def gradient(height: int, width: int, channels: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    planes = [(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), ((x + y) * 127 // (width + height))]
+    planes += [np.full_like(x, 255)] * (channels - 3)
+    return np.stack(planes[:channels], axis=-1).astype(np.uint8)
+
+
+def test_header_is_40_bytes_and_round_trips():
+    header = NetFrameHeader(seq=7, timestamp_ns=123456789012, width=1280, height=720, pixel_format="bgra",
+                            encoding="raw", size=1280 * 720 * 4)  # fmt: skip
+    packed = header.pack()
+    assert len(packed) == NETFRAME_HEADER_SIZE == 40
+    assert packed[:4] == b"SDLF"
+    assert struct.unpack_from("<Q", packed, 8)[0] == 7
+    assert NetFrameHeader.unpack(packed) == header
+
+
+@pytest.mark.parametrize("pixel_format", FORMATS)
+def test_raw_frames_round_trip_exactly_without_a_copy(pixel_format):
+    pixels = gradient(36, 64, PIXEL_FORMATS[pixel_format][1])
+    head, payload = encode_frame(pixels, seq=3, timestamp_ns=99, pixel_format=pixel_format)
+    assert isinstance(payload, memoryview) and payload.obj is pixels  # a view of the caller's array
+    info, out = decode_frame(head, payload)
+    assert (info.seq, info.timestamp_ns, info.width, info.height) == (3, 99, 64, 36)
+    assert info.encoding == "raw" and info.pixel_format == pixel_format
+    np.testing.assert_array_equal(out, pixels)
+
+
+@pytest.mark.parametrize("pixel_format", FORMATS)
+def test_jpeg_frames_come_back_close_in_the_same_pixel_format(pixel_format):
+    channels = PIXEL_FORMATS[pixel_format][1]
+    pixels = gradient(72, 128, channels)
+    head, payload = encode_frame(pixels, seq=1, timestamp_ns=5, pixel_format=pixel_format, encoding="jpeg")
+    assert len(payload) < pixels.nbytes / 4, "a smooth gradient must compress well"
+    info, out = decode_frame(head, payload)
+    assert info.encoding == "jpeg" and out.shape == pixels.shape and out.dtype == np.uint8
+    error = np.abs(out[..., :3].astype(int) - pixels[..., :3].astype(int)).mean()
+    assert error < 3.0, f"mean abs error {error:.2f}: channels swapped or badly encoded"
+    if channels == 4:
+        assert (out[..., 3] == 255).all()
+
+
+def test_a_red_rgb_frame_stays_red_through_jpeg():
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[..., 0] = 255
+    _, out = decode_frame(*encode_frame(red, seq=1, timestamp_ns=1, pixel_format="rgb24", encoding="jpeg"))
+    assert out[..., 0].mean() > 240 and out[..., 2].mean() < 15
+
+
+@pytest.mark.parametrize(
+    ("pixels", "pixel_format", "message"),
+    [
+        (np.zeros((4, 4, 3), np.float32), "rgb24", "dtype: float32 != uint8"),
+        (np.zeros((4, 4, 3), np.uint8), "bgra", "HxWx4"),
+        (np.zeros((4, 4), np.uint8), "bgr24", "shape"),
+        (np.zeros((4, 4, 3), np.uint8), "yuv", "unknown pixel format"),
+    ],
+)
+def test_encode_rejects_bad_frames_naming_the_problem(pixels, pixel_format, message):
+    with pytest.raises(ValueError, match=message):
+        encode_frame(pixels, seq=1, timestamp_ns=1, pixel_format=pixel_format)
+
+
+def test_encode_rejects_an_unknown_encoding():
+    with pytest.raises(ValueError, match="unknown encoding 'webp'"):
+        encode_frame(np.zeros((4, 4, 3), np.uint8), seq=1, timestamp_ns=1, pixel_format="rgb24", encoding="webp")
+
+
+def test_non_contiguous_frames_are_sent_as_their_contiguous_copy():
+    pixels = gradient(8, 8, 4)[:, ::-1]
+    _, out = decode_frame(*encode_frame(pixels, seq=1, timestamp_ns=1, pixel_format="bgra"))
+    np.testing.assert_array_equal(out, pixels)
+
+
+def _good_header(**changes) -> bytearray:
+    fields = dict(seq=1, timestamp_ns=2, width=4, height=4, pixel_format="rgb24", encoding="raw", size=48)
+    fields.update(changes)
+    return bytearray(NetFrameHeader(**fields).pack())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda h: h.__setitem__(slice(0, 4), b"XXXX"), "bad frame magic"),
+        (lambda h: h.__setitem__(4, 9), "version 9"),
+        (lambda h: h.__setitem__(5, 77), "pixel format code 77"),
+        (lambda h: h.__setitem__(6, 5), "encoding code 5"),
+        (lambda h: struct.pack_into("<I", h, 24, 0), "outside 1..16384"),
+        (lambda h: struct.pack_into("<Q", h, 32, 47), "says 47 bytes"),
+    ],
+)
+def test_malformed_headers_raise_net_frame_error(mutate, message):
+    header = _good_header()
+    mutate(header)
+    with pytest.raises(NetFrameError, match=message) as info:
+        decode_frame(header, bytes(48))
+    assert isinstance(info.value, ProtocolError) and info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_a_short_header_or_a_wrong_payload_size_is_refused():
+    with pytest.raises(NetFrameError, match="header is 10 bytes"):
+        decode_frame(b"0123456789", b"")
+    with pytest.raises(NetFrameError, match="payload is 47 bytes"):
+        decode_frame(_good_header(), bytes(47))
+
+
+def test_a_corrupt_jpeg_payload_is_refused():
+    header = _good_header(encoding="jpeg", size=20)
+    with pytest.raises(NetFrameError, match="could not be decoded"):
+        decode_frame(header, bytes(20))
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_frames_cross_a_real_zeromq_push_pull_pair(encoding):
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        for sock in (pull, push):
+            sock.setsockopt(zmq.LINGER, 0)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        pixels = gradient(360, 640, 4)
+        tracker = send_frame(push, pixels, seq=42, timestamp_ns=777, pixel_format="bgra", encoding=encoding, track=True)
+        assert pull.poll(5000), "no frame arrived"
+        info, out = recv_frame(pull)
+        assert (info.seq, info.timestamp_ns, info.encoding) == (42, 777, encoding)
+        if encoding == "raw":
+            np.testing.assert_array_equal(out, pixels)
+            tracker.wait(5)  # zero-copy send: the buffer is released once zmq is done with it
+            assert tracker.done
+        else:
+            assert np.abs(out.astype(int) - pixels.astype(int)).mean() < 3.0
+    finally:
+        push.close()
+        pull.close()
+
+
+def test_recv_refuses_a_message_with_the_wrong_number_of_parts():
+    ctx = zmq.Context.instance()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push.send_multipart([b"only-one-part"])
+        assert pull.poll(5000)
+        with pytest.raises(NetFrameError, match="2 parts"):
+            recv_frame(pull)
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
