@@ -360,30 +360,31 @@ class ScreenSource(FrameSource):
             import mss
         except ImportError as exc:  # pragma: no cover - mss is a dependency
             raise SourceError("screen capture needs the `mss` package: pip install mss") from exc
+        region_box = None
+        if region and not region.isdigit():
+            try:
+                x, y, w, h = (int(v) for v in region.split(","))
+            except ValueError:
+                raise SourceError(f"bad screen region {region!r}: expected screen:x,y,w,h (e.g. screen:0,0,1280,720)") from None
+            if w <= 0 or h <= 0:
+                raise SourceError(f"bad screen region {region!r}: width and height must be positive")
+            region_box = {"left": x, "top": y, "width": w, "height": h}
         try:
-            self._mss = mss.mss()
+            self._mss = mss.MSS() if hasattr(mss, "MSS") else mss.mss()
         except Exception as exc:  # mss raises ScreenShotError without a display
             hint = " (no X display: set DISPLAY, e.g. run inside your desktop session)" if sys.platform.startswith("linux") else ""
             raise SourceError(f"cannot open the screen for capture: {exc}{hint}") from exc
         monitors = self._mss.monitors  # [0] = all monitors together, [1..] = each
-        if not region:
+        if region_box is not None:
+            box = region_box
+        elif not region:
             box = dict(monitors[1] if len(monitors) > 1 else monitors[0])
-        elif region.isdigit():
+        else:
             n = int(region)
             if not 0 <= n < len(monitors):
                 self._mss.close()
                 raise SourceError(f"no monitor {n}: this screen has monitors 1..{len(monitors) - 1} (0 = all)")
             box = dict(monitors[n])
-        else:
-            try:
-                x, y, w, h = (int(v) for v in region.split(","))
-            except ValueError:
-                self._mss.close()
-                raise SourceError(f"bad screen region {region!r}: expected screen:x,y,w,h (e.g. screen:0,0,1280,720)") from None
-            if w <= 0 or h <= 0:
-                self._mss.close()
-                raise SourceError(f"bad screen region {region!r}: width and height must be positive")
-            box = {"left": x, "top": y, "width": w, "height": h}
         self._box = {k: int(box[k]) for k in ("left", "top", "width", "height")}
         super().__init__(
             size=_target_size((self._box["width"], self._box["height"]), width, height),

@@ -440,7 +440,7 @@ def render(
                 raise CommandError("the output would overwrite the input: choose another --output")
             fps = getattr(source, "native_fps", None) or source.fps
             audio = input if Path(input).is_file() else None
-            sink = stack.enter_context(_open_sink(str(output) if output.suffix else f"file:{output}",
+            sink = stack.enter_context(_open_sink(f"file:{output}",
                                                   source.width * (2 if side_by_side else 1), source.height, fps,
                                                   None, audio_from=audio))
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="render"))

@@ -221,6 +221,8 @@ class VideoFileSink(FrameSink):
             stream.options = {"crf": str(crf), "preset": "veryfast"}
         elif codec.startswith("libvpx"):
             stream.options = {"crf": str(crf + 14), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
+        elif codec == "mpeg4":  # no CRF: give it a bitrate high enough for near-lossless small frames
+            stream.bit_rate = max(2_000_000, int(self._enc_w * self._enc_h * self.fps * 0.5))
         self._video = stream
         self._audio_in = None
         self._audio_out = None

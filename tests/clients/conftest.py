@@ -1,0 +1,138 @@
+"""Fixtures for the client media tests (capture, sinks, cam/render/demo): generated clips with or without audio, a
+recording pyvirtualcam backend, a virtual X display, and helpers to inspect video files.
+
+(pytest runs with ``--import-mode=importlib``, so tests reach these helpers through fixtures, not imports.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+
+def make_clip(path: Path, *, frames: int, fps: float, width: int, height: int, audio: bool = False) -> Path:
+    """A generated clip: FFmpeg's moving test pattern, plus a 440 Hz tone when ``audio``. Frame-exact."""
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate={fps}"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]
+    cmd += ["-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "1"]
+    if audio:
+        cmd += ["-c:a", "aac", "-t", f"{frames / fps:.3f}"]
+    subprocess.run([*cmd, str(path)], check=True)
+    return path
+
+
+def probe(path: Path) -> dict:
+    """ffprobe's view of a file: streams with codec, size, frame count (counted by decoding), rate."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+         "stream=codec_type,codec_name,width,height,nb_read_frames,r_frame_rate,avg_frame_rate", "-of", "json",
+         str(path)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def video_stream(info: dict) -> dict:
+    return next(s for s in info["streams"] if s["codec_type"] == "video")
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    return frames
+
+
+class RecordingBackend:
+    """A pyvirtualcam backend that records what it is sent (registered with ``pyvirtualcam.register_backend``).
+
+    Instances append to the class-level ``instances`` list so a test can look at the frames and their arrival
+    times after the camera is gone."""
+
+    instances: list[RecordingBackend] = []
+    lock = threading.Lock()
+
+    def __init__(self, *, width: int, height: int, fps: float, fourcc: int, device: str | None, **kw) -> None:
+        self.width, self.height, self.fps, self.fourcc = width, height, fps, fourcc
+        self._device = device or "recording-cam"
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.closed = False
+        with RecordingBackend.lock:
+            RecordingBackend.instances.append(self)
+
+    def send(self, frame: np.ndarray) -> None:
+        self.frames.append(frame.copy())
+        self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        self.closed = True
+
+    def device(self) -> str:
+        return self._device
+
+    def native_fourcc(self):
+        return self.fourcc
+
+
+class _Helpers:
+    make_clip = staticmethod(make_clip)
+    probe = staticmethod(probe)
+    video_stream = staticmethod(video_stream)
+    read_frames = staticmethod(read_frames)
+
+
+@pytest.fixture
+def media():
+    """make_clip / probe / video_stream / read_frames."""
+    return _Helpers
+
+
+@pytest.fixture
+def recording_cam():
+    """Register the recording backend as pyvirtualcam backend "recording"; unregister it afterwards."""
+    from pyvirtualcam.camera import BACKENDS, register_backend
+
+    RecordingBackend.instances.clear()
+    register_backend("recording", RecordingBackend)
+    try:
+        yield RecordingBackend
+    finally:
+        BACKENDS.pop("recording", None)
+        RecordingBackend.instances.clear()
+
+
+@pytest.fixture(scope="module")
+def xdisplay():
+    """A private Xvfb display (":N"), skipped when Xvfb is not installed."""
+    import os
+    import shutil
+
+    if not shutil.which("Xvfb"):
+        pytest.skip("Xvfb is not installed (apt install xvfb)")
+    for n in range(91, 120):
+        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"):
+            break
+    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "320x240x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip("Xvfb did not start")
+        time.sleep(0.05)
+    try:
+        yield f":{n}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
