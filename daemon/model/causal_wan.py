@@ -20,6 +20,7 @@ ordinary tensors instead (diffusers' own ``forward``), both processors behave ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -354,7 +355,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         timestep: torch.Tensor,
         cross: CrossAttentionCache,
         kv_cache: KVCache,
-        commit: bool | list[bool] = True,
+        commit: bool | Sequence[bool] = True,
     ) -> torch.Tensor:
         """
         Predict the flow ``v`` of one chunk, attending over [KV cache ∪ chunk].
@@ -370,10 +371,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 Self-attention cache with ``batch_size`` slots; RoPE uses each slot's absolute frame position.
             commit (`bool` or one `bool` per slot):
                 ``True`` advances the slot's position and rotates its ring; ``False`` leaves the chunk in flight so
-                the next call rewrites the same cache frames (no-batch mode: ``n`` steps of one chunk).
+                the next call rewrites the same cache frames (no-batch mode: ``n`` steps of one chunk). One flag
+                per slot leaves a slot that holds no real chunk yet (stream-batch warm-up) uncommitted.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, out_channels, num_frames, height, width)`, float32.
+
+        Runs without autograd (the cache is written in place). Host syncs: none, except the adaptive sink refresh
+        decision (one small read per block, once per chunk, only in the cache's full phase; see ``KVCache``).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size

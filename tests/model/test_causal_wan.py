@@ -284,6 +284,20 @@ def test_rope_at_frame_offset_equals_diffusers_rope_slice(model, offset):
     assert per_slot.shape[0] == 2 and torch.equal(per_slot[:1], cos)
 
 
+def test_head_dim_128_rope_split_matches_diffusers():
+    """Wan2.1's head_dim 128 splits RoPE 44/42/42 (t/h/w); one small block is enough to check it end to end."""
+    config = {**TINY.transformer, "num_attention_heads": 1, "attention_head_dim": 128, "num_layers": 1}
+    ours = CausalWanTransformer3DModel(**config).eval()
+    sharpen_(ours, seed=3)
+    ref = WanTransformer3DModel(**config).eval()
+    ref.load_state_dict(ours.state_dict())
+    assert (ours.rope.t_dim, ours.rope.h_dim, ours.rope.w_dim) == (44, 42, 42)
+    chunks, steps = [2, 1, 1], [700, 500, 400]
+    x, ctx = latents(4, seed=4), text()
+    expected = masked_reference(ref, x, steps, chunks, ctx, chunk_visibility_mask(chunks, 6, 3))
+    torch.testing.assert_close(stream(ours, x, steps, chunks, ctx), expected, atol=ATOL, rtol=0)
+
+
 def test_rope_refresh_reuses_position_num_kv_cache_minus_one(model):
     x, ctx = latents(1, seed=3), text()
     cross, t = model.cross_attention_cache(ctx), torch.tensor([500.0])

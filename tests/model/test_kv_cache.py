@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sdlive.daemon.model.kv_cache import KVCache
 
 T, H, D = 3, 2, 4  # tokens per frame, heads, head dim
