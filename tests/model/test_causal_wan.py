@@ -251,6 +251,18 @@ def test_stream_batch_slots_equal_separate_batch1_runs(model):
     assert (swapped - expected1).abs().max() > 1e-2
 
 
+def test_fused_qkv_projections_stream_the_same(model):
+    fused = CausalWanTransformer3DModel(**TINY.transformer).eval()
+    fused.load_state_dict(model.state_dict())
+    fused.fuse_qkv_projections()
+    assert fused.blocks[0].attn1.fused_projections and fused.blocks[0].attn2.fused_projections
+    chunks, steps = [2, 1], [700, 500]
+    x, ctx = latents(3, seed=9), text()
+    torch.testing.assert_close(
+        stream(fused, x, steps, chunks, ctx), stream(model, x, steps, chunks, ctx), atol=ATOL, rtol=0
+    )
+
+
 def test_cross_attention_cache_equals_attn2_on_embeddings(model):
     ctx = text(batch=2)
     cross = model.cross_attention_cache(ctx)
