@@ -87,6 +87,16 @@ def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs
     return out.flatten(-2).type_as(hidden_states)
 
 
+def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, stop, length)`` for each run of consecutive slots with the same length."""
+    runs, start = [], 0
+    for b in range(1, len(lengths) + 1):
+        if b == len(lengths) or lengths[b] != lengths[start]:
+            runs.append((start, b, lengths[start]))
+            start = b
+    return runs
+
+
 def _qkv_projections(attn: WanAttention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if attn.fused_projections:
         return attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -134,26 +144,35 @@ class CausalWanAttnProcessor:
         query = apply_rotary_emb(query, rotary_emb.freqs_cos, rotary_emb.freqs_sin)
         key = apply_rotary_emb(key, rotary_emb.freqs_cos, rotary_emb.freqs_sin)
 
-        # 3. Write post-RoPE K/V into the cache; get [cache ∪ chunk]: [B, S_kv, heads, head_dim], mask [B, S_kv]
-        key, value, key_mask = rotary_emb.kv_cache.write(self.layer_idx, key, value)
+        # 3. Write post-RoPE K/V into the cache; get [cache ∪ chunk]: [B, S_kv, heads, head_dim]
+        key, value, lengths = rotary_emb.kv_cache.write(self.layer_idx, key, value)
 
         # 4. Attention: [B, S, heads, head_dim] -> [B, S, heads * head_dim]
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=key_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=None,
-        )
+        if lengths is None:
+            hidden_states = self._attention(query, key, value)
+        else:
+            # Slots hold different numbers of frames (stream-batch fill phase): one unmasked call per run of
+            # slots with equal lengths, so that mask-less kernels (flash-attn, sage) serve this case too.
+            runs = [self._attention(query[a:b], key[a:b, :n], value[a:b, :n]) for a, b, n in _equal_runs(lengths)]
+            hidden_states = torch.cat(runs, dim=0)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
 
         # 5. Output projection
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
+
+    def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=None,
+        )
 
 
 class WanCrossAttnCacheProcessor:

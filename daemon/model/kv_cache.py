@@ -36,7 +36,8 @@ Design choices (see also ``docs/architecture.md``):
   check in the fill phase, where sink frames may still be empty; both are upstream quirks we do not reproduce.
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
-  ``i − 1``); attention then gets a key-padding mask. ``commit`` takes one flag per slot, so a slot holding no real
+  ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
+  mask, so every attention backend works, flash-attn included). ``commit`` takes one flag per slot, so a slot holding no real
   chunk yet (stream-batch warm-up) can be left uncommitted.
 """
 
@@ -282,7 +283,7 @@ class KVCache:
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
         """Store a chunk's keys/values for block ``layer`` and return what the chunk attends to.
 
         Args:
@@ -291,9 +292,9 @@ class KVCache:
             value: values, same shape.
 
         Returns:
-            ``(keys, values, mask)``: ``keys``/``values`` ``[B, S, heads, head_dim]`` over the valid cache frames
-            (the chunk included), and ``mask`` ``[B, S]`` (bool, True = attend) when the slots hold different
-            numbers of frames, else ``None``.
+            ``(keys, values, lengths)``: ``keys``/``values`` ``[B, S, heads, head_dim]`` over the valid cache
+            frames (the chunk included); ``lengths`` is ``None`` when every slot attends over all ``S`` tokens,
+            else the number of valid leading tokens per slot (slots hold different numbers of frames).
         """
         batch_size = key.shape[0]
         if batch_size != self.batch_size:
@@ -336,11 +337,8 @@ class KVCache:
         # 4. Attend over the valid frames (fill phase: a prefix of the buffer).
         valid = [min(self.num_kv_cache, n + num_frames) for n in self._num_frames]
         longest = max(valid)
-        mask = None
-        if min(valid) != longest:
-            lengths = torch.tensor([v * t for v in valid], device=cache_k.device)
-            mask = torch.arange(longest * t, device=cache_k.device)[None, :] < lengths[:, None]
-        return cache_k[:, : longest * t], cache_v[:, : longest * t], mask
+        lengths = None if min(valid) == longest else [v * t for v in valid]
+        return cache_k[:, : longest * t], cache_v[:, : longest * t], lengths
 
     def commit(self, slots: bool | Sequence[bool] = True) -> None:
         """End the chunk in flight for the slots flagged True: count its frames, advance the position (with the

@@ -54,8 +54,8 @@ def slot_ids(cache: KVCache, layer: int = 0, b: int = 0) -> list[float]:
 
 def test_fill_phase_appends_chunks_and_attends_over_cache_and_chunk():
     cache = make_cache()
-    keys, values, mask = push(cache, tagged(0, 1))  # first chunk: 2 latent frames
-    assert keys.shape == (1, 2 * T, H, D) and mask is None
+    keys, values, lengths = push(cache, tagged(0, 1))  # first chunk: 2 latent frames
+    assert keys.shape == (1, 2 * T, H, D) and lengths is None
     assert torch.equal(keys, tagged(0, 1)) and torch.equal(values, tagged(0, 1))
     assert cache.num_cached_frames(0) == 2 and cache.frame_position(0) == 2
     for fid in (2, 3, 4, 5):
@@ -73,10 +73,10 @@ def test_full_phase_overwrites_non_sinks_round_robin_and_keeps_sinks():
         push(cache, tagged(fid))
     expected = {6: [0, 1, 2, 6, 4, 5], 7: [0, 1, 2, 6, 7, 5], 8: [0, 1, 2, 6, 7, 8], 9: [0, 1, 2, 9, 7, 8]}
     for fid, slots in expected.items():
-        keys, _, mask = push(cache, tagged(fid))
+        keys, _, lengths = push(cache, tagged(fid))
         assert slot_ids(cache) == slots, fid
         assert slot_ids(cache, layer=1) == slots
-        assert keys.shape[1] == 6 * T and mask is None  # the whole buffer, the new frame included
+        assert keys.shape[1] == 6 * T and lengths is None  # the whole buffer, the new frame included
         assert cache.num_cached_frames(0) == 6 and cache.frame_position(0) == fid + 1
     assert cache.ring_order(0, 0) == [4, 5, 3]
 
@@ -219,14 +219,14 @@ def test_chunk_size_change_while_uncommitted_is_an_error():
         cache.write(0, tagged(5), tagged(5))
 
 
-def test_per_slot_commit_and_positions_give_a_key_padding_mask():
+def test_per_slot_commit_and_positions_give_per_slot_lengths():
     cache = make_cache(batch_size=2)
     push(cache, tagged(0, 1, batch=2))
     push(cache, tagged(2, batch=2), commit=[True, False])
     assert cache.frame_positions() == [3, 2] and [cache.num_cached_frames(b) for b in (0, 1)] == [3, 2]
-    keys, values, mask = cache.write(0, tagged(3, batch=2), tagged(3, batch=2))
+    keys, values, lengths = cache.write(0, tagged(3, batch=2), tagged(3, batch=2))
     assert keys.shape[1] == 4 * T
-    assert mask is not None and mask.tolist() == [[True] * 4 * T, [True] * 3 * T + [False] * T]
+    assert lengths == [4 * T, 3 * T]
     assert slot_ids(cache, b=0)[:4] == [0, 1, 2, 3] and slot_ids(cache, b=1)[:3] == [0, 1, 3]
 
 
