@@ -1,0 +1,383 @@
+"""Checkpoint loading: every real on-disk format, written by the test at tiny size, loads to the same weights as the
+diffusers-format reference; missing or wrong files give one clear ``CheckpointError``; the hub cache is found."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from sdlive.daemon.model.causal_wan import CausalWanTransformer3DModel
+from sdlive.daemon.model.configs import TINY
+from sdlive.daemon.model.loading import (
+    WAN_TRANSFORMER_DIFFUSERS,
+    WAN_TRANSFORMER_ORIGINAL,
+    WAN_VAE_DIFFUSERS,
+    WAN_VAE_ORIGINAL,
+    CheckpointError,
+    detect_format,
+    load_model_bundle,
+    load_transformer,
+    load_vae,
+    read_checkpoint,
+)
+from sdlive.daemon.model.text import TextEncoder
+
+# A tiny model with the real Wan layouts: the VAE has Wan2.1's block structure (dim_mult [1,2,4,4], 2 res blocks),
+# which diffusers' original-VAE converter assumes; small channels and vocabulary keep the files small.
+SPEC = dataclasses.replace(
+    TINY,
+    name="tiny-real",
+    random_weights=False,
+    vae={**TINY.vae, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+    text_encoder={**TINY.text_encoder, "vocab_size": 384},
+    hub_repo="sdlive-test/Wan-tiny-Diffusers",
+    generator_repo="sdlive-test/StreamDiffusionV2-tiny",
+    generator_file="wan_causal_dmd_v2v/model.pt",
+)
+
+
+# ------------------------------------------------------------------------ writing the foreign formats
+def to_original_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers → original Wan key names, written from Wan's module layout (wan/modules/model.py)."""
+    top = {
+        "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+        "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+        "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+        "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+        "condition_embedder.time_proj.": "time_projection.1.",
+        "proj_out.": "head.head.",
+        "patch_embedding.": "patch_embedding.",
+    }
+    block = {
+        "attn1.to_q.": "self_attn.q.", "attn1.to_k.": "self_attn.k.", "attn1.to_v.": "self_attn.v.",
+        "attn1.to_out.0.": "self_attn.o.", "attn1.norm_q.": "self_attn.norm_q.", "attn1.norm_k.": "self_attn.norm_k.",
+        "attn2.to_q.": "cross_attn.q.", "attn2.to_k.": "cross_attn.k.", "attn2.to_v.": "cross_attn.v.",
+        "attn2.to_out.0.": "cross_attn.o.", "attn2.norm_q.": "cross_attn.norm_q.", "attn2.norm_k.": "cross_attn.norm_k.",
+        "norm2.": "norm3.",  # diffusers' norm2 is the cross-attention norm, Wan's norm3
+        "ffn.net.0.proj.": "ffn.0.", "ffn.net.2.": "ffn.2.",
+    }  # fmt: skip
+    out = {}
+    for key, value in state.items():
+        if key == "scale_shift_table":
+            out["head.modulation"] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if m:
+            i, rest = m.groups()
+            if rest == "scale_shift_table":
+                out[f"blocks.{i}.modulation"] = value
+                continue
+            new = next(o + rest[len(d) :] for d, o in block.items() if rest.startswith(d))
+            out[f"blocks.{i}.{new}"] = value
+            continue
+        out[next(o + key[len(d) :] for d, o in top.items() if key.startswith(d))] = value
+    assert len(out) == len(state)
+    return out
+
+
+_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.": "residual.2.", "norm2.gamma": "residual.3.gamma",
+             "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}  # fmt: skip
+
+
+def _residual(rest: str) -> str:
+    return next(o + rest[len(d) :] for d, o in _RESIDUAL.items() if rest.startswith(d))
+
+
+def to_original_vae(state: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers → Wan2.1_VAE.pth key names, written from Wan's module layout (wan/modules/vae.py): flat
+    ``downsamples`` / ``upsamples`` Sequentials, ``middle`` = (res, attn, res), ``head`` = (norm, silu, conv)."""
+    per_up = num_res_blocks + 2  # res blocks + 1 extra in the decoder, then the upsampler
+    out = {}
+    for key, value in state.items():
+        part, rest = key.split(".", 1)
+        if part == "quant_conv":
+            new = "conv1." + rest
+        elif part == "post_quant_conv":
+            new = "conv2." + rest
+        elif m := re.fullmatch(r"conv_in\.(.+)", rest):
+            new = f"{part}.conv1.{m[1]}"
+        elif rest == "norm_out.gamma":
+            new = f"{part}.head.0.gamma"
+        elif m := re.fullmatch(r"conv_out\.(.+)", rest):
+            new = f"{part}.head.2.{m[1]}"
+        elif m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
+            new = f"{part}.middle.{2 * int(m[1])}.{_residual(m[2])}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
+            new = f"{part}.middle.1.{m[1]}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resample|time_conv)(\..+)", rest):
+            new = f"encoder.downsamples.{m[1]}.{m[2]}{m[3]}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest):
+            new = f"encoder.downsamples.{m[1]}.{_residual(m[2])}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
+            new = f"decoder.upsamples.{int(m[1]) * per_up + int(m[2])}.{_residual(m[3])}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest):
+            new = f"decoder.upsamples.{int(m[1]) * per_up + per_up - 1}.{m[2]}"
+        else:
+            raise AssertionError(f"unmapped VAE key {key}")
+        out[new] = value
+    assert len(out) == len(state)
+    return out
+
+
+def _seeded(factory, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory().eval()
+
+
+@pytest.fixture(scope="module")
+def ref_transformer() -> CausalWanTransformer3DModel:
+    model = _seeded(lambda: CausalWanTransformer3DModel(**SPEC.transformer), 11)
+    with torch.no_grad():  # make every parameter distinctive (diffusers zero-inits some, e.g. norms at 1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ref_vae() -> AutoencoderKLWan:
+    model = _seeded(lambda: AutoencoderKLWan(**SPEC.vae), 12)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def _assert_same_weights(model: torch.nn.Module, ref: torch.nn.Module) -> None:
+    got, want = model.state_dict(), ref.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def _same_transformer_output(model, ref) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    ctx = torch.randn(1, 12, SPEC.text_dim, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        a = model(x, t, ctx, return_dict=False)[0]
+        b = ref(x, t, ctx, return_dict=False)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _write_diffusers_folder(root: Path, transformer, vae) -> Path:
+    transformer.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    text = _seeded(lambda: UMT5EncoderModel(UMT5Config(**SPEC.text_encoder)), 13)
+    text.save_pretrained(root / "text_encoder")
+    ByT5Tokenizer().save_pretrained(root / "tokenizer")
+    (root / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    return root
+
+
+def _write_hub_repo(cache: Path, repo: str, files: dict[str, Path | bytes]) -> Path:
+    """Lay out ``files`` the way huggingface_hub's cache stores one revision of ``repo``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    for rel, content in files.items():
+        dest = snap / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content.read_bytes() if isinstance(content, Path) else content)
+    return snap
+
+
+# ------------------------------------------------------------------------ formats and converters
+def test_detect_format_on_marker_keys(ref_transformer, ref_vae):
+    sd = ref_transformer.state_dict()
+    assert detect_format(sd) == WAN_TRANSFORMER_DIFFUSERS
+    assert detect_format(to_original_transformer(sd)) == WAN_TRANSFORMER_ORIGINAL
+    assert detect_format({f"model.{k}": v for k, v in to_original_transformer(sd).items()}) == WAN_TRANSFORMER_ORIGINAL
+    assert detect_format(ref_vae.state_dict()) == WAN_VAE_DIFFUSERS
+    assert detect_format(to_original_vae(ref_vae.state_dict(), 2)) == WAN_VAE_ORIGINAL
+    assert detect_format({"conv.weight": torch.zeros(1)}) is None
+
+
+def test_original_transformer_safetensors_loads_like_diffusers(tmp_path, ref_transformer):
+    original = to_original_transformer(ref_transformer.state_dict())
+    assert "blocks.0.norm3.weight" in original and "blocks.0.norm2.weight" not in original
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(original, path)
+    model = load_transformer(SPEC, path)
+    assert isinstance(model, CausalWanTransformer3DModel)
+    _assert_same_weights(model, ref_transformer)
+    # norm2↔norm3: Wan's cross-attention norm (norm3) is diffusers' norm2.
+    assert torch.equal(model.blocks[0].norm2.weight, original["blocks.0.norm3.weight"])
+    _same_transformer_output(model, ref_transformer)
+
+
+@pytest.mark.parametrize("entry", ["generator", "generator_ema", "state_dict", None])
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_streamdiffusionv2_model_pt_loads(tmp_path, ref_transformer, entry, prefix):
+    original = {prefix + k: v for k, v in to_original_transformer(ref_transformer.state_dict()).items()}
+    payload = original if entry is None else {entry: original, "step": torch.tensor(1000)}
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    _assert_same_weights(load_transformer(SPEC, path), ref_transformer)
+
+
+def test_model_pt_prefers_generator_over_ema_like_upstream(tmp_path, ref_transformer):
+    good = to_original_transformer(ref_transformer.state_dict())
+    other = {k: torch.zeros_like(v) for k, v in good.items()}
+    torch.save({"generator_ema": other, "generator": good}, tmp_path / "model.pt")
+    _assert_same_weights(load_transformer(SPEC, tmp_path / "model.pt"), ref_transformer)
+
+
+def test_original_vae_pth_loads_like_diffusers(tmp_path, ref_vae):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(to_original_vae(ref_vae.state_dict(), SPEC.vae["num_res_blocks"]), path)
+    vae = load_vae(SPEC, path)
+    _assert_same_weights(vae, ref_vae)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(1, 16, 2, 2, 2, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, ref_vae.decode(z).sample, rtol=0, atol=0)
+
+
+def test_diffusers_folder_bundle(tmp_path, ref_transformer, ref_vae):
+    root = _write_diffusers_folder(tmp_path / "Wan-tiny-Diffusers", ref_transformer, ref_vae)
+    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    _assert_same_weights(bundle.transformer, ref_transformer)
+    _assert_same_weights(bundle.vae, ref_vae)
+    assert bundle.sources["transformer"].endswith("transformer/diffusion_pytorch_model.safetensors")
+    emb = bundle.text.encode("a red fox")
+    assert emb.shape == (1, 512, SPEC.text_dim)
+    expected = TextEncoder.from_spec(SPEC, path=root).encode("a red fox")
+    torch.testing.assert_close(emb, expected, rtol=0, atol=0)
+    svae = bundle.new_vae()
+    assert svae.encode(torch.zeros(1, 3, 5, 16, 16)).shape == (1, 16, 2, 2, 2)
+
+
+def test_generator_in_weights_folder_overrides_base_transformer(tmp_path, ref_transformer, ref_vae):
+    base = _seeded(lambda: CausalWanTransformer3DModel(**SPEC.transformer), 99)
+    root = _write_diffusers_folder(tmp_path / "w", base, ref_vae)
+    (root / "wan_causal_dmd_v2v").mkdir()
+    torch.save({"generator": to_original_transformer(ref_transformer.state_dict())}, root / SPEC.generator_file)
+    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    _assert_same_weights(bundle.transformer, ref_transformer)
+
+
+def test_partial_generator_is_filled_from_the_base(tmp_path, ref_transformer, ref_vae):
+    root = _write_diffusers_folder(tmp_path / "w", ref_transformer, ref_vae)
+    partial = {k: v for k, v in to_original_transformer(ref_transformer.state_dict()).items() if "blocks.1." in k}
+    partial["head.modulation"] = torch.zeros_like(partial.get("head.modulation", ref_transformer.scale_shift_table))
+    torch.save({"generator": partial}, root / "model.pt")
+    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    assert torch.count_nonzero(bundle.transformer.scale_shift_table) == 0  # from the generator
+    torch.testing.assert_close(
+        bundle.transformer.blocks[0].attn1.to_q.weight, ref_transformer.blocks[0].attn1.to_q.weight
+    )
+
+
+def test_hub_cache_bundle(tmp_path, ref_transformer, ref_vae, monkeypatch):
+    """Base repo (vae/, text_encoder/, tokenizer/) and generator found through huggingface_hub's cache layout."""
+    staging = _write_diffusers_folder(tmp_path / "staging", ref_transformer, ref_vae)
+    hub = tmp_path / "hub"
+    files = {str(p.relative_to(staging)): p for p in staging.rglob("*") if p.is_file() and "transformer" not in p.parts}
+    _write_hub_repo(hub, SPEC.hub_repo, files)
+    gen = tmp_path / "model.pt"
+    torch.save({"generator": to_original_transformer(ref_transformer.state_dict())}, gen)
+    _write_hub_repo(hub, SPEC.generator_repo, {SPEC.generator_file: gen})
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # as HF_HUB_CACHE=… would
+    bundle = load_model_bundle(SPEC, cache_dir=tmp_path / "prompts")
+    _assert_same_weights(bundle.transformer, ref_transformer)
+    _assert_same_weights(bundle.vae, ref_vae)
+    assert "models--sdlive-test--StreamDiffusionV2-tiny" in bundle.sources["transformer"]
+    assert bundle.text.encode("hello").shape == (1, 512, SPEC.text_dim)
+
+
+def test_bf16_keeps_fp32_modules(tmp_path, ref_transformer):
+    path = tmp_path / "t.safetensors"
+    save_file(ref_transformer.state_dict(), path)
+    model = load_transformer(SPEC, path, dtype=torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.scale_shift_table.dtype == torch.float32
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ tiny
+def test_tiny_is_deterministic_and_leaves_rng_alone(tmp_path):
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    a = load_model_bundle("tiny", cache_dir=tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = load_model_bundle("tiny", cache_dir=tmp_path)
+    _assert_same_weights(a.transformer, b.transformer)
+    _assert_same_weights(a.vae, b.vae)
+    assert isinstance(a.transformer, CausalWanTransformer3DModel)
+    assert a.sources["transformer"] == "random (seed 0)"
+
+
+# ------------------------------------------------------------------------ errors
+def test_missing_file_is_one_clear_error(tmp_path):
+    missing = tmp_path / "nope" / "model.pt"
+    with pytest.raises(CheckpointError, match=r"nope/model\.pt does not exist.*sdlive models pull wan2\.1-1\.3b"):
+        load_model_bundle(SPEC, weights=missing, hub_cache_dir=tmp_path / "hub")
+
+
+def test_nothing_on_disk_names_the_pull_command(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        load_model_bundle("wan2.1-1.3b", hub_cache_dir=tmp_path / "empty-hub", cache_dir=tmp_path)
+    msg = str(info.value)
+    assert "jerryfeng/StreamDiffusionV2/wan_causal_dmd_v2v/model.pt" in msg
+    assert "sdlive models pull wan2.1-1.3b" in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_wrong_files_are_one_clear_error(tmp_path, ref_transformer, ref_vae):
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*model\.pt"):
+        load_transformer(SPEC, garbage)
+
+    vae_file = tmp_path / "vae.safetensors"
+    save_file(ref_vae.state_dict(), vae_file)
+    with pytest.raises(
+        CheckpointError, match=r"vae\.safetensors is a diffusers-format Wan VAE, expected a Wan transformer"
+    ):
+        load_transformer(SPEC, vae_file)
+
+    unknown = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, unknown)
+    with pytest.raises(CheckpointError, match="no known format"):
+        load_vae(SPEC, unknown)
+
+    # The right format for another model size: shapes are named.
+    bigger = dataclasses.replace(SPEC, transformer={**SPEC.transformer, "ffn_dim": 512})
+    t_file = tmp_path / "t.safetensors"
+    save_file(ref_transformer.state_dict(), t_file)
+    with pytest.raises(CheckpointError, match=r"t\.safetensors is not a tiny-real transformer: .*shape mismatches"):
+        load_transformer(bigger, t_file)
+
+    # A model.pt whose dict holds no state dict.
+    torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "opt.pt")
+    with pytest.raises(CheckpointError, match="expected a state dict of tensors"):
+        read_checkpoint(tmp_path / "opt.pt")
+
+
+def test_weights_folder_without_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no tiny-real weights found in .*empty"):
+        load_model_bundle(SPEC, weights=tmp_path / "empty", hub_cache_dir=tmp_path / "hub")
+
+
+def test_missing_text_encoder_errors_only_for_unknown_prompts(tmp_path, ref_transformer, ref_vae):
+    root = tmp_path / "w"
+    ref_transformer.save_pretrained(root / "transformer")
+    ref_vae.save_pretrained(root / "vae")
+    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    with pytest.raises(CheckpointError, match=r"text encoder was not found.*sdlive models pull"):
+        bundle.text.encode("new prompt")
