@@ -37,8 +37,9 @@ Design choices (see also ``docs/architecture.md``):
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
   ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
-  mask, so every attention backend works, flash-attn included). ``commit`` takes one flag per slot, so a slot holding no real
-  chunk yet (stream-batch warm-up) can be left uncommitted.
+  mask, so every attention backend works, flash-attn included). ``commit`` takes one flag per slot, and
+  :meth:`KVCache.subset` runs part of the slots on shared storage, so a slot holding no real chunk yet
+  (stream-batch warm-up) is never written or advanced.
 """
 
 from __future__ import annotations
