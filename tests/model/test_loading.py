@@ -381,3 +381,21 @@ def test_missing_text_encoder_errors_only_for_unknown_prompts(tmp_path, ref_tran
     bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
     with pytest.raises(CheckpointError, match=r"text encoder was not found.*sdlive models pull"):
         bundle.text.encode("new prompt")
+
+
+def test_pull_progress_forwards_byte_counts():
+    """The tqdm class handed to huggingface_hub turns its byte updates into PullProgress events."""
+    from sdlive.daemon.model.loading import PullProgress, _progress_tqdm
+
+    events: list[PullProgress] = []
+    bar_cls = _progress_tqdm("org/repo", events.append)
+    bar = bar_cls(total=100, desc="vae/diffusion_pytorch_model.safetensors", unit="B")
+    bar.update(40)
+    bar.update(60)
+    bar.close()
+    assert [(e.file, e.done, e.total) for e in events] == [
+        ("vae/diffusion_pytorch_model.safetensors", 0, 100),
+        ("vae/diffusion_pytorch_model.safetensors", 40, 100),
+        ("vae/diffusion_pytorch_model.safetensors", 100, 100),
+    ]
+    assert all(e.repo == "org/repo" for e in events)
