@@ -22,7 +22,8 @@ Layout (little-endian; offsets in bytes)::
      56  u64 write_count      sequence number of the newest published frame (0 = none yet); producer-written
      64  u64 read_count       sequence number of the last frame the consumer took; consumer-written
      72  u64 dropped          frames the consumer never saw (lapped, or skipped by read_latest); consumer-written
-     80  ... reserved (zero)
+     80  u32 wake_flags       bit 0 FUTEX: the producer FUTEX_WAKEs write_count's low 32 bits after each publish
+     84  ... reserved (zero)
     control block (at 128)
     128  u64 control_seq      seqlock over the request fields below (odd while a client writes them)
     136  i32 requested_preset index into list_presets' (name-sorted) list, -1 = none
@@ -48,6 +49,12 @@ Seqlock (frame n, 1-based, lives in slot (n - 1) % N):
 * read: s1 = seq; if s1 != 2n the slot holds another frame (or is mid-write): skip or retry. Copy pixels and
   timestamp. s2 = seq; if s2 != s1 the writer lapped us during the copy: the copy is torn, discard it.
 
+Waking the consumer (never a busy spin): on Linux the producer calls futex(FUTEX_WAKE) on the low 32 bits of
+write_count (offset 56) after publishing, and sets wake_flags bit 0; ``wait`` then blocks in futex(FUTEX_WAIT) on
+that word, woken within tens of microseconds. Elsewhere, or when the producer does not set the flag, ``wait``
+sleeps in short steps (``poll_s``, 0.5 ms by default) and re-reads write_count. Futex waits are bounded (50 ms),
+so a producer that stops waking degrades to polling, never to a hang.
+
 Memory ordering: the producer writes the pixels, then publishes the slot's seq, then write_count, in program
 order. CPython cannot emit fences; on x86-64 (TSO) stores are seen in program order, so the algorithm is exact.
 On weakly ordered CPUs (ARM64) the double check still catches a writer that lapped the reader, which is the
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 # No dataclasses here: they look their module up in sys.modules, which fails when a host (the OBS script) loads
 # this file by path without registering it. NamedTuple has no such need.
+import ctypes
 import math
 import mmap
 import os
@@ -99,6 +107,8 @@ PIXEL_FORMATS: dict[str, tuple[int, int]] = {
 _FORMAT_BY_CODE = {code: name for name, (code, _bpp) in PIXEL_FORMATS.items()}
 
 FLAG_PAUSED = 1
+WAKE_FUTEX = 1
+FUTEX_WAIT_SLICE_S = 0.05  # longest single futex wait: a producer that stops waking costs at most this
 
 # header fields: (offset, struct format)
 _STATIC = struct.Struct("<8sIIIIIIIIQQ")  # magic .. frame_size, offsets 0..55
@@ -111,6 +121,7 @@ _SLOT_HEAD = struct.Struct("<QQQ")  # seq, timestamp_ns, size
 OFF_WRITE_COUNT = 56
 OFF_READ_COUNT = 64
 OFF_DROPPED = 72
+OFF_WAKE_FLAGS = 80
 OFF_CONTROL = 128
 OFF_CONTROL_SEQ = 128
 OFF_REQUESTED_PRESET = 136
@@ -125,6 +136,35 @@ OFF_PRESET_NAME = 184
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _IS_WINDOWS = sys.platform == "win32"
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _load_futex():
+    """``syscall(SYS_futex, ...)`` through ctypes on 64-bit Linux, else None (callers fall back to short sleeps)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    # SYS_futex per 64-bit architecture (asm/unistd.h); 32-bit ABIs use another timespec: not supported, they poll.
+    number = {"x86_64": 202, "aarch64": 98, "arm64": 98, "riscv64": 98, "ppc64le": 221, "ppc64": 221, "s390x": 238}.get(
+        os.uname().machine
+    )
+    if number is None or ctypes.sizeof(ctypes.c_long) != 8:
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                        ctypes.c_void_p, ctypes.c_uint32]  # fmt: skip
+    return number, syscall
+
+
+_FUTEX = _load_futex()
+_FUTEX_WAIT = 0  # not FUTEX_PRIVATE_FLAG: the word is shared between processes
+_FUTEX_WAKE = 1
 
 
 class RingError(Exception):
@@ -231,6 +271,9 @@ class FrameRing:
         self._cursor = _U64.unpack_from(mm, OFF_READ_COUNT)[0]
         self._dropped = _U64.unpack_from(mm, OFF_DROPPED)[0]
         self._control_seq = _U64.unpack_from(mm, OFF_CONTROL_SEQ)[0]
+        # The futex word's address. The temporary ctypes view is dropped at once, so close() can still unmap.
+        self._futex_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm)) + OFF_WRITE_COUNT if _FUTEX else None
+        self._wake_flag_set = False
 
     # ------------------------------------------------------------------ construction
 
@@ -364,6 +407,12 @@ class FrameRing:
         _U64.pack_into(buf, OFF_WRITE_COUNT, n)
         _U64.pack_into(buf, OFF_PRODUCER_HB, time.monotonic_ns())
         self._written = n
+        if self._futex_addr is not None:
+            if not self._wake_flag_set:
+                _U32.pack_into(buf, OFF_WAKE_FLAGS, _U32.unpack_from(buf, OFF_WAKE_FLAGS)[0] | WAKE_FUTEX)
+                self._wake_flag_set = True
+            # ~1 us with nobody waiting; wakes every waiter of the word (the consumer and any observer)
+            _FUTEX[1](_FUTEX[0], self._futex_addr, _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
         return n
 
     # ------------------------------------------------------------------ consumer
@@ -409,18 +458,29 @@ class FrameRing:
         base = HEADER_SIZE + ((frame.seq - 1) % self.slots) * self.slot_size
         return _U64.unpack_from(self._buf, base)[0] == 2 * frame.seq
 
-    def wait(self, timeout_s: float, *, poll_s: float = 0.0005) -> bool:
-        """Sleep in ``poll_s`` steps until a frame newer than the last one read is published, at most ``timeout_s``.
+    def wait(self, timeout_s: float, *, poll_s: float = 0.0005, futex: bool = True) -> bool:
+        """Block until a frame newer than the last one read is published, at most ``timeout_s``; True if one was.
 
-        A short wait, never a busy spin: for consumers without a ZeroMQ notification (the OBS script)."""
+        Never a busy spin: a futex wait on Linux when the producer wakes it (see the module docstring), else
+        sleeps of ``poll_s``. ``futex=False`` forces the sleeping poll."""
         self._check_open()
+        buf = self._buf
         deadline = time.monotonic() + timeout_s
-        while _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0] <= self._cursor:
+        use_futex = futex and self._futex_addr is not None
+        while True:
+            newest = _U64.unpack_from(buf, OFF_WRITE_COUNT)[0]
+            if newest > self._cursor:
+                return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            time.sleep(min(poll_s, remaining))
-        return True
+            if use_futex and _U32.unpack_from(buf, OFF_WAKE_FLAGS)[0] & WAKE_FUTEX:
+                slice_s = min(remaining, FUTEX_WAIT_SLICE_S)
+                spec = _Timespec(int(slice_s), int((slice_s % 1.0) * 1e9))
+                # Sleeps only while the word still equals what we just read: no lost wake-up (EAGAIN otherwise).
+                _FUTEX[1](_FUTEX[0], self._futex_addr, _FUTEX_WAIT, newest & 0xFFFFFFFF, ctypes.byref(spec), None, 0)
+            else:
+                time.sleep(min(poll_s, remaining))
 
     def _take(self, n: int, *, copy: bool, out) -> RingFrame | None:
         base = HEADER_SIZE + ((n - 1) % self.slots) * self.slot_size

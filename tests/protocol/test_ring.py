@@ -12,6 +12,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -171,6 +173,58 @@ def test_wait_returns_when_a_frame_arrives_and_times_out_otherwise(pair):
     assert consumer.wait(0.01) is False
     producer.write(frame(8, 4, 4, 1))
     assert consumer.wait(0.01) is True
+
+
+@pytest.mark.skipif(ring_mod._FUTEX is None, reason="futex wake-ups are Linux (64-bit) only; elsewhere wait() polls")
+def test_a_blocked_waiter_is_woken_by_the_futex_not_by_its_timeout(pair):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 0))  # the first write sets the header's FUTEX wake flag
+    consumer.read_next()
+    assert producer.header_counters()[0] == 1
+    assert struct.unpack_from("<I", producer._buf, ring_mod.OFF_WAKE_FLAGS)[0] & ring_mod.WAKE_FUTEX
+    woke_after = []
+
+    def waiter():
+        started = time.monotonic()
+        # poll_s is huge: only a futex wake-up can return this quickly
+        woke_after.append((consumer.wait(5.0, poll_s=5.0), time.monotonic() - started))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)  # let it block
+    producer.write(frame(8, 4, 4, 1))
+    thread.join(5)
+    got, elapsed = woke_after[0]
+    assert got is True
+    assert elapsed < 1.0, f"woke after {elapsed:.3f}s: the futex wake did not reach the waiter"
+    assert consumer.read_next().seq == 2
+
+
+def test_without_the_wake_flag_wait_falls_back_to_short_sleeps(pair):
+    producer, consumer = pair
+    started = time.monotonic()
+    assert consumer.wait(0.05, poll_s=0.005) is False  # nothing written: the timeout is honoured
+    assert 0.04 <= time.monotonic() - started < 1.0
+    producer.write(frame(8, 4, 4, 1))
+    struct.pack_into("<I", producer._buf, ring_mod.OFF_WAKE_FLAGS, 0)  # a producer that never wakes (foreign)
+    consumer.read_next()
+
+    def late_write():
+        time.sleep(0.05)
+        # a raw publish with no futex wake, as a client in another language without futex would do
+        n = 2
+        base = HEADER_SIZE + ((n - 1) % producer.slots) * producer.slot_size
+        struct.pack_into("<Q", producer._buf, base, 2 * n)
+        struct.pack_into("<Q", producer._buf, base + 16, producer.frame_size)
+        struct.pack_into("<Q", producer._buf, ring_mod.OFF_WRITE_COUNT, n)
+
+    thread = threading.Thread(target=late_write)
+    thread.start()
+    started = time.monotonic()
+    assert consumer.wait(5.0, poll_s=0.002) is True
+    assert time.monotonic() - started < 1.0
+    thread.join()
+    assert consumer.read_next().seq == 2
 
 
 def test_control_block_round_trip(pair):
