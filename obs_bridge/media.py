@@ -315,6 +315,38 @@ def run_live(
 # ------------------------------------------------------------------------------------------------------------ offline
 
 
+class _InputRoom:
+    """How many more frames the daemon's shared-memory input ring takes before an unread frame would be lapped.
+
+    The daemon reads its input ring one frame per engine step, so a renderer that writes faster than that must wait,
+    or frames are lost. The ring is opened as an *observer* (the daemon's consumer counters are left alone) and its
+    header's write/read counters give the backlog. Network sessions have no such view: their room is unbounded and
+    a daemon that falls behind drops frames, which :func:`run_offline` fills and counts."""
+
+    def __init__(self, session) -> None:
+        self._ring = None
+        info = getattr(session, "info", None) or {}
+        name = info.get("input_ring")
+        if name and getattr(session, "transport", "shm") == "shm":
+            try:
+                from sdlive.daemon.protocol.ring import FrameRing
+
+                self._ring = FrameRing.open(name, observer=True)
+            except Exception as exc:  # noqa: BLE001 - only a pacing aid: fall back to the in-flight window
+                log.debug("cannot observe input ring %s: %s", name, exc)
+
+    def free(self) -> int:
+        if self._ring is None:
+            return 1 << 30
+        written, read, _dropped = self._ring.header_counters()
+        return self._ring.slots - 1 - (written - read)
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+
 def run_offline(
     source: FrameSource,
     session,
@@ -370,69 +402,77 @@ def run_offline(
         if on_frame:
             on_frame(index)
 
-    while not stop.is_set():
-        if total is not None and next_out >= total:
-            break
-        # 1. keep the window full: real frames first, then padding once the source is done
-        while sent - next_out < window and not stop.is_set():
-            if total is None:
-                frame = source.read() if (max_frames is None or sent < max_frames) else None
-                if frame is None:
-                    total = sent
-                    if total == 0:
-                        raise PumpError(f"{source.description} has no frames")
-                    continue
-                last_frame = frame
-                if sent in schedule:
-                    session.set_preset(schedule[sent])
-                    stats.preset = schedule[sent]
-                    stats.preset_switches += 1
-                pixels = frame.pixels
-                inputs[sent] = pixels
-                presets[sent] = stats.preset
-                stats.note_in()
-            else:
-                if sent >= total + latency + CHUNK_FRAMES * 2:
-                    break  # padded enough: whatever is missing now was dropped
-                pixels = last_frame.pixels  # padding: repeat the last frame to push the tail out
-                stats.padded += 1
-            ts = max(time.monotonic_ns(), last_ts + 1)  # unique per frame: outputs are matched by timestamp
-            last_ts = ts
-            ts_index[ts] = sent
-            session.send(pixels, timestamp_ns=ts)
-            sent += 1
+    room = _InputRoom(session)
+    try:
+        while not stop.is_set():
+            if total is not None and next_out >= total:
+                break
+            # 1. keep the window full: real frames first, then padding once the source is done
+            blocked = False
+            while sent - next_out < window and not stop.is_set():
+                if room.free() <= 0:
+                    blocked = True  # the daemon hasn't taken the last frames yet: don't lap its input ring
+                    break
+                if total is None:
+                    frame = source.read() if (max_frames is None or sent < max_frames) else None
+                    if frame is None:
+                        total = sent
+                        if total == 0:
+                            raise PumpError(f"{source.description} has no frames")
+                        continue
+                    last_frame = frame
+                    if sent in schedule:
+                        session.set_preset(schedule[sent])
+                        stats.preset = schedule[sent]
+                        stats.preset_switches += 1
+                    pixels = frame.pixels
+                    inputs[sent] = pixels
+                    presets[sent] = stats.preset
+                    stats.note_in()
+                else:
+                    if sent >= total + latency + CHUNK_FRAMES * 2:
+                        break  # padded enough: whatever is missing now was dropped
+                    pixels = last_frame.pixels  # padding: repeat the last frame to push the tail out
+                    stats.padded += 1
+                ts = max(time.monotonic_ns(), last_ts + 1)  # unique per frame: outputs are matched by timestamp
+                last_ts = ts
+                ts_index[ts] = sent
+                session.send(pixels, timestamp_ns=ts)
+                sent += 1
 
-        # 2. collect what came back
-        out = session.recv(timeout_s=RECV_POLL_S * 4)
-        now = time.monotonic()
-        if out is not None:
-            index = ts_index.pop(out.timestamp_ns, None)
-            if index is None or index < next_out:
-                continue  # a frame we no longer wait for (or a daemon that doesn't echo timestamps: see below)
-            last_progress = now
-            if total is not None and index >= total:
-                index = total  # padding output: everything real before it is either written or lost
-            while next_out < index:  # outputs the daemon dropped: hold the previous one
-                if last_pixels is None:
-                    last_pixels = np.zeros_like(out.pixels)
-                stats.dropped += 1
-                emit(next_out, last_pixels)
-            if total is None or index < total:
-                last_pixels = out.pixels
-                emit(index, out.pixels)
-                stats.note_out(_latency_ms(out))
-        elif now - last_progress > timeout_s:
-            raise PumpError(
-                f"the daemon returned no frame for {timeout_s:g} s after {stats.frames_out} of "
-                f"{total if total is not None else '?'} frames (is it still running? see `sdlive status`)"
-            )
-        elif total is not None and sent >= total + latency + CHUNK_FRAMES * 2 and now - last_progress > 5.0:
-            while next_out < total:  # the tail never came back: hold the last output
-                stats.dropped += 1
-                emit(next_out, last_pixels if last_pixels is not None else np.zeros_like(inputs[next_out]))
-        if on_stats and now - last_stats >= STATS_PERIOD_S:
-            last_stats = now
+            # 2. collect what came back (briefly when only the daemon's input ring was full: it empties fast)
+            out = session.recv(timeout_s=0.005 if blocked else RECV_POLL_S * 4)
+            now = time.monotonic()
+            if out is not None:
+                index = ts_index.pop(out.timestamp_ns, None)
+                if index is None or index < next_out:
+                    continue  # a frame we no longer wait for (or a daemon that doesn't echo timestamps: see below)
+                last_progress = now
+                if total is not None and index >= total:
+                    index = total  # padding output: everything real before it is either written or lost
+                while next_out < index:  # outputs the daemon dropped: hold the previous one
+                    if last_pixels is None:
+                        last_pixels = np.zeros_like(out.pixels)
+                    stats.dropped += 1
+                    emit(next_out, last_pixels)
+                if total is None or index < total:
+                    last_pixels = out.pixels
+                    emit(index, out.pixels)
+                    stats.note_out(_latency_ms(out))
+            elif now - last_progress > timeout_s:
+                raise PumpError(
+                    f"the daemon returned no frame for {timeout_s:g} s after {stats.frames_out} of "
+                    f"{total if total is not None else '?'} frames (is it still running? see `sdlive status`)"
+                )
+            elif total is not None and sent >= total + latency + CHUNK_FRAMES * 2 and now - last_progress > 5.0:
+                while next_out < total:  # the tail never came back: hold the last output
+                    stats.dropped += 1
+                    emit(next_out, last_pixels if last_pixels is not None else np.zeros_like(inputs[next_out]))
+            if on_stats and now - last_stats >= STATS_PERIOD_S:
+                last_stats = now
+                on_stats(stats)
+        if on_stats:
             on_stats(stats)
-    if on_stats:
-        on_stats(stats)
-    return stats
+        return stats
+    finally:
+        room.close()

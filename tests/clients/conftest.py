@@ -18,12 +18,13 @@ import pytest
 
 def make_clip(path: Path, *, frames: int, fps: float, width: int, height: int, audio: bool = False) -> Path:
     """A generated clip: FFmpeg's moving test pattern, plus a 440 Hz tone when ``audio``. Frame-exact."""
-    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate={fps}"]
+    seconds = f"{frames / fps:.6f}"
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-t", seconds, "-i", f"testsrc2=size={width}x{height}:rate={fps}"]
+    if audio:  # input-side -t on both: the tone lasts exactly as long as the video
+        cmd += ["-f", "lavfi", "-t", seconds, "-i", "sine=frequency=440:sample_rate=44100"]
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "1"]
     if audio:
-        cmd += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]
-    cmd += ["-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "1"]
-    if audio:
-        cmd += ["-c:a", "aac", "-t", f"{frames / fps:.3f}"]
+        cmd += ["-c:a", "aac"]
     subprocess.run([*cmd, str(path)], check=True)
     return path
 
@@ -32,7 +33,7 @@ def probe(path: Path) -> dict:
     """ffprobe's view of a file: streams with codec, size, frame count (counted by decoding), rate."""
     out = subprocess.run(
         ["ffprobe", "-v", "error", "-count_frames", "-show_entries",
-         "stream=codec_type,codec_name,width,height,nb_read_frames,r_frame_rate,avg_frame_rate", "-of", "json",
+         "stream=codec_type,codec_name,width,height,nb_read_frames,r_frame_rate,avg_frame_rate,duration", "-of", "json",
          str(path)], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
