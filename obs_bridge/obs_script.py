@@ -62,6 +62,7 @@ FILTER_NAME = b"sdlive"
 PROTOCOL = "sdlive/1"
 PIXEL_FORMAT = "bgra"  # matches the GS_BGRA texrender / stage surfaces / output texture below
 BYTES_PER_PIXEL = 4
+SIZE_MULTIPLE = 16  # the daemon takes widths and heights that are multiples of 16
 
 # settings keys (named constants: DESIGN §5 / STYLE)
 KEY_ADDRESS = "daemon_address"
@@ -93,6 +94,7 @@ REQUEST_TIMEOUT_S = 1.0
 
 ENV_STATS = "SDLIVE_OBS_STATS"  # path of a JSON file the script rewrites once a second (bench, tests)
 ENV_CONTROL = "SDLIVE_OBS_CONTROL"  # "pyzmq" | "stdlib": force one control client (tests); default: pyzmq if present
+ENV_INBAND = "SDLIVE_OBS_INBAND"  # "1": preset/params changes go through the ring's control block only
 ENV_RING = "SDLIVE_RING_PY"  # path of ring.py, overrides the search below
 TIMING_WINDOW = 600  # render-thread samples kept for p50/p99
 
@@ -566,6 +568,15 @@ def _fps() -> float:
     return 30.0
 
 
+def session_size(width: int, height: int) -> tuple[int, int]:
+    """The size the daemon session runs at: the source's, rounded down to multiples of SIZE_MULTIPLE (the model
+    works on 16-pixel patches of 8× downsampled latents); the filter scales to it and back."""
+    return (
+        max(SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE),
+        max(SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE),
+    )
+
+
 def _percentile(values, q: float) -> float | None:
     if not values:
         return None
@@ -733,20 +744,21 @@ class FilterInstance:
         h = lib.obs_source_get_base_height(target)
         if not w or not h:
             return False
-        self.want_size = (w, h)
+        sw, sh = session_size(w, h)
+        self.want_size = (sw, sh)
         if not self.lock.acquire(blocking=False):
             self.skipped_busy += 1
             return False
         try:
             sess = self.session
-            if sess is None or (sess.width, sess.height) != (w, h):
+            if sess is None or (sess.width, sess.height) != (sw, sh):
                 if sess is not None:
                     self.wake.set()  # the worker reopens at the new size
-                if self.when_away == AWAY_LAST_OUTPUT and self.have_output and self.gfx_size == (w, h):
-                    self._draw(self.out_tex)
+                if self.when_away == AWAY_LAST_OUTPUT and self.have_output and self.gfx_size == (sw, sh):
+                    self._draw(self.out_tex, w, h)
                     return True
                 return False
-            self._ensure_gfx(w, h)
+            self._ensure_gfx(sw, sh)
             frame_time = lib.obs_get_video_frame_time()
             captured = frame_time != self.last_frame_time
             if captured:  # once per output frame, whatever the number of views
@@ -754,9 +766,9 @@ class FilterInstance:
                 self._capture(target, w, h, sess)
                 self._fetch_output(sess)
             if self.have_output:
-                self._draw(self.out_tex)
+                self._draw(self.out_tex, w, h)
             else:  # session open, first output not back yet: show the source we just rendered
-                self._draw(lib.gs_texrender_get_texture(self.texrender))
+                self._draw(lib.gs_texrender_get_texture(self.texrender), w, h)
             if captured:
                 self.render_ns.append(time.perf_counter_ns() - t0)
             return True
@@ -767,9 +779,11 @@ class FilterInstance:
             self.lock.release()
 
     def _capture(self, target, w: int, h: int, sess: Session) -> None:
+        """Render the target (w×h) into the session-sized texrender (scaled when the daemon's size differs), stage
+        it, and copy the previous frame's staged pixels into the input ring."""
         tr = self.texrender
         lib.gs_texrender_reset(tr)
-        if lib.gs_texrender_begin(tr, w, h):
+        if lib.gs_texrender_begin(tr, sess.width, sess.height):
             clear = Vec4(0.0, 0.0, 0.0, 0.0)
             lib.gs_clear(obs.GS_CLEAR_COLOR, ctypes.byref(clear), 0.0, 0)
             lib.gs_ortho(0.0, float(w), 0.0, float(h), -100.0, 100.0)
@@ -790,6 +804,7 @@ class FilterInstance:
         linesize = U32()
         if not lib.gs_stagesurface_map(self.stages[prev], ctypes.byref(ptr), ctypes.byref(linesize)):
             return
+        w, h = sess.width, sess.height
         try:
             row = w * BYTES_PER_PIXEL
             if linesize.value == row:
@@ -828,10 +843,11 @@ class FilterInstance:
         if frame.timestamp_ns:
             self.e2e_ns.append(time.monotonic_ns() - frame.timestamp_ns)
 
-    def _draw(self, tex) -> None:
+    def _draw(self, tex, w: int, h: int) -> None:
+        """Draw ``tex`` over the filter's w×h area (stretched when the session size was rounded)."""
         effect = lib.obs_get_base_effect(obs.OBS_EFFECT_DEFAULT)
         while lib.gs_effect_loop(effect, b"Draw"):
-            lib.obs_source_draw(tex, 0, 0, 0, 0, False)
+            lib.obs_source_draw(tex, 0, 0, w, h, False)
 
     # -- the daemon connection (worker thread) -----------------------------------------------------------------
     def _install(self, sess: Session | None) -> Session | None:
@@ -900,6 +916,9 @@ class FilterInstance:
             _STATE.preset_names = names
 
     def _apply(self, ctl, sess: Session, op: str, arg) -> None:
+        if os.environ.get(ENV_INBAND) == "1":
+            self._in_band(sess, op, arg)
+            return
         try:
             if op == "set_preset":
                 ctl.request("set_preset", session_id=sess.session_id, name=arg)
@@ -910,18 +929,20 @@ class FilterInstance:
         except DaemonReplyError as exc:
             warn(f"filter '{self.name}': {op} {arg!r} refused: {exc}")
         except ControlError:
-            if op == "set_preset":
-                self._in_band_preset(sess, arg)
+            self._in_band(sess, op, arg)  # the control channel is stuck: the ring still carries the request
             raise
 
-    def _in_band_preset(self, sess: Session, name: str) -> None:
-        """No control channel: ask for the preset through the input ring's control block (by index)."""
+    def _in_band(self, sess: Session, op: str, arg) -> None:
+        """Ask through the input ring's control block (DESIGN §4): the daemon polls it, no ZeroMQ needed."""
         try:
-            sess.rin.request(preset=name)
-            sess.preset = name
-            info(f"filter '{self.name}': preset → {name} (in-band, through the ring's control block)")
+            if op == "set_preset":
+                sess.rin.request(preset=arg)
+                sess.preset = arg
+                info(f"filter '{self.name}': preset → {arg} (in-band, ring control block)")
+            elif op == "set_params":
+                sess.rin.request(steps=arg.get("steps"), noise_scale=arg.get("noise_scale"))
         except Exception as exc:  # noqa: BLE001
-            warn(f"filter '{self.name}': in-band preset request failed: {exc}")
+            warn(f"filter '{self.name}': in-band {op} failed: {exc}")
 
     def _run_worker(self) -> None:
         backoff = RECONNECT_INITIAL_S
@@ -1013,12 +1034,13 @@ class FilterInstance:
                 continue
             next_beat = now + HEARTBEAT_INTERVAL_S
             try:
-                ctl.request("heartbeat", session_id=sess.session_id)
+                ctl.request("heartbeat", timeout_s=HEARTBEAT_INTERVAL_S, session_id=sess.session_id)
                 misses = 0
             except ControlError:
                 misses += 1
                 if misses >= HEARTBEAT_LIVENESS:
                     raise
+                next_beat = time.monotonic()  # Paranoid Pirate: retry at once; liveness × interval at most
             except DaemonReplyError as exc:
                 if exc.code == "unknown_session":  # the daemon restarted or reaped us: open a new session
                     raise ControlError(f"session {sess.session_id} is gone ({exc})") from None
@@ -1044,6 +1066,8 @@ class FilterInstance:
             "state": self.state,
             "control": self.control_kind,
             "session_id": self.session.session_id if self.session else None,
+            "input_ring": self.session.rin.name if self.session else None,
+            "output_ring": self.session.rout.name if self.session else None,
             "preset": self.session.preset if self.session else None,
             "size": list(self.want_size),
             "frames_in": self.frames_in,

@@ -1,0 +1,236 @@
+"""Fixtures for the real-OBS tests: a headless OBS (Xvfb) running the sdlive script, and a real sdlive daemon
+(tiny model, CPU) that the tests can kill and restart on the same address.
+
+Each test module shares one daemon and one OBS (starting them costs seconds); tests that change global state
+(killing the daemon, reloading the script) come last in their module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from sdlive.obs_bridge import obsws_tools
+from sdlive.obs_bridge.obsws_tools import HeadlessOBS, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "obs_bridge" / "obs_script.py"
+CANVAS = (320, 176)  # multiples of 16: the daemon session runs at the source size, pixels compare 1:1
+SOURCE_NAME = "bg"
+SOURCE_COLOR_ABGR = 0xFF2060C0  # OBS colours are ABGR: R=0xC0 G=0x60 B=0x20
+SOURCE_RGB = np.array([0xC0, 0x60, 0x20], dtype=np.float64)
+
+
+def obs_skip_reason() -> str | None:
+    missing = obsws_tools.missing_tools()
+    if missing:
+        return f"real-OBS tests need {', '.join(missing)} (Debian: apt-get install obs-studio xvfb xauth)"
+    if not sys.platform.startswith("linux"):
+        return "real-OBS tests run on Linux under Xvfb"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = obs_skip_reason()
+    if reason is None:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---------------------------------------------------------------------------------------------------- daemon
+
+
+class DaemonProcess:
+    """A real `sdlive serve` (tiny model on CPU) on fixed loopback ports, so it can be killed and restarted."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.control_address = f"tcp://127.0.0.1:{free_port()}"
+        self.pub_address = f"tcp://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / "daemon.log"
+        self.starts = 0
+        self._ctx = zmq.Context.instance()
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sdlive.daemon.server", "--model", "tiny", "--device", "cpu", "--no-ui",
+            "--control", self.control_address, "--pub", self.pub_address,
+        ]
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.starts += 1
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== start {self.starts}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=str(self.workdir))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                self.request("hello", timeout=1.0)
+                return
+            except TimeoutError:
+                continue
+        raise RuntimeError(f"daemon did not answer hello within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def request(self, op: str, timeout: float = 5.0, **fields) -> dict:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.control_address)
+        try:
+            sock.send(json.dumps({"op": op, **fields}).encode())
+            if not sock.poll(int(timeout * 1000)):
+                raise TimeoutError(f"no reply to {op} from {self.control_address}")
+            return json.loads(sock.recv())
+        finally:
+            sock.close(0)
+
+    def sessions(self) -> list[dict]:
+        return self.request("status").get("sessions", [])
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon vanishes without closing anything (the worst case for the filter)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def obs_daemon(tmp_path_factory):
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+    d.start()
+    yield d
+    d.stop()
+
+
+# ------------------------------------------------------------------------------------------------------- OBS
+
+
+class ObsUnderTest:
+    """A headless OBS running the sdlive script, plus what the tests read back from it."""
+
+    def __init__(self, home: Path, env: dict):
+        self.home = home
+        self.stats_path = home / "sdlive-stats.json"
+        self.obs = HeadlessOBS(home, width=CANVAS[0], height=CANVAS[1], scripts=[SCRIPT],
+                               env={"SDLIVE_OBS_STATS": str(self.stats_path), **env})
+        self.client = None
+
+    def start(self) -> ObsUnderTest:
+        self.obs.start()
+        self.client = self.obs.client()
+        return self
+
+    def stop(self) -> int | None:
+        if self.client is not None:
+            try:
+                self.client.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+            self.client = None
+        return self.obs.stop()
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def filter_stats(self, name: str = "sdlive") -> dict:
+        for f in self.stats().get("filters", []):
+            if f.get("name") == name:
+                return f
+        return {}
+
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.2):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; stats: {self.stats()}\n"
+                             f"OBS log (sdlive lines):\n{self.sdlive_log()}")
+
+    def sdlive_log(self) -> str:
+        return "\n".join(line for line in self.obs.log_text().splitlines() if "sdlive" in line)[-4000:]
+
+    def screenshot(self, source: str = SOURCE_NAME, size: tuple[int, int] = CANVAS) -> np.ndarray:
+        return obsws_tools.screenshot(self.client, source, size[0], size[1])
+
+    def add_color_source(self, name: str = SOURCE_NAME, color: int = SOURCE_COLOR_ABGR,
+                         size: tuple[int, int] = CANVAS) -> None:
+        self.client.create_input("Main", name, "color_source_v3",
+                                 {"color": color, "width": size[0], "height": size[1]}, True)
+
+
+def start_obs(tmp_path_factory, **env) -> ObsUnderTest:
+    home = tmp_path_factory.mktemp("obs")
+    return ObsUnderTest(home, {k: str(v) for k, v in env.items()}).start()
+
+
+def distance_to_source(img: np.ndarray) -> float:
+    """Mean absolute difference (0-255) between a screenshot and the colour source's colour."""
+    return float(np.abs(img.astype(np.float64) - SOURCE_RGB).mean())
+
+
+def output_ring_frames(name: str, seconds: float = 1.0) -> dict[int, np.ndarray]:
+    """Every frame the session's output ring holds during ``seconds`` (seq → RGB), read straight from the
+    documented slot layout without touching the ring's counters (the OBS script is its consumer)."""
+    import mmap
+
+    from sdlive.daemon.protocol import ring as ringmod
+
+    ring = ringmod.FrameRing.open(name, observer=True)
+    w, h, slots, slot_size = ring.width, ring.height, ring.slots, ring.slot_size
+    ring.close()
+    frames: dict[int, np.ndarray] = {}
+    with open(ringmod.ring_path(name), "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            deadline = time.monotonic() + seconds
+            while True:
+                for i in range(slots):
+                    base = ringmod.HEADER_SIZE + i * slot_size
+                    seq1 = int.from_bytes(mm[base : base + 8], "little")
+                    if seq1 == 0 or seq1 % 2 or seq1 // 2 in frames:
+                        continue
+                    start = base + ringmod.SLOT_HEADER_SIZE
+                    px = np.frombuffer(mm[start : start + w * h * 4], np.uint8).reshape(h, w, 4)
+                    if int.from_bytes(mm[base : base + 8], "little") == seq1:  # not torn
+                        frames[seq1 // 2] = px[:, :, [2, 1, 0]].copy()  # BGRA → RGB
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        finally:
+            mm.close()
+    return frames
