@@ -454,6 +454,7 @@ class Event(_Lenient):
     preset: str | None = None
     code: str | None = Field(None, description="error events: an error code")
     message: str | None = None
+    params: dict[str, Any] | None = Field(None, description="params_changed: the session's parameters now")
     ts: float = Field(default_factory=time.time)
 
 

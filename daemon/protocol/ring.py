@@ -35,7 +35,8 @@ Layout (little-endian; offsets in bytes)::
     168  u64 consumer_heartbeat_ns   time.monotonic_ns() of the consumer's last sign of life
     176  u64 applied_control_seq     the control_seq the daemon has applied (written by the daemon)
     184  64s requested_preset_name   UTF-8, NUL padded; wins over requested_preset when not empty
-    248  ... reserved (zero)
+    248  u32 request_fields   which fields the latest request set: bit 0 preset, bit 1 steps, bit 2 noise_scale
+    252  ... reserved (zero)
     slots, slot i at 256 + i * slot_size
       0  u64 seq              seqlock word: 2n-1 while frame n is being written, 2n once frame n is complete
       8  u64 timestamp_ns     capture time of frame n, time.monotonic_ns() clock of the capturing machine
@@ -133,6 +134,10 @@ OFF_PRODUCER_HB = 160
 OFF_CONSUMER_HB = 168
 OFF_APPLIED_CONTROL_SEQ = 176
 OFF_PRESET_NAME = 184
+OFF_REQUEST_FIELDS = 248
+REQUEST_PRESET = 1
+REQUEST_STEPS = 2
+REQUEST_NOISE_SCALE = 4
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _IS_WINDOWS = sys.platform == "win32"
@@ -196,6 +201,7 @@ class ControlBlock(NamedTuple):
     producer_heartbeat_ns: int
     consumer_heartbeat_ns: int
     applied_control_seq: int
+    request_fields: int  # REQUEST_* bits: what the latest request (control_seq) set
 
 
 def bytes_per_pixel(pixel_format: str) -> int:
@@ -566,6 +572,7 @@ class FrameRing:
             steps = _I32.unpack_from(buf, OFF_REQUESTED_STEPS)[0]
             noise = _F64.unpack_from(buf, OFF_REQUESTED_NOISE)[0]
             raw_name = bytes(buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1])
+            fields = _U32.unpack_from(buf, OFF_REQUEST_FIELDS)[0]
             if _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0] == s1:
                 break
         else:
@@ -582,6 +589,7 @@ class FrameRing:
             producer_heartbeat_ns=_U64.unpack_from(buf, OFF_PRODUCER_HB)[0],
             consumer_heartbeat_ns=_U64.unpack_from(buf, OFF_CONSUMER_HB)[0],
             applied_control_seq=_U64.unpack_from(buf, OFF_APPLIED_CONTROL_SEQ)[0],
+            request_fields=fields,
         )
 
     def request(
@@ -593,7 +601,8 @@ class FrameRing:
     ) -> int:
         """In-band request for a client without ZeroMQ: ask the daemon for a preset (list_presets index or
         name), steps (1-4) and/or noise scale ((0, 1]). Fields not given are left as they are. Returns the new
-        control_seq; the daemon writes it back to applied_control_seq once applied."""
+        control_seq; the daemon writes it back to applied_control_seq once applied. ``request_fields`` tells the
+        daemon which fields this request set, so asking again for the same preset is a new request."""
         self._check_open()
         name_bytes = None
         if isinstance(preset, str):
@@ -622,6 +631,12 @@ class FrameRing:
             _I32.pack_into(buf, OFF_REQUESTED_STEPS, steps)
         if noise_scale is not None:
             _F64.pack_into(buf, OFF_REQUESTED_NOISE, float(noise_scale))
+        fields = (
+            (REQUEST_PRESET if preset is not None else 0)
+            | (REQUEST_STEPS if steps is not None else 0)
+            | (REQUEST_NOISE_SCALE if noise_scale is not None else 0)
+        )
+        _U32.pack_into(buf, OFF_REQUEST_FIELDS, fields)
         seq += 1
         _U64.pack_into(buf, OFF_CONTROL_SEQ, seq)  # even: request complete
         return seq // 2

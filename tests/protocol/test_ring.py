@@ -239,8 +239,13 @@ def test_control_block_round_trip(pair):
     block = producer.control()
     assert block.control_seq == seq2 == seq + 1
     assert (block.requested_preset, block.requested_preset_name, block.requested_steps) == (-1, "anime", 3)
-    producer.mark_applied(seq2)
-    assert consumer.control().applied_control_seq == seq2
+    assert block.request_fields == ring_mod.REQUEST_PRESET  # steps stayed from the earlier request, not re-sent
+    seq3 = consumer.request(preset="anime")  # asking again for the same preset is a new request
+    assert producer.control().control_seq == seq3 == seq2 + 1
+    consumer.request(steps=1, noise_scale=0.25)
+    assert producer.control().request_fields == ring_mod.REQUEST_STEPS | ring_mod.REQUEST_NOISE_SCALE
+    producer.mark_applied(seq3)
+    assert consumer.control().applied_control_seq == seq3
     consumer.flags = FLAG_PAUSED
     assert producer.control().flags == FLAG_PAUSED
     producer.mark_closed()
