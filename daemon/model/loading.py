@@ -133,7 +133,12 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             return state
         if path.suffix == ".safetensors":
             return load_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: tensors are paged in as they are copied into the model, not read twice
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save format
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is the same user-facing problem
@@ -477,9 +482,21 @@ def load_model_bundle(
     """
     spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
     say = progress or (lambda msg: None)
-    if spec.random_weights and weights is None:
+    if spec.random_weights:
         say(f"building {spec.name} from seed {spec.seed}")
-        return _random_bundle(spec, device, dtype, cache_dir)
+        bundle = _random_bundle(spec, device, dtype, cache_dir)
+        if weights is not None:  # trained weights of the same shapes override the seeded ones, part by part
+            src = _locate(spec, Path(weights), hub_cache_dir)
+            main = src.transformer or src.base_transformer
+            if main is not None:
+                say(f"loading the {spec.name} transformer from {main}")
+                bundle.transformer = load_transformer(spec, main, device=device, dtype=dtype)
+                bundle.sources["transformer"] = str(main)
+            if src.vae is not None:
+                say(f"loading the {spec.name} VAE from {src.vae}")
+                bundle.vae = load_vae(spec, src.vae, device=device, dtype=dtype)
+                bundle.sources["vae"] = str(src.vae)
+        return bundle
 
     src = _locate(spec, Path(weights) if weights is not None else None, hub_cache_dir)
     if src.transformer is None and src.base_transformer is None:

@@ -117,7 +117,7 @@ class TextEncoder:
         if path is None:
             raise ValueError(f"the text encoder of {spec.name} needs a model folder (text_encoder/, tokenizer/)")
         root = Path(path)
-        model = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
+        model = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         return cls(model.to(device), tokenizer, text_len=spec.text_len)
 

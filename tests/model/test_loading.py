@@ -399,3 +399,22 @@ def test_pull_progress_forwards_byte_counts():
         ("vae/diffusion_pytorch_model.safetensors", 100, 100),
     ]
     assert all(e.repo == "org/repo" for e in events)
+
+
+def test_tiny_weights_override_the_seeded_parts(tmp_path):
+    """A trained tiny-shaped transformer file replaces the seeded one; the VAE stays seeded."""
+    seeded = load_model_bundle("tiny", cache_dir=tmp_path)
+    trained = _seeded(lambda: CausalWanTransformer3DModel(**TINY.transformer), 21)
+    path = tmp_path / "tiny.safetensors"
+    save_file(to_original_transformer(trained.state_dict()), path)
+    bundle = load_model_bundle("tiny", weights=path, cache_dir=tmp_path, hub_cache_dir=tmp_path / "hub")
+    _assert_same_weights(bundle.transformer, trained)
+    _assert_same_weights(bundle.vae, seeded.vae)
+    assert bundle.sources["transformer"] == str(path)
+
+
+def test_legacy_torch_save_format_is_read(tmp_path, ref_transformer):
+    path = tmp_path / "model.pt"
+    original = to_original_transformer(ref_transformer.state_dict())
+    torch.save({"generator": original}, path, _use_new_zipfile_serialization=False)
+    _assert_same_weights(load_transformer(SPEC, path), ref_transformer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from sdlive.daemon.model.configs import TINY
 from sdlive.daemon.model.text import PromptEncoder, TextEncoder, prompt_key
 

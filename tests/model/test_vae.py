@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+
 from sdlive.daemon.model.configs import TINY
 from sdlive.daemon.model.vae import StreamingVAE, accelerate_wan_vae
 
