@@ -24,6 +24,17 @@ from sdlive.daemon.engine import SessionParams, StreamEngine  # noqa: E402
 from sdlive.daemon.engine.schedule import timesteps_for  # noqa: E402
 
 
+class RandomPromptEmbeddings:
+    """Seeded random prompt embeddings of the real shape, for random-weight benchmarks."""
+
+    def __init__(self, text_len: int, text_dim: int) -> None:
+        self.shape = (1, text_len, text_dim)
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(sum(prompt.encode()))
+        return torch.randn(self.shape, generator=generator)
+
+
 def run_stream(engine: StreamEngine, clip, *, steps: int, stream_batch: bool, log_iterations: bool = False) -> dict:
     """Push the clip as fast as the engine takes it; returns timing figures."""
     n, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument("--weights", default=None, help="checkpoint path (default: the model's own lookup)")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="the model's real shapes with seeded random weights (no download)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--log-iterations", action="store_true", help="print every chunk's stage times")
     parser.add_argument("--json", default=None)
@@ -105,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = StreamEngine.load(args.model, weights=args.weights, device=args.device)
+    engine = StreamEngine.load(args.model, weights=args.weights, device=args.device, random_weights=args.random_weights)
+    if args.random_weights and args.model != "tiny":
+        # A random 5.7B text encoder would only cost memory and minutes: random prompt embeddings of the real shape.
+        engine.bundle.text = RandomPromptEmbeddings(engine.spec.text_len, engine.spec.text_dim)
     clip = moving_shapes(width, height, args.frames)
     run_stream(engine, clip[:16], steps=args.steps, stream_batch=True)  # warm-up: allocator, kernels
     main_run = run_stream(engine, clip, steps=args.steps, stream_batch=True, log_iterations=args.log_iterations)

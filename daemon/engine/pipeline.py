@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -58,19 +59,23 @@ class StreamEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         normalize_latents: bool = False,
+        random_weights: bool = False,
         progress: Callable[[str], None] | None = None,
     ) -> StreamEngine:
         """Build the engine for a model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
 
         ``normalize_latents=False`` reproduces upstream, whose DiT sees the raw VAE mean (DESIGN §3).
+        ``random_weights=True`` builds the real shapes from the spec's seed instead of loading weights (benchmarks).
         """
         from ..model.loading import load_model_bundle
 
-        get_model_spec(model)  # a clear error for an unknown name before anything loads
+        spec = get_model_spec(model)  # a clear error for an unknown name before anything loads
+        if random_weights:
+            spec = dataclasses.replace(spec, random_weights=True)
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         bundle = load_model_bundle(
-            model, weights=Path(weights) if weights else None, device=device, dtype=dtype, progress=progress
+            spec, weights=Path(weights) if weights else None, device=device, dtype=dtype, progress=progress
         )
         logger.info("engine ready: model=%s device=%s dtype=%s", model, device, dtype)
         return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents)
@@ -100,9 +105,7 @@ class StreamEngine:
 
     def new_vae(self) -> Any:
         """A streaming VAE with its own causal-conv caches over the shared weights."""
-        from ..model.vae import StreamingVAE
-
-        return StreamingVAE(self.bundle.vae, normalize_latents=self.normalize_latents)
+        return self.bundle.new_vae(normalize_latents=self.normalize_latents)
 
     def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> Any:
         spec = self.spec
