@@ -1,0 +1,133 @@
+"""The filter's life in a real OBS: in-band control through the ring, sources whose size the daemon does not take,
+holding the last styled frame while the daemon is away, the script unloaded and loaded again with the filter in use
+(a scene-collection switch), and a clean SIGINT shutdown that leaks nothing more than OBS without the script."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from .conftest import SOURCE_NAME, ObsUnderTest, distance_to_source, start_obs
+
+pytestmark = [pytest.mark.obs, pytest.mark.slow]
+
+STYLED = 12.0
+PASSTHROUGH = 3.0
+ODD_SIZE = (320, 180)  # 180 is not a multiple of 16
+
+
+def leak_count(log: str) -> int:
+    counts = [int(m) for m in re.findall(r"Number of memory leaks: (\d+)", log)]
+    assert counts, "OBS logged no leak report (was it stopped with SIGINT?)"
+    return counts[-1]
+
+
+@pytest.fixture(scope="module")
+def baseline_leaks(tmp_path_factory) -> int:
+    """OBS without the sdlive script, same scene and the same scene-collection switch (OBS 29 itself leaks one
+    allocation per switch): its own leak count at shutdown on this build."""
+    home = tmp_path_factory.mktemp("obs-baseline")
+    o = ObsUnderTest(home, {})
+    o.obs.scripts = []
+    o.start()
+    o.add_color_source()
+    o.client.create_scene_collection("other")
+    o.client.set_current_scene_collection("sdlive")
+    time.sleep(0.5)
+    assert o.stop() == 0
+    return leak_count(o.obs.log_text())
+
+
+@pytest.fixture(scope="module")
+def obs(tmp_path_factory, obs_daemon, baseline_leaks):
+    o = start_obs(tmp_path_factory, SDLIVE_OBS_CONTROL="stdlib", SDLIVE_OBS_INBAND="1")
+    o.add_color_source()
+    o.client.create_source_filter(SOURCE_NAME, "sdlive", "sdlive_filter",
+                                  {"daemon_address": obs_daemon.control_address})
+    yield o
+    o.stop()
+
+
+def _connected(obs, name="sdlive"):
+    f = obs.filter_stats(name)
+    return f if f.get("state") == "connected" and f.get("frames_out", 0) > 0 else None
+
+
+def _session_preset(obs_daemon, session_id):
+    for s in obs_daemon.sessions():
+        if s["session_id"] == session_id:
+            return s.get("preset")
+    return None
+
+
+def test_in_band_preset_request_through_the_ring_reaches_the_daemon(obs, obs_daemon):
+    f = obs.wait_for(lambda: _connected(obs), 60, "a connected filter")
+    presets = [p["name"] for p in obs_daemon.request("list_presets")["presets"]]
+    target = presets[2]
+    obs.client.trigger_hotkey_by_name(f"sdlive.preset.{target}")
+    obs.wait_for(lambda: _session_preset(obs_daemon, f["session_id"]) == target, 10,
+                 f"the in-band request to switch the daemon to {target!r}")
+    assert "(in-band, ring control block)" in obs.sdlive_log()
+
+
+def test_a_source_size_the_daemon_refuses_is_scaled_to_multiples_of_16(obs, obs_daemon):
+    obs.add_color_source("odd", size=ODD_SIZE)
+    obs.client.create_source_filter("odd", "sdlive-odd", "sdlive_filter",
+                                    {"daemon_address": obs_daemon.control_address})
+    try:
+        f = obs.wait_for(lambda: _connected(obs, "sdlive-odd"), 60, "the odd-sized source's session")
+        assert f["size"] == [320, 176]
+        assert f["session_id"] in {s["session_id"] for s in obs_daemon.sessions()}
+        shot = obs.screenshot("odd", ODD_SIZE)
+        assert shot.shape[:2] == (ODD_SIZE[1], ODD_SIZE[0])
+        obs.wait_for(lambda: distance_to_source(obs.screenshot("odd", ODD_SIZE)) > STYLED, 30,
+                     "styled output stretched over the whole odd-sized source")
+    finally:
+        obs.client.remove_input("odd")
+    obs.wait_for(lambda: not obs.filter_stats("sdlive-odd"), 10, "the removed source's filter to be destroyed")
+
+
+def test_last_output_is_held_while_the_daemon_is_away(obs, obs_daemon):
+    obs.wait_for(lambda: _connected(obs), 30, "a connected filter")
+    obs.client.set_source_filter_settings(SOURCE_NAME, "sdlive", {"when_away": "last_output"}, True)
+    obs.wait_for(lambda: distance_to_source(obs.screenshot()) > STYLED, 30, "styled output")
+    obs_daemon.kill()
+    obs.wait_for(lambda: obs.filter_stats().get("state") == "disconnected", 15, "the filter to notice")
+    for _ in range(5):
+        assert distance_to_source(obs.screenshot()) > STYLED, "the last styled frame was not held"
+        time.sleep(0.1)
+    obs.client.set_source_filter_settings(SOURCE_NAME, "sdlive", {"when_away": "passthrough"}, True)
+    obs.wait_for(lambda: distance_to_source(obs.screenshot()) < PASSTHROUGH, 5, "passthrough once asked for")
+    obs_daemon.start()
+    obs.wait_for(lambda: _connected(obs), 60, "the filter to reconnect")
+
+
+def test_script_unload_and_reload_with_the_filter_in_use_keeps_obs_alive(obs, obs_daemon):
+    """A scene-collection switch unloads every script (while our filter instance still exists: OBS destroys the
+    sources afterwards) and switching back loads it again in the same process: the registration guard, the
+    process-lifetime callbacks and the new filter instance are all exercised."""
+    obs.wait_for(lambda: _connected(obs), 60, "a connected filter")
+    obs.client.create_scene_collection("other")
+    obs.wait_for(lambda: not any(n.startswith("sdlive.") for n in obs.client.get_hotkey_list().hotkeys), 15,
+                 "the script to unload with its collection")
+    obs.wait_for(lambda: not obs_daemon.sessions(), 15, "the destroyed filter to close its daemon session")
+    obs.client.set_current_scene_collection("sdlive")
+    obs.wait_for(lambda: any(n.startswith("sdlive.") for n in obs.client.get_hotkey_list().hotkeys), 15,
+                 "the script to load again")
+    obs.wait_for(lambda: _connected(obs), 60, "the filter (restored from the collection) to reconnect")
+    obs.wait_for(lambda: distance_to_source(obs.screenshot()) > STYLED, 30, "styled output after the reload")
+    log = obs.sdlive_log()
+    assert "already registered in this OBS process" in log
+    assert obs.obs.proc.poll() is None
+
+
+def test_sigint_shutdown_is_clean_and_leaks_no_more_than_obs_alone(obs, baseline_leaks):
+    obs.wait_for(lambda: _connected(obs), 60, "a connected filter")
+    rc = obs.stop()
+    assert rc == 0
+    log = obs.obs.log_text()
+    assert "Traceback" not in log
+    assert "filter 'sdlive' destroyed" in log
+    assert leak_count(log) <= baseline_leaks
