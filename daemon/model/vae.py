@@ -41,8 +41,8 @@ class _FastWanCausalConv3d(WanCausalConv3d):
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        if not _use_onednn(x):
-            return super().forward(x, cache_x)
+        if not _use_onednn(x) or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(x, cache_x)  # off CPU, or training: the stock path
         pad_t = self._padding[4]
         if cache_x is not None and pad_t > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
@@ -190,3 +190,45 @@ class StreamingVAE:
         if self.vae.config.patch_size is not None:
             out = unpatchify(out, patch_size=self.vae.config.patch_size)
         return out.float().clamp_(-1.0, 1.0).contiguous()
+
+
+def _benchmark() -> None:
+    """``python -m sdlive.daemon.model.vae [--size 256] [--chunks 10] [--model tiny] [--stock]``: streaming
+    encode/decode ms per frame (steady state: 4-frame chunks after the first 5-frame chunk)."""
+    import argparse
+    import time
+
+    from .configs import get_model_spec
+
+    parser = argparse.ArgumentParser(description=_benchmark.__doc__)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--stock", action="store_true", help="diffusers' kernels (no oneDNN / fused norm)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    svae = StreamingVAE(AutoencoderKLWan(**get_model_spec(args.model).vae).eval(), accelerate=not args.stock)
+    size = args.size
+    svae.decode(svae.encode(torch.rand(1, 3, 5, size, size) * 2 - 1))
+    enc = dec = 0.0
+    for _ in range(args.chunks):
+        chunk = torch.rand(1, 3, 4, size, size) * 2 - 1
+        t0 = time.perf_counter()
+        z = svae.encode(chunk)
+        t1 = time.perf_counter()
+        svae.decode(z)
+        t2 = time.perf_counter()
+        enc, dec = enc + t1 - t0, dec + t2 - t1
+    frames = 4 * args.chunks
+    print(
+        f"{args.model} VAE {size}x{size} {'stock' if args.stock else 'accelerated'} ({torch.get_num_threads()} "
+        f"threads): encode {1000 * enc / frames:.1f} ms/frame, decode {1000 * dec / frames:.1f} ms/frame, "
+        f"total {1000 * (enc + dec) / frames:.1f} ms/frame"
+    )
+
+
+if __name__ == "__main__":
+    _benchmark()
