@@ -23,7 +23,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
 DEFAULT_PUB = "tcp://127.0.0.1:5558"
-DEFAULT_DATA = "tcp://127.0.0.1:5559"
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("sdlive_config_file", default=None)
 
@@ -75,11 +74,9 @@ class DaemonConfig(BaseSettings):
     """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     control: str = DEFAULT_CONTROL
-    """ROUTER endpoint for requests."""
+    """ROUTER endpoint for requests. Network sessions' frame sockets bind on the same host, ephemeral ports."""
     pub: str = DEFAULT_PUB
     """PUB endpoint for stats, events and the daemon heartbeat."""
-    data: str = DEFAULT_DATA
-    """ROUTER endpoint for frames over the network (sessions with ``transport="net"``)."""
     token: str | None = None
     """Shared secret every request must carry; required when any endpoint is not loopback."""
     max_sessions: int = Field(default=4, ge=1, le=64)
@@ -105,7 +102,7 @@ class DaemonConfig(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("control", "pub", "data")
+    @field_validator("control", "pub")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if not value.startswith(("tcp://", "ipc://", "inproc://")):
@@ -123,7 +120,7 @@ class DaemonConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _remote_needs_token(self) -> DaemonConfig:
-        remote = [a for a in (self.control, self.pub, self.data) if not is_loopback(a)]
+        remote = [a for a in (self.control, self.pub) if not is_loopback(a)]
         if remote and not self.token:
             raise ValueError(
                 f"refusing to bind {', '.join(remote)} without a token: anyone on the network could drive the daemon. "
@@ -138,7 +135,7 @@ class DaemonConfig(BaseSettings):
 
     @property
     def remote(self) -> bool:
-        return not all(is_loopback(a) for a in (self.control, self.pub, self.data))
+        return not all(is_loopback(a) for a in (self.control, self.pub))
 
     @classmethod
     def settings_customise_sources(

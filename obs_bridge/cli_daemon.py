@@ -1,9 +1,166 @@
-"""`sdlive` commands: serve, status, preset, shutdown (the daemon and its control)."""
+"""`sdlive` commands: serve, status, preset, shutdown (the daemon and its control).
+
+``serve`` imports ``sdlive.daemon`` (torch) only when it runs; the other commands talk to a running daemon through
+:mod:`sdlive.obs_bridge.client` and work on a machine without torch.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from .client import DEFAULT_CONTROL_ADDRESS, DaemonClient, DaemonError
+
+_Address = Annotated[
+    str | None,
+    typer.Option("--address", "-a", help=f"daemon control address (env SDLIVE_CONTROL; default {DEFAULT_CONTROL_ADDRESS})"),
+]
+_Token = Annotated[str | None, typer.Option("--token", help="auth token of a daemon bound off loopback (env SDLIVE_TOKEN)")]
+_Timeout = Annotated[float, typer.Option("--timeout", help="seconds to wait for the daemon")]
+
+
+def _address(address: str | None) -> str:
+    return address or os.environ.get("SDLIVE_CONTROL") or DEFAULT_CONTROL_ADDRESS
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"sdlive: {exc}", err=True, fg=typer.colors.RED)
+    return typer.Exit(1)
+
+
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model name: tiny, wan2.1-1.3b, wan2.1-14b (default tiny)")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="local weights (file or folder)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: CUDA when available)")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16")] = None,
+    control: Annotated[str | None, typer.Option("--control", help="control (ROUTER) endpoint (tcp://127.0.0.1:5557)")] = None,
+    pub: Annotated[str | None, typer.Option("--pub", help="stats/events (PUB) endpoint (tcp://127.0.0.1:5558)")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="auth token; required to bind off loopback")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config file (user config dir/config.toml)")] = None,
+    max_sessions: Annotated[int | None, typer.Option("--max-sessions", help="most sessions at once (4)")] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option("--heartbeat-interval", help="seconds (1.0)")] = None,
+    heartbeat_liveness: Annotated[int | None, typer.Option("--heartbeat-liveness", help="missed beats before a client is dropped (3)")] = None,
+    preset_dir: Annotated[list[Path] | None, typer.Option("--preset-dir", help="extra preset folder (repeatable)")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR (INFO)")] = None,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="also log to this file")] = None,
+    no_ui: Annotated[bool, typer.Option("--no-ui", help="no live stats table (also off when stdout is not a terminal)")] = False,
+) -> None:
+    """Run the daemon: load the model, serve sessions over ZeroMQ + shared memory, show live stats."""
+    from sdlive.daemon.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(
+            config,
+            model=model,
+            weights=weights,
+            device=device,
+            dtype=dtype,
+            control=control,
+            pub=pub,
+            token=token,
+            max_sessions=max_sessions,
+            heartbeat_interval_s=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            preset_dirs=preset_dir or None,
+            log_level=log_level,
+            log_file=log_file,
+            ui=False if no_ui else None,
+        )
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    from sdlive.daemon.server.app import serve as run_daemon
+
+    raise typer.Exit(run_daemon(cfg))
+
+
+def status(
+    address: _Address = None,
+    token: _Token = None,
+    session: Annotated[str | None, typer.Option("--session", "-s", help="one session only")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw status reply as JSON")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh every second until Ctrl-C")] = False,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Show the daemon's sessions and their live figures (fps, latency, drops)."""
+    from rich.console import Console
+
+    from sdlive.daemon.server.ui import status_table
+
+    console = Console()
+    try:
+        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
+            if as_json:
+                reply = client.status(session)
+                reply.pop("ok", None)
+                reply.pop("id", None)
+                typer.echo(json.dumps(reply, indent=2))
+                return
+            if not watch:
+                console.print(status_table(client.status(session)))
+                return
+            import time
+
+            from rich.live import Live
+
+            with Live(status_table(client.status(session)), console=console, refresh_per_second=2) as live:
+                while True:
+                    time.sleep(1.0)
+                    live.update(status_table(client.status(session)))
+    except KeyboardInterrupt:
+        return
+    except DaemonError as exc:
+        raise _fail(exc) from None
+
+
+def preset(
+    name: Annotated[str | None, typer.Argument(help="preset to apply — omit to list the presets")] = None,
+    session: Annotated[str | None, typer.Option("--session", "-s", help="session id (default: every open session)")] = None,
+    address: _Address = None,
+    token: _Token = None,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Switch a session (or every session) to a preset, live; without NAME, list the presets."""
+    try:
+        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
+            if name is None:
+                reply = client.request("list_presets")
+                for p in reply.get("presets", []):
+                    hotkey = f"  [{p['hotkey']}]" if p.get("hotkey") else ""
+                    typer.echo(f"{p.get('index', '?'):>2}  {p['name']:<16} steps={p['steps']} noise={p['noise_scale']}{hotkey}")
+                for problem in reply.get("problems", []):
+                    typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
+                return
+            targets = [session] if session else [s["session_id"] for s in client.status().get("sessions", [])]
+            if not targets:
+                raise _fail(RuntimeError("no open sessions to apply the preset to (pass --session ID once one is open)"))
+            for session_id in targets:
+                client.set_preset(session_id, name)
+                typer.echo(f"session {session_id}: preset {name}")
+    except DaemonError as exc:
+        raise _fail(exc) from None
+
+
+def shutdown(
+    address: _Address = None,
+    token: _Token = None,
+    timeout: _Timeout = 5.0,
+) -> None:
+    """Stop the daemon (sessions are closed, shared memory is freed)."""
+    try:
+        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
+            client.shutdown()
+    except DaemonError as exc:
+        raise _fail(exc) from None
+    typer.echo("daemon stopping")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `sdlive` app."""
+    app.command("serve")(serve)
+    app.command("status")(status)
+    app.command("preset")(preset)
+    app.command("shutdown")(shutdown)

@@ -1,0 +1,316 @@
+"""Sessions: one client stream each, with its engine session, its frame transport, its pacer and its counters.
+
+Runs on the compute thread only. A session reads its inputs from the input ring (or from the network inbox the IO
+thread fills), pushes them through its engine session, and hands the outputs to its pacer, which lets them leave at
+the source rate: written to the output ring with the input's capture timestamp (or sent back over the network).
+
+Liveness (Paranoid Pirate): any control message naming the session, any network frame, and the client's in-band
+heartbeats in the rings (producer side of the input ring, consumer side of the output ring) count as life; a session
+silent for ``liveness × interval`` is closed and its shared memory unlinked.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..protocol.messages import ring_name
+from ..protocol.ring import FrameRing, RingError
+from .pacing import Pacer
+from .stats import SessionStats
+
+log = logging.getLogger(__name__)
+
+CHANNELS = {"bgra": 4, "rgba": 4, "rgb24": 3, "bgr24": 3}
+_PLAUSIBLE_CLOCK_NS = 60 * 10**9
+"""A capture timestamp within this of the daemon's monotonic clock is taken to share it (same machine)."""
+
+
+class SessionClosed(Exception):
+    """The session must be closed: ``reason`` says why (published as an event), ``code`` the error code if any."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass
+class _Pending:
+    index: int
+    pixels: np.ndarray
+    capture_ns: int
+
+
+@dataclass
+class Session:
+    """One open session (compute thread only)."""
+
+    session_id: str
+    width: int
+    height: int
+    fps: float
+    pixel_format: str
+    transport: str
+    client: str | None
+    engine_session: Any
+    preset: str | None
+    ring_slots: int
+    encoding: str = "raw"
+    jpeg_quality: int = 85
+    in_ring: FrameRing | None = None
+    out_ring: FrameRing | None = None
+    net_input: str | None = None
+    net_output: str | None = None
+    opened_ns: int = field(default_factory=time.monotonic_ns)
+    last_seen_ns: int = field(default_factory=time.monotonic_ns)
+    stats: SessionStats = field(init=False)
+    pacer: Pacer[_Pending] = field(init=False)
+    inbox: deque[tuple[int, int, np.ndarray, int]] = field(init=False)
+    _captures: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _pushed: int = 0
+    _out_seq: int = 0
+    _net_dropped: int = 0
+    _last_control_seq: int = 0
+    _last_inband: tuple[int, str, int, float] = (-1, "", 0, -1.0)
+
+    def __post_init__(self) -> None:
+        self.stats = SessionStats(fps_target=self.fps)
+        self.pacer = Pacer(self.fps)
+        self.inbox = deque()
+        self._shape = (self.height, self.width, CHANNELS[self.pixel_format])
+
+    # ------------------------------------------------------------------ transport
+
+    @classmethod
+    def create_rings(cls, session_id: str, *, width: int, height: int, pixel_format: str, slots: int) -> tuple[FrameRing, FrameRing]:
+        in_ring = FrameRing.create(ring_name(session_id, "in"), width=width, height=height, pixel_format=pixel_format, slots=slots)
+        try:
+            out_ring = FrameRing.create(
+                ring_name(session_id, "out"), width=width, height=height, pixel_format=pixel_format, slots=slots
+            )
+        except BaseException:
+            in_ring.unlink()
+            in_ring.close()
+            raise
+        # The daemon is the consumer of the input and the producer of the output: show life on both from the start.
+        in_ring.beat("consumer")
+        out_ring.beat("producer")
+        return in_ring, out_ring
+
+    @property
+    def latency_frames(self) -> int:
+        return int(self.engine_session.latency_frames)
+
+    @property
+    def frames_pushed(self) -> int:
+        return self._pushed
+
+    def params(self) -> dict[str, Any]:
+        return self.engine_session.params.model_dump()
+
+    def seen(self, now_ns: int | None = None) -> None:
+        self.last_seen_ns = now_ns or time.monotonic_ns()
+
+    def client_age_s(self, now_ns: int) -> float:
+        """Seconds since the client's last sign of life (control message, net frame or in-band ring heartbeat)."""
+        newest = self.last_seen_ns
+        try:
+            if self.in_ring is not None:
+                newest = max(newest, self.in_ring.control().producer_heartbeat_ns)
+            if self.out_ring is not None:
+                newest = max(newest, self.out_ring.control().consumer_heartbeat_ns)
+        except RingError:
+            pass
+        return max(0.0, (now_ns - newest) / 1e9)
+
+    def take_input(self) -> tuple[np.ndarray, int, int] | None:
+        """The next input frame, in order: ``(pixels, capture_ns, arrival_ns)``, or None."""
+        if self.in_ring is not None:
+            pixels = np.empty(self._shape, np.uint8)
+            try:
+                frame = self.in_ring.read_next(out=pixels.reshape(-1))
+            except (RingError, ValueError, OSError) as exc:
+                raise SessionClosed(f"input ring unusable: {exc}", "internal") from exc
+            self.stats.dropped_in = self.in_ring.dropped + self._net_dropped
+            if frame is None:
+                return None
+            return pixels, frame.timestamp_ns, time.monotonic_ns()
+        if self.inbox:
+            _seq, capture_ns, pixels, arrival_ns = self.inbox.popleft()
+            return pixels, capture_ns, arrival_ns
+        return None
+
+    def net_received(self, seq: int, capture_ns: int, pixels: np.ndarray, arrival_ns: int) -> None:
+        """A network frame for this session (from the IO thread). The inbox holds ``ring_slots`` frames like a ring:
+        a client faster than the engine loses its oldest frames, counted as drops."""
+        self.seen(arrival_ns)
+        if len(self.inbox) >= self.ring_slots:
+            self.inbox.popleft()
+            self._net_dropped += 1
+            self.stats.dropped_in = self._net_dropped
+        self.inbox.append((seq, capture_ns, pixels, arrival_ns))
+
+    def has_input(self) -> bool:
+        if self.in_ring is not None:
+            try:
+                return self.in_ring.pending > 0
+            except (RingError, ValueError):
+                return True  # let take_input report it
+        return bool(self.inbox)
+
+    # ------------------------------------------------------------------ engine
+
+    def push(self, pixels: np.ndarray, capture_ns: int, arrival_ns: int) -> int:
+        """Push one input frame; outputs go to the pacer. Returns the number of outputs that became ready."""
+        index = self._pushed
+        started = time.perf_counter()
+        outputs = self.engine_session.push(pixels)  # ValueError: bad frame (the caller counts it)
+        push_ms = (time.perf_counter() - started) * 1e3
+        self._pushed += 1
+        self.stats.frame_in(arrival_ns)
+        self._captures[index] = (capture_ns, arrival_ns)
+        ready_ns = time.monotonic_ns()
+        self.stats.engine_step(push_ms, getattr(self.engine_session, "stage_ms", None), len(outputs))
+        for out in outputs:
+            capture, arrival = self._captures.pop(out.index, (capture_ns, arrival_ns))
+            self.pacer.push(_Pending(out.index, out.pixels, capture), arrival_ns=arrival, ready_ns=ready_ns)
+        if len(self._captures) > 4096:  # outputs the engine will never give (cannot happen; stay bounded anyway)
+            for stale in sorted(self._captures)[:-1024]:
+                del self._captures[stale]
+        return len(outputs)
+
+    # ------------------------------------------------------------------ output
+
+    def release_due(self, now_ns: int, send_net: Any) -> int:
+        """Write/send every output whose due time has come; returns how many left."""
+        released = self.pacer.pop_due(now_ns)
+        for pending, arrival_ns, late in released:
+            self._out_seq += 1
+            if self.out_ring is not None:
+                try:
+                    self.out_ring.write(np.ascontiguousarray(pending.pixels), timestamp_ns=pending.capture_ns)
+                except (RingError, ValueError, OSError) as exc:
+                    raise SessionClosed(f"output ring unusable: {exc}", "internal") from exc
+            else:
+                send_net(self, self._out_seq, pending)
+            now = time.monotonic_ns()
+            since = pending.capture_ns if 0 <= now - pending.capture_ns < _PLAUSIBLE_CLOCK_NS else arrival_ns
+            self.stats.frame_out(now, now - since, late)
+        if self.out_ring is not None and released:
+            try:
+                self.stats.dropped_out = self.out_ring.header_counters()[2]
+            except (RingError, ValueError):
+                pass
+        return len(released)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_rings(self) -> None:
+        """Raise :class:`SessionClosed` when a ring's header is corrupt or the client marked the session closed.
+
+        The header is re-validated by opening the ring afresh (``FrameRing.open`` checks magic, version, geometry
+        and sizes) and comparing its geometry with ours; counters that went backwards are corruption too."""
+        for ring, direction in ((self.in_ring, "input"), (self.out_ring, "output")):
+            if ring is None:
+                continue
+            try:
+                probe = FrameRing.open(ring.name, observer=True)
+            except (RingError, OSError) as exc:
+                raise SessionClosed(f"{direction} ring header is corrupt: {exc}", "internal") from exc
+            try:
+                geometry = (probe.width, probe.height, probe.pixel_format, probe.slots, probe.frame_size)
+                expected = (ring.width, ring.height, ring.pixel_format, ring.slots, ring.frame_size)
+                written = probe.written
+            finally:
+                probe.close()
+            if geometry != expected:
+                raise SessionClosed(
+                    f"{direction} ring header is corrupt: geometry changed from {expected} to {geometry}", "internal"
+                )
+            if direction == "input" and written < ring.read:
+                raise SessionClosed(
+                    f"input ring header is corrupt: write_count {written} went below frames already read {ring.read}",
+                    "internal",
+                )
+            if ring.closed_flag:
+                raise SessionClosed("the client closed the session in the ring")
+
+    def inband_request(self) -> dict[str, Any] | None:
+        """The in-band control block's new request (a stdlib client without ZeroMQ), as changed fields, or None.
+
+        Fields of a request stay in the block; only those that differ from the last request seen are returned, so
+        a later ``set_preset`` over ZeroMQ is not undone by an old in-band value."""
+        if self.in_ring is None:
+            return None
+        block = self.in_ring.control()
+        if block.control_seq <= self._last_control_seq:
+            return None
+        self._last_control_seq = block.control_seq
+        prev = self._last_inband
+        now = (block.requested_preset, block.requested_preset_name, block.requested_steps, block.requested_noise_scale)
+        self._last_inband = now
+        changes: dict[str, Any] = {"control_seq": block.control_seq}
+        if block.requested_preset_name and block.requested_preset_name != prev[1]:
+            changes["preset_name"] = block.requested_preset_name
+        elif not block.requested_preset_name and block.requested_preset >= 0 and (
+            block.requested_preset != prev[0] or prev[1]
+        ):
+            changes["preset_index"] = block.requested_preset
+        if block.requested_steps > 0 and block.requested_steps != prev[2]:
+            changes["steps"] = block.requested_steps
+        if block.requested_noise_scale > 0 and block.requested_noise_scale != prev[3]:
+            changes["noise_scale"] = block.requested_noise_scale
+        return changes
+
+    def mark_applied(self, control_seq: int) -> None:
+        if self.in_ring is not None:
+            self.in_ring.mark_applied(control_seq)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Mark the rings closed for the client, unlink and unmap them (idempotent)."""
+        for ring in (self.in_ring, self.out_ring):
+            if ring is None:
+                continue
+            try:
+                if ring.is_open:
+                    ring.mark_closed()
+            except (RingError, ValueError, OSError):
+                pass
+            try:
+                ring.unlink()
+            except OSError as exc:
+                log.warning("could not unlink ring %s: %s", ring.name, exc)
+            ring.close()
+        self.pacer.drain()
+        self.inbox.clear()
+        self._captures.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """The session's identity (status replies, events)."""
+        return {
+            "session_id": self.session_id,
+            "client": self.client,
+            "width": self.width,
+            "height": self.height,
+            "fps": self.fps,
+            "pixel_format": self.pixel_format,
+            "transport": self.transport,
+            "input_ring": self.in_ring.name if self.in_ring is not None else None,
+            "output_ring": self.out_ring.name if self.out_ring is not None else None,
+            "latency_frames": self.latency_frames,
+            "preset": self.preset,
+            "uptime_s": round((time.monotonic_ns() - self.opened_ns) / 1e9, 2),
+        }

@@ -1,0 +1,159 @@
+"""Shared fixtures. ``daemon``: a REAL `sdlive serve --model tiny --device cpu --no-ui` process on free loopback ports.
+
+Usage::
+
+    def test_something(daemon):
+        with DaemonClient(daemon.control_address) as client: ...
+
+``daemon`` is module-scoped (a tiny-model start costs a few seconds): tests in one module share it, so each test
+opens and closes its own sessions. ``start_daemon(...)`` starts one with other flags (a token, a short heartbeat
+timeout …); ``daemon_factory`` does the same with teardown handled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DaemonProcess:
+    """A running daemon process started by the test suite."""
+
+    control_address: str
+    pub_address: str
+    process: subprocess.Popen
+    log_path: Path
+    token: str | None = None
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def client(self, **kwargs):
+        from sdlive.obs_bridge.client import DaemonClient
+
+        kwargs.setdefault("token", self.token)
+        return DaemonClient(self.control_address, **kwargs)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def daemon_command(*args: str) -> list[str]:
+    """`sdlive …` through the interpreter running the tests (no dependence on PATH)."""
+    return [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", *args]
+
+
+def start_daemon(
+    workdir: Path,
+    *extra_args: str,
+    token: str | None = None,
+    control: str | None = None,
+    pub: str | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout_s: float = START_TIMEOUT_S,
+) -> DaemonProcess:
+    """Start `sdlive serve --model tiny --device cpu --no-ui` on free loopback ports; with ``wait`` return once it
+    answers ``hello`` (raise with its log if it exits or stays silent)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    control = control or f"tcp://127.0.0.1:{free_port()}"
+    pub = pub or f"tcp://127.0.0.1:{free_port()}"
+    args = ["serve", "--model", "tiny", "--device", "cpu", "--no-ui", "--control", control, "--pub", pub]
+    if token is not None:
+        args += ["--token", token]
+    args += list(extra_args)
+    log_path = workdir / f"daemon-{control.rsplit(':', 1)[1]}.log"
+    child_env = dict(os.environ)
+    # No user config or user presets of the machine running the tests.
+    child_env.setdefault("XDG_CONFIG_HOME", str(workdir / "config"))
+    child_env.pop("SDLIVE_CONFIG", None)
+    child_env.pop("SDLIVE_TOKEN", None)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env.update(env or {})
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            daemon_command(*args), stdout=log_file, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
+        )
+    proc = DaemonProcess(control, pub, process, log_path, token, args)
+    if wait:
+        _wait_ready(proc, timeout_s)
+    return proc
+
+
+def _wait_ready(proc: DaemonProcess, timeout_s: float) -> None:
+    from sdlive.obs_bridge.client import DaemonClient, DaemonUnavailable
+
+    deadline = time.monotonic() + timeout_s
+    with DaemonClient(proc.control_address, token=proc.token, timeout_s=1.0) as client:
+        while True:
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.process.returncode} while starting:\n{proc.log()}")
+            try:
+                client.hello()
+                return
+            except DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    proc.stop()
+                    raise RuntimeError(f"daemon did not answer hello within {timeout_s:g} s:\n{proc.log()}") from None
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A real tiny-model daemon on CPU, shared by the tests of one module."""
+    proc = start_daemon(tmp_path_factory.mktemp("daemon"))
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:
+    """``daemon_factory(*extra_args, token=…, wait=…)`` starts daemons that are stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    def factory(*extra_args: str, **kwargs) -> DaemonProcess:
+        proc = start_daemon(tmp_path / f"d{len(started)}", *extra_args, **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        yield factory
+    finally:
+        for proc in started:
+            proc.stop()
