@@ -725,6 +725,8 @@ def _validate_header(name: str, header: bytes, size: int | None) -> int:
     where = f"ring {name!r} is corrupt"
     if magic != RING_MAGIC:
         if magic == b"\x00" * 8:
+            if _IS_WINDOWS:  # opening a tagname that does not exist creates an empty mapping
+                raise RingError(f"ring {name!r} not found (or not initialised yet): open the session first")
             raise RingError(f"ring {name!r} is not initialised (no magic): it is being created or its creator died")
         raise RingError(f"{where}: bad magic {magic!r}, expected {RING_MAGIC!r} (not an sdlive ring)")
     if version != RING_VERSION:

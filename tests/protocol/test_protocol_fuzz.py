@@ -114,6 +114,28 @@ params_updates = st.builds(
 )
 
 
+open_sessions = st.builds(
+    OpenSessionRequest,
+    width=st.integers(16, 7680),
+    height=st.integers(16, 4320),
+    fps=st.floats(min_value=0.0, max_value=240.0, exclude_min=True),
+    pixel_format=st.sampled_from(["bgra", "rgba", "rgb24", "bgr24"]),
+    preset=st.none() | st.text(min_size=1, max_size=64),
+    params=st.none()
+    | st.builds(ParamsUpdate, steps=st.none() | st.integers(1, 4), seed=st.none() | st.integers(0, 2**63 - 1)),
+    transport=st.sampled_from(["shm", "net"]),
+    encoding=st.sampled_from(["raw", "jpeg"]),
+    client=st.none() | st.text(max_size=128),
+    token=st.none() | st.text(max_size=256),
+)
+
+
+@FUZZ
+@given(open_sessions)
+def test_every_valid_open_session_round_trips(request):
+    assert decode_request(encode_request(request)) == request
+
+
 @FUZZ
 @given(params_updates)
 def test_every_valid_set_params_round_trips(request):
