@@ -186,6 +186,20 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _select_prefixed(state: dict, formats: tuple[str, ...], source: str) -> tuple[dict, str | None]:
+    """A wrapper's state dict with the model under a prefix plus other entries (``model.blocks…`` next to
+    ``scheduler…``): keep the prefixed part when it is a known format (upstream loads such dicts non-strictly)."""
+    for prefix in _PREFIXES:
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        fmt = detect_format(sub) if sub else None
+        if fmt in formats:
+            logger.info(
+                "%s: using the %d keys under %r, ignoring %d others", source, len(sub), prefix, len(state) - len(sub)
+            )
+            return sub, fmt
+    return state, None
+
+
 def detect_format(state: dict[str, torch.Tensor]) -> str | None:
     """The format name whose marker keys appear in ``state`` (prefixes stripped), or ``None``."""
     keys = set(_strip_prefixes(dict.fromkeys(state, None)))  # type: ignore[arg-type]
@@ -209,6 +223,8 @@ def convert_transformer_state_dict(state: dict[str, torch.Tensor], *, source: st
     """Any supported transformer state dict → diffusers ``WanTransformer3DModel`` key names."""
     state = _strip_prefixes(dict(state))
     fmt = detect_format(state)
+    if fmt is None:
+        state, fmt = _select_prefixed(state, _TRANSFORMER_FORMATS, source)
     if fmt == WAN_TRANSFORMER_ORIGINAL:
         return convert_wan_transformer_to_diffusers(state)  # renames, norm2↔norm3 swap included
     if fmt == WAN_TRANSFORMER_DIFFUSERS:
@@ -235,13 +251,13 @@ def convert_vae_state_dict(state: dict[str, torch.Tensor], *, source: str = "<st
 
 # --------------------------------------------------------------------------------------------- building models
 def _cast(model: torch.nn.Module, device: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to ``device`` and cast the parameters to ``dtype``, keeping ``_keep_in_fp32_modules`` in float32 and
-    buffers (RoPE tables) as built, the rule diffusers' ``from_pretrained(torch_dtype=...)`` applies."""
+    """Move to ``device`` and cast the parameters to ``dtype``, ``_keep_in_fp32_modules`` to float32, buffers (RoPE
+    tables) left as built: the rule diffusers' ``from_pretrained(torch_dtype=...)`` applies."""
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     model.to(device=device)
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not any(k in name.split(".") for k in keep):
-            param.data = param.data.to(dtype)
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
     return model
 
 
@@ -265,7 +281,8 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what
             f"{source} is not a {spec.name} {what}: {'; '.join(parts)}. Expected the {spec.name} shapes "
             f"({_shape_summary(spec, what)}); {_pull_hint(spec)}"
         )
-    model.load_state_dict(state, strict=True)
+    # assign: the checkpoint's tensors become the parameters (the model was built without storage).
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def _shape_summary(spec: ModelSpec, what: str) -> str:
@@ -276,13 +293,24 @@ def _shape_summary(spec: ModelSpec, what: str) -> str:
     return f"base_dim {v['base_dim']}, z_dim {v['z_dim']}, dim_mult {v['dim_mult']}, {v['num_res_blocks']} res blocks"
 
 
+def _empty_weights():
+    """Build a model whose parameters have no storage (meta), buffers real: the checkpoint is assigned in, so a 14B
+    model never exists twice in RAM nor spends minutes on a random init. accelerate's ``init_empty_weights``
+    (what diffusers' ``from_pretrained`` uses); without accelerate, diffusers' ``no_init_weights`` (skip init only)."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        return no_init_weights()
+    return init_empty_weights(include_buffers=False)
+
+
 def _new_transformer(spec: ModelSpec) -> CausalWanTransformer3DModel:
-    with no_init_weights():  # the weights are overwritten right away; skip the random init (minutes for 14B)
+    with _empty_weights():
         return CausalWanTransformer3DModel(**spec.transformer)
 
 
 def _new_vae(spec: ModelSpec) -> AutoencoderKLWan:
-    with no_init_weights():
+    with _empty_weights():
         return AutoencoderKLWan(**spec.vae)
 
 

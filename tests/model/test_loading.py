@@ -418,3 +418,11 @@ def test_legacy_torch_save_format_is_read(tmp_path, ref_transformer):
     original = to_original_transformer(ref_transformer.state_dict())
     torch.save({"generator": original}, path, _use_new_zipfile_serialization=False)
     _assert_same_weights(load_transformer(SPEC, path), ref_transformer)
+
+
+def test_model_pt_with_wrapper_extras_keeps_the_model_keys(tmp_path, ref_transformer):
+    """A generator wrapper's dict: the model under `model.` next to other entries (upstream loads it non-strictly)."""
+    state = {f"model.{k}": v for k, v in to_original_transformer(ref_transformer.state_dict()).items()}
+    state["scheduler.sigmas"] = torch.linspace(1, 0, 10)
+    torch.save({"generator": state}, tmp_path / "model.pt")
+    _assert_same_weights(load_transformer(SPEC, tmp_path / "model.pt"), ref_transformer)
