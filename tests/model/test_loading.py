@@ -426,3 +426,25 @@ def test_model_pt_with_wrapper_extras_keeps_the_model_keys(tmp_path, ref_transfo
     state["scheduler.sigmas"] = torch.linspace(1, 0, 10)
     torch.save({"generator": state}, tmp_path / "model.pt")
     _assert_same_weights(load_transformer(SPEC, tmp_path / "model.pt"), ref_transformer)
+
+
+@pytest.mark.parametrize("name", ["wan2.1-1.3b", "wan2.1-14b"])
+def test_real_spec_keys_round_trip_through_the_converters(name):
+    """At the real shapes (on meta: no memory), original Wan key names convert onto exactly our model's keys."""
+    from accelerate import init_empty_weights
+
+    from sdlive.daemon.model.configs import get_model_spec
+    from sdlive.daemon.model.loading import convert_transformer_state_dict, convert_vae_state_dict
+
+    spec = get_model_spec(name)
+    with init_empty_weights():
+        transformer = CausalWanTransformer3DModel(**spec.transformer)
+        vae = AutoencoderKLWan(**spec.vae)
+    t_state = transformer.state_dict()
+    converted = convert_transformer_state_dict(to_original_transformer(t_state))
+    assert sorted(converted) == sorted(t_state)
+    assert all(converted[k].shape == t_state[k].shape for k in t_state)
+    v_state = vae.state_dict()
+    converted = convert_vae_state_dict(to_original_vae(v_state, spec.vae["num_res_blocks"]))
+    assert sorted(converted) == sorted(v_state)
+    assert all(converted[k].shape == v_state[k].shape for k in v_state)
