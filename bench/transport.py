@@ -80,12 +80,16 @@ def _child(role: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--role", role, *args])
 
 
+_IPC_FILES: list[str] = []
+
+
 def _local_endpoint(sock: zmq.Socket, label: str) -> str:
     """Bind ``sock`` to an ipc endpoint where there is one (POSIX), else to a loopback TCP port."""
     if os.name == "posix":
-        address = f"ipc://{tempfile.gettempdir()}/sdlive-bench-{os.getpid()}-{label}-{uuid.uuid4().hex[:6]}"
-        sock.bind(address)
-        return address
+        path = f"{tempfile.gettempdir()}/sdlive-bench-{os.getpid()}-{label}-{uuid.uuid4().hex[:6]}"
+        sock.bind(f"ipc://{path}")
+        _IPC_FILES.append(path)  # removed in bench_ring's cleanup
+        return f"ipc://{path}"
     return f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
 
 
@@ -204,6 +208,8 @@ def bench_ring(clip: np.ndarray, frames: int, mode: str, read: str, *, per_frame
         ring.unlink()
         ring.close()
         ctx.destroy(linger=0)
+        while _IPC_FILES:
+            Path(_IPC_FILES.pop()).unlink(missing_ok=True)
     return {"total": total, "write": write, "wake": notify_ms, "read": read}
 
 
@@ -245,6 +251,7 @@ def bench_control(frames: int, daemon: str | None, tmpdir: Path) -> tuple[list[f
                 raise SystemExit("control echo process did not start")
             time.sleep(0.01)
         address, target = address_file.read_text(), "in-bench ROUTER echo (decode_request + ok_reply)"
+        address_file.unlink()
     ctx = zmq.Context()
     dealer = _socket(ctx, zmq.DEALER)
     dealer.connect(address)
