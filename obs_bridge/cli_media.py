@@ -283,6 +283,29 @@ class StatsLine:
             self._live.__exit__(*exc)
 
 
+CONTROL_TIMEOUT_S = 20.0
+"""Control replies wait for the daemon's current engine step: on a CPU under load that can take seconds."""
+
+
+def _connect(address: str, token: str | None):
+    """A DaemonClient for ``address``; fails at once (instead of after the timeout) when nothing listens on a TCP
+    port of this machine."""
+    from .client import DaemonClient, is_loopback_address
+
+    if address.startswith("tcp://") and is_loopback_address(address):
+        host, _, port = address[len("tcp://") :].rpartition(":")
+        host = host.strip("[]")
+        try:
+            with socket.create_connection(("127.0.0.1" if host in ("localhost", "*") else host, int(port)), timeout=1.0):
+                pass
+        except ConnectionRefusedError:
+            raise CommandError(f"no sdlive daemon is listening at {address}: start one with `sdlive serve` "
+                               f"(or leave out --daemon to have this command start one)") from None
+        except (OSError, ValueError):
+            pass  # let the client's own timeout decide
+    return DaemonClient(address, token=token, timeout_s=CONTROL_TIMEOUT_S)
+
+
 def _preset_names(dc) -> list[str]:
     names = []
     for p in dc.list_presets():
@@ -340,10 +363,9 @@ def cam(
             sink_w = source.width * (2 if side_by_side else 1)
             sinks = [stack.enter_context(_open_sink(o, sink_w, source.height, source.fps, vcam_device)) for o in output]
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="cam"))
-            from .client import DaemonClient
             from .media import PresetSwitcher
 
-            dc = stack.enter_context(DaemonClient(address, token=token))
+            dc = stack.enter_context(_connect(address, token))
             names = _preset_names(dc)
             _check_preset(names, preset, address)
             session = stack.enter_context(dc.open_session(
@@ -426,7 +448,7 @@ def render(
 ) -> None:
     """Restyle a video file to a new file: every frame, the input's fps, its audio kept."""
     from .capture import SourceError, open_source
-    from .client import DaemonClient, DaemonError, DaemonUnavailable
+    from .client import DaemonError, DaemonUnavailable
     from .media import PumpError, run_offline
     from .sinks import SinkError
 
@@ -444,7 +466,7 @@ def render(
                                                   source.width * (2 if side_by_side else 1), source.height, fps,
                                                   None, audio_from=audio))
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="render"))
-            dc = stack.enter_context(DaemonClient(address, token=token))
+            dc = stack.enter_context(_connect(address, token))
             _check_preset(_preset_names(dc), preset, address)
             session = stack.enter_context(dc.open_session(
                 width=source.width, height=source.height, fps=fps, pixel_format="bgr24", preset=preset,
@@ -504,7 +526,7 @@ def demo(
     """The out-of-the-box demo: start a daemon, stream a clip through it switching presets mid-stream, write a
     side-by-side video (input | restyled) and print the stats. Runs offline, no GPU needed (``tiny`` model)."""
     from .capture import SourceError, open_source
-    from .client import DaemonClient, DaemonError, DaemonUnavailable
+    from .client import DaemonError, DaemonUnavailable
     from .media import PumpError, run_offline
     from .sinks import SinkError
 
@@ -524,7 +546,7 @@ def demo(
                               f"at {clip_fps:g} fps; model {model or 'of the daemon'} ({why})")
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=device,
                                                          purpose="the demo", always_start=daemon is None))
-            dc = stack.enter_context(DaemonClient(address, token=token, timeout_s=30.0))
+            dc = stack.enter_context(_connect(address, token))
             hello = dc.hello()
             available = _preset_names(dc)
             wanted = [p.strip() for p in presets.split(",") if p.strip()] if presets else \

@@ -35,6 +35,7 @@ log = logging.getLogger("sdlive.media")
 
 RECV_POLL_S = 0.05
 STATS_PERIOD_S = 0.25
+JITTER_FRAMES = 6  # live: restyled frames held at most, to smooth the daemon's bursts into a steady rate
 CHUNK_FRAMES = 4  # the engine restyles 4-frame chunks: the in-flight window leaves room for one more chunk
 
 
@@ -193,12 +194,17 @@ def run_live(
     stop: threading.Event | None = None,
     stats: PumpStats | None = None,
     idle_timeout_s: float = 10.0,
+    steady_output: bool = True,
 ) -> PumpStats:
     """Stream ``source`` through ``session`` (a :class:`~sdlive.obs_bridge.client.SessionClient`) into ``sinks``.
 
     Runs until the source ends (and its last outputs are back), ``max_frames`` outputs were written,
     ``duration_s`` passed, ``stop`` is set, a key ``q``/Esc arrives on ``keys`` or a sink window is closed. Keys are
     handled on this thread (control calls are not made from two threads at once).
+
+    ``steady_output`` writes at most one frame per source period (the daemon's frames come in bursts when its engine
+    step holds its loop; a virtual camera wants a steady rate): up to ``JITTER_FRAMES`` wait their turn, older ones
+    are dropped (newest wins) and counted.
     """
     sinks = list(sinks)
     stop = stop or threading.Event()
@@ -237,6 +243,9 @@ def run_live(
             sender_done.set()
 
     thread = threading.Thread(target=sender, name="sdlive-capture", daemon=True)
+    period = 1.0 / source.fps if steady_output and source.fps > 0 else 0.0
+    ready: deque[tuple[np.ndarray, float | None]] = deque()
+    next_tick = 0.0
     started = time.monotonic()
     last_stats = 0.0
     last_output = time.monotonic()
@@ -271,7 +280,20 @@ def run_live(
             if stop.is_set() or any(s.closed for s in sinks):
                 break
 
-            out = session.recv(timeout_s=RECV_POLL_S)
+            # 1. deliver: at most one frame per output tick (a jitter buffer: the daemon's frames come in bursts
+            #    when its engine step blocks, virtual cameras want a steady rate)
+            now = time.monotonic()
+            if ready and (period == 0.0 or now >= next_tick):
+                pixels, latency = ready.popleft()
+                for sink in sinks:
+                    sink.write(pixels)
+                stats.note_out(latency)
+                next_tick = next_tick + period if now - next_tick < period else now + period
+                if max_frames is not None and stats.frames_out >= max_frames:
+                    break
+            wait = RECV_POLL_S if not ready else max(0.0, min(RECV_POLL_S, next_tick - now))
+            # 2. collect
+            out = session.recv(timeout_s=wait)
             now = time.monotonic()
             if out is not None:
                 last_output = now
@@ -287,11 +309,12 @@ def run_live(
                         inp = last_input if last_input is not None else np.zeros_like(pixels)
                     last_input = inp
                     pixels = side_by_side(inp, pixels)
-                for sink in sinks:
-                    sink.write(pixels)
-                stats.note_out(_latency_ms(out))
-                if max_frames is not None and stats.frames_out >= max_frames:
-                    break
+                ready.append((pixels, _latency_ms(out)))
+                if len(ready) > JITTER_FRAMES:  # more than a burst behind: newest wins
+                    ready.popleft()
+                    stats.dropped += 1
+            elif ready:
+                pass  # delivered on the next tick
             elif sender_done.is_set():
                 # the source ended: wait out the pipeline's latency, then stop
                 if now - last_output > max(1.0, 3 * getattr(session, "latency_frames", 8) / max(source.fps, 1.0)):
