@@ -40,10 +40,12 @@ from urllib.parse import urlparse
 
 import obspython as obs
 
+ZMQ_IMPORT_ERROR = ""
 try:  # optional: the installer puts pyzmq into OBS's Python where it can
     import zmq  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - any import failure (missing, ABI mismatch) means "use the stdlib client"
+except Exception as _exc:  # noqa: BLE001 - any import failure (missing, ABI mismatch) means "use the stdlib client"
     zmq = None
+    ZMQ_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 for _extra in (os.path.join(SCRIPT_DIR, "sdlive_site"),):  # the installer's private site dir (pip --target)
@@ -51,8 +53,9 @@ for _extra in (os.path.join(SCRIPT_DIR, "sdlive_site"),):  # the installer's pri
         sys.path.insert(0, _extra)
         try:
             import zmq  # type: ignore[import-not-found,no-redef]
-        except Exception:  # noqa: BLE001
+        except Exception as _exc:  # noqa: BLE001
             zmq = None
+            ZMQ_IMPORT_ERROR += f"; {_extra}: {type(_exc).__name__}: {_exc}"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names and constants
@@ -1343,7 +1346,11 @@ def script_load(settings) -> None:
         t = threading.Thread(target=_stats_loop, args=(path, _stats_stop), name="sdlive-stats", daemon=True)
         t.start()
         _STATE.stats_thread = t
-    info(f"script loaded (control client: {'pyzmq ' + zmq.__version__ if zmq is not None else 'stdlib ZMTP'})")
+    if zmq is not None:
+        info(f"script loaded (Python {sys.version.split()[0]}; control client: pyzmq {zmq.__version__})")
+    else:
+        info(f"script loaded (Python {sys.version.split()[0]}; control client: stdlib ZMTP; pyzmq not importable: "
+             f"{ZMQ_IMPORT_ERROR}; sys.path={sys.path})")
 
 
 def script_save(settings) -> None:
