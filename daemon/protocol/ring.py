@@ -111,7 +111,7 @@ FLAG_PAUSED = 1
 WAKE_FUTEX = 1
 FUTEX_WAIT_SLICE_S = 0.05  # longest single futex wait: a producer that stops waking costs at most this
 
-# header fields: (offset, struct format)
+# struct layouts (all little-endian); offsets of the single fields below
 _STATIC = struct.Struct("<8sIIIIIIIIQQ")  # magic .. frame_size, offsets 0..55
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")

@@ -438,3 +438,66 @@ def test_every_pixel_format_has_the_right_stride(name, pixel_format):
     finally:
         ring.unlink()
         ring.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("ring_by_path", sys.argv[1])
+    ring_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ring_mod)
+    ring = ring_mod.FrameRing.open(sys.argv[2])
+    size = ring.frame_size
+    frames = [bytes([v]) * size for v in range(251)]
+    deadline = time.monotonic() + float(sys.argv[3])
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        ring.write(frames[n % 251], timestamp_ns=n)  # every byte of frame n is n % 251, its timestamp is n
+    ring.mark_closed()
+    print(n)
+    """
+)
+
+
+def test_under_a_real_concurrent_writer_every_frame_read_is_whole(name, monkeypatch):
+    """A second process writes as fast as it can into 2 slots while this one reads, and every other read stalls
+    between checking the slot and copying it (as a preempted reader does), so the writer laps it for real:
+    whatever the seqlock lets through must be one frame, never a mix of two."""
+    real_head = ring_mod._SLOT_HEAD
+    stalls = [0]
+
+    class PreemptedReader:
+        def unpack_from(self, buf, offset):
+            values = real_head.unpack_from(buf, offset)
+            stalls[0] += 1
+            if stalls[0] % 2:
+                time.sleep(0.001)  # the writer (a few microseconds a frame) laps both slots meanwhile
+            return values
+
+    monkeypatch.setattr(ring_mod, "_SLOT_HEAD", PreemptedReader())
+    ring = FrameRing.create(name, width=256, height=64, pixel_format="bgra", slots=2)  # 64 KiB frames
+    writer = subprocess.Popen(
+        [sys.executable, "-I", "-c", WRITER, str(RING_FILE), name, "1.0"], stdout=subprocess.PIPE, text=True
+    )
+    checked = 0
+    try:
+        while not ring.closed_flag:
+            frame = ring.read_next() if checked % 2 else ring.read_latest()
+            if frame is None:
+                ring.wait(0.01)
+                continue
+            data = frame.data
+            expected = frame.seq % 251
+            assert frame.timestamp_ns == frame.seq
+            assert data.count(expected) == len(data), f"frame {frame.seq} is torn: bytes of another frame inside"
+            checked += 1
+        written = int(writer.communicate(timeout=30)[0])
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        ring.unlink()
+        ring.close()
+    assert checked > 10 and written >= checked
+    assert checked + ring.dropped == ring.read, "every frame up to the last read was either read or counted dropped"
