@@ -277,8 +277,10 @@ class FrameRing:
         self._cursor = _U64.unpack_from(mm, OFF_READ_COUNT)[0]
         self._dropped = _U64.unpack_from(mm, OFF_DROPPED)[0]
         self._control_seq = _U64.unpack_from(mm, OFF_CONTROL_SEQ)[0]
-        # The futex word's address. The temporary ctypes view is dropped at once, so close() can still unmap.
-        self._futex_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm)) + OFF_WRITE_COUNT if _FUTEX else None
+        # The mapping's address in this process. The temporary ctypes view is dropped at once (no export is held),
+        # so close() can still unmap; the address is valid until then.
+        self._base_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        self._futex_addr = self._base_addr + OFF_WRITE_COUNT if _FUTEX else None
         self._wake_flag_set = False
 
     # ------------------------------------------------------------------ construction
@@ -463,6 +465,13 @@ class FrameRing:
         """After using a ``copy=False`` frame: True when the writer has not touched its slot since it was read."""
         base = HEADER_SIZE + ((frame.seq - 1) % self.slots) * self.slot_size
         return _U64.unpack_from(self._buf, base)[0] == 2 * frame.seq
+
+    def pixels_address(self, seq: int) -> int:
+        """Address, in this process, of the pixels of the slot that holds frame ``seq``: for C APIs that upload
+        straight from shared memory (``gs_texture_set_image``). Valid while the ring is open; as with a
+        ``copy=False`` read, ask ``still_valid`` after use."""
+        self._check_open()
+        return self._base_addr + HEADER_SIZE + ((seq - 1) % self.slots) * self.slot_size + SLOT_HEADER_SIZE
 
     def wait(self, timeout_s: float, *, poll_s: float = 0.0005, futex: bool = True) -> bool:
         """Block until a frame newer than the last one read is published, at most ``timeout_s``; True if one was.

@@ -4,6 +4,7 @@ stdlib only, owner-only permissions, cleanup, and exact errors for corrupt heade
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib.util
 import json
 import os
@@ -139,6 +140,19 @@ def test_a_zero_copy_frame_reports_when_the_writer_overwrote_it(pair):
     for i in range(4):  # the fourth write reuses slot 0
         producer.write(frame(8, 4, 4, i), timestamp_ns=i)
     assert not consumer.still_valid(view)
+
+
+def test_pixels_address_points_at_the_slot_pixels_for_zero_copy_uploads(pair):
+    producer, consumer = pair
+    for i in range(6):  # wrap around the 4 slots
+        producer.write(frame(8, 4, 4, 40 + i), timestamp_ns=i)
+    latest = consumer.read_latest(copy=False)
+    assert ctypes.string_at(consumer.pixels_address(latest.seq), producer.frame_size) == frame(8, 4, 4, 45)
+    assert consumer.still_valid(latest)
+    del latest
+    consumer.close()
+    with pytest.raises(RingError, match="closed"):
+        consumer.pixels_address(1)
 
 
 def test_read_into_a_caller_buffer(pair):
