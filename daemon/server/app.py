@@ -30,7 +30,8 @@ from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import PROTOCOL_VERSION, TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS
 from ..protocol.ring import PIXEL_FORMATS, RingError
 from . import io as sio
-from .sessions import Session, SessionClosed, new_session_id
+from .pacing import OutputThread
+from .sessions import Output, Session, SessionClosed, new_session_id
 from .stats import device_memory_mb
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Daemon:
             max_message_bytes=config.max_message_bytes,
         )
         self.sessions: dict[str, Session] = {}
+        self.output = OutputThread(self._release_output)
         self.started_ns = time.monotonic_ns()
         self.device = str(getattr(engine, "device", config.device or "cpu"))
         self.model_name = str(getattr(engine, "model_name", config.model))
@@ -148,6 +150,7 @@ class Daemon:
     def start(self) -> None:
         """Bind the sockets (READY handshake with the IO thread); raises OSError naming the address on failure."""
         self.io.start_and_wait()
+        self.output.start()
         log.info("control on %s, pub on %s", self.io.bound_control, self.io.bound_pub)
 
     def install_signal_handlers(self) -> None:
@@ -204,9 +207,8 @@ class Daemon:
         input has no notification) a fraction of the fastest session's frame period."""
         deadline = self._next_tick_ns
         for s in self.sessions.values():
-            due = s.pacer.next_due_ns()
-            if due is not None:
-                deadline = min(deadline, due)
+            if s.failed:
+                return 0.0
             if s.in_ring is not None:
                 if s.has_input():
                     return 0.0
@@ -218,22 +220,26 @@ class Daemon:
     # ------------------------------------------------------------------ frames
 
     def _move_frames(self) -> None:
-        """Round-robin over sessions, one input per session per pass, releasing due outputs between pushes."""
+        """Round-robin over sessions, one input per session per pass; outputs go to the output thread."""
         for _ in range(_MAX_PUSHES_PER_TURN):
             pushed = False
             for session in list(self.sessions.values()):
-                self._release(time.monotonic_ns())
+                if session.failed:
+                    self._close_session(session, session.failed, code="internal")
+                    continue
                 try:
                     got = session.take_input()
                     if got is None:
                         continue
                     pixels, capture_ns, arrival_ns = got
                     try:
-                        session.push(pixels, capture_ns, arrival_ns)
+                        outputs = session.push(pixels, capture_ns, arrival_ns)
                     except ValueError as exc:
                         session.stats.bad_frames += 1
                         self._event("error", session.session_id, code="bad_params", message=f"bad frame: {exc}")
                         continue
+                    for out in outputs:
+                        self.output.submit(session.session_id, out, out.due_ns)
                     pushed = True
                 except SessionClosed as exc:
                     self._close_session(session, exc.reason, code=exc.code)
@@ -244,22 +250,18 @@ class Daemon:
                 break
             if not self.inbox.empty():
                 break  # answer requests between frames
-        self._release(time.monotonic_ns())
 
-    def _release(self, now: int) -> None:
-        for session in list(self.sessions.values()):
-            try:
-                session.release_due(now, self._send_net)
-            except SessionClosed as exc:
-                self._close_session(session, exc.reason, code=exc.code)
+    def _release_output(self, out: Output) -> None:
+        """Output thread: one output is due."""
+        out.session.emit(out, self._send_net)
 
-    def _send_net(self, session: Session, seq: int, pending: Any) -> None:
+    def _send_net(self, session: Session, seq: int, out: Output) -> None:
         self.io.outbox.put(
             sio.NetOutput(
                 session.session_id,
                 seq,
-                pending.capture_ns,
-                pending.pixels,
+                out.capture_ns,
+                out.pixels,
                 session.pixel_format,
                 session.encoding,
                 session.jpeg_quality,
@@ -322,6 +324,10 @@ class Daemon:
     def _handle_item(self, item: Any) -> None:
         if isinstance(item, sio.Request):
             self._on_request(item)
+        elif isinstance(item, sio.Seen):
+            session = self.sessions.get(item.session_id)
+            if session is not None:
+                session.seen(item.received_ns)
         elif isinstance(item, sio.NetInput):
             session = self.sessions.get(item.session_id)
             if session is not None:
@@ -527,6 +533,7 @@ class Daemon:
         else:
             reply["net"] = self._open_net(session)
         self.sessions[session_id] = session
+        self.io.session_ids.add(session_id)
         log.info(
             "session %s opened: %dx%d %s @ %g fps, %s, preset %s, client %s",
             session_id, msg.width, msg.height, msg.pixel_format, msg.fps, msg.transport, preset_name, msg.client,
@@ -675,8 +682,11 @@ class Daemon:
     def _close_session(self, session: Session, reason: str, *, code: str | None = None, event: str | None = None) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return
+        self.io.session_ids.discard(session.session_id)
         try:
-            session.close()
+            with self.output.lock:  # no output is being written while the rings go away
+                self.output.forget(session.session_id)
+                session.close()
         finally:
             if session.transport == "net":
                 self.io.outbox.put(sio.NetDetach(session.session_id))
@@ -695,6 +705,7 @@ class Daemon:
         self._publish_daemon("dead" if dead else "stopping", message=reason)
         if self.warmer is not None:
             self.warmer.close()
+        self.output.stop()
         self.io.stop()
         self.ctx.term()
 

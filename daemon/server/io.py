@@ -50,6 +50,14 @@ class Request:
 
 
 @dataclass
+class Seen:
+    """A heartbeat the IO thread answered itself: the session's client is alive."""
+
+    session_id: str
+    received_ns: int
+
+
+@dataclass
 class NetInput:
     """A frame received on a network session's input socket."""
 
@@ -202,6 +210,9 @@ class IOThread(threading.Thread):
         self.bound_control = control
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
+        self.session_ids: set[str] = set()
+        """Open sessions (kept by the compute loop): heartbeats are answered here, without waiting for a model step
+        (Paranoid Pirate liveness is about the daemon process, which is alive while a slow chunk computes)."""
 
     # ------------------------------------------------------------------ lifetime
 
@@ -317,6 +328,19 @@ class IOThread(threading.Thread):
             authorize(message, self.token)
         except ProtocolError as exc:
             self._reject(router, envelope, exc)
+            return
+        if message.op == "heartbeat":
+            session_id = message.session_id
+            if session_id is not None and session_id not in self.session_ids:
+                self._send(
+                    router,
+                    envelope,
+                    error_reply(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r}: it was closed or timed out", id=message.id),
+                )
+                return
+            self._send(router, envelope, ok_reply({"session_id": session_id}, id=message.id))
+            if session_id is not None:
+                self.inbox.put(Seen(session_id, now))
             return
         self.inbox.put(Request(envelope, message, now))
 

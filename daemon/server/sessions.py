@@ -46,10 +46,16 @@ def new_session_id() -> str:
 
 
 @dataclass
-class _Pending:
+class Output:
+    """One restyled frame scheduled to leave at ``due_ns``."""
+
+    session: Session
     index: int
     pixels: np.ndarray
     capture_ns: int
+    arrival_ns: int
+    due_ns: int
+    late: bool
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Session:
     opened_ns: int = field(default_factory=time.monotonic_ns)
     last_seen_ns: int = field(default_factory=time.monotonic_ns)
     stats: SessionStats = field(init=False)
-    pacer: Pacer[_Pending] = field(init=False)
+    pacer: Pacer = field(init=False)
     inbox: deque[tuple[int, int, np.ndarray, int]] = field(init=False)
     _captures: dict[int, tuple[int, int]] = field(default_factory=dict)
     _pushed: int = 0
@@ -83,6 +89,9 @@ class Session:
     _net_dropped: int = 0
     _last_control_seq: int = 0
     _last_inband: tuple[int, str, int, float] = (-1, "", 0, -1.0)
+    failed: str | None = None
+    """Set by the output thread when this session's output cannot be written; the compute loop closes it."""
+    closed: bool = False
 
     def __post_init__(self) -> None:
         self.stats = SessionStats(fps_target=self.fps)
@@ -171,8 +180,8 @@ class Session:
 
     # ------------------------------------------------------------------ engine
 
-    def push(self, pixels: np.ndarray, capture_ns: int, arrival_ns: int) -> int:
-        """Push one input frame; outputs go to the pacer. Returns the number of outputs that became ready."""
+    def push(self, pixels: np.ndarray, capture_ns: int, arrival_ns: int) -> list[Output]:
+        """Push one input frame; returns the outputs that became ready, each with its due time."""
         index = self._pushed
         started = time.perf_counter()
         outputs = self.engine_session.push(pixels)  # ValueError: bad frame (the caller counts it)
@@ -182,37 +191,36 @@ class Session:
         self._captures[index] = (capture_ns, arrival_ns)
         ready_ns = time.monotonic_ns()
         self.stats.engine_step(push_ms, getattr(self.engine_session, "stage_ms", None), len(outputs))
+        scheduled = []
         for out in outputs:
             capture, arrival = self._captures.pop(out.index, (capture_ns, arrival_ns))
-            self.pacer.push(_Pending(out.index, out.pixels, capture), arrival_ns=arrival, ready_ns=ready_ns)
+            due, late = self.pacer.schedule(arrival_ns=arrival, ready_ns=ready_ns)
+            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late))
         if len(self._captures) > 4096:  # outputs the engine will never give (cannot happen; stay bounded anyway)
             for stale in sorted(self._captures)[:-1024]:
                 del self._captures[stale]
-        return len(outputs)
+        return scheduled
 
-    # ------------------------------------------------------------------ output
+    # ------------------------------------------------------------------ output (output thread)
 
-    def release_due(self, now_ns: int, send_net: Any) -> int:
-        """Write/send every output whose due time has come; returns how many left."""
-        released = self.pacer.pop_due(now_ns)
-        for pending, arrival_ns, late in released:
-            self._out_seq += 1
-            if self.out_ring is not None:
-                try:
-                    self.out_ring.write(np.ascontiguousarray(pending.pixels), timestamp_ns=pending.capture_ns)
-                except (RingError, ValueError, OSError) as exc:
-                    raise SessionClosed(f"output ring unusable: {exc}", "internal") from exc
-            else:
-                send_net(self, self._out_seq, pending)
-            now = time.monotonic_ns()
-            since = pending.capture_ns if 0 <= now - pending.capture_ns < _PLAUSIBLE_CLOCK_NS else arrival_ns
-            self.stats.frame_out(now, now - since, late)
-        if self.out_ring is not None and released:
+    def emit(self, out: Output, send_net: Any) -> None:
+        """Write one due output to the output ring (or hand it to the network). Runs on the output thread, under
+        its lock; a failure marks the session ``failed`` for the compute loop to close."""
+        if self.closed or self.failed:
+            return
+        self._out_seq += 1
+        if self.out_ring is not None:
             try:
+                self.out_ring.write(np.ascontiguousarray(out.pixels), timestamp_ns=out.capture_ns)
                 self.stats.dropped_out = self.out_ring.header_counters()[2]
-            except (RingError, ValueError):
-                pass
-        return len(released)
+            except (RingError, ValueError, OSError) as exc:
+                self.failed = f"output ring unusable: {exc}"
+                return
+        else:
+            send_net(self, self._out_seq, out)
+        now = time.monotonic_ns()
+        since = out.capture_ns if 0 <= now - out.capture_ns < _PLAUSIBLE_CLOCK_NS else out.arrival_ns
+        self.stats.frame_out(now, now - since, out.late)
 
     # ------------------------------------------------------------------ checks
 
@@ -280,7 +288,8 @@ class Session:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Mark the rings closed for the client, unlink and unmap them (idempotent)."""
+        """Mark the rings closed for the client, unlink and unmap them (idempotent). Hold the output thread's lock."""
+        self.closed = True
         for ring in (self.in_ring, self.out_ring):
             if ring is None:
                 continue
@@ -294,7 +303,6 @@ class Session:
             except OSError as exc:
                 log.warning("could not unlink ring %s: %s", ring.name, exc)
             ring.close()
-        self.pacer.drain()
         self.inbox.clear()
         self._captures.clear()
 

@@ -8,6 +8,7 @@ from the network) to the moment its restyled output leaves (written to the outpu
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,12 +51,18 @@ class SessionStats:
     _out_times: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
     _latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=512))
     _intervals_ms: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    """frame_out runs on the output thread, snapshot on the compute thread."""
 
     def frame_in(self, now_ns: int) -> None:
         self.frames_in += 1
         self._in_times.append(now_ns)
 
     def frame_out(self, now_ns: int, latency_ns: int, late: bool) -> None:
+        with self._lock:
+            self._frame_out(now_ns, latency_ns, late)
+
+    def _frame_out(self, now_ns: int, latency_ns: int, late: bool) -> None:
         if self._out_times:
             self._intervals_ms.append((now_ns - self._out_times[-1]) / 1e6)
         self.frames_out += 1
@@ -71,6 +78,10 @@ class SessionStats:
             self.step_ms = {k: round(float(v), 3) for k, v in stage_ms.items()}
 
     def snapshot(self, now_ns: int) -> dict[str, Any]:
+        with self._lock:
+            return self._snapshot(now_ns)
+
+    def _snapshot(self, now_ns: int) -> dict[str, Any]:
         lat = np.asarray(self._latency_ms, dtype=np.float64)[-_LATENCY_SAMPLES:]
         p50, p95, p99 = (np.percentile(lat, [50, 95, 99]).round(2).tolist() if lat.size else (None, None, None))
         iv = np.asarray(self._intervals_ms, dtype=np.float64)[-64:]

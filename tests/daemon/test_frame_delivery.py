@@ -22,8 +22,16 @@ def frame_for(i: int, height: int = SIZE, width: int = SIZE, channels: int = 3) 
                                          [np.full_like(base, 255)] * (channels - 3), axis=-1))
 
 
+def net_backlog(client: DaemonClient, session: SessionClient):
+    """Frames sent over the network that the daemon has not pushed through the engine yet (from ``status``)."""
+    def backlog() -> int:
+        entry = client.status(session.session_id)["sessions"][0]
+        return session.frames_sent - entry["frames_in"] - entry["dropped_in"]
+    return backlog
+
+
 def stream(session: SessionClient, count: int, *, fps: float = FPS, first_ts: int = 1_000_000,
-           channels: int = 3, settle_s: float = 3.0, on_frame=None) -> tuple[list[int], list[Frame]]:
+           channels: int = 3, settle_s: float = 3.0, on_frame=None, backlog=None) -> tuple[list[int], list[Frame]]:
     """Send ``count`` frames at ``fps`` (capture timestamps first_ts + i), collecting outputs as they come. On shared
     memory, wait while the daemon is behind (this machine's CPU is shared) so no input is lost to ring overrun."""
     sent_ts: list[int] = []
@@ -35,7 +43,8 @@ def stream(session: SessionClient, count: int, *, fps: float = FPS, first_ts: in
             on_frame(i)
         ts = first_ts + i
         wait_until = time.monotonic() + 10.0
-        while (session.pending_inputs or 0) > 1 and time.monotonic() < wait_until:  # backpressure: lose nothing
+        backlog = backlog or (lambda: session.pending_inputs or 0)
+        while backlog() > 1 and time.monotonic() < wait_until:  # backpressure: lose nothing
             out = session.recv(timeout_s=0.005)
             if out is not None:
                 got.append(out)
@@ -112,26 +121,33 @@ def test_two_sessions_at_different_sizes_at_once(daemon):
         a = client.open_session(width=64, height=64, fps=FPS, preset="anime")
         b = client.open_session(width=96, height=64, fps=FPS, preset="cyberpunk", pixel_format="bgra")
         try:
-            got = {"a": [], "b": []}
+            got: dict[str, list[Frame]] = {"a": [], "b": []}
+            pairs = (("a", a), ("b", b))
+
+            def collect(timeout_s: float) -> None:
+                for key, s in pairs:
+                    out = s.recv(timeout_s=timeout_s)
+                    if out is not None:
+                        got[key].append(out)
+
             for i in range(30):
+                deadline = time.monotonic() + 10.0
+                while max(a.pending_inputs or 0, b.pending_inputs or 0) > 1 and time.monotonic() < deadline:
+                    collect(0.003)
                 a.send(frame_for(i, 64, 64, 3), timestamp_ns=10_000 + i)
                 b.send(frame_for(i, 64, 96, 4), timestamp_ns=20_000 + i)
                 end = time.monotonic() + 1.0 / FPS
                 while time.monotonic() < end:
-                    for key, s in (("a", a), ("b", b)):
-                        out = s.recv(timeout_s=0.002)
-                        if out is not None:
-                            got[key].append(out)
+                    collect(0.002)
             end = time.monotonic() + 3.0
             while time.monotonic() < end:
-                for key, s in (("a", a), ("b", b)):
-                    out = s.recv(timeout_s=0.05)
-                    if out is not None:
-                        got[key].append(out)
+                collect(0.05)
             check_in_order([10_000 + i for i in range(30)], got["a"], a.latency_frames, 64, 64, 3)
             check_in_order([20_000 + i for i in range(30)], got["b"], b.latency_frames, 64, 96, 4)
-            ids = {s["session_id"] for s in client.status()["sessions"]}
-            assert {a.session_id, b.session_id} <= ids
+            status = {s["session_id"]: s for s in client.status()["sessions"]}
+            assert (status[a.session_id]["width"], status[a.session_id]["height"]) == (64, 64)
+            assert (status[b.session_id]["width"], status[b.session_id]["height"]) == (96, 64)
+            assert status[b.session_id]["pixel_format"] == "bgra"
         finally:
             a.close()
             b.close()
@@ -143,7 +159,7 @@ def test_network_transport_round_trips_frames(daemon, jpeg_quality):
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime", transport="net",
                                  jpeg_quality=jpeg_quality) as session:
             assert session.transport == "net"
-            sent, got = stream(session, 40)
+            sent, got = stream(session, 40, backlog=net_backlog(client, session))
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
             status = client.status(session.session_id)["sessions"][0]
             assert status["transport"] == "net"
