@@ -447,11 +447,10 @@ def render(
     model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts.")] = None,
 ) -> None:
     """Restyle a video file to a new file: every frame, the input's fps, its audio kept."""
-    from .capture import SourceError, open_source
-    from .client import DaemonError, DaemonUnavailable
-    from .media import PumpError, run_offline
-    from .sinks import SinkError
+    from .capture import open_source
+    from .media import run_offline
 
+    existed = output.exists()
     try:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(input, width=width, height=height))
@@ -485,17 +484,17 @@ def render(
         dropped = f", {stats.dropped} dropped by the daemon (held the previous frame)" if stats.dropped else ""
         err_console.print(f"wrote {output}: {sink.frames_sent} frames at {fps:g} fps, "
                           f"{sink.width}x{sink.height}{audio_note}{dropped}")
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except (SourceError, SinkError, DaemonUnavailable, PumpError, CommandError) as exc:
-        raise _fail(str(exc)) from None
-    except DaemonError as exc:
-        raise _fail(f"the daemon refused: {exc}") from None
+    except BaseException as exc:
+        _remove_partial(output, existed)
+        _reraise_as_exit(exc)
 
 
-def _pick_demo_model() -> tuple[str, str]:
-    """The model the demo runs: a real one whose weights are on disk, else ``tiny`` (random weights, no download)."""
+def _pick_demo_model(device: str | None) -> tuple[str, str]:
+    """The model the demo runs: a real one whose weights are on disk (and a GPU to run it, unless ``--device`` says
+    otherwise), else ``tiny`` (random weights, nothing to download, real-time on a CPU)."""
     try:
+        import torch
+
         from sdlive.daemon.model import loading  # lazy: only the daemon side has it (and torch)
     except Exception:  # noqa: BLE001 - client-only install, or the daemon side is broken: tiny still runs
         return "tiny", "no daemon-side model code importable"
@@ -503,12 +502,13 @@ def _pick_demo_model() -> tuple[str, str]:
         models = loading.list_models()
     except Exception as exc:  # noqa: BLE001
         return "tiny", f"could not list local models ({exc})"
-    for m in models:
-        name = m.get("name") if isinstance(m, dict) else getattr(m, "name", None)
-        present = m.get("downloaded") if isinstance(m, dict) else getattr(m, "downloaded", False)
-        if name and name != "tiny" and present:
-            return name, "real weights found on disk"
-    return "tiny", "no downloaded weights (sdlive models pull wan2.1-1.3b)"
+    real = [m.name for m in models if m.name != "tiny" and m.downloaded]
+    if not real:
+        return "tiny", "no downloaded weights: `sdlive models pull wan2.1-1.3b` for the real model"
+    gpu = device == "cuda" or (device is None and torch.cuda.is_available())
+    if not gpu:
+        return "tiny", f"{real[0]} is downloaded but there is no GPU to run it in real time (--model {real[0]} forces it)"
+    return real[0], "downloaded weights found"
 
 
 def demo(
@@ -525,14 +525,14 @@ def demo(
 ) -> None:
     """The out-of-the-box demo: start a daemon, stream a clip through it switching presets mid-stream, write a
     side-by-side video (input | restyled) and print the stats. Runs offline, no GPU needed (``tiny`` model)."""
-    from .capture import SourceError, open_source
-    from .client import DaemonError, DaemonUnavailable
-    from .media import PumpError, run_offline
-    from .sinks import SinkError
+    from .capture import open_source
+    from .client import DaemonError
+    from .media import run_offline
 
     why = "given"
     if model is None and daemon is None:
-        model, why = _pick_demo_model()
+        model, why = _pick_demo_model(device)
+    existed = output.exists()
     try:
         with contextlib.ExitStack() as stack:
             spec = input or f"synthetic:{frames}"
@@ -574,12 +574,32 @@ def demo(
             except DaemonError:
                 daemon_stats = {}
         _print_demo_table(stats, hello, daemon_stats, session, wanted, output, sink, clip_fps)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        _remove_partial(output, existed)
+        _reraise_as_exit(exc)
+
+
+def _remove_partial(output: Path, existed: bool) -> None:
+    """A render that failed leaves no half-written file behind (one that was there before is the user's)."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            output.unlink()
+
+
+def _reraise_as_exit(exc: BaseException):
+    """Known failures become ``error: …`` and exit code 1 (130 for Ctrl-C); anything else propagates."""
+    from .capture import SourceError
+    from .client import DaemonError, DaemonUnavailable
+    from .media import PumpError
+    from .sinks import SinkError
+
+    if isinstance(exc, KeyboardInterrupt):
         raise typer.Exit(130) from None
-    except (SourceError, SinkError, DaemonUnavailable, PumpError, CommandError) as exc:
+    if isinstance(exc, (SourceError, SinkError, DaemonUnavailable, PumpError, CommandError)):
         raise _fail(str(exc)) from None
-    except DaemonError as exc:
+    if isinstance(exc, DaemonError):
         raise _fail(f"the daemon refused: {exc}") from None
+    raise exc
 
 
 def _session_entry(status: dict, session_id: str) -> dict:
