@@ -45,7 +45,14 @@ def obs_config_dirs() -> list[Path]:
 def find_obs_config_dir(explicit: str | os.PathLike | None = None) -> Path:
     """The OBS config directory to edit: ``explicit`` if given, else the first candidate holding a global.ini."""
     if explicit:
-        return Path(explicit)
+        d = Path(explicit)
+        if not (d / "global.ini").is_file():
+            raise FileNotFoundError(
+                f"{d} is not an OBS config directory (no global.ini): start OBS once and close it, or pass the folder "
+                "that holds global.ini (Linux ~/.config/obs-studio, Windows %APPDATA%\\obs-studio, macOS "
+                "~/Library/Application Support/obs-studio)"
+            )
+        return d
     candidates = obs_config_dirs()
     for d in candidates:
         if (d / "global.ini").is_file():
@@ -294,3 +301,257 @@ def write_fresh_config(
     }
     collection.write_text(json.dumps(doc, indent=4), encoding="utf-8")
     return collection
+
+
+# ---------------------------------------------------------------------------------------------------- installer
+#
+# `python installer/install_obs.py` and `sdlive obs install` both run install_main(). Every step is idempotent,
+# reports what it did (or would do, with --dry-run) through a stage callback, and --uninstall reverses it.
+
+INSTALL_DIR_NAME = "sdlive"  # <OBS config dir>/sdlive/: the script, the ring module, presets, private site dir
+SITE_DIR_NAME = "sdlive_site"  # pyzmq installed with `pip --target` for OBS's Python (the script adds it to sys.path)
+
+
+def package_files() -> dict[str, Path]:
+    """The files the OBS side needs, from this source tree or installed package."""
+    here = Path(__file__).resolve().parent
+    candidates_ring = [here.parent / "daemon" / "protocol" / "ring.py"]
+    try:  # installed wheel: sdlive.daemon.protocol is a sibling package
+        import importlib.util
+
+        spec = importlib.util.find_spec("sdlive.daemon.protocol")
+        if spec and spec.submodule_search_locations:
+            candidates_ring.append(Path(list(spec.submodule_search_locations)[0]) / "ring.py")
+    except (ImportError, ValueError):
+        pass
+    ring = next((p for p in candidates_ring if p.is_file()), None)
+    presets = [here.parent / "presets"]
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("sdlive.presets")
+        if spec and spec.submodule_search_locations:
+            presets.append(Path(list(spec.submodule_search_locations)[0]))
+    except (ImportError, ValueError):
+        pass
+    preset_dir = next((p for p in presets if p.is_dir() and any(p.glob("*.toml"))), None)
+    files = {"script": here / "obs_script.py"}
+    if ring is not None:
+        files["ring"] = ring
+    if preset_dir is not None:
+        files["presets"] = preset_dir
+    return files
+
+
+def obs_python_candidates(config_dir: Path) -> list[str]:
+    """The Python OBS embeds: Windows/macOS take it from global.ini [Python] Path64bit (Tools → Scripts → Python
+    Settings); Linux distributions link the system libpython, i.e. /usr/bin/python3."""
+    cp = read_ini(config_dir / "global.ini")
+    found = []
+    configured = cp.get("Python", "Path64bit", fallback="")
+    if configured:
+        base = Path(configured)
+        for exe in (base / "python.exe", base / "bin" / "python3", base / "python3", base / "python"):
+            if exe.is_file():
+                found.append(str(exe))
+    if sys.platform.startswith("linux"):
+        found.append("/usr/bin/python3")
+    return found
+
+
+def _run(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def ensure_pyzmq(config_dir: Path, install_dir: Path, *, dry_run: bool, stage) -> bool:
+    """Make pyzmq importable by OBS's Python where possible; otherwise say how. Optional: without it the script
+    uses its stdlib ZeroMQ client."""
+    pythons = [p for p in obs_python_candidates(config_dir) if Path(p).is_file()]
+    if not pythons:
+        stage("pyzmq", "OBS's Python not found (Windows/macOS: set it in Tools → Scripts → Python Settings, then "
+                       "re-run). Optional: without pyzmq the script uses its built-in ZeroMQ client")
+        return False
+    py = pythons[0]
+    site = install_dir / SITE_DIR_NAME
+    probe = f"import sys; sys.path.append({str(site)!r}); import zmq; print(zmq.__version__)"
+    rc, out = _run([py, "-c", probe], timeout=60)
+    if rc == 0:
+        stage("pyzmq", f"pyzmq {out.splitlines()[-1]} importable by OBS's Python ({py})")
+        return True
+    if dry_run:
+        stage("pyzmq", f"would install pyzmq for OBS's Python ({py})")
+        return False
+    errors = []
+    if py == "/usr/bin/python3" and os.path.exists("/usr/bin/apt-get") and hasattr(os, "geteuid"):
+        if os.geteuid() == 0:
+            rc, out = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3-zmq"])
+            if rc == 0:
+                stage("pyzmq", "installed python3-zmq (apt) for OBS's Python")
+                return True
+            errors.append(f"apt-get install python3-zmq: {out[-300:]}")
+        else:
+            errors.append("apt-get needs root: run `sudo apt-get install python3-zmq`")
+    rc, out = _run([py, "-m", "pip", "install", "--quiet", "--target", str(site), "pyzmq"])
+    if rc == 0:
+        stage("pyzmq", f"installed pyzmq into {site} (the script adds it to OBS's sys.path)")
+        return True
+    errors.append(f"{py} -m pip install --target {site} pyzmq: {out[-300:]}")
+    stage("pyzmq", "could not install pyzmq for OBS's Python (optional: the script's built-in ZeroMQ client works "
+                   "without it). Tried: " + " | ".join(errors))
+    return False
+
+
+def _sync_file(src: Path, dst: Path, *, dry_run: bool) -> bool:
+    """Copy src to dst unless identical. Returns True when something changed."""
+    if dst.is_file() and dst.read_bytes() == src.read_bytes():
+        return False
+    if not dry_run:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_suffix(dst.suffix + ".sdlive-tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return True
+
+
+def install(
+    config_dir: Path,
+    *,
+    collections: str = "current",
+    pyzmq: bool = True,
+    websocket: bool = False,
+    ws_port: int = DEFAULT_WS_PORT,
+    ws_password: str = "",
+    dry_run: bool = False,
+    stage=None,
+) -> list[str]:
+    """Install (idempotent). Returns the list of changes made (or that would be made, with dry_run)."""
+    changes: list[str] = []
+    stage = stage or (lambda name, msg: None)
+
+    def note(name: str, msg: str, changed: bool = True) -> None:
+        stage(name, ("(dry run) " if dry_run and changed else "") + msg)
+        if changed:
+            changes.append(msg)
+
+    files = package_files()
+    if "ring" not in files:
+        raise FileNotFoundError("daemon/protocol/ring.py not found next to obs_bridge/: reinstall sdlive")
+    dest = config_dir / INSTALL_DIR_NAME
+    script = dest / SCRIPT_FILE_NAME
+    for src, dst in ((files["script"], script), (files["ring"], dest / RING_FILE_NAME)):
+        if _sync_file(src, dst, dry_run=dry_run):
+            note("files", f"copied {src.name} → {dst}")
+        else:
+            note("files", f"{dst} up to date", changed=False)
+    if "presets" in files:
+        n = sum(_sync_file(p, dest / "presets" / p.name, dry_run=dry_run) for p in sorted(files["presets"].glob("*.toml")))
+        if n:
+            note("files", f"copied {n} preset file(s) → {dest / 'presets'} (hotkey names)")
+    if collections == "all":
+        targets = scene_collections(config_dir)
+    elif collections == "current":
+        cur = current_scene_collection(config_dir)
+        targets = [cur] if cur else []
+    else:
+        targets = [config_dir / "basic" / "scenes" / f"{collections}.json"]
+    if not targets:
+        note("scripts", f"no scene collection yet: in OBS, Tools → Scripts → + → {script} (one click, remembered)",
+             changed=False)
+    for coll in targets:
+        if not coll.is_file():
+            raise FileNotFoundError(f"scene collection {coll} not found: pass --collection NAME or all")
+        action = add_script_to_collection(coll, script, dry_run=dry_run)
+        if action:
+            note("scripts", action)
+        else:
+            note("scripts", f"{coll.name} already loads {script}", changed=False)
+    if websocket:
+        for action in enable_websocket(config_dir, port=ws_port, password=ws_password, dry_run=dry_run):
+            note("websocket", action)
+    if pyzmq:
+        ensure_pyzmq(config_dir, dest, dry_run=dry_run, stage=stage)
+    return changes
+
+
+def uninstall(config_dir: Path, *, dry_run: bool = False, stage=None) -> list[str]:
+    changes: list[str] = []
+    stage = stage or (lambda name, msg: None)
+    dest = config_dir / INSTALL_DIR_NAME
+    script = dest / SCRIPT_FILE_NAME
+    for coll in scene_collections(config_dir):
+        action = remove_script_from_collection(coll, script, dry_run=dry_run)
+        if action:
+            changes.append(action)
+            stage("scripts", ("(dry run) " if dry_run else "") + action)
+    if dest.exists():
+        changes.append(f"removed {dest}")
+        stage("files", ("(dry run) " if dry_run else "") + f"removed {dest}")
+        if not dry_run:
+            shutil.rmtree(dest)
+    if not changes:
+        stage("files", "nothing to remove: sdlive is not installed in this OBS")
+    return changes
+
+
+def install_main(argv: list[str] | None = None) -> int:
+    """Command line of installer/install_obs.py and `sdlive obs install`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="install_obs.py",
+        description="Install the sdlive OBS script (filter + preset hotkeys) into OBS. Close OBS first.",
+    )
+    ap.add_argument("--obs-config", help="OBS config directory (default: found for this OS)")
+    ap.add_argument("--collection", default="current", help="scene collection to load the script in: NAME, current, all")
+    ap.add_argument("--no-pyzmq", action="store_true", help="do not install pyzmq for OBS's Python (it is optional)")
+    ap.add_argument("--websocket", action="store_true", help="enable obs-websocket (for `sdlive obs …`)")
+    ap.add_argument("--ws-port", type=int, default=DEFAULT_WS_PORT)
+    ap.add_argument("--ws-password", default="", help="websocket password (empty: no auth, loopback use)")
+    ap.add_argument("--models", metavar="NAME", help="also pull model weights: runs `sdlive models pull NAME`")
+    ap.add_argument("--uninstall", action="store_true", help="remove the script from OBS and delete its folder")
+    ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    ap.add_argument("--force", action="store_true", help="edit OBS's files even while OBS runs (it may undo them)")
+    args = ap.parse_args(argv)
+
+    def stage(name: str, msg: str) -> None:
+        print(f"[{name}] {msg}")
+
+    try:
+        config_dir = find_obs_config_dir(args.obs_config)
+    except FileNotFoundError as exc:
+        print(f"install_obs: {exc}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not args.force and obs_running():
+        print("install_obs: OBS is running; close it first (it rewrites its scene collection on exit) or pass --force",
+              file=sys.stderr)
+        return 2
+    stage("obs", f"OBS config: {config_dir}")
+    try:
+        if args.uninstall:
+            uninstall(config_dir, dry_run=args.dry_run, stage=stage)
+            return 0
+        changes = install(
+            config_dir, collections=args.collection, pyzmq=not args.no_pyzmq, websocket=args.websocket,
+            ws_port=args.ws_port, ws_password=args.ws_password, dry_run=args.dry_run, stage=stage,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"install_obs: {exc}", file=sys.stderr)
+        return 1
+    if args.models:
+        cmd = [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", "models", "pull", args.models]
+        if args.dry_run:
+            stage("models", f"(dry run) would run: sdlive models pull {args.models}")
+        else:
+            rc, out = _run(cmd, timeout=24 * 3600)
+            stage("models", out[-500:] if out else f"sdlive models pull {args.models}: exit {rc}")
+            if rc != 0:
+                return rc
+    stage("done", f"{len(changes)} change(s)" + (" (dry run: nothing written)" if args.dry_run else "")
+          + "; start OBS, then right-click a source → Filters → + → sdlive (or `sdlive obs setup --source NAME`)")
+    return 0

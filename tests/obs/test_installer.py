@@ -1,0 +1,127 @@
+"""installer/install_obs.py: copies the script where OBS loads it, lists it in the scene collection, enables the
+websocket in both places OBS versions read it, is idempotent, has a dry run and an uninstall; and a real OBS started
+on the installed config runs the installed copy."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdlive.obs_bridge import obs_setup
+from sdlive.obs_bridge.obsws_tools import HeadlessOBS, free_port
+
+from .conftest import obs_skip_reason
+
+INSTALLER = Path(__file__).resolve().parents[2] / "installer" / "install_obs.py"
+
+
+def run_installer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(INSTALLER), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def obs_config(tmp_path) -> Path:
+    cfg = tmp_path / "obs-studio"
+    obs_setup.write_fresh_config(cfg, ws_port=4466)
+    return cfg
+
+
+def _scripts(cfg: Path) -> list[str]:
+    doc = json.loads((cfg / "basic" / "scenes" / "sdlive.json").read_text())
+    return [e["path"] for e in doc["modules"]["scripts-tool"]]
+
+
+def test_install_copies_script_ring_and_presets_and_lists_the_script(obs_config):
+    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force")
+    assert r.returncode == 0, r.stderr
+    dest = obs_config / "sdlive"
+    assert (dest / "sdlive_obs.py").read_bytes() == (INSTALLER.parents[1] / "obs_bridge" / "obs_script.py").read_bytes()
+    assert (dest / "sdlive_ring.py").is_file()
+    assert (dest / "presets" / "anime.toml").is_file()
+    assert _scripts(obs_config) == [str(dest / "sdlive_obs.py")]
+    assert (obs_config / "basic" / "scenes" / "sdlive.json.sdlive-backup").is_file()
+
+
+def test_install_twice_changes_nothing_the_second_time(obs_config):
+    assert run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force").returncode == 0
+    before = (obs_config / "basic" / "scenes" / "sdlive.json").read_text()
+    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force")
+    assert r.returncode == 0
+    assert "0 change(s)" in r.stdout
+    assert (obs_config / "basic" / "scenes" / "sdlive.json").read_text() == before
+    assert len(_scripts(obs_config)) == 1
+
+
+def test_dry_run_writes_nothing(obs_config):
+    before = {p: p.read_bytes() for p in obs_config.rglob("*") if p.is_file()}
+    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--websocket", "--ws-port", "4999", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "(dry run)" in r.stdout and "would" not in r.stderr
+    after = {p: p.read_bytes() for p in obs_config.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_websocket_is_enabled_for_obs_29_and_obs_30(obs_config):
+    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force", "--websocket", "--ws-port", "4999",
+                      "--ws-password", "s3cret")
+    assert r.returncode == 0, r.stderr
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str
+    cp.read(obs_config / "global.ini")
+    ws = cp["OBSWebSocket"]
+    assert (ws["ServerEnabled"], ws["ServerPort"], ws["AuthRequired"], ws["ServerPassword"]) == (
+        "true", "4999", "true", "s3cret")
+    js = json.loads((obs_config / "plugin_config" / "obs-websocket" / "config.json").read_text())
+    assert (js["server_enabled"], js["server_port"], js["auth_required"], js["server_password"]) == (
+        True, 4999, True, "s3cret")
+    assert cp["General"]["FirstRun"] == "true"  # the rest of global.ini is kept
+
+
+def test_uninstall_reverses_the_install(obs_config):
+    assert run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force").returncode == 0
+    r = run_installer("--obs-config", str(obs_config), "--uninstall", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (obs_config / "sdlive").exists()
+    assert _scripts(obs_config) == []
+    r = run_installer("--obs-config", str(obs_config), "--uninstall", "--force")
+    assert "nothing to remove" in r.stdout
+
+
+def test_missing_obs_config_is_a_clear_error(tmp_path):
+    r = run_installer("--obs-config", str(tmp_path / "nope" / "obs-studio"), "--no-pyzmq")
+    assert r.returncode != 0
+    assert "global.ini" in r.stderr or "scene collection" in r.stderr or "not found" in r.stderr
+
+
+@pytest.mark.obs
+@pytest.mark.slow
+def test_obs_started_on_the_installed_config_runs_the_installed_script(tmp_path):
+    reason = obs_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "home"
+    cfg = home / ".config" / "obs-studio"
+    port = free_port()
+    obs_setup.write_fresh_config(cfg, ws_port=port)
+    r = run_installer("--obs-config", str(cfg), "--no-pyzmq", "--force")
+    assert r.returncode == 0, r.stderr
+    o = HeadlessOBS(home, ws_port=port)
+    o.start()
+    try:
+        cl = o.client()
+        names = cl.get_hotkey_list().hotkeys
+        assert "sdlive.preset.anime" in names and "sdlive.preset.next" in names
+        cl.create_input("Main", "bg", "color_source_v3", {"color": 0xFF808080, "width": 64, "height": 64}, True)
+        cl.create_source_filter("bg", "sdlive", "sdlive_filter", {})
+        assert [f["filterKind"] for f in cl.get_source_filter_list("bg").filters] == ["sdlive_filter"]
+        cl.disconnect()
+    finally:
+        assert o.stop() == 0
+    log = o.log_text()
+    assert "Loaded python script: sdlive_obs.py" in log
+    assert "ring module was not found" not in log
