@@ -341,33 +341,24 @@ def run_live(
 class _InputRoom:
     """How many more frames the daemon's shared-memory input ring takes before an unread frame would be lapped.
 
-    The daemon reads its input ring one frame per engine step, so a renderer that writes faster than that must wait,
-    or frames are lost. The ring is opened as an *observer* (the daemon's consumer counters are left alone) and its
-    header's write/read counters give the backlog. Network sessions have no such view: their room is unbounded and
-    a daemon that falls behind drops frames, which :func:`run_offline` fills and counts."""
+    The daemon takes one input frame per engine step, so a renderer that writes faster than that must wait or frames
+    are lost: ``SessionClient.pending_inputs`` (frames written, not yet taken) against the ring's ``slots``. Network
+    sessions have no such view (``None``): their room is the in-flight window alone, and a daemon that falls behind
+    drops frames, which :func:`run_offline` fills and counts."""
 
     def __init__(self, session) -> None:
-        self._ring = None
+        self._session = session
         info = getattr(session, "info", None) or {}
-        name = info.get("input_ring")
-        if name and getattr(session, "transport", "shm") == "shm":
-            try:
-                from sdlive.daemon.protocol.ring import FrameRing
-
-                self._ring = FrameRing.open(name, observer=True)
-            except Exception as exc:  # noqa: BLE001 - only a pacing aid: fall back to the in-flight window
-                log.debug("cannot observe input ring %s: %s", name, exc)
+        self._slots = int(info.get("slots") or 4)
 
     def free(self) -> int:
-        if self._ring is None:
+        pending = getattr(self._session, "pending_inputs", None)
+        if pending is None:
             return 1 << 30
-        written, read, _dropped = self._ring.header_counters()
-        return self._ring.slots - 1 - (written - read)
+        return self._slots - 1 - int(pending)
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        pass
 
 
 def run_offline(
