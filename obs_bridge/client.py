@@ -320,44 +320,77 @@ class _ShmUnavailable(Exception):
 
 
 class _Heartbeat(threading.Thread):
-    """Paranoid Pirate heartbeats for one session on a socket of its own."""
+    """Paranoid Pirate heartbeats for one session, on a DEALER socket of its own.
+
+    One heartbeat per interval; any reply counts as life. After ``HEARTBEAT_LIVENESS`` silent intervals the daemon
+    is presumed gone: the socket is replaced (LINGER 0) and retried with a doubling backoff capped at
+    ``RECONNECT_INTERVAL_MAX_S``. The socket is kept across slow replies (a busy machine), never reset per request.
+    """
 
     def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float) -> None:
         super().__init__(name=f"sdlive-heartbeat-{session.session_id}", daemon=True)
         self._session = session
+        self._address = address
+        self._token = token
         self._interval_s = interval_s
         self._halt = threading.Event()
-        self._channel = _Channel(zmq.Context.instance(), address, token=token, timeout_s=interval_s)
         self.daemon_alive = True
 
+    def _socket(self) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self._address)
+        return sock
+
     def run(self) -> None:
+        sock = self._socket()
         liveness = HEARTBEAT_LIVENESS
         backoff = RECONNECT_INTERVAL_INIT_S
-        while not self._halt.is_set():
-            started = time.monotonic()
-            try:
-                self._channel.request("heartbeat", session_id=self._session.session_id)
-                liveness = HEARTBEAT_LIVENESS
-                backoff = RECONNECT_INTERVAL_INIT_S
-                self.daemon_alive = True
-            except DaemonUnavailable:
-                liveness -= 1
-                if liveness <= 0:
-                    if self.daemon_alive:
-                        log.warning("daemon silent for %d heartbeats; reconnecting in %.0f s", HEARTBEAT_LIVENESS, backoff)
-                    self.daemon_alive = False
-                    if self._halt.wait(backoff):
-                        break
-                    backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
+        message: dict[str, Any] = {"op": "heartbeat", "session_id": self._session.session_id}
+        if self._token is not None:
+            message["token"] = self._token
+        payload = json.dumps(message).encode("utf-8")
+        try:
+            while not self._halt.is_set():
+                try:
+                    sock.send(payload, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # not connected yet: this interval counts as silent
+                deadline = time.monotonic() + self._interval_s
+                heard = False
+                while (remaining := deadline - time.monotonic()) > 0 and not self._halt.is_set():
+                    if not sock.poll(int(remaining * 1000) + 1):
+                        continue
+                    try:
+                        reply = json.loads(sock.recv_multipart()[-1])
+                    except (ValueError, UnicodeDecodeError):
+                        continue
+                    heard = True
+                    error = reply.get("error") if isinstance(reply, dict) else None
+                    if error and error.get("code") == "unknown_session":
+                        self._session._mark_lost(
+                            f"session {self._session.session_id} was closed by the daemon: {error.get('message')}"
+                        )
+                        return
+                if heard:
                     liveness = HEARTBEAT_LIVENESS
-                continue  # the request already waited one interval
-            except DaemonError as exc:
-                if exc.code == "unknown_session":
-                    self._session._mark_lost(exc.message)
-                    break
-                log.warning("heartbeat for session %s: %s", self._session.session_id, exc)
-            self._halt.wait(max(0.0, self._interval_s - (time.monotonic() - started)))
-        self._channel.close()
+                    backoff = RECONNECT_INTERVAL_INIT_S
+                    self.daemon_alive = True
+                    continue
+                liveness -= 1
+                if liveness > 0:
+                    continue
+                if self.daemon_alive:
+                    log.warning("daemon at %s silent for %d heartbeats; reconnecting", self._address, HEARTBEAT_LIVENESS)
+                self.daemon_alive = False
+                sock.close(linger=0)
+                if self._halt.wait(backoff):
+                    return
+                backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
+                sock = self._socket()
+                liveness = HEARTBEAT_LIVENESS
+        finally:
+            sock.close(linger=0)
 
     def stop(self) -> None:
         self._halt.set()

@@ -157,3 +157,16 @@ def daemon_factory(tmp_path: Path) -> Iterator:
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture(scope="session")
+def launch_daemon():
+    """The ``start_daemon`` function, for module-scoped fixtures that need other flags (test files cannot import
+    conftest under ``--import-mode=importlib``). The caller stops what it starts."""
+    return start_daemon
+
+
+@pytest.fixture(scope="session")
+def sdlive_command():
+    """``sdlive_command(*args)``: the argv that runs `sdlive ARGS` with the test interpreter."""
+    return daemon_command

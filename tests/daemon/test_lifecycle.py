@@ -1,0 +1,218 @@
+"""Session lifetime on a real daemon: clients that die are noticed and their shared memory freed, a corrupt ring
+closes only its own session, capacity and auth are enforced, in-band preset requests are honoured, and the daemon
+shuts down in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from sdlive.daemon.protocol.ring import FrameRing, ring_path
+from sdlive.obs_bridge.client import DaemonClient, DaemonError
+
+TOKEN = "s3cret-token"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def fast_daemon(tmp_path_factory, launch_daemon):
+    """A daemon with a token, 2 sessions max and a fast heartbeat (liveness 3 × 0.5 s)."""
+    proc = launch_daemon(
+        tmp_path_factory.mktemp("fast"), "--max-sessions", "2", "--heartbeat-interval", "0.5", token=TOKEN
+    )
+    yield proc
+    proc.stop()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def session_ids(client: DaemonClient) -> set[str]:
+    return {s["session_id"] for s in client.status()["sessions"]}
+
+
+def feed(session, frames: int) -> int:
+    got = 0
+    for i in range(frames):
+        deadline = time.monotonic() + 10
+        while (session.pending_inputs or 0) > 1 and time.monotonic() < deadline:
+            got += session.recv(timeout_s=0.01) is not None
+        session.send(np.full((session.height, session.width, 3), (7 * i) % 256, np.uint8))
+        got += session.recv(timeout_s=0.03) is not None
+    return got
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from sdlive.obs_bridge.client import DaemonClient
+    client = DaemonClient(sys.argv[1], token=sys.argv[2])
+    s = client.open_session(width=64, height=64, fps=15, preset="anime")
+    print(json.dumps({"session_id": s.session_id, "rings": [s.info["input_ring"], s.info["output_ring"]]}), flush=True)
+    i = 0
+    while True:
+        s.send(np.full((64, 64, 3), i % 256, np.uint8)); i += 1
+        s.recv(timeout_s=0.05)
+    """
+)
+
+
+def test_sigkilled_client_leaves_no_shared_memory_after_heartbeat_timeout(fast_daemon):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, fast_daemon.control_address, TOKEN], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        info = json.loads(child.stdout.readline())
+        rings = [Path(ring_path(name)) for name in info["rings"]]
+        assert all(p.exists() for p in rings)
+        time.sleep(1.0)  # mid-stream
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        killed_at = time.monotonic()
+        assert wait_for(lambda: not any(p.exists() for p in rings), timeout_s=10), "rings still in /dev/shm"
+        # liveness 3 × 0.5 s, checked once a second: gone within a few seconds, not at once
+        assert time.monotonic() - killed_at < 6
+        with fast_daemon.client() as client:
+            assert info["session_id"] not in session_ids(client)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert f"session {info['session_id']} closed: client silent" in fast_daemon.log()
+
+
+def test_corrupt_ring_header_closes_that_session_only(fast_daemon):
+    with fast_daemon.client() as client:
+        victim = client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime")
+        other = client.open_session(width=SIZE, height=SIZE, fps=15, preset="watercolor")
+        try:
+            feed(victim, 6)
+            feed(other, 6)
+            path = Path(ring_path(victim.info["input_ring"]))
+            with open(path, "r+b") as fh:  # a stray writer scribbles over the header
+                fh.write(b"GARBAGE!")
+            assert wait_for(lambda: victim.session_id not in session_ids(client), timeout_s=8)
+            assert not path.exists(), "the corrupt session's ring was not unlinked"
+            assert other.session_id in session_ids(client)
+            outputs = feed(other, 20)
+            assert outputs > 0, "the healthy session stopped producing output"
+            with pytest.raises(DaemonError) as err:
+                victim.send(np.zeros((SIZE, SIZE, 3), np.uint8))
+            assert err.value.code == "unknown_session"
+        finally:
+            victim.close()
+            other.close()
+    log = fast_daemon.log()
+    assert "ring header is corrupt" in log and "bad magic" in log
+
+
+def test_capacity_is_enforced_with_a_clear_error(fast_daemon):
+    with fast_daemon.client() as client:
+        a = client.open_session(width=SIZE, height=SIZE, fps=15)
+        b = client.open_session(width=SIZE, height=SIZE, fps=15)
+        try:
+            with pytest.raises(DaemonError) as err:
+                client.open_session(width=SIZE, height=SIZE, fps=15)
+            assert err.value.code == "capacity"
+            assert "max-sessions" in err.value.message
+        finally:
+            a.close()
+            b.close()
+
+
+def test_requests_without_the_token_are_unauthorized(fast_daemon):
+    with DaemonClient(fast_daemon.control_address, token=None) as anonymous:
+        anonymous.token = None
+        anonymous._channel.token = None
+        assert anonymous.hello()["auth_required"] is True  # hello tells clients a token is needed
+        for call in (anonymous.list_presets, anonymous.status, lambda: anonymous.open_session(width=64, height=64, fps=15)):
+            with pytest.raises(DaemonError) as err:
+                call()
+            assert err.value.code == "unauthorized"
+    with DaemonClient(fast_daemon.control_address, token="wrong") as wrong:
+        with pytest.raises(DaemonError) as err:
+            wrong.status()
+        assert err.value.code == "unauthorized"
+    with fast_daemon.client() as good:
+        assert good.status()["model"] == "tiny"
+
+
+def test_inband_preset_index_from_a_stdlib_client_is_honoured(fast_daemon):
+    with fast_daemon.client() as client:
+        names = [p["name"] for p in client.list_presets()]
+        assert names == sorted(names)
+        with client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime") as session:
+            ring = FrameRing.open(session.info["input_ring"])  # what the OBS script does, without ZeroMQ
+            try:
+                target = names.index("cyberpunk")
+                seq = ring.request(preset=target)
+                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
+                feed(session, 8)
+                assert wait_for(lambda: client.status(session.session_id)["sessions"][0]["preset"] == "cyberpunk", 10)
+                seq = ring.request(preset="pencil-sketch")
+                assert wait_for(lambda: client.status(session.session_id)["sessions"][0]["preset"] == "pencil-sketch", 10)
+                seq = ring.request(preset=len(names) + 5)  # out of range: reported, ignored, stream unharmed
+                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
+                assert client.status(session.session_id)["sessions"][0]["preset"] == "pencil-sketch"
+            finally:
+                ring.close()
+
+
+def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, sdlive_command):
+    result = subprocess.run(
+        sdlive_command("serve", "--model", "tiny", "--device", "cpu", "--no-ui", "--control", "tcp://0.0.0.0:0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
+    )
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "without a token" in message and "--token" in message
+
+
+def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(daemon_factory):
+    proc = daemon_factory()
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(proc.pub_address)
+    try:
+        with proc.client() as client:
+            session = client.open_session(width=SIZE, height=SIZE, fps=15)
+            feed(session, 6)
+            rings = [Path(ring_path(session.info[k])) for k in ("input_ring", "output_ring")]
+            assert all(p.exists() for p in rings)
+            time.sleep(1.5)  # the subscription is live (daemon heartbeats arrive once a second)
+            proc.process.send_signal(signal.SIGTERM)
+            assert proc.process.wait(20) == 0
+            assert not any(p.exists() for p in rings)
+            messages = []
+            while sub.poll(500):
+                topic, body = sub.recv_multipart()
+                messages.append((topic.decode(), json.loads(body)))
+            states = [m["state"] for t, m in messages if t == "daemon"]
+            assert states[-1] == "stopping"
+            closed = [m for t, m in messages if t == "event" and m["event"] == "session_closed"]
+            assert any(m["session_id"] == session.session_id for m in closed)
+            session.close()  # idempotent, and fine with the daemon gone
+    finally:
+        sub.close(linger=0)
