@@ -646,21 +646,31 @@ class PullProgress:
 
 
 def _progress_tqdm(repo: str, callback: Callable[[PullProgress], None]):
-    """A tqdm class for huggingface_hub's ``tqdm_class`` that forwards byte counts to ``callback``."""
+    """A tqdm class for huggingface_hub's ``tqdm_class`` that forwards byte counts to ``callback``.
+
+    Only byte bars are forwarded (not the "Fetching N files" counter), and not the network-transfer twin of
+    snapshot_download's byte bar (same bytes twice). The total may grow after creation (snapshot_download adds each
+    file's size), so it is read at every update.
+    """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class _Forward(hf_tqdm):
         def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True  # no terminal output: the caller draws its own bar
+            name = str(kwargs.get("name") or "")
+            self._forward = kwargs.get("unit") == "B" and not name.endswith(".transfer")
+            self._label = str(kwargs.get("desc") or name or repo)
+            self._done = int(kwargs.get("initial") or 0)
+            kwargs["disable"] = True  # no terminal output (and tqdm stops counting): the caller draws its own bar
             super().__init__(*args, **kwargs)
-            self._file = str(kwargs.get("desc") or "")
-            self._done = 0
-            self._total = int(kwargs.get("total") or 0)
-            callback(PullProgress(repo, self._file, 0, self._total))
+            self._emit()
+
+        def _emit(self) -> None:
+            if self._forward:
+                callback(PullProgress(repo, self._label, self._done, int(getattr(self, "total", 0) or 0)))
 
         def update(self, n=1):
             self._done += int(n or 0)
-            callback(PullProgress(repo, self._file, self._done, self._total))
+            self._emit()
             return super().update(n)
 
     return _Forward

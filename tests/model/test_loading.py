@@ -389,6 +389,8 @@ def test_pull_progress_forwards_byte_counts():
 
     events: list[PullProgress] = []
     bar_cls = _progress_tqdm("org/repo", events.append)
+    bar_cls(total=3, desc="Fetching 3 files").update(1)  # a file counter, not bytes: not forwarded
+    bar_cls(total=0, desc="Downloading bytes", unit="B", name="huggingface_hub.snapshot_download.transfer").update(9)
     bar = bar_cls(total=100, desc="vae/diffusion_pytorch_model.safetensors", unit="B")
     bar.update(40)
     bar.update(60)
