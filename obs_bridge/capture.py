@@ -462,18 +462,26 @@ class SyntheticSource(FrameSource):
 
 class AttachedSessionSource(FrameSource):
     """The restyled output of an existing daemon session (an OBS filter's, another cam's), read from its output ring
-    with ``read_latest`` (newest wins), without consuming it for its owner."""
+    with ``read_latest`` (newest wins), without consuming it for its owner.
+
+    A quiet session (its OBS source hidden, a slow daemon) is waited for: every ``check_s`` without a frame the
+    daemon is asked whether the session still exists. The stream ends (``read()`` returns None) when the session is
+    closed; a daemon that stops answering is a :class:`SourceError`."""
 
     kind = "attach"
     self_paced = True
 
     def __init__(self, session_id: str, *, daemon: str | None = None, token: str | None = None,
-                 width=None, height=None, fps=None, timeout_s: float = 5.0) -> None:
+                 width=None, height=None, fps=None, timeout_s: float = 20.0, check_s: float = 5.0) -> None:
         from . import client as _client
 
         address = daemon or _client.DEFAULT_CONTROL_ADDRESS
+        self._address, self._token, self._check_s = address, token, check_s
         with _client.DaemonClient(address, token=token, timeout_s=timeout_s) as dc:
-            info = _find_session(dc.status(), session_id, address)
+            try:
+                info = _find_session(dc.status(), session_id, address)
+            except _client.DaemonUnavailable as exc:
+                raise SourceError(str(exc)) from None
         ring_name = info.get("output_ring")
         if not ring_name:
             raise SourceError(
@@ -495,17 +503,29 @@ class AttachedSessionSource(FrameSource):
                          frame_count=None, description=f"session {session_id}")
 
     def _read_pixels(self) -> np.ndarray | None:
-        deadline = time.monotonic() + self._timeout_s
+        next_check = time.monotonic() + self._check_s
         while True:
             if self._ring.closed_flag:
                 return None  # the session ended
             rf = self._ring.read_latest()
             if rf is not None:
                 return _to_bgr(np.frombuffer(rf.data, np.uint8), self._native, self._pixel_format)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SourceError(f"session {self.session_id} produced no frame for {self._timeout_s:g} s")
-            self._ring.wait(min(0.05, remaining), poll_s=0.001)
+            if time.monotonic() >= next_check:
+                if not self._session_exists():
+                    return None
+                next_check = time.monotonic() + self._check_s
+            self._ring.wait(0.05, poll_s=0.001)
+
+    def _session_exists(self) -> bool:
+        from . import client as _client
+
+        try:
+            with _client.DaemonClient(self._address, token=self._token, timeout_s=self._timeout_s) as dc:
+                sessions = dc.status().get("sessions") or []
+        except _client.DaemonUnavailable as exc:
+            raise SourceError(f"lost the daemon while mirroring session {self.session_id}: {exc}") from None
+        ids = sessions.keys() if isinstance(sessions, dict) else [str(s.get("session_id")) for s in sessions]
+        return self.session_id in ids
 
     def _release(self) -> None:
         self._ring.close()
