@@ -26,6 +26,8 @@ import pytest
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+CLIENT_TIMEOUT_S = 30.0
+"""Requests wait for the compute loop between model steps; on a CPU shared with other jobs a step can take seconds."""
 
 
 def free_port() -> int:
@@ -55,6 +57,7 @@ class DaemonProcess:
         from sdlive.obs_bridge.client import DaemonClient
 
         kwargs.setdefault("token", self.token)
+        kwargs.setdefault("timeout_s", CLIENT_TIMEOUT_S)
         return DaemonClient(self.control_address, **kwargs)
 
     @property

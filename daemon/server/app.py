@@ -142,6 +142,7 @@ class Daemon:
         self.device = str(getattr(engine, "device", self.config.device or "cpu"))
         self.model_name = str(getattr(engine, "model_name", self.config.model))
         self.warmer = PromptWarmer(engine)
+        self.io.static_replies = {"hello": self._op_hello(None), "list_presets": self._op_list_presets(None)}
         for name in self.presets.names():
             self.warmer.request(self.presets.presets[name].prompt)
 
@@ -273,7 +274,8 @@ class Daemon:
     def _tick(self, now: int) -> None:
         timeout = self.config.heartbeat_timeout_s
         for session in list(self.sessions.values()):
-            age = session.client_age_s(now)
+            session.seen(self.io.last_seen.get(session.session_id, 0))
+            age = session.client_age_s(time.monotonic_ns())
             if age > timeout:
                 self._close_session(
                     session,
@@ -324,10 +326,6 @@ class Daemon:
     def _handle_item(self, item: Any) -> None:
         if isinstance(item, sio.Request):
             self._on_request(item)
-        elif isinstance(item, sio.Seen):
-            session = self.sessions.get(item.session_id)
-            if session is not None:
-                session.seen(item.received_ns)
         elif isinstance(item, sio.NetInput):
             session = self.sessions.get(item.session_id)
             if session is not None:
@@ -683,6 +681,7 @@ class Daemon:
         if self.sessions.pop(session.session_id, None) is None:
             return
         self.io.session_ids.discard(session.session_id)
+        self.io.last_seen.pop(session.session_id, None)
         try:
             with self.output.lock:  # no output is being written while the rings go away
                 self.output.forget(session.session_id)
@@ -706,8 +705,11 @@ class Daemon:
         if self.warmer is not None:
             self.warmer.close()
         self.output.stop()
+        log.debug("output thread stopped")
         self.io.stop()
+        log.debug("IO thread stopped (alive=%s)", self.io.is_alive())
         self.ctx.term()
+        log.debug("ZeroMQ context terminated")
 
     # ------------------------------------------------------------------ PUB
 
@@ -772,10 +774,13 @@ def _setup_logging(config: DaemonConfig, *, console: Any = None) -> None:
 def serve(config: DaemonConfig) -> int:
     """Run the daemon until shutdown; returns the exit code. Binds first (so a busy port fails in a second, not
     after a model load), then loads the model, then serves."""
+    import faulthandler
     import sys
 
     from . import ui as ui_mod
 
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: a stuck daemon explains itself
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     use_ui = config.ui and sys.stdout.isatty()
     view = ui_mod.StatsView() if use_ui else None
     _setup_logging(config, console=view.console if view else None)

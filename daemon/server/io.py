@@ -50,14 +50,6 @@ class Request:
 
 
 @dataclass
-class Seen:
-    """A heartbeat the IO thread answered itself: the session's client is alive."""
-
-    session_id: str
-    received_ns: int
-
-
-@dataclass
 class NetInput:
     """A frame received on a network session's input socket."""
 
@@ -210,6 +202,12 @@ class IOThread(threading.Thread):
         self.bound_control = control
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
+        self.last_seen: dict[str, int] = {}
+        """Session id → monotonic ns of the last message naming it or frame for it, written here as messages
+        arrive, so a compute loop busy in a long model step still sees clients as alive."""
+        self.static_replies: dict[str, dict[str, Any]] = {}
+        """Replies that do not change while the daemon runs (``hello``, ``list_presets``), set by the compute side
+        once the model is loaded: answered here at once, however busy the model is."""
         self.session_ids: set[str] = set()
         """Open sessions (kept by the compute loop): heartbeats are answered here, without waiting for a model step
         (Paranoid Pirate liveness is about the daemon process, which is alive while a slow chunk computes)."""
@@ -329,8 +327,14 @@ class IOThread(threading.Thread):
         except ProtocolError as exc:
             self._reject(router, envelope, exc)
             return
+        session_id = getattr(message, "session_id", None)
+        if session_id is not None and session_id in self.session_ids:
+            self.last_seen[session_id] = now  # any message counts as life
+        static = self.static_replies.get(message.op)
+        if static is not None:
+            self._send(router, envelope, ok_reply(static, id=message.id))
+            return
         if message.op == "heartbeat":
-            session_id = message.session_id
             if session_id is not None and session_id not in self.session_ids:
                 self._send(
                     router,
@@ -339,8 +343,6 @@ class IOThread(threading.Thread):
                 )
                 return
             self._send(router, envelope, ok_reply({"session_id": session_id}, id=message.id))
-            if session_id is not None:
-                self.inbox.put(Seen(session_id, now))
             return
         self.inbox.put(Request(envelope, message, now))
 
@@ -430,6 +432,7 @@ class IOThread(threading.Thread):
             except zmq.Again:
                 return
             now = time.monotonic_ns()
+            self.last_seen[session_id] = now
             try:
                 if len(parts) != 2:
                     raise ValueError(f"a frame message has 2 parts [header, pixels], got {len(parts)}")

@@ -129,7 +129,7 @@ class Session:
         return self.engine_session.params.model_dump()
 
     def seen(self, now_ns: int | None = None) -> None:
-        self.last_seen_ns = now_ns or time.monotonic_ns()
+        self.last_seen_ns = max(self.last_seen_ns, now_ns if now_ns is not None else time.monotonic_ns())
 
     def client_age_s(self, now_ns: int) -> float:
         """Seconds since the client's last sign of life (control message, net frame or in-band ring heartbeat)."""

@@ -42,7 +42,7 @@ class Streamer(threading.Thread):
 
     def __init__(self, address: str) -> None:
         super().__init__(daemon=True)
-        self.client = DaemonClient(address)
+        self.client = DaemonClient(address, timeout_s=30.0)
         self.session = self.client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime")
         self.outputs = 0
         self.error: BaseException | None = None
@@ -147,7 +147,7 @@ def test_error_reply_echoes_request_id(raw):
 
 
 def test_bad_preset_and_params_on_a_live_session(daemon, streamer):
-    with DaemonClient(daemon.control_address) as client:
+    with daemon.client() as client:
         with pytest.raises(DaemonError) as err:
             client.set_preset(streamer.session.session_id, "no-such-preset")
         assert err.value.code == "unknown_preset"

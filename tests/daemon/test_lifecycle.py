@@ -138,7 +138,7 @@ def test_capacity_is_enforced_with_a_clear_error(fast_daemon):
 
 
 def test_requests_without_the_token_are_unauthorized(fast_daemon):
-    with DaemonClient(fast_daemon.control_address, token=None) as anonymous:
+    with DaemonClient(fast_daemon.control_address, token=None, timeout_s=30.0) as anonymous:
         anonymous.token = None
         anonymous._channel.token = None
         assert anonymous.hello()["auth_required"] is True  # hello tells clients a token is needed
@@ -146,7 +146,7 @@ def test_requests_without_the_token_are_unauthorized(fast_daemon):
             with pytest.raises(DaemonError) as err:
                 call()
             assert err.value.code == "unauthorized"
-    with DaemonClient(fast_daemon.control_address, token="wrong") as wrong:
+    with DaemonClient(fast_daemon.control_address, token="wrong", timeout_s=30.0) as wrong:
         with pytest.raises(DaemonError) as err:
             wrong.status()
         assert err.value.code == "unauthorized"
@@ -188,8 +188,19 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, sdlive_comma
     assert "without a token" in message and "--token" in message
 
 
-def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(daemon_factory):
-    proc = daemon_factory()
+def test_unknown_model_is_a_reported_fatal_error(tmp_path, sdlive_command):
+    result = subprocess.run(
+        sdlive_command("serve", "--model", "no-such-model", "--no-ui", "--control", "tcp://127.0.0.1:0",
+                       "--pub", "tcp://127.0.0.1:0"),
+        capture_output=True, text=True, timeout=120, env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "cannot load model 'no-such-model'" in result.stderr + result.stdout
+
+
+def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(fast_daemon):
+    """Last in this module: it stops the module's daemon."""
+    proc = fast_daemon
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -203,7 +214,7 @@ def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(daemon_factory
             assert all(p.exists() for p in rings)
             time.sleep(1.5)  # the subscription is live (daemon heartbeats arrive once a second)
             proc.process.send_signal(signal.SIGTERM)
-            assert proc.process.wait(20) == 0
+            assert proc.process.wait(60) == 0
             assert not any(p.exists() for p in rings)
             messages = []
             while sub.poll(500):
