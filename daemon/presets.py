@@ -165,9 +165,10 @@ def load_preset_file(path: Path) -> Preset:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"line (\d+)", str(exc))
-        raise PresetFileError(
-            PresetProblem(path, int(match.group(1)) if match else None, f"not valid TOML: {exc}")
-        ) from exc
+        line = int(match.group(1)) if match else None
+        if line is None and "end of document" in str(exc):
+            line = max(1, len(text.splitlines()))
+        raise PresetFileError(PresetProblem(path, line, f"not valid TOML: {exc}")) from exc
     data.setdefault("name", path.stem)
     try:
         return Preset(**data, source=str(path))

@@ -1,0 +1,79 @@
+"""The daemon's one config object: CLI flags > SDLIVE_* env > config file > defaults; unsafe binds refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdlive.daemon.config import ConfigError, DaemonConfig, is_loopback, load_config
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in ("SDLIVE_CONFIG", "SDLIVE_TOKEN", "SDLIVE_MAX_SESSIONS", "SDLIVE_CONTROL", "SDLIVE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-user-config"))
+
+
+def test_defaults_are_loopback_tiny_and_no_token():
+    cfg = load_config()
+    assert cfg.model == "tiny"
+    assert cfg.control == "tcp://127.0.0.1:5557" and cfg.pub == "tcp://127.0.0.1:5558"
+    assert cfg.token is None and not cfg.remote
+    assert cfg.heartbeat_timeout_s == pytest.approx(3.0)
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path, monkeypatch):
+    file = tmp_path / "sdlive.toml"
+    file.write_text('max_sessions = 7\nmodel = "wan2.1-1.3b"\nlog_level = "debug"\n')
+    assert load_config(file).max_sessions == 7
+    assert load_config(file).log_level == "DEBUG"
+    monkeypatch.setenv("SDLIVE_MAX_SESSIONS", "9")
+    cfg = load_config(file)
+    assert cfg.max_sessions == 9 and cfg.model == "wan2.1-1.3b"
+    assert load_config(file, max_sessions=2).max_sessions == 2
+    assert load_config(file, max_sessions=None).max_sessions == 9  # a flag not given does not override
+
+
+def test_config_file_from_env_variable(tmp_path, monkeypatch):
+    file = tmp_path / "c.toml"
+    file.write_text("heartbeat_liveness = 5\n")
+    monkeypatch.setenv("SDLIVE_CONFIG", str(file))
+    assert load_config().heartbeat_liveness == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("bogus = 1\n", "bogus"), ("max_sessions = 0\n", "max_sessions"), ("max_sessions = \n", "config file"),
+     ('control = "localhost:5557"\n', "tcp://HOST:PORT")],
+)
+def test_bad_config_file_is_a_clear_error(tmp_path, text, needle):
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    assert needle in str(err.value) and str(file) in str(err.value)
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("address", ["tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://192.168.1.20:5557"])
+def test_non_loopback_bind_needs_a_token(address):
+    with pytest.raises(ConfigError, match="without a token"):
+        load_config(control=address)
+    assert load_config(control=address, token="t").remote
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("tcp://127.0.0.1:1", True), ("tcp://[::1]:1", True), ("tcp://localhost:1", True), ("ipc:///tmp/x", True),
+     ("tcp://0.0.0.0:1", False), ("tcp://10.0.0.2:1", False)],
+)
+def test_is_loopback(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_config_is_one_pydantic_settings_object():
+    assert isinstance(load_config(), DaemonConfig)
