@@ -1,14 +1,17 @@
 """Output pacing: restyled frames leave at the source rate with a steady latency.
 
 The engine works in chunks, so outputs come in bursts (four frames at once, then nothing). Released as they come,
-the viewer would see stutter. The pacer holds each output until ``arrival + L``, where ``arrival`` is when its input
-frame was taken in and ``L`` is one latency for the whole stream: inputs that arrive evenly leave evenly.
+the viewer would see stutter. :class:`Pacer` gives each output a due time ``arrival + L``, where ``arrival`` is when
+its input frame was taken in and ``L`` is one latency for the whole stream: inputs that arrive evenly leave evenly.
 
 ``L`` follows the observed processing latency (time from arrival to the output being ready): it jumps up at once when
 outputs would otherwise be late (one visible hitch, then steady again) and creeps down slowly when there is slack,
-so it settles just above the p95 of what the engine needs. An output ready after its due time leaves at once and
-counts as a deadline miss. Due times never go backwards, and consecutive outputs keep at least half a frame period
-apart unless they are already late, so a backlog drains quickly without a burst.
+so it settles just above the p95 of what the engine needs. An output ready after its due time counts as a deadline
+miss. Due times never go backwards, and consecutive outputs keep at least half a frame period apart, so a backlog
+drains at no more than twice the source rate instead of in a burst that would overrun the reader's ring.
+
+:class:`OutputThread` releases the outputs of every session at their due times, so pacing holds while the compute
+thread is inside the model.
 """
 
 from __future__ import annotations

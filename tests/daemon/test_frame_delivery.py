@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from sdlive.daemon.protocol.messages import HelloReply, OpenSessionReply
 from sdlive.obs_bridge.client import DaemonClient, Frame, SessionClient
 
 SIZE = 64
@@ -87,6 +88,8 @@ def test_shm_session_returns_every_frame_in_order_with_capture_timestamps(daemon
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime") as session:
             assert session.transport == "shm"
             assert session.latency_frames > 0
+            OpenSessionReply.model_validate(session.info)  # the protocol's reply schema
+            HelloReply.model_validate(client.hello())
             sent, got = stream(session, 48)
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
             assert len(got) >= 40
