@@ -188,14 +188,32 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, sdlive_comma
     assert "without a token" in message and "--token" in message
 
 
-def test_unknown_model_is_a_reported_fatal_error(tmp_path, sdlive_command):
-    result = subprocess.run(
-        sdlive_command("serve", "--model", "no-such-model", "--no-ui", "--control", "tcp://127.0.0.1:0",
-                       "--pub", "tcp://127.0.0.1:0"),
-        capture_output=True, text=True, timeout=120, env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
-    )
-    assert result.returncode == 1
-    assert "cannot load model 'no-such-model'" in result.stderr + result.stdout
+def test_unknown_model_is_a_fatal_error_reported_on_pub_and_in_the_log(tmp_path, sdlive_command):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        pub = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RECONNECT_IVL, 10)
+    sub.setsockopt(zmq.SUBSCRIBE, b"daemon")
+    sub.connect(pub)  # before the daemon binds: ZeroMQ connects as soon as it does
+    try:
+        result = subprocess.run(
+            sdlive_command("serve", "--model", "no-such-model", "--no-ui", "--control", "tcp://127.0.0.1:0",
+                           "--pub", pub),
+            capture_output=True, text=True, timeout=120, env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
+        )
+        assert result.returncode == 1
+        assert "cannot load model 'no-such-model'" in result.stderr + result.stdout
+        beats = []
+        while sub.poll(1000):
+            beats.append(json.loads(sub.recv_multipart()[1]))
+        assert beats, "no daemon message reached the subscriber"
+        assert beats[-1]["state"] == "dead" and "no-such-model" in beats[-1]["message"]
+    finally:
+        sub.close(linger=0)
 
 
 def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(fast_daemon):
