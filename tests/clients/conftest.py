@@ -137,3 +137,15 @@ def xdisplay():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="package")
+def daemon(tmp_path_factory, launch_daemon):
+    """The suite's real tiny-model daemon (tests/conftest.py's `start_daemon`), shared by every module of
+    tests/clients instead of one per module: a start costs seconds, and each test here opens and closes its own
+    sessions."""
+    proc = launch_daemon(tmp_path_factory.mktemp("clients-daemon"))
+    try:
+        yield proc
+    finally:
+        proc.stop()
