@@ -489,23 +489,37 @@ def render(
         _reraise_as_exit(exc)
 
 
+_PROBE_MODELS = """
+import json
+try:
+    import torch
+    from sdlive.daemon.model.loading import list_models
+    print(json.dumps({"cuda": torch.cuda.is_available(),
+                      "downloaded": [m.name for m in list_models() if m.downloaded and m.name != "tiny"]}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+"""
+
+
 def _pick_demo_model(device: str | None) -> tuple[str, str]:
     """The model the demo runs: a real one whose weights are on disk (and a GPU to run it, unless ``--device`` says
-    otherwise), else ``tiny`` (random weights, nothing to download, real-time on a CPU)."""
-    try:
-        import torch
+    otherwise), else ``tiny`` (random weights, nothing to download, real-time on a CPU).
 
-        from sdlive.daemon.model import loading  # lazy: only the daemon side has it (and torch)
-    except Exception:  # noqa: BLE001 - client-only install, or the daemon side is broken: tiny still runs
-        return "tiny", "no daemon-side model code importable"
+    Asked of a separate interpreter: the daemon side (torch) is never imported into this client process."""
+    import json
+
     try:
-        models = loading.list_models()
-    except Exception as exc:  # noqa: BLE001
-        return "tiny", f"could not list local models ({exc})"
-    real = [m.name for m in models if m.name != "tiny" and m.downloaded]
+        probe = subprocess.run([sys.executable, "-c", _PROBE_MODELS], capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return "tiny", "could not look for downloaded models"
+    if "error" in found:
+        return "tiny", f"no daemon-side model code ({found['error']})"
+    real = found.get("downloaded") or []
     if not real:
         return "tiny", "no downloaded weights: `sdlive models pull wan2.1-1.3b` for the real model"
-    gpu = device == "cuda" or (device is None and torch.cuda.is_available())
+    gpu = device == "cuda" or (device is None and found.get("cuda"))
     if not gpu:
         return "tiny", f"{real[0]} is downloaded but there is no GPU to run it in real time (--model {real[0]} forces it)"
     return real[0], "downloaded weights found"

@@ -86,3 +86,15 @@ def test_preset_keys_pick_by_number_and_cycle():
     assert PresetSwitcher([]).key("1") is None
     fresh = PresetSwitcher(["a", "b"])
     assert fresh.current is None and fresh.key("n") == "a"
+
+
+def test_client_media_modules_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import sdlive.obs_bridge.cli, sdlive.obs_bridge.capture, sdlive.obs_bridge.sinks, "
+            "sdlive.obs_bridge.media, sdlive.obs_bridge.vcam, sdlive.obs_bridge.cli_media; "
+            "from sdlive.obs_bridge.cli_media import _pick_demo_model; _pick_demo_model('cpu'); "
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
