@@ -446,7 +446,11 @@ def render(
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts.")] = None,
 ) -> None:
-    """Restyle a video file to a new file: every frame, the input's fps, its audio kept."""
+    """Restyle a video file to a new file: every frame, the input's fps, its audio kept.
+
+    The output has exactly as many frames as the input: the daemon answers a few frames late (its latency), so
+    after the last frame the renderer repeats it until every real frame is back and drops those padding outputs.
+    """
     from .capture import open_source
     from .media import run_offline
 
