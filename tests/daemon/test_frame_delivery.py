@@ -175,3 +175,16 @@ def test_network_transport_round_trips_frames(daemon, jpeg_quality):
             assert status["transport"] == "net"
             assert status["frames_in"] == 40
             assert status["frames_out"] == len(got)
+
+
+def test_auto_transport_falls_back_to_network_when_shared_memory_is_unreachable(daemon, monkeypatch, tmp_path):
+    # This process looks for rings somewhere the daemon never writes: as a client in another container would.
+    monkeypatch.setenv("SDLIVE_SHM_DIR", str(tmp_path))
+    with daemon.client() as client:
+        with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime", transport="auto") as session:
+            assert session.transport == "net"
+            sent, got = stream(session, 16, backlog=net_backlog(client, session))
+            check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
+        # the shared-memory session opened first was closed by the fallback, the network one by close()
+        assert client.status()["sessions"] == []
+    assert not list(tmp_path.iterdir())
