@@ -90,6 +90,9 @@ class DaemonConfig(BaseSettings):
     """Load presets from ``user_config_dir("sdlive")/presets`` too."""
     default_preset: str | None = None
     """Preset for sessions opened without one (default: the first in sorted order)."""
+    warmup: bool = True
+    """Run a throwaway 64×64 stream through the model at startup, so the first real session does not pay the
+    one-off kernel setup (seconds on CPU) while it is live."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_file: Path | None = None
     ui: bool = True

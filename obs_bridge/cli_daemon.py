@@ -47,6 +47,7 @@ def serve(
     preset_dir: Annotated[list[Path] | None, typer.Option("--preset-dir", help="extra preset folder (repeatable)")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR (INFO)")] = None,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="also log to this file")] = None,
+    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="skip the startup warm-up stream")] = False,
     no_ui: Annotated[bool, typer.Option("--no-ui", help="no live stats table (also off when stdout is not a terminal)")] = False,
 ) -> None:
     """Run the daemon: load the model, serve sessions over ZeroMQ + shared memory, show live stats."""
@@ -69,6 +70,7 @@ def serve(
             log_level=log_level,
             log_file=log_file,
             ui=False if no_ui else None,
+            warmup=False if no_warmup else None,
         )
     except ConfigError as exc:
         raise _fail(exc) from None

@@ -57,6 +57,9 @@ RECONNECT_INTERVAL_INIT_S = 1.0
 RECONNECT_INTERVAL_MAX_S = 32.0
 """Reconnect backoff doubles from INIT up to MAX."""
 
+CLOSE_TIMEOUT_S = 2.0
+"""``SessionClient.close`` waits at most this for the daemon's answer."""
+
 PIXEL_CHANNELS = {"bgra": 4, "rgba": 4, "rgb24": 3, "bgr24": 3}
 TRANSPORTS = ("auto", "shm", "net")
 
@@ -611,10 +614,17 @@ class SessionClient:
             return
         self._closed = True
         self._heartbeat.stop()
-        if self._lost is None:
-            try:
-                self._daemon.close_session(self.session_id)
-            except DaemonError as exc:  # daemon gone or session already closed: nothing left to free here
+        closed_by_daemon = self._lost is not None
+        try:
+            closed_by_daemon = closed_by_daemon or (self._in_ring is not None and self._in_ring.closed_flag)
+        except Exception:  # noqa: BLE001 - an unusable ring: ask the daemon anyway
+            pass
+        if not closed_by_daemon:
+            try:  # short: a daemon that is gone has freed the session already (or will, by heartbeat timeout)
+                self._daemon._channel.request(
+                    "close_session", timeout_s=min(self._daemon.timeout_s, CLOSE_TIMEOUT_S), session_id=self.session_id
+                )
+            except DaemonError as exc:
                 log.debug("close_session %s: %s", self.session_id, exc)
         for ring in (self._in_ring, self._out_ring):
             if ring is not None:

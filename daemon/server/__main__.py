@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level")
     parser.add_argument("--log-file")
     parser.add_argument("--no-ui", action="store_const", const=False, dest="ui")
+    parser.add_argument("--no-warmup", action="store_const", const=False, dest="warmup")
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     try:

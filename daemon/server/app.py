@@ -828,4 +828,26 @@ def _load_engine(config: DaemonConfig, view: Any) -> Any:
     else:
         engine = StreamEngine.load(config.model, weights=config.weights, device=config.device, dtype=dtype)
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
+    if config.warmup:
+        _warm_up(engine)
     return engine
+
+
+def _warm_up(engine: Any, size: int = 64, frames: int = 21) -> None:
+    """Push a few chunks of noise through a throwaway session (first-call kernel setup, allocator growth)."""
+    import numpy as np
+
+    from ..engine import SessionParams
+
+    started = time.perf_counter()
+    try:
+        session = engine.open_session(
+            width=size, height=size, params=SessionParams(prompt="warm-up"), pixel_format="bgr24"
+        )
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            session.push(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first session some time
+        log.warning("warm-up failed (the first session may start slowly): %s", exc)
+        return
+    log.info("warm-up done in %.1f s", time.perf_counter() - started)
