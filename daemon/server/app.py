@@ -468,6 +468,8 @@ class Daemon:
             "target_latency_ms": round(session.pacer.target_latency_ms, 2),
             "device_memory_mb": device_mb,
             "steps": steps,
+            "params": session.params(),
+            "pending_changes": sum(1 for s, *_ in self._deferred if s is session),
             "engine_frames_in": int(getattr(session.engine_session, "frames_in", session.frames_pushed)),
             "engine_frames_out": int(getattr(session.engine_session, "frames_out", snap["frames_out"])),
             "ts": time.time(),

@@ -188,3 +188,27 @@ def test_auto_transport_falls_back_to_network_when_shared_memory_is_unreachable(
         # the shared-memory session opened first was closed by the fallback, the network one by close()
         assert client.status()["sessions"] == []
     assert not list(tmp_path.iterdir())
+
+
+def test_set_params_with_a_new_prompt_applies_live_without_stalling(daemon):
+    prompt = f"a stained glass window, vivid colours, {time.time_ns()}"  # never encoded before
+    with daemon.client() as client:
+        with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime") as session:
+            changed = {}
+
+            def on_frame(i: int) -> None:
+                if i == 12:
+                    changed["reply"] = session.set_params(prompt=prompt, steps=1, noise_scale=0.5)
+
+            sent, got = stream(session, 36, on_frame=on_frame)
+            check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
+            assert changed["reply"]["params"]["prompt"] == prompt
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                entry = client.status(session.session_id)["sessions"][0]
+                if entry["params"]["prompt"] == prompt:
+                    break
+                time.sleep(0.2)
+            assert entry["params"]["prompt"] == prompt and entry["params"]["steps"] == 1
+            assert entry["params"]["noise_scale"] == 0.5 and entry["pending_changes"] == 0
+            assert entry["engine_frames_in"] == 36
