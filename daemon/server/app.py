@@ -287,6 +287,8 @@ class Daemon:
                 session.check_rings()
             except SessionClosed as exc:
                 self._close_session(session, exc.reason, code=exc.code)
+            except Exception as exc:  # noqa: BLE001 - an unreadable ring is that session's problem only
+                self._close_session(session, f"ring check failed: {type(exc).__name__}: {exc}", code="internal")
         stats = [self._session_stats(s, now) for s in self.sessions.values()]
         for entry in stats:
             self._publish(TOPIC_STATS, entry)
@@ -316,9 +318,13 @@ class Daemon:
                     self._apply_preset(session, preset_name)
                 if changes:
                     self._apply_params(session, changes)
-            except (ProtocolError, IndexError, KeyError) as exc:
+            except (ProtocolError, IndexError, KeyError, ValueError) as exc:
                 message = exc.message if isinstance(exc, ProtocolError) else str(exc)
                 self._event("error", session.session_id, code="bad_params", message=f"in-band request: {message}")
+            except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
+                log.exception("session %s: in-band request failed", session.session_id)
+                self._close_session(session, f"in-band request failed: {type(exc).__name__}: {exc}", code="internal")
+                continue
             session.mark_applied(control_seq)
 
     # ------------------------------------------------------------------ requests
@@ -658,6 +664,9 @@ class Daemon:
                 self._apply_now(session, changes, preset)
             except ValueError as exc:
                 self._event("error", session.session_id, code="bad_params", message=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
+                log.exception("session %s: applying %s failed", session.session_id, changes)
+                self._close_session(session, f"parameter change failed: {type(exc).__name__}: {exc}", code="internal")
         self._deferred = still
 
     def _op_set_preset(self, msg: Any) -> dict[str, Any]:
