@@ -1,0 +1,64 @@
+"""The client library's boundaries: exact errors for bad frames and bad arguments, a clear DaemonUnavailable,
+idempotent close, and heartbeats that keep an idle session alive."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sdlive.obs_bridge.client import DaemonClient, DaemonError, DaemonUnavailable
+
+
+def test_no_daemon_raises_unavailable_naming_address_and_fix():
+    started = time.monotonic()
+    with DaemonClient("tcp://127.0.0.1:1", timeout_s=0.3) as client:
+        with pytest.raises(DaemonUnavailable) as err:
+            client.hello()
+        with pytest.raises(DaemonUnavailable):  # a fresh socket after the timeout, same answer
+            client.status()
+    assert time.monotonic() - started < 5
+    assert "tcp://127.0.0.1:1" in str(err.value) and "sdlive serve" in str(err.value)
+    assert isinstance(err.value, DaemonError) and isinstance(err.value, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"pixel_format": "yuv"}, "pixel format"), ({"transport": "carrier-pigeon"}, "transport"),
+     ({"jpeg_quality": 0}, "jpeg_quality")],
+)
+def test_bad_open_session_arguments_are_refused_before_sending(kwargs, needle):
+    with DaemonClient("tcp://127.0.0.1:1", timeout_s=0.3) as client:
+        with pytest.raises(ValueError, match=needle):
+            client.open_session(width=64, height=64, fps=30, **kwargs)
+
+
+def test_bad_address_is_refused():
+    with pytest.raises(ValueError, match="ZeroMQ endpoint"):
+        DaemonClient("localhost:5557")
+
+
+def test_frame_checks_idle_heartbeats_and_idempotent_close(daemon):
+    with daemon.client() as client:
+        session = client.open_session(width=64, height=48, fps=15, pixel_format="rgba")
+        with pytest.raises(ValueError, match=r"unexpected frame dtype: float32 != uint8"):
+            session.send(np.zeros((48, 64, 4), np.float32))
+        with pytest.raises(ValueError, match=r"unexpected frame shape: \(64, 48, 4\) != \(48, 64, 4\)"):
+            session.send(np.zeros((64, 48, 4), np.uint8))
+        with pytest.raises(TypeError, match="numpy array"):
+            session.send(b"\x00" * (64 * 48 * 4))
+        assert session.recv(timeout_s=0.05) is None  # nothing sent yet: a short wait, then None
+        # idle for longer than liveness x interval: the heartbeat thread keeps the session open
+        time.sleep(4.0)
+        assert session.session_id in {s["session_id"] for s in client.status()["sessions"]}
+        assert session.daemon_alive and not session.closed
+        seq = session.send(np.zeros((48, 64, 4), np.uint8))
+        assert seq == 1 and session.frames_sent == 1
+        session.close()
+        session.close()
+        assert session.closed
+        with pytest.raises(DaemonError) as err:
+            session.send(np.zeros((48, 64, 4), np.uint8))
+        assert err.value.code == "closed"
+        assert session.session_id not in {s["session_id"] for s in client.status()["sessions"]}
