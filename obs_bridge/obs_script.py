@@ -1104,6 +1104,7 @@ def _cb_create(settings, source):
         inst = _STATE.impl.FilterInstance(handle, source)
         with _STATE.instances_lock:
             _STATE.instances[handle] = inst
+        info(f"filter '{inst.name}' created (instance {handle})")
         inst.update(settings)  # create() calls update()
         return handle
     except Exception as exc:  # noqa: BLE001
@@ -1116,7 +1117,7 @@ def _cb_destroy(handle):
         inst = _STATE.instances.pop(handle or 0, None)
     if inst is not None:
         inst.shutdown()
-        info(f"filter '{inst.name}' destroyed")
+        info(f"filter '{inst.name}' destroyed (instance {handle})")
 
 
 def _cb_get_defaults(settings):

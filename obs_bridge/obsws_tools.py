@@ -26,6 +26,7 @@ DEFAULT_FILTER_NAME = "sdlive"
 HOTKEY_PREFIX = "sdlive.preset."
 MIN_OBS_VERSION = (29, 0)
 MIN_WEBSOCKET_VERSION = (5, 0)
+MIN_UPTIME_S = 2.0  # see HeadlessOBS.stop
 
 # settings keys of the filter (the same names as KEY_* in obs_script.py)
 SETTING_ADDRESS = "daemon_address"
@@ -198,6 +199,7 @@ class HeadlessOBS:
     proc: subprocess.Popen | None = None
     xvfb: subprocess.Popen | None = None
     started_at: float = 0.0
+    ready_at: float = 0.0
 
     @property
     def config_dir(self) -> Path:
@@ -264,6 +266,7 @@ class HeadlessOBS:
                 cl.get_version()
                 with contextlib.suppress(Exception):
                     cl.disconnect()
+                self.ready_at = time.monotonic()
                 return
             except Exception as exc:  # noqa: BLE001
                 last = exc
@@ -283,6 +286,11 @@ class HeadlessOBS:
     def stop(self, timeout: float = 30.0) -> int | None:
         rc = None
         if self.proc is not None and self.proc.poll() is None:
+            # OBS 29 crashes (SIGSEGV) or hangs about half the time when SIGINT arrives within its first second
+            # (reproduced with no script loaded at all): give it MIN_UPTIME_S before asking it to quit.
+            wait = MIN_UPTIME_S - (time.monotonic() - self.ready_at)
+            if wait > 0:
+                time.sleep(wait)
             self.proc.send_signal(signal.SIGINT)
             try:
                 rc = self.proc.wait(timeout)
