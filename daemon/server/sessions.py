@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol.messages import ring_name
-from ..protocol.ring import FrameRing, RingError
+from ..protocol.ring import REQUEST_NOISE_SCALE, REQUEST_PRESET, REQUEST_STEPS, FrameRing, RingError
 from .pacing import Pacer
 from .stats import SessionStats
 
@@ -88,7 +88,6 @@ class Session:
     _out_seq: int = 0
     _net_dropped: int = 0
     _last_control_seq: int = 0
-    _last_inband: tuple[int, str, int, float] = (-1, "", 0, -1.0)
     failed: str | None = None
     """Set by the output thread when this session's output cannot be written; the compute loop closes it."""
     closed: bool = False
@@ -257,27 +256,24 @@ class Session:
     def inband_request(self) -> dict[str, Any] | None:
         """The in-band control block's new request (a stdlib client without ZeroMQ), as changed fields, or None.
 
-        Fields of a request stay in the block; only those that differ from the last request seen are returned, so
-        a later ``set_preset`` over ZeroMQ is not undone by an old in-band value."""
+        Only the fields the request flagged in ``request_fields`` apply (a preset by name wins over the index), so
+        a later ``set_preset`` over ZeroMQ is never undone by an older in-band value still in the block."""
         if self.in_ring is None:
             return None
         block = self.in_ring.control()
         if block.control_seq <= self._last_control_seq:
             return None
         self._last_control_seq = block.control_seq
-        prev = self._last_inband
-        now = (block.requested_preset, block.requested_preset_name, block.requested_steps, block.requested_noise_scale)
-        self._last_inband = now
+        fields = block.request_fields
         changes: dict[str, Any] = {"control_seq": block.control_seq}
-        if block.requested_preset_name and block.requested_preset_name != prev[1]:
-            changes["preset_name"] = block.requested_preset_name
-        elif not block.requested_preset_name and block.requested_preset >= 0 and (
-            block.requested_preset != prev[0] or prev[1]
-        ):
-            changes["preset_index"] = block.requested_preset
-        if block.requested_steps > 0 and block.requested_steps != prev[2]:
+        if fields & REQUEST_PRESET:
+            if block.requested_preset_name:
+                changes["preset_name"] = block.requested_preset_name
+            elif block.requested_preset >= 0:
+                changes["preset_index"] = block.requested_preset
+        if fields & REQUEST_STEPS and block.requested_steps > 0:
             changes["steps"] = block.requested_steps
-        if block.requested_noise_scale > 0 and block.requested_noise_scale != prev[3]:
+        if fields & REQUEST_NOISE_SCALE and block.requested_noise_scale > 0:
             changes["noise_scale"] = block.requested_noise_scale
         return changes
 

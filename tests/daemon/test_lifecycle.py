@@ -171,6 +171,14 @@ def test_inband_preset_index_from_a_stdlib_client_is_honoured(fast_daemon):
                 seq = ring.request(preset=len(names) + 5)  # out of range: reported, ignored, stream unharmed
                 assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
                 assert client.status(session.session_id)["sessions"][0]["preset"] == "pencil-sketch"
+                # a steps-only request leaves the preset alone, even though the block still holds an index
+                client.set_preset(session.session_id, "anime")
+                seq = ring.request(steps=1, noise_scale=0.5)
+                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
+                entry = client.status(session.session_id)["sessions"][0]
+                assert entry["preset"] == "anime"
+                assert entry["params"]["steps"] == 1 and entry["params"]["noise_scale"] == 0.5
+                feed(session, 8)  # the stream runs on after the step change
             finally:
                 ring.close()
 
