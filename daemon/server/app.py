@@ -129,6 +129,7 @@ class Daemon:
         self.model_name = str(getattr(engine, "model_name", config.model))
         self._stopping: str | None = None
         self._next_tick_ns = 0
+        self._next_beat_ns = 0
         self._next_inband_ns = 0
         self._net_host = self._host_for_net(config.control)
         self.warmer: PromptWarmer | None = None
@@ -202,11 +203,14 @@ class Daemon:
         if now >= self._next_tick_ns:
             self._next_tick_ns = now + int(self.config.stats_interval_s * 1e9)
             self._tick(now)
+        if now >= self._next_beat_ns:  # the daemon's own Paranoid Pirate heartbeat on PUB
+            self._next_beat_ns = now + int(self.config.heartbeat_interval_s * 1e9)
+            self._publish_daemon("alive")
 
     def _wait_s(self, now: int) -> float:
         """How long the loop may sleep on the queue: until the next output is due, the next tick, or (shared-memory
         input has no notification) a fraction of the fastest session's frame period."""
-        deadline = self._next_tick_ns
+        deadline = min(self._next_tick_ns, self._next_beat_ns)
         for s in self.sessions.values():
             if s.failed:
                 return 0.0
@@ -292,7 +296,6 @@ class Daemon:
         stats = [self._session_stats(s, now) for s in self.sessions.values()]
         for entry in stats:
             self._publish(TOPIC_STATS, entry)
-        self._publish_daemon("alive")
         if self.on_stats is not None:
             try:
                 self.on_stats(self._status_body(stats))
@@ -465,7 +468,7 @@ class Daemon:
             "frames_in": snap["frames_in"],
             "frames_out": snap["frames_out"],
             "dropped_in": snap["dropped_in"],
-            "dropped_out": snap["dropped_out"],
+            "dropped_out": snap["dropped_out"] + self.io.net_dropped(session.session_id),
             "deadline_misses": snap["deadline_misses"],
             "bad_frames": snap["bad_frames"],
             "step_ms": round(stage["dit"] / max(1, steps), 3) if "dit" in stage else None,

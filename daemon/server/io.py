@@ -301,6 +301,11 @@ class IOThread(threading.Thread):
                 self._drain_outbox(router, pub, poller)
                 return
 
+    def net_dropped(self, session_id: str) -> int:
+        """Outputs of a network session that could not be sent (no client connected, or it is not reading)."""
+        net = self._net.get(session_id)
+        return net.sent_dropped if net is not None else 0
+
     # ------------------------------------------------------------------ control in
 
     def _on_control(self, router: zmq.Socket, frames: list[bytes]) -> None:
