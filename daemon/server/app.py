@@ -748,6 +748,10 @@ class Daemon:
         )
 
 
+class _Interrupted(BaseException):
+    """SIGTERM/SIGINT while the model loads (before the compute loop exists to receive a SHUTDOWN message)."""
+
+
 def _pydantic_message(exc: BaseException) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
@@ -811,13 +815,23 @@ def serve(config: DaemonConfig) -> int:
         daemon.io.outbox.close()
         daemon.ctx.term()
         return 2
-    daemon.install_signal_handlers()
+    def _interrupt_load(signum: int, _frame: Any) -> None:
+        raise _Interrupted(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():  # a signal during the (long) load stops it at once
+        signal.signal(signal.SIGTERM, _interrupt_load)
+        signal.signal(signal.SIGINT, _interrupt_load)
     try:
         engine = _load_engine(config, view)
+    except _Interrupted as exc:
+        log.info("interrupted by %s while loading the model", exc)
+        daemon._shutdown(f"signal {exc} during model load", dead=False)
+        return 0
     except Exception as exc:  # noqa: BLE001 - reported as the dead sentinel, then exit
         log.error("cannot load model %r: %s", config.model, exc)
         daemon._shutdown(f"model load failed: {exc}", dead=True)
         return 1
+    daemon.install_signal_handlers()  # from here on a signal is a SHUTDOWN message on the compute loop's queue
     daemon.attach_engine(engine)
     log.info("sdlive daemon ready: model %s on %s, control %s", daemon.model_name, daemon.device, daemon.io.bound_control)
     if view is not None:
