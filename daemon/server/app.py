@@ -208,8 +208,9 @@ class Daemon:
             self._publish_daemon("alive")
 
     def _wait_s(self, now: int) -> float:
-        """How long the loop may sleep on the queue: until the next output is due, the next tick, or (shared-memory
-        input has no notification) a fraction of the fastest session's frame period."""
+        """How long the loop may sleep on the queue (a request or a network frame wakes it at once): until the next
+        tick, or, since shared-memory input has no notification, a fraction of the fastest session's frame period
+        (at most 5 ms). Outputs do not need the loop: the output thread releases them."""
         deadline = min(self._next_tick_ns, self._next_beat_ns)
         for s in self.sessions.values():
             if s.failed:
