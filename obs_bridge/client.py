@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -274,10 +275,14 @@ class DaemonClient:
         chosen = transport
         if transport == "auto":
             chosen = "shm" if is_loopback_address(self.address) and jpeg_quality is None else "net"
+        try:  # numpy integers are fine, floats are not (frames have whole pixel sizes)
+            width, height = operator.index(width), operator.index(height)
+        except TypeError:
+            raise TypeError(f"width and height must be integers, got {width!r} x {height!r}") from None
         fields = dict(
             width=width,
             height=height,
-            fps=fps,
+            fps=float(fps),
             pixel_format=pixel_format,
             preset=preset,
             params=params,
