@@ -800,6 +800,9 @@ def serve(config: DaemonConfig) -> int:
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: a stuck daemon explains itself
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # The output thread must get the GIL back within ~1 ms of an output's due time while the compute thread runs
+    # the engine's Python code between kernels (default switch interval: 5 ms, visible as output jitter).
+    sys.setswitchinterval(0.001)
     use_ui = config.ui and sys.stdout.isatty()
     view = ui_mod.StatsView() if use_ui else None
     _setup_logging(config, console=view.console if view else None)

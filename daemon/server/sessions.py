@@ -28,6 +28,8 @@ from .stats import SessionStats
 log = logging.getLogger(__name__)
 
 CHANNELS = {"bgra": 4, "rgba": 4, "rgb24": 3, "bgr24": 3}
+_ARRIVAL_CLOCK_NS = 5 * 10**9
+"""A capture timestamp at most this old is taken as the frame's arrival for pacing (same clock, same machine)."""
 _PLAUSIBLE_CLOCK_NS = 60 * 10**9
 """A capture timestamp within this of the daemon's monotonic clock is taken to share it (same machine)."""
 
@@ -153,7 +155,11 @@ class Session:
             self.stats.dropped_in = self.in_ring.dropped + self._net_dropped
             if frame is None:
                 return None
-            return pixels, frame.timestamp_ns, time.monotonic_ns()
+            now = time.monotonic_ns()
+            # Pace from the capture time when it is this machine's monotonic clock (it is, for shared memory, unless
+            # the client made its own timestamps): frames are read in bursts between model steps, captured evenly.
+            arrival = frame.timestamp_ns if 0 <= now - frame.timestamp_ns < _ARRIVAL_CLOCK_NS else now
+            return pixels, frame.timestamp_ns, arrival
         if self.inbox:
             _seq, capture_ns, pixels, arrival_ns = self.inbox.popleft()
             return pixels, capture_ns, arrival_ns
