@@ -31,7 +31,7 @@ from ..protocol.messages import PROTOCOL_VERSION, TOPIC_DAEMON, TOPIC_EVENT, TOP
 from ..protocol.ring import PIXEL_FORMATS, RingError
 from . import io as sio
 from .pacing import OutputThread
-from .sessions import Output, Session, SessionClosed, new_session_id
+from .sessions import Output, Session, SessionClosed, new_session_id, sweep_stale_rings
 from .stats import device_memory_mb
 
 log = logging.getLogger(__name__)
@@ -811,6 +811,9 @@ def serve(config: DaemonConfig) -> int:
         log.warning("preset skipped: %s", problem)
     if not len(presets):
         log.warning("no presets found: sessions run with the engine's default prompt")
+    stale = sweep_stale_rings()
+    if stale:
+        log.info("removed %d shared-memory ring(s) left by a daemon that is gone: %s", len(stale), ", ".join(stale))
     daemon = Daemon(config, engine=None, presets=presets)
     try:
         daemon.start()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol.messages import ring_name
-from ..protocol.ring import REQUEST_NOISE_SCALE, REQUEST_PRESET, REQUEST_STEPS, FrameRing, RingError
+from ..protocol.ring import REQUEST_NOISE_SCALE, REQUEST_PRESET, REQUEST_STEPS, FrameRing, RingError, ring_path
 from .pacing import Pacer
 from .stats import SessionStats
 
@@ -41,6 +41,66 @@ class SessionClosed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+def sweep_stale_rings(*, min_age_s: float = 10.0) -> list[str]:
+    """Unlink rings (``sdlive-<id>-in|out``) whose creating daemon is gone: a daemon killed with SIGKILL cannot
+    unlink its own. A ring of a live process is never touched; an unreadable one only once it is ``min_age_s`` old
+    (a ring being created right now has no magic yet), and never while either side's heartbeat is recent. Returns
+    the names removed."""
+    import os
+    import re
+
+    directory = os.path.dirname(ring_path("probe"))
+    pattern = re.compile(r"^sdlive-[A-Za-z0-9_-]+-(in|out)$")
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        if not pattern.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+            if st.st_uid != os.getuid():
+                continue
+            try:
+                ring = FrameRing.open(name, observer=True)
+            except RingError:
+                if now - st.st_mtime < min_age_s:
+                    continue
+                pid = None
+            else:
+                pid = ring.creator_pid
+                # A creator in another PID namespace looks dead from here: its rings still show life.
+                quiet = min(ring.heartbeat_age_s("producer"), ring.heartbeat_age_s("consumer")) > min_age_s
+                ring.close()
+                if not quiet:
+                    continue
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
+            if pid == os.getpid():
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def new_session_id() -> str:

@@ -253,3 +253,30 @@ def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(fast_daemon):
             session.close()  # idempotent, and fine with the daemon gone
     finally:
         sub.close(linger=0)
+
+
+def test_rings_left_by_a_sigkilled_daemon_are_swept_live_ones_kept(daemon_factory, monkeypatch, tmp_path):
+    from sdlive.daemon.server.sessions import sweep_stale_rings
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setenv("SDLIVE_SHM_DIR", str(shm))  # a private ring folder: nothing else on the machine is touched
+    dead = daemon_factory("--no-warmup", env={"SDLIVE_SHM_DIR": str(shm)})
+    with dead.client() as client:
+        session = client.open_session(width=SIZE, height=SIZE, fps=15)
+        session._heartbeat.stop()
+        stale = {session.info["input_ring"], session.info["output_ring"]}
+        dead.process.kill()  # SIGKILL: that daemon cannot unlink anything
+        dead.process.wait(10)
+        session._in_ring.close()
+        session._out_ring.close()
+    live = FrameRing.create("sdlive-livering-in", width=16, height=16, pixel_format="rgb24")  # this process: alive
+    try:
+        assert {p.name for p in shm.iterdir()} == stale | {"sdlive-livering-in"}
+        time.sleep(1.2)
+        removed = sweep_stale_rings(min_age_s=1.0)
+        assert set(removed) == stale
+        assert {p.name for p in shm.iterdir()} == {"sdlive-livering-in"}
+    finally:
+        live.unlink()
+        live.close()
