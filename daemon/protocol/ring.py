@@ -505,7 +505,7 @@ class FrameRing:
             return None  # mid-write, or already overwritten by a newer frame
         start = base + SLOT_HEADER_SIZE
         if out is not None:
-            target = memoryview(out).cast("B") if memoryview(out).format != "B" else memoryview(out)
+            target = memoryview(out).cast("B")  # flat bytes, whatever the out buffer's shape (H×W×C arrays too)
             if target.nbytes != self.frame_size:
                 raise ValueError(f"out buffer is {target.nbytes} bytes, ring frames are {self.frame_size}")
             target[:] = buf[start : start + self.frame_size]

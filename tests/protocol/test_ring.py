@@ -515,3 +515,25 @@ def test_under_a_real_concurrent_writer_every_frame_read_is_whole(name, monkeypa
         ring.close()
     assert checked > 10 and written >= checked
     assert checked + ring.dropped == ring.read, "every frame up to the last read was either read or counted dropped"
+
+
+def test_read_into_a_shaped_out_buffer(tmp_path):
+    """An H×W×C array is a valid ``out`` buffer (the daemon reads frames straight into numpy arrays)."""
+    import uuid
+
+    import numpy as np
+
+    name = f"sdlive-test-out-{uuid.uuid4().hex[:8]}"
+    ring = FrameRing.create(name, width=4, height=2, pixel_format="bgr24", slots=2)
+    try:
+        reader = FrameRing.open(name)
+        pixels = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+        ring.write(pixels.tobytes(), timestamp_ns=5)
+        out = np.zeros((2, 4, 3), dtype=np.uint8)
+        frame = reader.read_next(out=out)
+        assert frame is not None and frame.timestamp_ns == 5
+        np.testing.assert_array_equal(out, pixels)
+        reader.close()
+    finally:
+        ring.close()
+        ring.unlink()
