@@ -94,6 +94,8 @@ HEARTBEAT_LIVENESS = 3
 RECONNECT_INITIAL_S = 0.25
 RECONNECT_MAX_S = 2.0
 REQUEST_TIMEOUT_S = 1.0
+OPEN_TIMEOUT_S = 15.0  # open_session: the daemon allocates the model session
+COMMAND_TIMEOUT_S = 5.0  # set_preset / set_params: answered by the daemon's compute loop, which may be mid-chunk
 
 ENV_STATS = "SDLIVE_OBS_STATS"  # path of a JSON file the script rewrites once a second (bench, tests)
 ENV_CONTROL = "SDLIVE_OBS_CONTROL"  # "pyzmq" | "stdlib": force one control client (tests); default: pyzmq if present
@@ -439,15 +441,63 @@ class StdlibControl(_ControlBase):
         return out
 
     def _read_frame(self, timeout_s: float) -> tuple[bool, bytes, bool]:
-        flags = self._read_exact(1, timeout_s)[0]
+        """The next complete frame (is_command, body, more). On timeout nothing is consumed: a frame that arrives
+        in pieces is completed by the next call."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            frame = self._parse_buffered_frame()
+            if frame is not None:
+                return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("daemon closed the connection")
+            self._buf += chunk
+
+    def _drain(self) -> None:
+        """Before a request: take what arrived while idle (ZMTP PINGs get their PONG, late replies are dropped);
+        a connection the daemon closed meanwhile (restart, heartbeat timeout) is reset, not reported."""
+        import select
+
+        try:
+            while self._sock is not None and select.select([self._sock], [], [], 0)[0]:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    self._reset()
+                    return
+                self._buf += chunk
+                while True:  # complete frames only; a partial one waits in _buf for the next read
+                    frame = self._parse_buffered_frame()
+                    if frame is None:
+                        break
+                    is_cmd, body, _more = frame
+                    if is_cmd and body[1 : 1 + body[0]] == b"PING":
+                        self._send_frame(b"\x04PONG" + body[1 + body[0] + 2 :], command=True)
+        except OSError:
+            self._reset()
+
+    def _parse_buffered_frame(self) -> tuple[bool, bytes, bool] | None:
+        """Take one complete frame off the receive buffer: (is_command, body, more), or None if incomplete."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        flags = buf[0]
         if flags & self.FLAG_LONG:
-            size = struct.unpack(">Q", self._read_exact(8, timeout_s))[0]
+            if len(buf) < 9:
+                return None
+            size, head = struct.unpack(">Q", buf[1:9])[0], 9
         else:
-            size = self._read_exact(1, timeout_s)[0]
-        body = self._read_exact(size, timeout_s)
-        return bool(flags & self.FLAG_COMMAND), body, bool(flags & self.FLAG_MORE)
+            size, head = buf[1], 2
+        if len(buf) < head + size:
+            return None
+        self._buf = buf[head + size :]
+        return bool(flags & self.FLAG_COMMAND), buf[head : head + size], bool(flags & self.FLAG_MORE)
 
     def _send(self, data: bytes) -> None:
+        self._drain()
         if self._sock is None:
             self._connect(REQUEST_TIMEOUT_S)
         try:
@@ -459,10 +509,11 @@ class StdlibControl(_ControlBase):
     def _recv(self, timeout_s: float):
         if self._sock is None:
             raise ControlError(f"not connected to {self.address}")
+        deadline = time.monotonic() + timeout_s  # one deadline for the whole message, PINGs included
         try:
             parts = []
             while True:
-                is_cmd, body, more = self._read_frame(timeout_s)
+                is_cmd, body, more = self._read_frame(max(0.0, deadline - time.monotonic()))
                 if is_cmd:
                     name = body[1 : 1 + body[0]]
                     if name == b"PING":  # ZMTP 3.1 heartbeat: answer PONG with the ping's context
@@ -887,13 +938,13 @@ class FilterInstance:
         if self.preset:
             fields["preset"] = self.preset
         try:
-            reply = ctl.request("open_session", timeout_s=5.0, **fields)
+            reply = ctl.request("open_session", timeout_s=OPEN_TIMEOUT_S, **fields)
         except DaemonReplyError as exc:
             if exc.code != "unknown_preset" or "preset" not in fields:
                 raise
             warn(f"filter '{self.name}': preset {self.preset!r} unknown to the daemon; using its default")
             fields.pop("preset")
-            reply = ctl.request("open_session", timeout_s=5.0, **fields)
+            reply = ctl.request("open_session", timeout_s=OPEN_TIMEOUT_S, **fields)
         sid = reply["session_id"]
         try:
             rin = ring_mod.FrameRing.open(reply["input_ring"])
@@ -908,7 +959,7 @@ class FilterInstance:
 
     def _refresh_presets(self, ctl) -> None:
         try:
-            reply = ctl.request("list_presets")
+            reply = ctl.request("list_presets", timeout_s=COMMAND_TIMEOUT_S)
         except Exception:  # noqa: BLE001
             return
         names = []
@@ -924,16 +975,18 @@ class FilterInstance:
             return
         try:
             if op == "set_preset":
-                ctl.request("set_preset", session_id=sess.session_id, name=arg)
+                ctl.request("set_preset", timeout_s=COMMAND_TIMEOUT_S, session_id=sess.session_id, name=arg)
                 sess.preset = arg
                 info(f"filter '{self.name}': preset → {arg}")
             elif op == "set_params":
-                ctl.request("set_params", session_id=sess.session_id, **arg)
+                ctl.request("set_params", timeout_s=COMMAND_TIMEOUT_S, session_id=sess.session_id, **arg)
         except DaemonReplyError as exc:
             warn(f"filter '{self.name}': {op} {arg!r} refused: {exc}")
-        except ControlError:
-            self._in_band(sess, op, arg)  # the control channel is stuck: the ring still carries the request
-            raise
+        except ControlError as exc:
+            # A busy daemon (the compute loop answers these) is not a dead one: heartbeats decide liveness. The ring
+            # still carries the request.
+            warn(f"filter '{self.name}': {op} got no reply ({exc}); asking in-band instead")
+            self._in_band(sess, op, arg)
 
     def _in_band(self, sess: Session, op: str, arg) -> None:
         """Ask through the input ring's control block (DESIGN §4): the daemon polls it, no ZeroMQ needed."""
