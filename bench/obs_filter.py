@@ -24,7 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import moving_shapes, parse_size, report, stamp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "obs"))
+
+
+def _load(name: str, path: Path):
+    """The test suite's daemon helpers (two files both called conftest.py: load them under distinct names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _wait(pred, timeout: float, what: str):
@@ -52,7 +62,6 @@ def main() -> int:
     width, height = parse_size(args.size)
 
     import cv2
-    from conftest import DaemonProcess  # the tests' restartable real daemon
 
     from sdlive.obs_bridge.obsws_tools import HeadlessOBS
 
@@ -60,11 +69,13 @@ def main() -> int:
     image = work / "pattern.png"
     cv2.imwrite(str(image), moving_shapes(width, height, 1)[0][:, :, ::-1])
     stats_path = work / "stats.json"
-    daemon = DaemonProcess(work)
-    daemon.command = lambda: [  # noqa: E731 - the model/device under test
-        sys.executable, "-m", "sdlive.daemon.server", "--model", args.model, "--device", args.device, "--no-ui",
-        "--control", daemon.control_address, "--pub", daemon.pub_address,
-    ]
+    suite = _load("sdlive_tests_conftest", REPO / "tests" / "conftest.py")
+    obs_helpers = _load("sdlive_tests_obs_conftest", REPO / "tests" / "obs" / "conftest.py")
+
+    def launch(workdir, **kw):  # `sdlive serve` with the model and device under test (flags given later win)
+        return suite.start_daemon(workdir, "--model", args.model, "--device", args.device, **kw)
+
+    daemon = obs_helpers.RestartableDaemon(launch, work)
     obs = HeadlessOBS(work / "home", width=width, height=height, fps=args.fps,
                       scripts=[REPO / "obs_bridge" / "obs_script.py"],
                       screen=f"{max(1280, width)}x{max(720, height)}x24",

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "obs"))
 sys.path.insert(0, str(REPO / "bench"))
 
 SCREEN = (1280, 800)
@@ -51,14 +50,16 @@ def main() -> int:
     out = Path(args.out)
     import cv2
     from common import moving_shapes
-    from conftest import DaemonProcess
+    from obs_filter import _load
 
     from sdlive.obs_bridge.obsws_tools import HeadlessOBS
 
     work = Path(tempfile.mkdtemp(prefix="sdlive-shots-"))
     image = work / "camera.png"
     cv2.imwrite(str(image), moving_shapes(640, 352, 1)[0][:, :, ::-1])
-    daemon = DaemonProcess(work)
+    suite = _load("sdlive_tests_conftest", REPO / "tests" / "conftest.py")
+    daemon = _load("sdlive_tests_obs_conftest", REPO / "tests" / "obs" / "conftest.py").RestartableDaemon(
+        suite.start_daemon, work)
     obs = HeadlessOBS(work / "home", width=640, height=352, scripts=[REPO / "obs_bridge" / "obs_script.py"],
                       minimize=False, screen=f"{SCREEN[0]}x{SCREEN[1]}x24")
     try:

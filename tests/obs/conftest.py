@@ -8,9 +8,7 @@ Each test module shares one daemon and one OBS (starting them costs seconds); te
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,47 +49,31 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------------------------------------------- daemon
 
 
-class DaemonProcess:
-    """A real `sdlive serve` (tiny model on CPU) on fixed loopback ports, so it can be killed and restarted."""
+class RestartableDaemon:
+    """A real `sdlive serve --model tiny --device cpu` started with the suite's ``start_daemon`` (tests/conftest.py)
+    on fixed loopback ports, so a test can SIGKILL it and start it again at the same address (the shared ``daemon``
+    fixture cannot be restarted in place)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, launch, workdir: Path):
+        self.launch = launch
         self.workdir = workdir
         self.control_address = f"tcp://127.0.0.1:{free_port()}"
         self.pub_address = f"tcp://127.0.0.1:{free_port()}"
-        self.process: subprocess.Popen | None = None
-        self.log_path = workdir / "daemon.log"
+        self.proc = None
         self.starts = 0
         self._ctx = zmq.Context.instance()
 
-    def command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "sdlive.daemon.server", "--model", "tiny", "--device", "cpu", "--no-ui",
-            "--control", self.control_address, "--pub", self.pub_address,
-        ]
+    @property
+    def process(self):
+        return self.proc.process if self.proc is not None else None
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self) -> None:
         self.starts += 1
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== start {self.starts}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=str(self.workdir))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                self.request("hello", timeout=1.0)
-                return
-            except TimeoutError:
-                continue
-        raise RuntimeError(f"daemon did not answer hello within {timeout:.0f} s:\n{self.log_tail()}")
+        self.proc = self.launch(self.workdir / f"run{self.starts}", control=self.control_address,
+                                pub=self.pub_address)
 
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def request(self, op: str, timeout: float = 5.0, **fields) -> dict:
+    def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
+        """One control request over a fresh DEALER (generous timeout: the compute loop answers between steps)."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.control_address)
@@ -113,18 +95,13 @@ class DaemonProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.proc is not None:
+            self.proc.stop()
 
 
 @pytest.fixture(scope="module")
-def obs_daemon(tmp_path_factory):
-    d = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+def obs_daemon(tmp_path_factory, launch_daemon):
+    d = RestartableDaemon(launch_daemon, tmp_path_factory.mktemp("daemon"))
     d.start()
     yield d
     d.stop()
