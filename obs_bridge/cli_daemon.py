@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -92,7 +93,8 @@ def status(
 
     from sdlive.daemon.server.ui import status_table
 
-    console = Console()
+    # Piped into a file or another program, a terminal's 80-column default would cut every column to "…".
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
             if as_json:
