@@ -493,16 +493,6 @@ def render(
         _reraise_as_exit(exc)
 
 
-_PROBE_MODELS = """
-import json
-try:
-    import torch
-    from sdlive.daemon.model.loading import list_models
-    print(json.dumps({"cuda": torch.cuda.is_available(),
-                      "downloaded": [m.name for m in list_models() if m.downloaded and m.name != "tiny"]}))
-except Exception as exc:
-    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-"""
 
 
 def _pick_demo_model(device: str | None) -> tuple[str, str]:
@@ -513,7 +503,7 @@ def _pick_demo_model(device: str | None) -> tuple[str, str]:
     import json
 
     try:
-        probe = subprocess.run([sys.executable, "-c", _PROBE_MODELS], capture_output=True, text=True, timeout=120,
+        probe = subprocess.run([sys.executable, "-m", "sdlive.daemon.model.probe"], capture_output=True, text=True, timeout=120,
                                stdin=subprocess.DEVNULL)
         found = json.loads(probe.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):

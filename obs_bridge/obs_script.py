@@ -42,7 +42,7 @@ import obspython as obs
 
 ZMQ_IMPORT_ERROR = ""
 try:  # optional: the installer puts pyzmq into OBS's Python where it can
-    import zmq  # type: ignore[import-not-found]
+    zmq = importlib.import_module("zmq")
 except Exception as _exc:  # noqa: BLE001 - any import failure (missing, ABI mismatch) means "use the stdlib client"
     zmq = None
     ZMQ_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
@@ -52,7 +52,7 @@ for _extra in (os.path.join(SCRIPT_DIR, "sdlive_site"),):  # the installer's pri
     if os.path.isdir(_extra) and _extra not in sys.path and zmq is None:
         sys.path.insert(0, _extra)
         try:
-            import zmq  # type: ignore[import-not-found,no-redef]
+            zmq = importlib.import_module("zmq")
         except Exception as _exc:  # noqa: BLE001
             zmq = None
             ZMQ_IMPORT_ERROR += f"; {_extra}: {type(_exc).__name__}: {_exc}"
