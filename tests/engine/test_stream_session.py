@@ -187,3 +187,16 @@ def test_unknown_model_and_pixel_format_are_clear_errors(engine):
         StreamEngine.load("wan3")
     with pytest.raises(ValueError, match="unknown pixel format"):
         engine.open_session(width=W, height=H, params=params(), pixel_format="yuv420")
+
+
+def test_the_cuda_dtype_bf16_runs_the_whole_loop_on_cpu():
+    """bf16 is what CUDA uses: model, caches and VAE in bf16, schedule maths in float64, frames still uint8."""
+    engine = StreamEngine.load("tiny", device="cpu", dtype=torch.bfloat16)
+    assert engine.transformer.dtype == torch.bfloat16
+    session = engine.open_session(width=W, height=H, params=params(steps=2))
+    out = run(session, clip(13))
+    session.set_params(prompt="an oil painting", steps=3)
+    out += run(session, clip(8, seed=1)) + session.flush()
+    assert [f.index for f in out] == list(range(21))
+    assert all(f.pixels.dtype == np.uint8 for f in out)
+    assert np.stack([f.pixels for f in out]).std() > 1.0
