@@ -116,10 +116,6 @@ class StreamSession:
     def chunks(self) -> int:
         return self._chunks
 
-    def kv_cache_bytes(self) -> int:
-        caches = [c for c in (self._batch_cache, self._seq_cache) if c is not None]
-        return sum(int(c.nbytes) for c in caches)
-
     @torch.inference_mode()
     def reset(self) -> None:
         """Start over: empty caches, counters and noise state (the prompt stays)."""
@@ -150,12 +146,13 @@ class StreamSession:
         counters continue. Unknown names or invalid values raise ``ValueError`` and change nothing."""
         new = SessionParams.model_validate({**self._params.model_dump(), **changes})
         old = self._params
+        # Everything that can fail comes first, so a failure changes nothing.
+        target = self.engine.encode_prompt(new.prompt) if new.prompt != old.prompt else None
         mode_change = new.stream_batch != old.stream_batch or new.steps != old.steps
         if mode_change and self._chunks:
             # Finish what is in the pipeline at the old step count, then rebuild the caches for the new one.
             self._ready.extend(self._drain())
-        if new.prompt != old.prompt:
-            target = self.engine.encode_prompt(new.prompt)
+        if target is not None:
             if new.transition_chunks == 0 or self._chunks == 0:
                 self._set_embeds(target)
                 self._blend_to = None
