@@ -1272,7 +1272,9 @@ def _step_preset(delta: int) -> None:
         return
 
     def step(inst: FilterInstance) -> None:
-        current = inst.session.preset if inst.session and inst.session.preset else inst.preset
+        # The filter's latest request (hotkey or properties) first: the daemon's reply to it, which updates the
+        # session's preset, may still be on its way when the next key comes.
+        current = inst.preset or (inst.session.preset if inst.session else "")
         i = names.index(current) if current in names else (-1 if delta > 0 else 0)
         inst.set_preset_from_hotkey(names[(i + delta) % len(names)])
 
