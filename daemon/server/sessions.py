@@ -23,6 +23,7 @@ import numpy as np
 from ..protocol.messages import ring_name
 from ..protocol.ring import REQUEST_NOISE_SCALE, REQUEST_PRESET, REQUEST_STEPS, FrameRing, RingError, ring_path
 from .pacing import Pacer
+from .slo import SloGuard
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class Session:
     closed: bool = False
 
     def __post_init__(self) -> None:
+        self.prefers_stream_batch = bool(self.engine_session.params.stream_batch)
+        self.slo = SloGuard()
         self.stats = SessionStats(fps_target=self.fps)
         self.pacer = Pacer(self.fps)
         self.inbox = deque()
@@ -248,6 +251,7 @@ class Session:
     def push(self, pixels: np.ndarray, capture_ns: int, arrival_ns: int) -> list[Output]:
         """Push one input frame; returns the outputs that became ready, each with its due time."""
         index = self._pushed
+        self._guard_slo(arrival_ns)
         started = time.perf_counter()
         outputs = self.engine_session.push(pixels)  # ValueError: bad frame (the caller counts it)
         push_ms = (time.perf_counter() - started) * 1e3
@@ -265,6 +269,17 @@ class Session:
             for stale in sorted(self._captures)[:-1024]:
                 del self._captures[stale]
         return scheduled
+
+    def _guard_slo(self, arrival_ns: int) -> None:
+        """Fall back to no-batch mode while frames wait too long, back to the stream batch when calm (``slo.py``)."""
+        now = time.monotonic_ns()
+        params = self.engine_session.params
+        wants = self.prefers_stream_batch and params.steps > 1
+        switch = self.slo.observe(wait_s=(now - arrival_ns) / 1e9, now_s=now / 1e9, wants_stream_batch=wants)
+        if switch is not None and switch != params.stream_batch:
+            self.engine_session.set_params(stream_batch=switch)  # drains the pipeline: no frame is lost
+            what = "stream batch again (waits back under the SLO)" if switch else "no-batch mode (frames waited >= SLO)"
+            log.info("session %s: %s", self.session_id, what)
 
     # ------------------------------------------------------------------ output (output thread)
 
