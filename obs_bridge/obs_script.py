@@ -426,17 +426,21 @@ class StdlibControl(_ControlBase):
             head = bytes([flags, len(body)])
         self._sock.sendall(head + body)
 
+    def _recv_more(self, deadline: float) -> None:
+        """Append what the socket has to the buffer, waiting until ``deadline`` (monotonic seconds) at most."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("daemon closed the connection")
+        self._buf += chunk
+
     def _read_exact(self, n: int, timeout_s: float) -> bytes:
         deadline = time.monotonic() + timeout_s
         while len(self._buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            self._sock.settimeout(left)
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("daemon closed the connection")
-            self._buf += chunk
+            self._recv_more(deadline)
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
@@ -448,14 +452,7 @@ class StdlibControl(_ControlBase):
             frame = self._parse_buffered_frame()
             if frame is not None:
                 return frame
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            self._sock.settimeout(left)
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("daemon closed the connection")
-            self._buf += chunk
+            self._recv_more(deadline)
 
     def _drain(self) -> None:
         """Before a request: take what arrived while idle (ZMTP PINGs get their PONG, late replies are dropped);
