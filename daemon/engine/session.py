@@ -23,7 +23,7 @@ from .params import PIXEL_FORMATS, SessionParams
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
 
 if TYPE_CHECKING:
-    from .pipeline import StreamEngine
+    from .engine import StreamEngine
 
 FIRST_CHUNK_FRAMES = 5
 CHUNK_FRAMES = 4
