@@ -1,7 +1,7 @@
 """The streaming engine: a loaded model (``StreamEngine``) and the per-stream loop (``StreamSession``)."""
 
-from .params import PIXEL_FORMATS, SessionParams
 from .engine import StreamEngine
+from .params import SessionParams
 from .session import OutputFrame, StreamSession
 
-__all__ = ["PIXEL_FORMATS", "OutputFrame", "SessionParams", "StreamEngine", "StreamSession"]
+__all__ = ["OutputFrame", "SessionParams", "StreamEngine", "StreamSession"]

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PIXEL_FORMATS: dict[str, tuple[int, tuple[int, int, int]]] = {
-    # name: (channels, indices of R, G, B in the pixel)
-    "rgb24": (3, (0, 1, 2)),
-    "bgr24": (3, (2, 1, 0)),
-    "rgba": (4, (0, 1, 2)),
-    "bgra": (4, (2, 1, 0)),
-}
-
 
 class SessionParams(BaseModel):
     """What a session generates: every field is validated, so a bad value is a clear ``ValueError``."""

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .params import PIXEL_FORMATS, SessionParams
+from ..protocol.constants import PIXEL_FORMATS
+from .params import SessionParams
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class StreamSession:
         self.width = width
         self.height = height
         self.pixel_format = pixel_format
-        self._channels, self._rgb_index = PIXEL_FORMATS[pixel_format]
+        self._channels, self._rgb_index = PIXEL_FORMATS[pixel_format].bytes_per_pixel, PIXEL_FORMATS[pixel_format].rgb_index
         self._params = params
         self._external_noise = noise_fn
         self._device = engine.device

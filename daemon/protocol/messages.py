@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
 
+from .constants import PIXEL_FORMATS
 from .errors import ErrorCode, ProtocolError
-from .ring import PIXEL_FORMATS
 
 __all__ = [
     "DEFAULT_CONTROL_ADDRESS",
@@ -267,7 +267,6 @@ class Capabilities(_Lenient):
     encodings: list[str] = Field(default_factory=lambda: ["raw", "jpeg"])
     max_sessions: int
     ring_version: int = 1
-    in_band_control: bool = Field(True, description="the ring's control block is honoured")
 
 
 class HelloReply(_Reply):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .constants import PIXEL_FORMATS
 from .errors import ErrorCode, ProtocolError
-from .ring import PIXEL_FORMATS
 
 __all__ = [
     "ENCODINGS",
@@ -46,7 +46,7 @@ _HEADER = struct.Struct("<4sBBBBQQIIQ")
 NETFRAME_HEADER_SIZE = _HEADER.size  # 40
 ENCODINGS: dict[str, int] = {"raw": 0, "jpeg": 1}
 _ENCODING_BY_CODE = {code: name for name, code in ENCODINGS.items()}
-_FORMAT_BY_CODE = {code: name for name, (code, _bpp) in PIXEL_FORMATS.items()}
+_FORMAT_BY_CODE = {info.code: name for name, info in PIXEL_FORMATS.items()}
 MAX_NET_DIMENSION = 16384
 DEFAULT_JPEG_QUALITY = 90
 
@@ -70,13 +70,13 @@ class NetFrameHeader:
 
     @property
     def channels(self) -> int:
-        return PIXEL_FORMATS[self.pixel_format][1]
+        return PIXEL_FORMATS[self.pixel_format].bytes_per_pixel
 
     def pack(self) -> bytes:
         return _HEADER.pack(
             NETFRAME_MAGIC,
             NETFRAME_VERSION,
-            PIXEL_FORMATS[self.pixel_format][0],
+            PIXEL_FORMATS[self.pixel_format].code,
             ENCODINGS[self.encoding],
             0,
             self.seq,
@@ -118,7 +118,7 @@ def _check_pixels(pixels: np.ndarray, pixel_format: str) -> np.ndarray:
         raise TypeError(f"frame must be a numpy array, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8:
         raise ValueError(f"unexpected frame dtype: {pixels.dtype} != uint8")
-    channels = PIXEL_FORMATS[pixel_format][1]
+    channels = PIXEL_FORMATS[pixel_format].bytes_per_pixel
     if pixels.ndim != 3 or pixels.shape[2] != channels:
         raise ValueError(f"unexpected frame shape {pixels.shape}: {pixel_format} frames are HxWx{channels}")
     return np.ascontiguousarray(pixels)

@@ -24,19 +24,13 @@ Layout (little-endian; offsets in bytes)::
      72  u64 dropped          frames the consumer never saw (lapped, or skipped by read_latest); consumer-written
      80  u32 wake_flags       bit 0 FUTEX: the producer FUTEX_WAKEs write_count's low 32 bits after each publish
      84  ... reserved (zero)
-    control block (at 128)
-    128  u64 control_seq      seqlock over the request fields below (odd while a client writes them)
-    136  i32 requested_preset index into list_presets' (name-sorted) list, -1 = none
-    140  i32 requested_steps  1-4, 0 = unchanged
-    144  f64 requested_noise_scale  (0, 1], negative = unchanged
+    control block (at 128): what only shared memory can say, liveness and intent, with no socket involved
+    128  ... reserved (zero; sdlive/1 kept in-band preset/steps requests here, see docs/protocol.md "Changes")
     152  u32 flags            bit 0 PAUSED (the producer paused on purpose: no frames is not death)
     156  u32 closed           1 = a side has closed the session; the other should let go
     160  u64 producer_heartbeat_ns   time.monotonic_ns() of the producer's last sign of life
     168  u64 consumer_heartbeat_ns   time.monotonic_ns() of the consumer's last sign of life
-    176  u64 applied_control_seq     the control_seq the daemon has applied (written by the daemon)
-    184  64s requested_preset_name   UTF-8, NUL padded; wins over requested_preset when not empty
-    248  u32 request_fields   which fields the latest request set: bit 0 preset, bit 1 steps, bit 2 noise_scale
-    252  ... reserved (zero)
+    176  ... reserved (zero)
     slots, slot i at 256 + i * slot_size
       0  u64 seq              seqlock word: 2n-1 while frame n is being written, 2n once frame n is complete
       8  u64 timestamp_ns     capture time of frame n, time.monotonic_ns() clock of the capturing machine
@@ -67,6 +61,7 @@ from __future__ import annotations
 # No dataclasses here: they look their module up in sys.modules, which fails when a host (the OBS script) loads
 # this file by path without registering it. NamedTuple has no such need.
 import ctypes
+import importlib.util
 import math
 import mmap
 import os
@@ -96,16 +91,19 @@ SLOT_HEADER_SIZE = 64
 SLOT_ALIGN = 64
 MAX_SLOTS = 256
 MAX_DIMENSION = 16384
-MAX_PRESET_NAME_BYTES = 63
 
-# name -> (code in the header, bytes per pixel)
-PIXEL_FORMATS: dict[str, tuple[int, int]] = {
-    "bgra": (1, 4),
-    "rgba": (2, 4),
-    "rgb24": (3, 3),
-    "bgr24": (4, 3),
-}
-_FORMAT_BY_CODE = {code: name for name, (code, _bpp) in PIXEL_FORMATS.items()}
+if __package__:
+    from .constants import PIXEL_FORMATS
+else:  # loaded by file path as a lone module: its sibling constants.py is loaded the same way
+    _spec = importlib.util.spec_from_file_location(
+        "_sdlive_ring_constants", os.path.join(os.path.dirname(os.path.abspath(__file__)), "constants.py")
+    )
+    assert _spec is not None and _spec.loader is not None
+    _constants = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_constants)
+    PIXEL_FORMATS = _constants.PIXEL_FORMATS
+
+_FORMAT_BY_CODE = {info.code: name for name, info in PIXEL_FORMATS.items()}
 
 FLAG_PAUSED = 1
 WAKE_FUTEX = 1
@@ -114,9 +112,7 @@ FUTEX_WAIT_SLICE_S = 0.05  # longest single futex wait: a producer that stops wa
 # struct layouts (all little-endian); offsets of the single fields below
 _STATIC = struct.Struct("<8sIIIIIIIIQQ")  # magic .. frame_size, offsets 0..55
 _U64 = struct.Struct("<Q")
-_I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
-_F64 = struct.Struct("<d")
 _SLOT_HEAD = struct.Struct("<QQQ")  # seq, timestamp_ns, size
 
 OFF_WRITE_COUNT = 56
@@ -124,20 +120,10 @@ OFF_READ_COUNT = 64
 OFF_DROPPED = 72
 OFF_WAKE_FLAGS = 80
 OFF_CONTROL = 128
-OFF_CONTROL_SEQ = 128
-OFF_REQUESTED_PRESET = 136
-OFF_REQUESTED_STEPS = 140
-OFF_REQUESTED_NOISE = 144
 OFF_FLAGS = 152
 OFF_CLOSED = 156
 OFF_PRODUCER_HB = 160
 OFF_CONSUMER_HB = 168
-OFF_APPLIED_CONTROL_SEQ = 176
-OFF_PRESET_NAME = 184
-OFF_REQUEST_FIELDS = 248
-REQUEST_PRESET = 1
-REQUEST_STEPS = 2
-REQUEST_NOISE_SCALE = 4
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _IS_WINDOWS = sys.platform == "win32"
@@ -189,24 +175,17 @@ class RingFrame(NamedTuple):
 
 
 class ControlBlock(NamedTuple):
-    """A consistent snapshot of the ring's in-band control block."""
+    """A snapshot of the ring's control block: pause and close intent and both sides' heartbeats."""
 
-    control_seq: int
-    requested_preset: int
-    requested_preset_name: str
-    requested_steps: int
-    requested_noise_scale: float
     flags: int
     closed: bool
     producer_heartbeat_ns: int
     consumer_heartbeat_ns: int
-    applied_control_seq: int
-    request_fields: int  # REQUEST_* bits: what the latest request (control_seq) set
 
 
 def bytes_per_pixel(pixel_format: str) -> int:
     try:
-        return PIXEL_FORMATS[pixel_format][1]
+        return PIXEL_FORMATS[pixel_format].bytes_per_pixel
     except KeyError:
         raise RingError(f"unknown pixel format {pixel_format!r}: use one of {', '.join(PIXEL_FORMATS)}") from None
 
@@ -270,13 +249,12 @@ class FrameRing:
             self.frame_size,
         ) = _STATIC.unpack_from(mm, 0)
         self.pixel_format = _FORMAT_BY_CODE[code]
-        self.channels = PIXEL_FORMATS[self.pixel_format][1]
+        self.channels = PIXEL_FORMATS[self.pixel_format].bytes_per_pixel
         # The producer's next sequence number and the consumer's cursor are kept locally: the header copies are
         # for the other side and for monitoring. Opening an existing ring resumes from its counters.
         self._written = _U64.unpack_from(mm, OFF_WRITE_COUNT)[0]
         self._cursor = _U64.unpack_from(mm, OFF_READ_COUNT)[0]
         self._dropped = _U64.unpack_from(mm, OFF_DROPPED)[0]
-        self._control_seq = _U64.unpack_from(mm, OFF_CONTROL_SEQ)[0]
         # The mapping's address in this process. The temporary ctypes view is dropped at once (no export is held),
         # so close() can still unmap; the address is valid until then.
         self._base_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
@@ -289,9 +267,10 @@ class FrameRing:
     def create(cls, name: str, *, width: int, height: int, pixel_format: str = "bgra", slots: int = 4) -> FrameRing:
         """Create a new ring (the daemon does this). Fails if a ring of that name exists."""
         _check_name(name)
-        code, bpp = PIXEL_FORMATS.get(pixel_format, (None, None))
-        if code is None:
+        info = PIXEL_FORMATS.get(pixel_format)
+        if info is None:
             raise RingError(f"unknown pixel format {pixel_format!r}: use one of {', '.join(PIXEL_FORMATS)}")
+        code, bpp = info.code, info.bytes_per_pixel
         for label, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or not 1 <= value <= MAX_DIMENSION:
                 raise RingError(f"ring {label} must be an int in 1..{MAX_DIMENSION}, got {value!r}")
@@ -343,8 +322,6 @@ class FrameRing:
             slot_size,
             frame_size,
         )
-        _I32.pack_into(mm, OFF_REQUESTED_PRESET, -1)
-        _F64.pack_into(mm, OFF_REQUESTED_NOISE, -1.0)
         mm[0:8] = RING_MAGIC
         return cls(name, mm, owner=True)
 
@@ -569,90 +546,15 @@ class FrameRing:
     # ------------------------------------------------------------------ control block
 
     def control(self) -> ControlBlock:
-        """A consistent snapshot of the control block (retries while a client is writing its request)."""
+        """A snapshot of the control block (each field is one aligned word: no seqlock needed)."""
         self._check_open()
         buf = self._buf
-        for _attempt in range(1000):
-            s1 = _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0]
-            if s1 & 1:
-                time.sleep(0)
-                continue
-            preset = _I32.unpack_from(buf, OFF_REQUESTED_PRESET)[0]
-            steps = _I32.unpack_from(buf, OFF_REQUESTED_STEPS)[0]
-            noise = _F64.unpack_from(buf, OFF_REQUESTED_NOISE)[0]
-            raw_name = bytes(buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1])
-            fields = _U32.unpack_from(buf, OFF_REQUEST_FIELDS)[0]
-            if _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0] == s1:
-                break
-        else:
-            raise RingError(f"ring {self.name!r}: control block stayed mid-write (a client crashed while writing it)")
-        name = raw_name.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
         return ControlBlock(
-            control_seq=s1 // 2,
-            requested_preset=preset,
-            requested_preset_name=name,
-            requested_steps=steps,
-            requested_noise_scale=noise,
             flags=_U32.unpack_from(buf, OFF_FLAGS)[0],
             closed=bool(_U32.unpack_from(buf, OFF_CLOSED)[0]),
             producer_heartbeat_ns=_U64.unpack_from(buf, OFF_PRODUCER_HB)[0],
             consumer_heartbeat_ns=_U64.unpack_from(buf, OFF_CONSUMER_HB)[0],
-            applied_control_seq=_U64.unpack_from(buf, OFF_APPLIED_CONTROL_SEQ)[0],
-            request_fields=fields,
         )
-
-    def request(
-        self,
-        *,
-        preset: int | str | None = None,
-        steps: int | None = None,
-        noise_scale: float | None = None,
-    ) -> int:
-        """In-band request for a client without ZeroMQ: ask the daemon for a preset (list_presets index or
-        name), steps (1-4) and/or noise scale ((0, 1]). Fields not given are left as they are. Returns the new
-        control_seq; the daemon writes it back to applied_control_seq once applied. ``request_fields`` tells the
-        daemon which fields this request set, so asking again for the same preset is a new request."""
-        self._check_open()
-        name_bytes = None
-        if isinstance(preset, str):
-            name_bytes = preset.encode("utf-8")
-            if not name_bytes or len(name_bytes) > MAX_PRESET_NAME_BYTES or b"\x00" in name_bytes:
-                raise ValueError(f"preset name must be 1-{MAX_PRESET_NAME_BYTES} UTF-8 bytes without NUL: {preset!r}")
-        elif preset is not None and (not isinstance(preset, int) or preset < 0):
-            raise ValueError(f"preset index must be an int >= 0, got {preset!r}")
-        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 4):
-            raise ValueError(f"steps must be an int in 1..4, got {steps!r}")
-        if noise_scale is not None and not (isinstance(noise_scale, (int, float)) and 0 < noise_scale <= 1):
-            raise ValueError(f"noise_scale must be in (0, 1], got {noise_scale!r}")
-        buf = self._buf
-        seq = _U64.unpack_from(buf, OFF_CONTROL_SEQ)[0]
-        seq += 1 if seq % 2 == 0 else 0
-        _U64.pack_into(buf, OFF_CONTROL_SEQ, seq)  # odd: request being written
-        if isinstance(preset, int):
-            _I32.pack_into(buf, OFF_REQUESTED_PRESET, preset)
-            buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1] = bytes(MAX_PRESET_NAME_BYTES + 1)
-        elif name_bytes is not None:
-            _I32.pack_into(buf, OFF_REQUESTED_PRESET, -1)
-            buf[OFF_PRESET_NAME : OFF_PRESET_NAME + MAX_PRESET_NAME_BYTES + 1] = name_bytes.ljust(
-                MAX_PRESET_NAME_BYTES + 1, b"\x00"
-            )
-        if steps is not None:
-            _I32.pack_into(buf, OFF_REQUESTED_STEPS, steps)
-        if noise_scale is not None:
-            _F64.pack_into(buf, OFF_REQUESTED_NOISE, float(noise_scale))
-        fields = (
-            (REQUEST_PRESET if preset is not None else 0)
-            | (REQUEST_STEPS if steps is not None else 0)
-            | (REQUEST_NOISE_SCALE if noise_scale is not None else 0)
-        )
-        _U32.pack_into(buf, OFF_REQUEST_FIELDS, fields)
-        seq += 1
-        _U64.pack_into(buf, OFF_CONTROL_SEQ, seq)  # even: request complete
-        return seq // 2
-
-    def mark_applied(self, control_seq: int) -> None:
-        """Daemon side: the request numbered ``control_seq`` (ControlBlock.control_seq) has been applied."""
-        _U64.pack_into(self._buf, OFF_APPLIED_CONTROL_SEQ, control_seq)
 
     @property
     def flags(self) -> int:
@@ -749,7 +651,7 @@ def _validate_header(name: str, header: bytes, size: int | None) -> int:
         raise RingError(f"{where}: unknown pixel format code {code}")
     if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
         raise RingError(f"{where}: size {width}x{height} outside 1..{MAX_DIMENSION}")
-    bpp = PIXEL_FORMATS[_FORMAT_BY_CODE[code]][1]
+    bpp = PIXEL_FORMATS[_FORMAT_BY_CODE[code]].bytes_per_pixel
     if stride != width * bpp:
         raise RingError(f"{where}: stride {stride} != width {width} * {bpp} bytes per pixel")
     if frame_size != stride * height:

@@ -26,9 +26,10 @@ import zmq
 
 from ..config import DaemonConfig
 from ..presets import PresetLibrary, load_presets
+from ..protocol.constants import PIXEL_FORMATS
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import PROTOCOL_VERSION, TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS
-from ..protocol.ring import PIXEL_FORMATS, RingError
+from ..protocol.ring import RingError
 from . import io as sio
 from .pacing import OutputThread
 from .sessions import Output, Session, SessionClosed, new_session_id, sweep_stale_rings
@@ -44,7 +45,6 @@ except Exception:  # noqa: BLE001 - running from a source tree
     DAEMON_VERSION = "0.0.0+local"
 
 _IDLE_WAIT_S = 0.25
-_INBAND_CHECK_S = 0.05
 _MAX_PUSHES_PER_TURN = 8
 
 
@@ -130,7 +130,6 @@ class Daemon:
         self._stopping: str | None = None
         self._next_tick_ns = 0
         self._next_beat_ns = 0
-        self._next_inband_ns = 0
         self._net_host = self._host_for_net(config.control)
         self.warmer: PromptWarmer | None = None
         self._deferred: list[tuple[Session, str, dict[str, Any], str | None]] = []
@@ -197,9 +196,6 @@ class Daemon:
             self._apply_deferred()
         self._move_frames()
         now = time.monotonic_ns()
-        if now >= self._next_inband_ns:
-            self._next_inband_ns = now + int(_INBAND_CHECK_S * 1e9)
-            self._check_inband()
         if now >= self._next_tick_ns:
             self._next_tick_ns = now + int(self.config.stats_interval_s * 1e9)
             self._tick(now)
@@ -304,33 +300,6 @@ class Daemon:
                 log.exception("stats view failed; disabling it")
                 self.on_stats = None
 
-    def _check_inband(self) -> None:
-        for session in list(self.sessions.values()):
-            try:
-                changes = session.inband_request()
-            except RingError as exc:
-                self._close_session(session, f"input ring control block unusable: {exc}", code="internal")
-                continue
-            if not changes:
-                continue
-            control_seq = changes.pop("control_seq")
-            try:
-                preset_name = changes.pop("preset_name", None)
-                if "preset_index" in changes:
-                    preset_name = self.presets.by_index(changes.pop("preset_index")).name
-                if preset_name is not None:
-                    self._apply_preset(session, preset_name)
-                if changes:
-                    self._apply_params(session, changes)
-            except (ProtocolError, IndexError, KeyError, ValueError) as exc:
-                message = exc.message if isinstance(exc, ProtocolError) else str(exc)
-                self._event("error", session.session_id, code="bad_params", message=f"in-band request: {message}")
-            except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
-                log.exception("session %s: in-band request failed", session.session_id)
-                self._close_session(session, f"in-band request failed: {type(exc).__name__}: {exc}", code="internal")
-                continue
-            session.mark_applied(control_seq)
-
     # ------------------------------------------------------------------ requests
 
     def _handle_item(self, item: Any) -> None:
@@ -392,7 +361,6 @@ class Daemon:
             "encodings": ["raw", "jpeg"],
             "max_sessions": self.config.max_sessions,
             "ring_version": 1,
-            "in_band_control": True,
         }
 
     def _op_hello(self, msg: Any) -> dict[str, Any]:

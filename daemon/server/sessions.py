@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol.messages import ring_name
-from ..protocol.ring import REQUEST_NOISE_SCALE, REQUEST_PRESET, REQUEST_STEPS, FrameRing, RingError, ring_path
+from ..protocol.ring import FrameRing, RingError, ring_path
 from .pacing import Pacer
 from .slo import SloGuard
 from .stats import SessionStats
@@ -150,7 +150,6 @@ class Session:
     _pushed: int = 0
     _out_seq: int = 0
     _net_dropped: int = 0
-    _last_control_seq: int = 0
     failed: str | None = None
     """Set by the output thread when this session's output cannot be written; the compute loop closes it."""
     closed: bool = False
@@ -333,34 +332,6 @@ class Session:
                 )
             if ring.closed_flag:
                 raise SessionClosed("the client closed the session in the ring")
-
-    def inband_request(self) -> dict[str, Any] | None:
-        """The in-band control block's new request (a stdlib client without ZeroMQ), as changed fields, or None.
-
-        Only the fields the request flagged in ``request_fields`` apply (a preset by name wins over the index), so
-        a later ``set_preset`` over ZeroMQ is never undone by an older in-band value still in the block."""
-        if self.in_ring is None:
-            return None
-        block = self.in_ring.control()
-        if block.control_seq <= self._last_control_seq:
-            return None
-        self._last_control_seq = block.control_seq
-        fields = block.request_fields
-        changes: dict[str, Any] = {"control_seq": block.control_seq}
-        if fields & REQUEST_PRESET:
-            if block.requested_preset_name:
-                changes["preset_name"] = block.requested_preset_name
-            elif block.requested_preset >= 0:
-                changes["preset_index"] = block.requested_preset
-        if fields & REQUEST_STEPS and block.requested_steps > 0:
-            changes["steps"] = block.requested_steps
-        if fields & REQUEST_NOISE_SCALE and block.requested_noise_scale > 0:
-            changes["noise_scale"] = block.requested_noise_scale
-        return changes
-
-    def mark_applied(self, control_seq: int) -> None:
-        if self.in_ring is not None:
-            self.in_ring.mark_applied(control_seq)
 
     # ------------------------------------------------------------------ teardown
 

@@ -154,35 +154,6 @@ def test_requests_without_the_token_are_unauthorized(fast_daemon):
         assert good.status()["model"] == "tiny"
 
 
-def test_inband_preset_index_from_a_stdlib_client_is_honoured(fast_daemon):
-    with fast_daemon.client() as client:
-        names = [p["name"] for p in client.list_presets()]
-        assert names == sorted(names)
-        with client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime") as session:
-            ring = FrameRing.open(session.info["input_ring"])  # what the OBS script does, without ZeroMQ
-            try:
-                target = names.index("cyberpunk")
-                seq = ring.request(preset=target)
-                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
-                feed(session, 8)
-                assert wait_for(lambda: client.status(session.session_id)["sessions"][0]["preset"] == "cyberpunk", 10)
-                seq = ring.request(preset="pencil-sketch")
-                assert wait_for(lambda: client.status(session.session_id)["sessions"][0]["preset"] == "pencil-sketch", 10)
-                seq = ring.request(preset=len(names) + 5)  # out of range: reported, ignored, stream unharmed
-                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
-                assert client.status(session.session_id)["sessions"][0]["preset"] == "pencil-sketch"
-                # a steps-only request leaves the preset alone, even though the block still holds an index
-                client.set_preset(session.session_id, "anime")
-                seq = ring.request(steps=1, noise_scale=0.5)
-                assert wait_for(lambda: ring.control().applied_control_seq >= seq, timeout_s=10)
-                entry = client.status(session.session_id)["sessions"][0]
-                assert entry["preset"] == "anime"
-                assert entry["params"]["steps"] == 1 and entry["params"]["noise_scale"] == 0.5
-                feed(session, 8)  # the stream runs on after the step change
-            finally:
-                ring.close()
-
-
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, sdlive_command):
     result = subprocess.run(
         sdlive_command("serve", "--model", "tiny", "--device", "cpu", "--no-ui", "--control", "tcp://0.0.0.0:0"),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
+from sdlive.daemon.protocol.constants import PIXEL_FORMATS
 from sdlive.daemon.protocol.errors import ErrorCode, ProtocolError
 from sdlive.daemon.protocol.netframe import (
     NETFRAME_HEADER_SIZE,
@@ -20,7 +21,6 @@ from sdlive.daemon.protocol.netframe import (
     recv_frame,
     send_frame,
 )
-from sdlive.daemon.protocol.ring import PIXEL_FORMATS
 
 FORMATS = sorted(PIXEL_FORMATS)
 
@@ -44,7 +44,7 @@ def test_header_is_40_bytes_and_round_trips():
 
 @pytest.mark.parametrize("pixel_format", FORMATS)
 def test_raw_frames_round_trip_exactly_without_a_copy(pixel_format):
-    pixels = gradient(36, 64, PIXEL_FORMATS[pixel_format][1])
+    pixels = gradient(36, 64, PIXEL_FORMATS[pixel_format].bytes_per_pixel)
     head, payload = encode_frame(pixels, seq=3, timestamp_ns=99, pixel_format=pixel_format)
     assert isinstance(payload, memoryview) and payload.obj is pixels  # a view of the caller's array
     info, out = decode_frame(head, payload)
@@ -55,7 +55,7 @@ def test_raw_frames_round_trip_exactly_without_a_copy(pixel_format):
 
 @pytest.mark.parametrize("pixel_format", FORMATS)
 def test_jpeg_frames_come_back_close_in_the_same_pixel_format(pixel_format):
-    channels = PIXEL_FORMATS[pixel_format][1]
+    channels = PIXEL_FORMATS[pixel_format].bytes_per_pixel
     pixels = gradient(72, 128, channels)
     head, payload = encode_frame(pixels, seq=1, timestamp_ns=5, pixel_format=pixel_format, encoding="jpeg")
     assert len(payload) < pixels.nbytes / 4, "a smooth gradient must compress well"
