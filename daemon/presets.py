@@ -13,7 +13,7 @@ A preset is one TOML file (``presets/<name>.toml``)::
 
 A later folder overrides an earlier one by preset name (user presets override shipped ones). A broken file is
 reported by file and line and skipped; it never stops the daemon. Presets are indexed by their position in the sorted
-name list (:meth:`PresetLibrary.names`): that index is what the ring control block's ``requested_preset`` carries.
+name list (:meth:`PresetLibrary.names`), as ``list_presets`` reports them.
 
 No torch here (the CLI and OBS side import this module).
 """
@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from platformdirs import user_config_dir
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from .protocol.params import Prompt, StyleParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,17 +44,13 @@ PRESET_SUFFIX = ".toml"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class Preset(BaseModel):
-    """One named style: what ``set_preset`` applies to a session (via the engine's ``set_params``)."""
+class Preset(StyleParams):
+    """One named style (``StyleParams`` plus a name): what ``set_preset`` applies to a session."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_assignment=False)
 
     name: str
-    prompt: str = Field(min_length=1, max_length=2000)
-    steps: int = Field(default=2, ge=1, le=4)
-    noise_scale: float = Field(default=0.8, gt=0.0, le=1.0)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    transition_chunks: int = Field(default=4, ge=0, le=64)
+    prompt: Prompt  # required in a preset file (the other fields have the protocol's defaults)
     hotkey: str | None = None
     description: str | None = None
     source: str | None = Field(default=None, exclude=True)
@@ -67,23 +65,10 @@ class Preset(BaseModel):
             )
         return value
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, value: str) -> str:
-        value = " ".join(value.split())
-        if not value:
-            raise ValueError("prompt is empty")
-        return value
-
-    def params(self) -> dict[str, Any]:
-        """The engine ``SessionParams`` fields this preset sets."""
-        return {
-            "prompt": self.prompt,
-            "steps": self.steps,
-            "noise_scale": self.noise_scale,
-            "seed": self.seed,
-            "transition_chunks": self.transition_chunks,
-        }
+    def _prompt(cls, value: Any) -> Any:
+        return " ".join(value.split()) if isinstance(value, str) else value  # TOML multi-line strings read as one line
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (``list_presets``)."""
@@ -112,7 +97,7 @@ class PresetLibrary:
     dirs: list[Path] = field(default_factory=list)
 
     def names(self) -> list[str]:
-        """Sorted names; position i is the in-band ``requested_preset`` index i."""
+        """Sorted names; position i is ``list_presets``' ``index`` i."""
         return sorted(self.presets)
 
     def get(self, name: str) -> Preset:
@@ -120,15 +105,6 @@ class PresetLibrary:
             return self.presets[name]
         except KeyError:
             raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(self.names()) or '(none)'}") from None
-
-    def by_index(self, index: int) -> Preset:
-        names = self.names()
-        if not 0 <= index < len(names):
-            raise IndexError(f"preset index {index} out of range 0..{len(names) - 1}")
-        return self.presets[names[index]]
-
-    def index_of(self, name: str) -> int:
-        return self.names().index(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self.presets

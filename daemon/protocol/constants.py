@@ -13,7 +13,12 @@ from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_CONTROL_ADDRESS",
-    "DEFAULT_PARAMS",
+    "DEFAULT_NOISE_SCALE",
+    "DEFAULT_PROMPT",
+    "DEFAULT_SEED",
+    "DEFAULT_STEPS",
+    "DEFAULT_STREAM_BATCH",
+    "DEFAULT_TRANSITION_CHUNKS",
     "DEFAULT_PUB_ADDRESS",
     "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_LIVENESS",
@@ -31,6 +36,7 @@ __all__ = [
     "RECONNECT_INTERVAL_INIT_S",
     "RECONNECT_INTERVAL_MAX_S",
     "SEED_MAX_EXCLUSIVE",
+    "STYLE_FIELDS",
     "STEPS_MAX",
     "STEPS_MIN",
     "TRANSITION_CHUNKS_MAX",
@@ -76,8 +82,10 @@ PIXEL_FORMATS: dict[str, PixelFormatInfo] = {
 }
 
 # Generation parameters (DESIGN §3): their bounds and defaults. The pydantic model ``GenerationParams``
-# (protocol/params.py) is built from these; the OBS script reads them to bound its properties.
-PARAM_FIELDS = ("prompt", "steps", "noise_scale", "seed", "transition_chunks", "stream_batch")
+# (protocol/params.py) is built from these; the OBS script reads them to bound its properties. STYLE_FIELDS are
+# the ones a preset sets and ``set_params`` changes; ``stream_batch`` is chosen once, at ``open_session``.
+STYLE_FIELDS = ("prompt", "steps", "noise_scale", "seed", "transition_chunks")
+PARAM_FIELDS = (*STYLE_FIELDS, "stream_batch")
 PROMPT_MAX_CHARS = 2000
 STEPS_MIN = 1
 STEPS_MAX = 4
@@ -85,14 +93,12 @@ NOISE_SCALE_MIN_EXCLUSIVE = 0.0
 NOISE_SCALE_MAX = 1.0
 SEED_MAX_EXCLUSIVE = 2**63
 TRANSITION_CHUNKS_MAX = 64
-DEFAULT_PARAMS: dict[str, object] = {
-    "prompt": "a cinematic film still, soft light, highly detailed",
-    "steps": 2,
-    "noise_scale": 0.8,
-    "seed": 0,
-    "transition_chunks": 4,
-    "stream_batch": True,
-}
+DEFAULT_PROMPT = "a cinematic film still, soft light, highly detailed"
+DEFAULT_STEPS = 2
+DEFAULT_NOISE_SCALE = 0.8
+DEFAULT_SEED = 0
+DEFAULT_TRANSITION_CHUNKS = 4
+DEFAULT_STREAM_BATCH = True
 
 
 def host_of(address: str) -> str:

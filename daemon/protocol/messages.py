@@ -9,16 +9,33 @@ UTF-8 JSON objects, documented in ``docs/protocol.md``.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
-from .constants import PIXEL_FORMATS
+from .constants import (
+    DEFAULT_CONTROL_ADDRESS,
+    DEFAULT_PUB_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    MAX_FPS,
+    MAX_HEIGHT,
+    MAX_MESSAGE_BYTES,
+    MAX_WIDTH,
+    MIN_SIZE,
+    PARAM_FIELDS,
+    PIXEL_FORMATS,
+    PROTOCOL_VERSION,
+    RECONNECT_INTERVAL_INIT_S,
+    RECONNECT_INTERVAL_MAX_S,
+    STYLE_FIELDS,
+    is_loopback_address,
+)
 from .errors import ErrorCode, ProtocolError
+from .params import GenerationParams, StyleParams, StyleUpdate
 
 __all__ = [
     "DEFAULT_CONTROL_ADDRESS",
@@ -39,7 +56,6 @@ __all__ = [
     "CloseSessionReply",
     "CloseSessionRequest",
     "DaemonBeat",
-    "EffectiveParams",
     "ErrorBody",
     "ErrorReply",
     "Event",
@@ -56,6 +72,7 @@ __all__ = [
     "PresetInfo",
     "Reply",
     "Request",
+    "SessionInfo",
     "SessionStats",
     "SetParamsReply",
     "SetParamsRequest",
@@ -77,19 +94,8 @@ __all__ = [
     "is_loopback_address",
     "ok_reply",
     "ring_name",
+    "summarize_validation_error",
 ]
-
-PROTOCOL_VERSION = "sdlive/1"
-MAX_MESSAGE_BYTES = 65536
-DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5557"
-DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5558"
-
-# Paranoid Pirate liveness (ZeroMQ Guide, ppworker): a peer silent for LIVENESS intervals is dead; reconnects back
-# off by doubling from INIT up to MAX. Any message counts as life.
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
-RECONNECT_INTERVAL_INIT_S = 1.0
-RECONNECT_INTERVAL_MAX_S = 32.0
 
 # PUB topics (the first frame of every PUB message).
 TOPIC_STATS = "stats"
@@ -104,20 +110,6 @@ assert set(PixelFormat.__args__) == set(PIXEL_FORMATS)  # the ring and the messa
 RequestId = Annotated[StrictStr, Field(max_length=128)] | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 SessionId = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 PresetName = Annotated[StrictStr, Field(min_length=1, max_length=64)]
-Prompt = Annotated[StrictStr, Field(min_length=1, max_length=4000)]
-Steps = Annotated[StrictInt, Field(ge=1, le=4)]
-NoiseScale = Annotated[float, Field(gt=0.0, le=1.0)]
-Seed = Annotated[StrictInt, Field(ge=0, lt=2**63)]
-TransitionChunks = Annotated[StrictInt, Field(ge=0, le=64)]
-
-# The generation parameters a client may change (set_params fields, open_session.params keys).
-PARAM_FIELDS = ("prompt", "steps", "noise_scale", "seed", "transition_chunks")
-
-
-def _non_blank(value: str | None) -> str | None:
-    if value is not None and not value.strip():
-        raise ValueError("prompt must not be blank")
-    return value
 
 
 class _Strict(BaseModel):
@@ -150,17 +142,11 @@ class HelloRequest(_Request):
     )
 
 
-class ParamsUpdate(_Strict):
-    """Generation parameters to change; absent fields keep their value."""
+class ParamsUpdate(StyleUpdate):
+    """Generation parameters for ``open_session``: the style fields, and ``stream_batch``; absent ones keep their
+    value (the preset's, else the defaults)."""
 
-    prompt: Prompt | None = None
-    steps: Steps | None = None
-    noise_scale: NoiseScale | None = None
-    seed: Seed | None = None
-    transition_chunks: TransitionChunks | None = None
     stream_batch: bool | None = Field(None, description="open_session only: one batched forward per chunk")
-
-    check_prompt = field_validator("prompt")(_non_blank)
 
     def changes(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -168,9 +154,9 @@ class ParamsUpdate(_Strict):
 
 class OpenSessionRequest(_Request):
     op: Literal["open_session"] = "open_session"
-    width: Annotated[StrictInt, Field(ge=16, le=7680)]
-    height: Annotated[StrictInt, Field(ge=16, le=4320)]
-    fps: Annotated[float, Field(gt=0.0, le=240.0)]
+    width: Annotated[StrictInt, Field(ge=MIN_SIZE, le=MAX_WIDTH)]
+    height: Annotated[StrictInt, Field(ge=MIN_SIZE, le=MAX_HEIGHT)]
+    fps: Annotated[float, Field(gt=0.0, le=MAX_FPS)]
     pixel_format: PixelFormat = "bgra"
     preset: PresetName | None = None
     params: ParamsUpdate | None = None
@@ -190,20 +176,11 @@ class SetPresetRequest(_Request):
     name: PresetName
 
 
-class SetParamsRequest(_Request):
+class SetParamsRequest(_Request, StyleUpdate):
+    """Change some style fields of a session (the ``StyleUpdate`` fields, at the top level of the message)."""
+
     op: Literal["set_params"] = "set_params"
     session_id: SessionId
-    prompt: Prompt | None = None
-    steps: Steps | None = None
-    noise_scale: NoiseScale | None = None
-    seed: Seed | None = None
-    transition_chunks: TransitionChunks | None = None
-
-    check_prompt = field_validator("prompt")(_non_blank)
-
-    def changes(self) -> dict[str, Any]:
-        """The parameters this request changes (the ones present), ready for ``session.set_params(**changes)``."""
-        return {name: getattr(self, name) for name in PARAM_FIELDS if getattr(self, name) is not None}
 
 
 class ListPresetsRequest(_Request):
@@ -278,17 +255,8 @@ class HelloReply(_Reply):
     auth_required: bool = False
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
-
-
-class EffectiveParams(_Lenient):
-    """The parameters a session runs with now."""
-
-    prompt: str
-    steps: int
-    noise_scale: float
-    seed: int
-    transition_chunks: int
-    stream_batch: bool | None = None
+    pub_address: str | None = Field(None, description="where the daemon's PUB socket is bound")
+    pid: int | None = Field(None, description="the daemon's process id")
 
 
 class NetEndpoints(_Lenient):
@@ -302,20 +270,25 @@ class NetEndpoints(_Lenient):
     encoding: str = "raw"
 
 
-class OpenSessionReply(_Reply):
+class SessionInfo(_Lenient):
+    """A session's identity and geometry (``open_session`` replies, ``status`` entries)."""
+
     session_id: str
-    transport: str
+    transport: str = "shm"
     width: int
     height: int
     fps: float
     pixel_format: str
     input_ring: str | None = Field(None, description="shm: ring the client writes (FrameRing.open)")
     output_ring: str | None = Field(None, description="shm: ring the client reads")
-    slots: int | None = None
-    net: NetEndpoints | None = None
     latency_frames: int = Field(description="frames between an input and its restyled output")
     preset: str | None = None
-    params: EffectiveParams | None = None
+    params: GenerationParams | None = Field(None, description="the parameters the session runs with")
+
+
+class OpenSessionReply(_Reply, SessionInfo):
+    slots: int | None = None
+    net: NetEndpoints | None = None
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
 
@@ -325,38 +298,48 @@ class CloseSessionReply(_Reply):
     closed: bool = True
 
 
-class SetPresetReply(_Reply):
+class _ChangeReply(_Reply):
+    """``set_preset`` / ``set_params``: answered on receipt by the IO thread; the change is queued in order."""
+
     session_id: str
+    params: GenerationParams | None = Field(None, description="the session's parameters once the change applies")
+    pending: bool = Field(
+        True, description="the compute loop has not applied it yet (it may wait for a new prompt's encoding)"
+    )
+
+
+class SetPresetReply(_ChangeReply):
     preset: str
-    params: EffectiveParams | None = None
 
 
-class SetParamsReply(_Reply):
-    session_id: str
-    params: EffectiveParams | None = None
+class SetParamsReply(_ChangeReply):
+    pass
 
 
-class PresetInfo(_Lenient):
+class PresetInfo(_Lenient, StyleParams):
+    """One preset as ``list_presets`` shows it."""
+
+    model_config = ConfigDict(extra="ignore")
+
     name: str
-    prompt: str
-    steps: int
-    noise_scale: float
-    seed: int
     hotkey: str | None = None
-    transition_chunks: int | None = None
+    description: str | None = None
+    index: int | None = Field(None, description="position in the sorted name list")
     source: str | None = Field(None, description="'shipped' or the user file that defines it")
 
 
 class ListPresetsReply(_Reply):
     presets: list[PresetInfo]
+    problems: list[str] = Field(default_factory=list, description="preset files that were skipped, and why")
 
 
-class SessionStats(_Lenient):
+class SessionStats(SessionInfo):
     """One session's figures: PUB topic ``stats`` once a second, and ``status`` replies.
 
     Latencies are end to end, from the input frame's capture timestamp to its output being written."""
 
-    session_id: str
+    client: str | None = None
+    uptime_s: float = 0.0
     fps_in: float = 0.0
     fps_out: float = 0.0
     latency_ms_p50: float | None = None
@@ -368,12 +351,16 @@ class SessionStats(_Lenient):
     dropped_in: int = 0
     dropped_out: int = 0
     deadline_misses: int = 0
+    bad_frames: int = 0
     step_ms: float | None = Field(None, description="one model step (one DiT forward)")
     stage_ms: dict[str, float] = Field(default_factory=dict, description="encode / dit / decode per chunk")
+    push_ms: float | None = Field(None, description="median time of one engine push")
+    target_latency_ms: float | None = Field(None, description="the pacer's output delay")
     device_memory_mb: float | None = None
-    preset: str | None = None
     steps: int | None = None
-    transport: str = "shm"
+    pending_changes: int = Field(0, description="parameter changes queued, not applied yet")
+    engine_frames_in: int = 0
+    engine_frames_out: int = 0
     ts: float = Field(default_factory=time.time, description="unix time of the figures")
 
 
@@ -384,6 +371,11 @@ class StatusReply(_Reply):
     device: str
     uptime_s: float
     max_sessions: int
+    control_address: str | None = None
+    pub_address: str | None = None
+    presets: int = 0
+    memory: dict[str, float | None] = Field(default_factory=dict, description="device and host memory, MiB")
+    requests: dict[str, int] = Field(default_factory=dict, description="control requests seen / rejected")
     sessions: list[SessionStats] = Field(default_factory=list)
 
 
@@ -453,7 +445,7 @@ class Event(_Lenient):
     preset: str | None = None
     code: str | None = Field(None, description="error events: an error code")
     message: str | None = None
-    params: dict[str, Any] | None = Field(None, description="params_changed: the session's parameters now")
+    params: GenerationParams | None = Field(None, description="params_changed: the session's parameters now")
     ts: float = Field(default_factory=time.time)
 
 
@@ -516,7 +508,7 @@ def _describe(exc: ValidationError, op: str) -> tuple[ErrorCode, str]:
     for err in errors:
         loc = err["loc"]
         field = ".".join(str(part) for part in loc)
-        if loc and (loc[0] == "params" or (op == "set_params" and loc[0] in PARAM_FIELDS)):
+        if loc and (loc[0] == "params" or (op == "set_params" and loc[0] in STYLE_FIELDS)):
             code = ErrorCode.BAD_PARAMS
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(REQUEST_MODELS[op].model_fields)) if len(loc) == 1 else None
@@ -583,17 +575,20 @@ def encode_request(request: _Request) -> bytes:
     return data
 
 
-def ok_reply(body: BaseModel | Mapping[str, Any] | None = None, *, id: Any = None) -> bytes:
-    """The JSON bytes of a success reply: ``{"ok": true, "id": id, ...body}``."""
-    if body is None:
-        fields: dict[str, Any] = {}
-    elif isinstance(body, BaseModel):
-        fields = body.model_dump(mode="json")
-    else:
-        fields = dict(body)
+def ok_reply(body: _Reply, *, id: Any = None) -> bytes:
+    """The JSON bytes of a success reply: ``{"ok": true, "id": id, ...body}``, from the op's reply model."""
+    fields = body.model_dump(mode="json")
     fields.pop("ok", None)
     fields.pop("id", None)
     return _dumps({"ok": True, "id": id, **fields})
+
+
+def summarize_validation_error(exc: ValidationError) -> str:
+    """A ValidationError as one line, ``field: problem; field: problem`` (config files, parameter changes)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors(include_url=False)
+    )
 
 
 def error_reply(code: ErrorCode | str, message: str, id: Any = None) -> bytes:
@@ -645,27 +640,6 @@ def decode_pub(frames: Sequence[bytes]) -> tuple[str, BaseModel]:
 
 
 # ========================================================================================================== auth
-
-
-def is_loopback_address(address: str) -> bool:
-    """True for ZeroMQ endpoints only this machine can reach: tcp on 127.0.0.0/8, ::1 or localhost, ipc, inproc."""
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        raise ValueError(f"not a ZeroMQ endpoint: {address!r} (expected e.g. tcp://127.0.0.1:5557)")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
-    if ";" in host:  # "tcp://source;dest": the dest decides
-        host = host.split(";", 1)[1]
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: reachable from elsewhere
 
 
 def check_bind_address(address: str, token: str | None) -> None:

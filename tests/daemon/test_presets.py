@@ -23,19 +23,9 @@ def test_shipped_presets_are_valid_and_engine_ready(no_user):
     hotkeys = [p.hotkey for p in library.presets.values()]
     assert all(hotkeys) and len(set(hotkeys)) == len(hotkeys)
     for preset in library.presets.values():
-        SessionParams(**preset.params())  # the engine accepts every shipped preset as is
+        SessionParams(**preset.style())  # the engine accepts every shipped preset as is
         assert Path(preset.source).parent == shipped_presets_dir()
     assert len(list(shipped_presets_dir().glob("*.toml"))) == len(library)
-
-
-def test_index_is_position_in_sorted_names(no_user):
-    library = load_presets()
-    names = library.names()
-    assert names == sorted(names)
-    for i, name in enumerate(names):
-        assert library.by_index(i).name == name and library.index_of(name) == i
-    with pytest.raises(IndexError):
-        library.by_index(len(names))
 
 
 def test_user_preset_overrides_shipped_one(no_user):

@@ -18,7 +18,6 @@ from sdlive.daemon.protocol.messages import (
     CloseSessionReply,
     CloseSessionRequest,
     DaemonBeat,
-    EffectiveParams,
     ErrorReply,
     Event,
     HeartbeatReply,
@@ -54,10 +53,17 @@ from sdlive.daemon.protocol.messages import (
     ok_reply,
     ring_name,
 )
+from sdlive.daemon.protocol.params import GenerationParams
 
-PARAMS = EffectiveParams(prompt="ink wash", steps=2, noise_scale=0.7, seed=42, transition_chunks=4, stream_batch=True)
+PARAMS = GenerationParams(prompt="ink wash", steps=2, noise_scale=0.7, seed=42, transition_chunks=4, stream_batch=True)
 STATS = SessionStats(
     session_id="s1",
+    width=640,
+    height=360,
+    fps=30.0,
+    pixel_format="bgra",
+    latency_frames=5,
+    params=PARAMS,
     fps_in=30.0,
     fps_out=29.5,
     latency_ms_p50=80.0,
