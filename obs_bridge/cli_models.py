@@ -1,6 +1,6 @@
 """`sdlive` commands: models list / models pull.
 
-Both import ``sdlive.daemon.model.loading`` (torch, diffusers) only when they run, so ``sdlive`` starts and its other
+Both import ``sdlive.daemon.model`` (torch, diffusers) only when they run, so ``sdlive`` starts and its other
 commands work on a client machine without torch.
 """
 
@@ -30,14 +30,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _loading():
+def _daemon_side() -> None:
     try:
-        from sdlive.daemon.model import loading
+        import sdlive.daemon.model.bundle  # noqa: F401 - torch, diffusers, huggingface_hub
     except ImportError as exc:  # a client-only install: no torch / diffusers
         raise _fail(
             f"the model commands need the daemon side ({exc.name or exc} is missing): pip install 'sdlive[gpu]'"
         ) from None
-    return loading
 
 
 def _size(n: int) -> str:
@@ -55,10 +54,12 @@ def list_cmd() -> None:
     """The known models: downloaded or not, where, size on disk and estimated VRAM."""
     from rich.table import Table
 
-    loading = _loading()
+    _daemon_side()
+    from sdlive.daemon.model.sources import list_models
+
     out = _out()
     try:
-        infos = loading.list_models()
+        infos = list_models()
     except Exception as exc:  # noqa: BLE001 - a broken cache is reported, not a traceback
         raise _fail(f"could not list models: {exc}") from None
     table = Table(title="sdlive models", title_justify="left")
@@ -87,9 +88,12 @@ def pull_cmd(
     """Download a model's weights into the Hugging Face cache (resumable; nothing runs without them)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    loading = _loading()
-    out = _out()
+    _daemon_side()
     from sdlive.daemon.model.configs import MODEL_NAMES, get_model_spec
+    from sdlive.daemon.model.errors import CheckpointError
+    from sdlive.daemon.model.hub import pull_model
+
+    out = _out()
 
     try:
         spec = get_model_spec(name)
@@ -117,8 +121,8 @@ def pull_cmd(
             bar.update(tasks[key], completed=event.done, total=event.total or None)
 
         try:
-            paths = loading.pull_model(name, progress=on_progress)
-        except loading.CheckpointError as exc:
+            paths = pull_model(name, progress=on_progress)
+        except CheckpointError as exc:
             raise _fail(str(exc)) from None
     for path in paths:
         out.print(f"[green]✓[/] {path}")

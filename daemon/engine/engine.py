@@ -67,7 +67,7 @@ class StreamEngine:
         ``normalize_latents=False`` reproduces upstream, whose DiT sees the raw VAE mean (DESIGN §3).
         ``random_weights=True`` builds the real shapes from the spec's seed instead of loading weights (benchmarks).
         """
-        from ..model.loading import load_model_bundle
+        from ..model.bundle import load_model_bundle
 
         spec = get_model_spec(model)  # a clear error for an unknown name before anything loads
         if random_weights:

@@ -3,7 +3,7 @@
 Each spec holds the diffusers configs of the three parts (transformer, VAE, text encoder) and the streaming defaults
 of DESIGN §3. ``tiny`` has random weights made locally from a fixed seed: small enough for real time on a laptop CPU,
 it serves tests, CI and benchmarks. The Wan specs describe the real shapes; their weights come from a local path or
-the hub cache (see ``sdlive.daemon.model.loading``).
+the hub cache (see ``sdlive.daemon.model.sources``).
 """
 
 from __future__ import annotations

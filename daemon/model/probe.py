@@ -9,7 +9,7 @@ import json
 def probe() -> dict:
     import torch
 
-    from .loading import list_models
+    from .sources import list_models
 
     return {
         "cuda": torch.cuda.is_available(),

@@ -13,20 +13,21 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from sdlive.daemon.model.bundle import load_model_bundle, load_transformer, load_vae
 from sdlive.daemon.model.causal_wan import CausalWanTransformer3DModel
-from sdlive.daemon.model.configs import TINY
-from sdlive.daemon.model.loading import (
+from sdlive.daemon.model.configs import TINY, get_model_spec
+from sdlive.daemon.model.errors import CheckpointError
+from sdlive.daemon.model.formats import (
     WAN_TRANSFORMER_DIFFUSERS,
     WAN_TRANSFORMER_ORIGINAL,
     WAN_VAE_DIFFUSERS,
     WAN_VAE_ORIGINAL,
-    CheckpointError,
+    convert_transformer_state_dict,
+    convert_vae_state_dict,
     detect_format,
-    load_model_bundle,
-    load_transformer,
-    load_vae,
     read_checkpoint,
 )
+from sdlive.daemon.model.hub import PullProgress, _progress_tqdm
 from sdlive.daemon.model.text import TextEncoder
 
 # A tiny model with the real Wan layouts: the VAE has Wan2.1's block structure (dim_mult [1,2,4,4], 2 res blocks),
@@ -385,8 +386,6 @@ def test_missing_text_encoder_errors_only_for_unknown_prompts(tmp_path, ref_tran
 
 def test_pull_progress_forwards_byte_counts():
     """The tqdm class handed to huggingface_hub turns its byte updates into PullProgress events."""
-    from sdlive.daemon.model.loading import PullProgress, _progress_tqdm
-
     events: list[PullProgress] = []
     bar_cls = _progress_tqdm("org/repo", events.append)
     bar_cls(total=3, desc="Fetching 3 files").update(1)  # a file counter, not bytes: not forwarded
@@ -434,9 +433,6 @@ def test_model_pt_with_wrapper_extras_keeps_the_model_keys(tmp_path, ref_transfo
 def test_real_spec_keys_round_trip_through_the_converters(name):
     """At the real shapes (on meta: no memory), original Wan key names convert onto exactly our model's keys."""
     from accelerate import init_empty_weights
-
-    from sdlive.daemon.model.configs import get_model_spec
-    from sdlive.daemon.model.loading import convert_transformer_state_dict, convert_vae_state_dict
 
     spec = get_model_spec(name)
     with init_empty_weights():

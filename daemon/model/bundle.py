@@ -1,0 +1,268 @@
+"""A model ready for the engine (``ModelBundle``): its transformer and VAE built from checkpoints or from the spec's
+seed, and its cached prompt encoder (``load_model_bundle``).
+
+- ``tiny`` (``spec.random_weights``): random weights from the spec's seed (deterministic; nothing is read), unless
+  ``weights=`` gives trained parts of the same shapes.
+- real models: the files ``sources.locate_weights`` finds (``weights=`` first, then the hub cache), in any format
+  ``formats`` converts. Models are built without storage and the checkpoint is assigned in.
+
+Anything missing or wrong is one :class:`~.errors.CheckpointError` naming the file, what was expected and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.modeling_utils import no_init_weights
+
+from .causal_wan import CausalWanTransformer3DModel
+from .configs import ModelSpec, get_model_spec
+from .errors import CheckpointError, pull_hint
+from .formats import StateDict, convert_transformer_state_dict, convert_vae_state_dict, read_checkpoint
+from .hub import HubCacheDir
+from .sources import ORIGINAL_VAE_FILE, locate_weights
+from .text import PromptEncoder, TextEncoder
+from .vae import StreamingVAE
+
+__all__ = ["ModelBundle", "ProgressFn", "load_model_bundle", "load_transformer", "load_vae"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str], None]
+"""Gets one line per loading stage."""
+
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+@dataclass
+class ModelBundle:
+    """A model ready for the engine: the causal DiT, the VAE weights (one ``StreamingVAE`` per session over them,
+    see ``new_vae``) and the cached prompt encoder."""
+
+    spec: ModelSpec
+    transformer: CausalWanTransformer3DModel
+    vae: AutoencoderKLWan
+    text: PromptEncoder
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each part came from (for logs and ``status``)."""
+
+    def new_vae(self, *, normalize_latents: bool = False) -> StreamingVAE:
+        return StreamingVAE(self.vae, normalize_latents=normalize_latents)
+
+
+# --------------------------------------------------------------------------------------------- building models
+def _for_inference(model: _Module, device: str | torch.device, dtype: torch.dtype) -> _Module:
+    """``model`` in eval mode without gradients on ``device``, its parameters cast to ``dtype`` and its
+    ``_keep_in_fp32_modules`` to float32, buffers (RoPE tables) left as built: the rule diffusers'
+    ``from_pretrained(torch_dtype=...)`` applies."""
+    model.eval().requires_grad_(False)
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    model.to(device=device)
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
+
+
+def _load_strict(model: torch.nn.Module, state: StateDict, *, what: str, source: str, spec: ModelSpec) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{source} is not a {spec.name} {what}: {'; '.join(parts)}. Expected the {spec.name} shapes "
+            f"({_shape_summary(spec, what)}); {pull_hint(spec)}"
+        )
+    # assign: the checkpoint's tensors become the parameters (the model was built without storage).
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _shape_summary(spec: ModelSpec, what: str) -> str:
+    if what == "transformer":
+        t = spec.transformer
+        return f"{t['num_layers']} layers, dim {t['num_attention_heads'] * t['attention_head_dim']}, ffn {t['ffn_dim']}"
+    v = spec.vae
+    return f"base_dim {v['base_dim']}, z_dim {v['z_dim']}, dim_mult {v['dim_mult']}, {v['num_res_blocks']} res blocks"
+
+
+def _empty_weights() -> AbstractContextManager[None]:
+    """Build a model whose parameters have no storage (meta), buffers real: the checkpoint is assigned in, so a 14B
+    model never exists twice in RAM nor spends minutes on a random init. accelerate's ``init_empty_weights``
+    (what diffusers' ``from_pretrained`` uses); without accelerate, diffusers' ``no_init_weights`` (skip init only)."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        return no_init_weights()
+    return init_empty_weights(include_buffers=False)
+
+
+def _read(state_or_path: StateDict | str | Path) -> tuple[StateDict, str]:
+    """The state dict and the name to use for it in errors."""
+    if isinstance(state_or_path, dict):
+        return state_or_path, "<state dict>"
+    return read_checkpoint(state_or_path), str(state_or_path)
+
+
+def load_transformer(
+    spec: ModelSpec,
+    state_or_path: StateDict | str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    base: str | Path | None = None,
+) -> CausalWanTransformer3DModel:
+    """``CausalWanTransformer3DModel`` of ``spec`` from any supported transformer checkpoint (file, sharded index or
+    state dict). ``base``: a base-model checkpoint read only if the first lacks keys (a partial generator)."""
+    raw, source = _read(state_or_path)
+    state = convert_transformer_state_dict(raw, source=source)
+    with _empty_weights():
+        model = CausalWanTransformer3DModel(**spec.transformer)
+    missing = set(model.state_dict()) - set(state)
+    if base is not None and missing:
+        logger.info("%s lacks %d keys; taking them from the base model %s", source, len(missing), base)
+        base_state = convert_transformer_state_dict(read_checkpoint(base), source=str(base))
+        state = {**{k: v for k, v in base_state.items() if k in missing}, **state}
+    _load_strict(model, state, what="transformer", source=source, spec=spec)
+    return _for_inference(model, device, dtype)
+
+
+def load_vae(
+    spec: ModelSpec,
+    state_or_path: StateDict | str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> AutoencoderKLWan:
+    """``AutoencoderKLWan`` of ``spec`` from an original ``Wan2.1_VAE.pth`` or a diffusers VAE checkpoint."""
+    raw, source = _read(state_or_path)
+    state = convert_vae_state_dict(raw, source=source)
+    with _empty_weights():
+        model = AutoencoderKLWan(**spec.vae)
+    _load_strict(model, state, what="VAE", source=source, spec=spec)
+    return _for_inference(model, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------- the bundle
+def _random_bundle(
+    spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, cache_dir: str | Path | None
+) -> ModelBundle:
+    with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
+        torch.manual_seed(spec.seed)
+        transformer = CausalWanTransformer3DModel(**spec.transformer)
+        vae = AutoencoderKLWan(**spec.vae)
+    seeded = f"random (seed {spec.seed})"
+    return ModelBundle(
+        spec=spec,
+        transformer=_for_inference(transformer, device, dtype),
+        vae=_for_inference(vae, device, dtype),
+        text=PromptEncoder.for_spec(spec, device=device, dtype=torch.float32, cache_dir=cache_dir),
+        sources={"transformer": seeded, "vae": seeded, "text_encoder": seeded},
+    )
+
+
+def load_model_bundle(
+    name: str | ModelSpec,
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    hub_cache_dir: HubCacheDir = None,
+) -> ModelBundle:
+    """Build the model ``name`` (a registered name or a ``ModelSpec``) on ``device`` in ``dtype``.
+
+    ``tiny`` (``spec.random_weights``) is made from its seed. Real models load from ``weights`` and/or the hub cache
+    (``sources``); nothing is downloaded. ``cache_dir``: the prompt embedding cache (default: the user cache).
+    ``hub_cache_dir``: the huggingface_hub cache (default: ``HF_HUB_CACHE``). ``progress`` gets one line per stage.
+    """
+    spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
+    say: ProgressFn = progress or (lambda msg: None)
+    if spec.random_weights:
+        say(f"building {spec.name} from seed {spec.seed}")
+        bundle = _random_bundle(spec, device, dtype, cache_dir)
+        if weights is not None:  # trained weights of the same shapes override the seeded ones, part by part
+            src = locate_weights(spec, Path(weights), hub_cache_dir)
+            trained = src.transformer or src.base_transformer
+            if trained is not None:
+                say(f"loading the {spec.name} transformer from {trained}")
+                bundle.transformer = load_transformer(spec, trained, device=device, dtype=dtype)
+                bundle.sources["transformer"] = str(trained)
+            if src.vae is not None:
+                say(f"loading the {spec.name} VAE from {src.vae}")
+                bundle.vae = load_vae(spec, src.vae, device=device, dtype=dtype)
+                bundle.sources["vae"] = str(src.vae)
+        return bundle
+
+    src = locate_weights(spec, Path(weights) if weights is not None else None, hub_cache_dir)
+    main = src.transformer or src.base_transformer
+    if main is None:
+        raise CheckpointError(
+            f"the {spec.name} transformer was not found: expected the StreamDiffusionV2 generator "
+            f"{spec.generator_repo}/{spec.generator_file} in the hub cache"
+            + (f" or weights in {weights}" if weights else "")
+            + f"; {pull_hint(spec)}"
+        )
+    if src.transformer is None:
+        logger.warning(
+            "%s: no StreamDiffusionV2 generator found, using the base transformer %s (not distilled "
+            "for few-step streaming)",
+            spec.name,
+            src.base_transformer,
+        )
+    if src.vae is None:
+        raise CheckpointError(
+            f"the {spec.name} VAE was not found: expected vae/diffusion_pytorch_model.safetensors of {spec.hub_repo} "
+            f"in the hub cache"
+            + (f" or {ORIGINAL_VAE_FILE} / vae/ in {weights}" if weights else "")
+            + f"; {pull_hint(spec)}"
+        )
+
+    base = src.base_transformer if src.transformer is not None else None
+    say(f"loading the {spec.name} transformer from {main}")
+    transformer = load_transformer(spec, main, device=device, dtype=dtype, base=base)
+    say(f"loading the {spec.name} VAE from {src.vae}")
+    vae = load_vae(spec, src.vae, device=device, dtype=dtype)
+    text_root = src.text_root
+
+    def load_text_encoder() -> TextEncoder:
+        if text_root is None:
+            raise CheckpointError(
+                f"the {spec.name} text encoder was not found: expected text_encoder/ and tokenizer/ of "
+                f"{spec.hub_repo} in the hub cache"
+                + (f" or in {weights}" if weights else "")
+                + f" (prompts already in the embedding cache work without it); {pull_hint(spec)}"
+            )
+        say(f"loading the {spec.name} text encoder from {text_root}")
+        return TextEncoder.from_spec(spec, path=text_root, device=device, dtype=dtype)
+
+    text = PromptEncoder(
+        spec.name,
+        load_text_encoder,
+        text_len=spec.text_len,
+        text_dim=spec.text_dim,
+        cache_dir=cache_dir,
+        namespace=PromptEncoder.for_spec(spec, cache_dir=cache_dir).namespace,
+    )
+    if text_root is None:
+        logger.warning("%s: no text encoder found; only prompts already in %s can be used", spec.name, text.cache_dir)
+    sources = {"transformer": str(main), "vae": str(src.vae), "text_encoder": str(text_root) if text_root else "none"}
+    return ModelBundle(spec=spec, transformer=transformer, vae=vae, text=text, sources=sources)
