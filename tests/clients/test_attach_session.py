@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sdlive.obs_bridge.capture import SourceError, open_source, synthetic_frame
 from sdlive.obs_bridge.cli import app
+from sdlive.obs_bridge.media.capture import SourceError, open_source, synthetic_frame
 
 SIZE, FPS = 128, 10.0
 

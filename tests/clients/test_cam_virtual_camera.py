@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sdlive.obs_bridge.capture import synthetic_frame
 from sdlive.obs_bridge.client import DaemonClient
+from sdlive.obs_bridge.media.capture import synthetic_frame
 
 SCRIPT = Path(__file__).with_name("cam_recording_main.py")
 SIZE = 128

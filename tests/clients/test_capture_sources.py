@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sdlive.obs_bridge.capture import FrameSource, SourceError, open_source, synthetic_frame
+from sdlive.obs_bridge.media.capture import FrameSource, SourceError, open_source, synthetic_frame
 
 
 def test_synthetic_source_yields_the_asked_count_size_and_moving_frames():

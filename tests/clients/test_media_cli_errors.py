@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sdlive.obs_bridge.cli import app
-from sdlive.obs_bridge.media import PresetSwitcher
+from sdlive.obs_bridge.media.pump import PresetSwitcher
 
 runner = CliRunner()
 
@@ -92,9 +92,9 @@ def test_client_media_modules_never_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import sdlive.obs_bridge.cli, sdlive.obs_bridge.capture, sdlive.obs_bridge.sinks, "
-            "sdlive.obs_bridge.media, sdlive.obs_bridge.vcam, sdlive.obs_bridge.cli_media; "
-            "from sdlive.obs_bridge.cli_media import _pick_demo_model; _pick_demo_model('cpu'); "
+    code = ("import sys; import sdlive.obs_bridge.cli, sdlive.obs_bridge.media.capture, sdlive.obs_bridge.media.sinks, "
+            "sdlive.obs_bridge.media.pump, sdlive.obs_bridge.media.vcam, sdlive.obs_bridge.cli.media; "
+            "from sdlive.obs_bridge.cli.media import _pick_demo_model; _pick_demo_model('cpu'); "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=180)

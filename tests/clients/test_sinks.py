@@ -8,7 +8,7 @@ import fractions
 import numpy as np
 import pytest
 
-from sdlive.obs_bridge.sinks import (
+from sdlive.obs_bridge.media.sinks import (
     NullSink,
     SinkError,
     VideoFileSink,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdlive.obs_bridge import StyledCamera, open_source
-from sdlive.obs_bridge.sinks import VirtualCameraUnavailable
+from sdlive.obs_bridge.media.sinks import VirtualCameraUnavailable
 
 SIZE, FPS = 128, 10.0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cli_daemon, cli_media, cli_models, cli_obs
+from . import daemon, media, models, obs
 
 app = typer.Typer(
     name="sdlive",
@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in (cli_daemon, cli_models, cli_obs, cli_media):
+for _module in (daemon, models, obs, media):
     _module.register(app)
 
 

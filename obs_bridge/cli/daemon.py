@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .client import DEFAULT_CONTROL_ADDRESS, DaemonClient, DaemonError
+from ..client import DEFAULT_CONTROL_ADDRESS, DaemonClient, DaemonError
 
 _Address = Annotated[
     str | None,

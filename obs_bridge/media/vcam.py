@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .client import DEFAULT_CONTROL_ADDRESS, DaemonClient
+from ..client import DEFAULT_CONTROL_ADDRESS, DaemonClient
 from .sinks import FrameSink, open_sink
 
 __all__ = ["StyledCamera"]

@@ -80,7 +80,7 @@ class LocalDaemon:
         self._log = None
 
     def start(self, *, timeout_s: float = DAEMON_START_TIMEOUT_S) -> str:
-        from .client import DaemonClient, DaemonUnavailable
+        from ..client import DaemonClient, DaemonUnavailable
 
         cmd = [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", "serve", "--no-ui",
                "--control", self.control, "--pub", self.pub]
@@ -144,7 +144,7 @@ def daemon_address(daemon: str | None, *, token: str | None, model: str | None, 
                    purpose: str, always_start: bool = False):
     """Yield the control address to use: ``daemon`` as given, else the default one if a daemon answers there, else a
     daemon started for this command (on the default ports when they are free) and stopped afterwards."""
-    from .client import DaemonClient, DaemonUnavailable
+    from ..client import DaemonClient, DaemonUnavailable
 
     if daemon:
         yield daemon
@@ -290,7 +290,7 @@ CONTROL_TIMEOUT_S = 20.0
 def _connect(address: str, token: str | None):
     """A DaemonClient for ``address``; fails at once (instead of after the timeout) when nothing listens on a TCP
     port of this machine."""
-    from .client import DaemonClient, is_loopback_address
+    from ..client import DaemonClient, is_loopback_address
 
     if address.startswith("tcp://") and is_loopback_address(address):
         host, _, port = address[len("tcp://") :].rpartition(":")
@@ -345,10 +345,10 @@ def cam(
 
     Keys while it runs: 1–9 pick a preset, n/p the next/previous one, q quits.
     """
-    from .capture import SourceError, open_source
-    from .client import DaemonError, DaemonUnavailable
-    from .media import PumpError, PumpStats, run_live
-    from .sinks import SinkError
+    from ..client import DaemonError, DaemonUnavailable
+    from ..media.capture import SourceError, open_source
+    from ..media.pump import PumpError, PumpStats, run_live
+    from ..media.sinks import SinkError
 
     output = output or ["vcam"]
     if attach and input != "webcam:0":
@@ -363,7 +363,7 @@ def cam(
             sink_w = source.width * (2 if side_by_side else 1)
             sinks = [stack.enter_context(_open_sink(o, sink_w, source.height, source.fps, vcam_device)) for o in output]
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="cam"))
-            from .media import PresetSwitcher
+            from ..media.pump import PresetSwitcher
 
             dc = stack.enter_context(_connect(address, token))
             names = _preset_names(dc)
@@ -394,7 +394,7 @@ def cam(
 
 
 def _open_sink(spec: str, width: int, height: int, fps: float, vcam_device: str | None, audio_from=None):
-    from .sinks import open_sink
+    from ..media.sinks import open_sink
 
     return open_sink(spec, width=width, height=height, fps=fps, vcam_device=vcam_device, audio_from=audio_from)
 
@@ -409,8 +409,8 @@ def _describe_sink(sink) -> str:
 
 def _mirror(session_id: str, *, output, daemon, token, width, height, fps, vcam_device, frames, duration) -> None:
     """`cam --attach SESSION`: copy an existing session's output to the sinks (no new session, no restyling)."""
-    from .capture import open_source
-    from .media import PumpStats
+    from ..media.capture import open_source
+    from ..media.pump import PumpStats
 
     address = daemon or DEFAULT_CONTROL
     with contextlib.ExitStack() as stack:
@@ -451,8 +451,8 @@ def render(
     The output has exactly as many frames as the input: the daemon answers a few frames late (its latency), so
     after the last frame the renderer repeats it until every real frame is back and drops those padding outputs.
     """
-    from .capture import open_source
-    from .media import run_offline
+    from ..media.capture import open_source
+    from ..media.pump import run_offline
 
     existed = output.exists()
     try:
@@ -533,9 +533,9 @@ def demo(
 ) -> None:
     """The out-of-the-box demo: start a daemon, stream a clip through it switching presets mid-stream, write a
     side-by-side video (input | restyled) and print the stats. Runs offline, no GPU needed (``tiny`` model)."""
-    from .capture import open_source
-    from .client import DaemonError
-    from .media import run_offline
+    from ..client import DaemonError
+    from ..media.capture import open_source
+    from ..media.pump import run_offline
 
     why = "given"
     if model is None and daemon is None:
@@ -596,10 +596,10 @@ def _remove_partial(output: Path, existed: bool) -> None:
 
 def _reraise_as_exit(exc: BaseException):
     """Known failures become ``error: …`` and exit code 1 (130 for Ctrl-C); anything else propagates."""
-    from .capture import SourceError
-    from .client import DaemonError, DaemonUnavailable
-    from .media import PumpError
-    from .sinks import SinkError
+    from ..client import DaemonError, DaemonUnavailable
+    from ..media.capture import SourceError
+    from ..media.pump import PumpError
+    from ..media.sinks import SinkError
 
     if isinstance(exc, KeyboardInterrupt):
         raise typer.Exit(130) from None

@@ -473,7 +473,7 @@ class AttachedSessionSource(FrameSource):
 
     def __init__(self, session_id: str, *, daemon: str | None = None, token: str | None = None,
                  width=None, height=None, fps=None, timeout_s: float = 20.0, check_s: float = 5.0) -> None:
-        from . import client as _client
+        from .. import client as _client
 
         address = daemon or _client.DEFAULT_CONTROL_ADDRESS
         self._address, self._token, self._check_s = address, token, check_s
@@ -517,7 +517,7 @@ class AttachedSessionSource(FrameSource):
             self._ring.wait(0.05, poll_s=0.001)
 
     def _session_exists(self) -> bool:
-        from . import client as _client
+        from .. import client as _client
 
         try:
             with _client.DaemonClient(self._address, token=self._token, timeout_s=self._timeout_s) as dc:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import obs_setup
+from .. import obs_setup
 
 obs_app = typer.Typer(name="obs", help="Set up and drive OBS (obs-websocket v5).", no_args_is_help=True)
 
@@ -27,7 +27,7 @@ _Json = Annotated[bool, typer.Option("--json", help="print a JSON report instead
 
 
 def _conn(host: str, port: int, password: str | None):
-    from . import obsws_tools
+    from .. import obsws_tools
 
     host = os.environ.get("SDLIVE_OBS_HOST", host) if host == "localhost" else host
     port = int(os.environ.get("SDLIVE_OBS_PORT", port)) if port == obs_setup.DEFAULT_WS_PORT else port
@@ -71,7 +71,7 @@ def setup(
     as_json: _Json = False,
 ) -> None:
     """Check OBS and obs-websocket, check the sdlive script runs in OBS, add the sdlive filter to --source."""
-    from . import obsws_tools
+    from .. import obsws_tools
 
     client = _conn(host, port, password)
     report: dict = {"actions": []}
@@ -106,7 +106,7 @@ def setup(
 
 
 def _script_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "obs_script.py")
+    return os.path.join(os.path.dirname(os.path.abspath(obs_setup.__file__)), "obs_script.py")
 
 
 def _disconnect(client) -> None:
@@ -124,7 +124,7 @@ def preset(
     password: _Password = None,
 ) -> None:
     """Switch every sdlive filter in OBS to a preset (presses the script's hotkey through obs-websocket)."""
-    from . import obsws_tools
+    from .. import obsws_tools
 
     client = _conn(host, port, password)
     try:
@@ -144,7 +144,7 @@ def status(
     as_json: _Json = False,
 ) -> None:
     """OBS and websocket versions, whether the sdlive script runs, and every sdlive filter with its settings."""
-    from . import obsws_tools
+    from .. import obsws_tools
 
     client = _conn(host, port, password)
     try:
