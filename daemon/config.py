@@ -9,9 +9,7 @@ No torch here: the CLI builds and validates the config before anything heavy is 
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 from contextvars import ContextVar
 from pathlib import Path
@@ -21,8 +19,14 @@ from platformdirs import user_config_dir
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
-DEFAULT_PUB = "tcp://127.0.0.1:5558"
+from .protocol.constants import (
+    DEFAULT_CONTROL_ADDRESS,
+    DEFAULT_PUB_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    is_loopback_address,
+)
+from .protocol.messages import summarize_validation_error
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("sdlive_config_file", default=None)
 
@@ -35,36 +39,13 @@ def default_config_file() -> Path:
     return Path(user_config_dir("sdlive")) / "config.toml"
 
 
-def host_of(address: str) -> str:
-    """Host part of a ZeroMQ endpoint (``tcp://HOST:PORT``, ``ipc://…`` and ``inproc://…`` are local)."""
-    if not address.startswith("tcp://"):
-        return "localhost"
-    rest = address[len("tcp://") :]
-    if rest.startswith("["):  # tcp://[::1]:5557
-        return rest[1 : rest.index("]")]
-    return rest.rsplit(":", 1)[0]
-
-
-def is_loopback(address: str) -> bool:
-    """True when a ZeroMQ endpoint only reaches this machine (loopback IP, ``localhost``, ipc or inproc)."""
-    host = host_of(address)
-    if host in ("localhost", "lo"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:  # a host name: loopback only when every address it resolves to is
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
 class DaemonConfig(BaseSettings):
     """Everything `sdlive serve` can be told. Build it with :func:`load_config`."""
 
-    model_config = SettingsConfigDict(env_prefix="SDLIVE_", extra="forbid", validate_default=True)
+    # Field docstrings are the fields' descriptions: `sdlive serve --help` shows them (server/serve.py).
+    model_config = SettingsConfigDict(
+        env_prefix="SDLIVE_", extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
 
     model: str = "tiny"
     """Model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``)."""
@@ -73,17 +54,21 @@ class DaemonConfig(BaseSettings):
     device: str | None = None
     """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    control: str = DEFAULT_CONTROL
+    """Model dtype; default: bfloat16 on CUDA, float32 on CPU."""
+    control: str = DEFAULT_CONTROL_ADDRESS
     """ROUTER endpoint for requests. Network sessions' frame sockets bind on the same host, ephemeral ports."""
-    pub: str = DEFAULT_PUB
+    pub: str = DEFAULT_PUB_ADDRESS
     """PUB endpoint for stats, events and the daemon heartbeat."""
     token: str | None = None
     """Shared secret every request must carry; required when any endpoint is not loopback."""
     max_sessions: int = Field(default=4, ge=1, le=64)
-    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
-    heartbeat_liveness: int = Field(default=3, ge=1, le=100)
+    """Most sessions at once."""
+    heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0, le=60)
+    """Seconds between the daemon's heartbeats (and the interval clients are told to beat at)."""
+    heartbeat_liveness: int = Field(default=HEARTBEAT_LIVENESS, ge=1, le=100)
     """A session whose client is silent for liveness × interval seconds is closed."""
     ring_slots: int = Field(default=4, ge=2, le=64)
+    """Frames each shared-memory ring holds."""
     preset_dirs: list[Path] = Field(default_factory=list)
     """Extra preset folders (after the shipped and user presets; later folders override earlier ones)."""
     user_presets: bool = True
@@ -94,11 +79,13 @@ class DaemonConfig(BaseSettings):
     """Run a throwaway 64×64 stream through the model at startup, so the first real session does not pay the
     one-off kernel setup (seconds on CPU) while it is live."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """How much the daemon logs."""
     log_file: Path | None = None
+    """Also log to this file."""
     ui: bool = True
     """Live stats table in the terminal (also off when stdout is not a TTY)."""
     stats_interval_s: float = Field(default=1.0, gt=0, le=60)
-    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Seconds between the stats published on PUB (and the terminal table's refresh)."""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -109,7 +96,9 @@ class DaemonConfig(BaseSettings):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if not value.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"{value!r} is not a ZeroMQ endpoint; write it as tcp://HOST:PORT, e.g. {DEFAULT_CONTROL}")
+            raise ValueError(
+                f"{value!r} is not a ZeroMQ endpoint; write it as tcp://HOST:PORT, e.g. {DEFAULT_CONTROL_ADDRESS}"
+            )
         if value.startswith("tcp://") and ":" not in value[len("tcp://") :]:
             raise ValueError(f"{value!r} has no port; write it as tcp://HOST:PORT")
         return value
@@ -123,7 +112,7 @@ class DaemonConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _remote_needs_token(self) -> DaemonConfig:
-        remote = [a for a in (self.control, self.pub) if not is_loopback(a)]
+        remote = [a for a in (self.control, self.pub) if not is_loopback_address(a)]
         if remote and not self.token:
             raise ValueError(
                 f"refusing to bind {', '.join(remote)} without a token: anyone on the network could drive the daemon. "
@@ -138,7 +127,7 @@ class DaemonConfig(BaseSettings):
 
     @property
     def remote(self) -> bool:
-        return not all(is_loopback(a) for a in (self.control, self.pub))
+        return not all(is_loopback_address(a) for a in (self.control, self.pub))
 
     @classmethod
     def settings_customise_sources(
@@ -183,10 +172,6 @@ def load_config(config_file: Path | str | None = None, **overrides: Any) -> Daem
         return DaemonConfig(**given)
     except ValidationError as exc:
         where = f" (config file {path})" if path else ""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration{where}: {problems}") from exc
+        raise ConfigError(f"invalid configuration{where}: {summarize_validation_error(exc)}") from exc
     finally:
         _CONFIG_FILE.reset(token)

@@ -11,7 +11,7 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,22 +30,35 @@ def _rate(times: deque[int], now_ns: int) -> float:
     return (len(times) - 1) * 1e9 / span if span > 0 else 0.0
 
 
+class CounterSnapshot(NamedTuple):
+    """A session's counters at one moment (the figures ``Session.stats`` puts on the wire)."""
+
+    fps_in: float
+    fps_out: float
+    frames_in: int
+    frames_out: int
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_p99: float | None
+    jitter_ms: float | None
+    deadline_misses: int
+    bad_frames: int
+    push_ms: float
+    stage_ms: dict[str, float]
+
+
 @dataclass
-class SessionStats:
-    """Counters of one session. ``snapshot()`` is what goes on the wire."""
+class SessionCounters:
+    """Counters of one session; ``snapshot()`` reads them consistently."""
 
     fps_target: float
     frames_in: int = 0
     frames_out: int = 0
     engine_outputs: int = 0
-    dropped_in: int = 0
-    """Input frames the daemon never saw: the client lapped the input ring (or the network inbox was full)."""
-    dropped_out: int = 0
-    """Outputs dropped: the client did not read the output ring in time (it was lapped)."""
     deadline_misses: int = 0
     """Outputs that were ready after the pacer's due time (they leave late, at once)."""
     bad_frames: int = 0
-    step_ms: dict[str, float] = field(default_factory=dict)
+    stage_ms: dict[str, float] = field(default_factory=dict)
     push_ms: float = 0.0
     _in_times: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
     _out_times: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
@@ -60,47 +73,39 @@ class SessionStats:
 
     def frame_out(self, now_ns: int, latency_ns: int, late: bool) -> None:
         with self._lock:
-            self._frame_out(now_ns, latency_ns, late)
-
-    def _frame_out(self, now_ns: int, latency_ns: int, late: bool) -> None:
-        if self._out_times:
-            self._intervals_ms.append((now_ns - self._out_times[-1]) / 1e6)
-        self.frames_out += 1
-        self._out_times.append(now_ns)
-        self._latency_ms.append(latency_ns / 1e6)
-        if late:
-            self.deadline_misses += 1
+            if self._out_times:
+                self._intervals_ms.append((now_ns - self._out_times[-1]) / 1e6)
+            self.frames_out += 1
+            self._out_times.append(now_ns)
+            self._latency_ms.append(latency_ns / 1e6)
+            if late:
+                self.deadline_misses += 1
 
     def engine_step(self, push_ms: float, stage_ms: dict[str, float] | None, outputs: int) -> None:
         self.push_ms = push_ms
         self.engine_outputs += outputs
         if stage_ms:
-            self.step_ms = {k: round(float(v), 3) for k, v in stage_ms.items()}
+            self.stage_ms = {k: round(float(v), 3) for k, v in stage_ms.items()}
 
-    def snapshot(self, now_ns: int) -> dict[str, Any]:
+    def snapshot(self, now_ns: int) -> CounterSnapshot:
         with self._lock:
-            return self._snapshot(now_ns)
-
-    def _snapshot(self, now_ns: int) -> dict[str, Any]:
-        lat = np.asarray(self._latency_ms, dtype=np.float64)[-_LATENCY_SAMPLES:]
-        p50, p95, p99 = (np.percentile(lat, [50, 95, 99]).round(2).tolist() if lat.size else (None, None, None))
-        iv = np.asarray(self._intervals_ms, dtype=np.float64)[-64:]
-        jitter = round(float(iv.std()), 2) if iv.size >= 2 else None
-        return {
-            "fps_target": self.fps_target,
-            "fps_in": round(_rate(self._in_times, now_ns), 2),
-            "fps_out": round(_rate(self._out_times, now_ns), 2),
-            "frames_in": self.frames_in,
-            "frames_out": self.frames_out,
-            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
-            "jitter_ms": jitter,
-            "dropped_in": self.dropped_in,
-            "dropped_out": self.dropped_out,
-            "deadline_misses": self.deadline_misses,
-            "bad_frames": self.bad_frames,
-            "push_ms": round(self.push_ms, 3),
-            "step_ms": dict(self.step_ms),
-        }
+            lat = np.asarray(self._latency_ms, dtype=np.float64)[-_LATENCY_SAMPLES:]
+            p50, p95, p99 = np.percentile(lat, [50, 95, 99]).round(2).tolist() if lat.size else (None, None, None)
+            iv = np.asarray(self._intervals_ms, dtype=np.float64)[-64:]
+            return CounterSnapshot(
+                fps_in=round(_rate(self._in_times, now_ns), 2),
+                fps_out=round(_rate(self._out_times, now_ns), 2),
+                frames_in=self.frames_in,
+                frames_out=self.frames_out,
+                latency_ms_p50=p50,
+                latency_ms_p95=p95,
+                latency_ms_p99=p99,
+                jitter_ms=round(float(iv.std()), 2) if iv.size >= 2 else None,
+                deadline_misses=self.deadline_misses,
+                bad_frames=self.bad_frames,
+                push_ms=round(self.push_ms, 3),
+                stage_ms=dict(self.stage_ms),
+            )
 
 
 def device_memory_mb(device: str | None) -> dict[str, float | None]:

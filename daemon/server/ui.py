@@ -12,6 +12,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..protocol.messages import StatusReply
+
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None:
@@ -21,42 +23,42 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
-def status_table(status: dict[str, Any]) -> Group:
-    """A header line and one row per session, from a ``status`` reply body."""
-    memory = status.get("memory") or {}
+def status_table(status: StatusReply) -> Group:
+    """A header line and one row per session, from a ``status`` reply."""
+    memory = status.memory
     mem = memory.get("allocated_mb") if memory.get("allocated_mb") is not None else memory.get("rss_mb")
     head = Text.assemble(
         ("sdlive ", "bold"),
-        f"{status.get('daemon_version', '?')} · model {status.get('model', '?')} on {status.get('device', '?')} · ",
-        f"up {_fmt(status.get('uptime_s'), '.0f')} s · ",
-        f"{len(status.get('sessions') or [])}/{status.get('max_sessions', '?')} sessions · ",
-        f"memory {_fmt(mem, '.0f')} MB · control {status.get('control_address', '?')}",
+        f"{status.daemon_version} · model {status.model} on {status.device} · ",
+        f"up {_fmt(status.uptime_s, '.0f')} s · ",
+        f"{len(status.sessions)}/{status.max_sessions} sessions · ",
+        f"memory {_fmt(mem, '.0f')} MB · control {status.control_address or '?'}",
     )
+    if not status.sessions:
+        return Group(head, Text("no sessions open: connect OBS, `sdlive cam`, or any client", style="dim"))
     table = Table(expand=False, header_style="bold")
     for column, justify in (
         ("session", "left"), ("client", "left"), ("size", "right"), ("preset", "left"), ("in fps", "right"),
         ("out fps", "right"), ("lat p50/p95/p99 ms", "right"), ("jitter ms", "right"), ("drops in/out", "right"),
         ("late", "right"), ("step ms", "right"), ("frames in/out", "right"), ("via", "left"),
-    ):
+    ):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for s in status.get("sessions") or []:
+    for s in status.sessions:
         table.add_row(
-            str(s.get("session_id")),
-            str(s.get("client") or "–"),
-            f"{s.get('width')}x{s.get('height')}",
-            str(s.get("preset") or "–"),
-            f"{_fmt(s.get('fps_in'))}/{_fmt(s.get('fps'), '.0f')}",
-            _fmt(s.get("fps_out")),
-            "/".join(_fmt(s.get(k), ".0f") for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99")),
-            _fmt(s.get("jitter_ms")),
-            f"{s.get('dropped_in', 0)}/{s.get('dropped_out', 0)}",
-            str(s.get("deadline_misses", 0)),
-            _fmt(s.get("step_ms")),
-            f"{s.get('frames_in', 0)}/{s.get('frames_out', 0)}",
-            str(s.get("transport", "?")),
+            s.session_id,
+            s.client or "–",
+            f"{s.width}x{s.height}",
+            s.preset or "–",
+            f"{_fmt(s.fps_in)}/{_fmt(s.fps, '.0f')}",
+            _fmt(s.fps_out),
+            "/".join(_fmt(v, ".0f") for v in (s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99)),
+            _fmt(s.jitter_ms),
+            f"{s.dropped_in}/{s.dropped_out}",
+            str(s.deadline_misses),
+            _fmt(s.step_ms),
+            f"{s.frames_in}/{s.frames_out}",
+            s.transport,
         )
-    if not status.get("sessions"):
-        return Group(head, Text("no sessions open: connect OBS, `sdlive cam`, or any client", style="dim"))
     return Group(head, table)
 
 
@@ -67,7 +69,7 @@ class StatsView:
         self.console = console or Console()
         self._live = Live(Text("starting …"), console=self.console, refresh_per_second=2, transient=False)
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: StatusReply) -> None:
         self._live.update(status_table(status))
 
     def __enter__(self) -> StatsView:

@@ -6,7 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from sdlive.daemon.server.sessions import Session
+from sdlive.daemon.protocol.messages import NetEndpoints
+from sdlive.daemon.server.items import NetCounters
+from sdlive.daemon.server.session import Session
+from sdlive.daemon.server.transports import InputFrame, NetTransport
 from sdlive.daemon.server.slo import SloGuard
 
 
@@ -42,10 +45,18 @@ def make_session(engine) -> Session:
 
     params = SessionParams(prompt="a watercolor painting", steps=2, stream_batch=True)
     engine_session = engine.open_session(width=64, height=64, params=params, pixel_format="bgr24")
-    return Session(
-        session_id="slo-test", width=64, height=64, fps=15.0, pixel_format="bgr24", transport="net",
-        client=None, engine_session=engine_session, preset=None, ring_slots=4,
+    endpoints = NetEndpoints(input_address="tcp://127.0.0.1:1", output_address="tcp://127.0.0.1:2")
+    transport = NetTransport(
+        "slo-test", endpoints, pixel_format="bgr24", slots=4, counters=NetCounters(), send=lambda item: None
     )
+    return Session(
+        "slo-test", width=64, height=64, fps=15.0, pixel_format="bgr24", client=None,
+        engine_session=engine_session, transport=transport, preset=None,
+    )  # fmt: skip
+
+
+def push(session: Session, pixels: np.ndarray, capture_ns: int) -> list[int]:
+    return [o.index for o in session.push(InputFrame(pixels, capture_ns, capture_ns))]
 
 
 def test_late_frames_switch_the_session_to_no_batch_and_calm_ones_switch_it_back_without_losing_frames(engine):
@@ -54,21 +65,21 @@ def test_late_frames_switch_the_session_to_no_batch_and_calm_ones_switch_it_back
     frames = np.random.default_rng(0).integers(0, 255, size=(41, 64, 64, 3), dtype=np.uint8)
     indices: list[int] = []
     for i in range(13):  # on time
-        indices += [o.index for o in session.push(frames[i], time.monotonic_ns(), time.monotonic_ns())]
+        indices += push(session, frames[i], time.monotonic_ns())
     assert session.engine_session.params.stream_batch
     late = time.monotonic_ns() - 800_000_000  # these frames waited 0.8 s
     for i in range(13, 21):
-        indices += [o.index for o in session.push(frames[i], late, late)]
+        indices += push(session, frames[i], late)
     assert not session.engine_session.params.stream_batch
     deadline = time.monotonic() + 10
     i = 21
     while session.engine_session.params.stream_batch is False and time.monotonic() < deadline and i < 41:
-        indices += [o.index for o in session.push(frames[i], time.monotonic_ns(), time.monotonic_ns())]
+        indices += push(session, frames[i], time.monotonic_ns())
         i += 1
         time.sleep(0.05)
     assert session.engine_session.params.stream_batch, "did not return to the stream batch after calm waits"
     for j in range(i, 41):
-        indices += [o.index for o in session.push(frames[j], time.monotonic_ns(), time.monotonic_ns())]
+        indices += push(session, frames[j], time.monotonic_ns())
     indices += [o.index for o in session.engine_session.flush()]
     assert indices == list(range(41))
     assert session.slo.switches == 2

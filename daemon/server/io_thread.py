@@ -1,12 +1,15 @@
-"""The IO thread: it owns every ZeroMQ socket; the compute loop only sees two queues (vLLM's EngineCoreProc split).
+"""The IO thread: the only owner of sockets; the compute loop sees two queues (vLLM's EngineCoreProc split).
 
-Inbound, the thread decodes and authorises control requests itself, so a malformed, oversized, unknown or
+Inbound, the thread decodes and authorises every control request itself, so a malformed, oversized, unknown or
 unauthorised message is answered at once with an error reply, even while the compute loop is busy in the model,
-and never reaches it. Good requests and network frames go on the inbound queue as :class:`Request` /
-:class:`NetInput` items.
+and never reaches it. It then answers what it can on its own (``ops.FrontDesk``: hello, list_presets, heartbeat,
+shutdown, and set_preset / set_params, acknowledged and queued) and hands the rest (open_session, close_session,
+status) to the compute loop as :class:`~.items.LoopRequest` items, with network frames as
+:class:`~.items.NetInput`. Until the model is loaded (no front desk yet) requests wait here, bounded.
 
-Outbound, the compute loop puts :class:`Reply`, :class:`Publish`, :class:`NetOutput` (and socket hand-overs) on the
-:class:`Outbox`, which wakes this thread through an inproc PAIR socket; the same PAIR carries the stop message.
+Outbound, the compute loop and the output thread put replies, PUB messages, network frames and network-session
+binds/drops on the :class:`Outbox`, which wakes this thread through an inproc PAIR socket; the same PAIR carries
+the stop message.
 
 Startup is a READY handshake: :meth:`IOThread.start_and_wait` returns once every socket is bound, or raises the
 bind error (address in use, bad interface) with the fix.
@@ -14,19 +17,34 @@ bind error (address in use, bad interface) with the fix.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import zmq
 
+from ..protocol import netframe
+from ..protocol.constants import host_of
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..protocol.messages import authorize, decode_request, error_reply, ok_reply
+from ..protocol.messages import NetEndpoints, Request, authorize, decode_request, encode_pub, error_reply, ok_reply
+from .directory import SessionDirectory
+from .items import (
+    InboundItem,
+    IOFailed,
+    LoopRequest,
+    NetAttach,
+    NetCounters,
+    NetDetach,
+    NetInput,
+    NetInputError,
+    NetOutput,
+    OutboundItem,
+    Publish,
+    Reply,
+)
+from .ops import FrontDesk
 
 log = logging.getLogger(__name__)
 
@@ -35,86 +53,8 @@ _STOP = b"s"
 MAX_WIRE_BYTES = 32 * 2**20
 """ZeroMQ drops a peer that sends more than this in one message (memory guard); up to it, anything over the
 protocol's 64 KiB limit gets a ``too_large`` reply."""
-
-
-# ------------------------------------------------------------------------------------------------ queue items
-
-
-@dataclass
-class Request:
-    """A decoded, authorised control request for the compute loop."""
-
-    envelope: list[bytes]
-    message: Any  # a protocol.messages request model
-    received_ns: int
-
-
-@dataclass
-class NetInput:
-    """A frame received on a network session's input socket."""
-
-    session_id: str
-    seq: int
-    timestamp_ns: int
-    pixels: np.ndarray
-    received_ns: int
-
-
-@dataclass
-class NetInputError:
-    session_id: str
-    message: str
-
-
-@dataclass
-class Shutdown:
-    reason: str
-
-
-@dataclass
-class IOFailed:
-    reason: str
-
-
-@dataclass
-class Reply:
-    envelope: list[bytes]
-    body: dict[str, Any] | None = None
-    error: ProtocolError | None = None
-
-
-@dataclass
-class Publish:
-    topic: str
-    body: dict[str, Any]
-
-
-@dataclass
-class NetOutput:
-    session_id: str
-    seq: int
-    timestamp_ns: int
-    pixels: np.ndarray
-    pixel_format: str
-    encoding: str
-    quality: int
-
-
-@dataclass
-class NetAttach:
-    """Hand a network session's bound sockets over to the IO thread."""
-
-    session_id: str
-    pull: zmq.Socket
-    push: zmq.Socket
-    width: int
-    height: int
-    pixel_format: str
-
-
-@dataclass
-class NetDetach:
-    session_id: str
+MAX_WAITING_REQUESTS = 256
+"""Requests held while the model loads; beyond this a client is told to retry."""
 
 
 @dataclass
@@ -124,7 +64,7 @@ class _NetSession:
     width: int
     height: int
     pixel_format: str
-    sent_dropped: int = 0
+    counters: NetCounters
 
 
 # ---------------------------------------------------------------------------------------------------- outbox
@@ -134,7 +74,7 @@ class Outbox:
     """What the compute loop (or a signal handler) hands to the IO thread: a queue plus an inproc wake-up."""
 
     def __init__(self, ctx: zmq.Context, address: str) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[OutboundItem] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._wake = ctx.socket(zmq.PAIR)
         self._wake.setsockopt(zmq.LINGER, 0)
@@ -147,8 +87,11 @@ class Outbox:
         self._wake.connect(self._address)
         self._connected = True
 
-    def put(self, item: Any) -> None:
+    def put(self, item: OutboundItem) -> None:
         self._queue.put(item)
+        self._signal(_WAKE)
+
+    def wake(self) -> None:
         self._signal(_WAKE)
 
     def stop(self) -> None:
@@ -162,7 +105,7 @@ class Outbox:
                 except zmq.Again:
                     pass  # the IO thread has a wake-up pending already
 
-    def get_nowait(self) -> Any:
+    def get_nowait(self) -> OutboundItem:
         return self._queue.get_nowait()
 
     def close(self) -> None:
@@ -184,8 +127,8 @@ class IOThread(threading.Thread):
         control: str,
         pub: str,
         token: str | None,
-        inbox: queue.Queue[Any],
-        max_message_bytes: int,
+        inbox: queue.Queue[InboundItem],
+        directory: SessionDirectory,
     ) -> None:
         super().__init__(name="sdlive-io", daemon=True)
         self.ctx = ctx
@@ -193,24 +136,23 @@ class IOThread(threading.Thread):
         self.pub_address = pub
         self.token = token
         self.inbox = inbox
-        self.max_message_bytes = max_message_bytes
+        self.directory = directory
         self._wake_address = f"inproc://sdlive-io-{id(self)}"
         self.outbox = Outbox(ctx, self._wake_address)
         self._ready: queue.Queue[BaseException | None] = queue.Queue()
         self._net: dict[str, _NetSession] = {}
         self._pull_index: dict[zmq.Socket, str] = {}
+        self._net_host = _net_host(control)
         self.bound_control = control
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
-        self.last_seen: dict[str, int] = {}
-        """Session id → monotonic ns of the last message naming it or frame for it, written here as messages
-        arrive, so a compute loop busy in a long model step still sees clients as alive."""
-        self.static_replies: dict[str, dict[str, Any]] = {}
-        """Replies that do not change while the daemon runs (``hello``, ``list_presets``), set by the compute side
-        once the model is loaded: answered here at once, however busy the model is."""
-        self.session_ids: set[str] = set()
-        """Open sessions (kept by the compute loop): heartbeats are answered here, without waiting for a model step
-        (Paranoid Pirate liveness is about the daemon process, which is alive while a slow chunk computes)."""
+        self._desk: FrontDesk | None = None
+        self._waiting: list[tuple[list[bytes], Request, int]] = []
+
+    def open_desk(self, desk: FrontDesk) -> None:
+        """Start answering requests (the model is loaded); requests that waited meanwhile are answered now."""
+        self._desk = desk
+        self.outbox.wake()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -286,6 +228,10 @@ class IOThread(threading.Thread):
                         break
             # Outbound first: replies and frames the compute loop produced.
             self._drain_outbox(router, pub, poller)
+            if self._desk is not None and self._waiting:
+                waiting, self._waiting = self._waiting, []
+                for envelope, message, received_ns in waiting:
+                    self._dispatch(router, envelope, message, received_ns)
             if router in events:
                 for _ in range(256):  # bounded: a flood cannot starve the outbox
                     try:
@@ -300,11 +246,6 @@ class IOThread(threading.Thread):
             if stop:
                 self._drain_outbox(router, pub, poller)
                 return
-
-    def net_dropped(self, session_id: str) -> int:
-        """Outputs of a network session that could not be sent (no client connected, or it is not reading)."""
-        net = self._net.get(session_id)
-        return net.sent_dropped if net is not None else 0
 
     # ------------------------------------------------------------------ control in
 
@@ -333,23 +274,36 @@ class IOThread(threading.Thread):
             self._reject(router, envelope, exc)
             return
         session_id = getattr(message, "session_id", None)
-        if session_id is not None and session_id in self.session_ids:
-            self.last_seen[session_id] = now  # any message counts as life
-        static = self.static_replies.get(message.op)
-        if static is not None:
-            self._send(router, envelope, ok_reply(static, id=message.id))
-            return
-        if message.op == "heartbeat":
-            if session_id is not None and session_id not in self.session_ids:
-                self._send(
-                    router,
-                    envelope,
-                    error_reply(ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r}: it was closed or timed out", id=message.id),
-                )
+        if session_id is not None:
+            self.directory.seen(session_id, now)  # any message counts as life
+        if self._desk is None:
+            if len(self._waiting) >= MAX_WAITING_REQUESTS:
+                self._reject(router, envelope, ProtocolError(
+                    ErrorCode.CAPACITY, "the daemon is still loading its model: retry in a few seconds", id=message.id
+                ))  # fmt: skip
                 return
-            self._send(router, envelope, ok_reply({"session_id": session_id}, id=message.id))
+            self._waiting.append((envelope, message, now))
             return
-        self.inbox.put(Request(envelope, message, now))
+        self._dispatch(router, envelope, message, now)
+
+    def _dispatch(self, router: zmq.Socket, envelope: list[bytes], message: Request, received_ns: int) -> None:
+        assert self._desk is not None
+        try:
+            reply = self._desk.answer(message)
+        except ProtocolError as exc:
+            exc.id = message.id
+            self._send(router, envelope, error_reply(exc.code, exc.message, id=message.id))
+            return
+        except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
+            log.exception("op %s failed", message.op)
+            self._send(router, envelope, error_reply(ErrorCode.INTERNAL, f"{message.op} failed: {exc}", id=message.id))
+            return
+        if reply is not None:
+            self._send(router, envelope, ok_reply(reply, id=message.id))  # type: ignore[arg-type]
+        elif message.op in ("open_session", "close_session", "status"):
+            self.inbox.put(LoopRequest(envelope, message, received_ns))  # type: ignore[arg-type]
+        else:
+            self._send(router, envelope, error_reply(ErrorCode.UNKNOWN_OP, f"op {message.op!r} is not served", id=message.id))
 
     def _reject(self, router: zmq.Socket, envelope: list[bytes], exc: ProtocolError) -> None:
         self.counters["rejected"] += 1
@@ -376,45 +330,26 @@ class IOThread(threading.Thread):
             except Exception:  # noqa: BLE001 - one bad item must not kill the IO thread
                 log.exception("IO thread: failed to send %s", type(item).__name__)
 
-    def _handle_out(self, item: Any, router: zmq.Socket, pub: zmq.Socket, poller: zmq.Poller) -> None:
+    def _handle_out(self, item: OutboundItem, router: zmq.Socket, pub: zmq.Socket, poller: zmq.Poller) -> None:
         if isinstance(item, Reply):
-            request_id = None
             if item.error is not None:
-                payload = error_reply(item.error.code, item.error.message, id=item.error.id)
+                payload = error_reply(item.error.code, item.error.message, id=item.request_id)
             else:
-                body = dict(item.body or {})
-                request_id = body.pop("id", None)
-                payload = ok_reply(body, id=request_id)
+                assert item.body is not None
+                payload = ok_reply(item.body, id=item.request_id)  # type: ignore[arg-type]
             self._send(router, item.envelope, payload)
         elif isinstance(item, Publish):
-            data = json.dumps(item.body, separators=(",", ":"), default=str).encode("utf-8")
             try:
-                pub.send_multipart([item.topic.encode("ascii"), data], zmq.NOBLOCK)
+                pub.send_multipart(encode_pub(item.topic, item.message), zmq.NOBLOCK)
             except zmq.Again:
                 pass
         elif isinstance(item, NetOutput):
-            net = self._net.get(item.session_id)
-            if net is None:
-                return
-            from ..protocol import netframe
-
-            try:
-                netframe.send_frame(
-                    net.push,
-                    item.pixels,
-                    seq=item.seq,
-                    timestamp_ns=item.timestamp_ns,
-                    pixel_format=item.pixel_format,
-                    encoding=item.encoding,
-                    jpeg_quality=item.quality,
-                    flags=zmq.NOBLOCK,
-                )
-            except zmq.Again:
-                net.sent_dropped += 1  # no client connected / it is not reading: live video drops
+            self._send_frame(item)
         elif isinstance(item, NetAttach):
-            self._net[item.session_id] = _NetSession(item.pull, item.push, item.width, item.height, item.pixel_format)
-            self._pull_index[item.pull] = item.session_id
-            poller.register(item.pull, zmq.POLLIN)
+            try:
+                item.bound.set_result(self._attach(item, poller))
+            except OSError as exc:
+                item.bound.set_exception(exc)
         elif isinstance(item, NetDetach):
             net = self._net.pop(item.session_id, None)
             if net is not None:
@@ -425,11 +360,52 @@ class IOThread(threading.Thread):
         else:
             log.error("IO thread: unknown outbox item %r", item)
 
+    def _send_frame(self, item: NetOutput) -> None:
+        net = self._net.get(item.session_id)
+        if net is None:
+            return
+        try:
+            netframe.send_frame(
+                net.push,
+                item.pixels,
+                seq=item.seq,
+                timestamp_ns=item.timestamp_ns,
+                pixel_format=item.pixel_format,
+                encoding=item.encoding,
+                jpeg_quality=item.quality,
+                flags=zmq.NOBLOCK,
+            )
+        except zmq.Again:
+            net.counters.sent_dropped += 1  # no client connected / it is not reading: live video drops
+
+    def _attach(self, item: NetAttach, poller: zmq.Poller) -> NetEndpoints:
+        """Bind a network session's PULL (frames in) and PUSH (frames out) on ephemeral ports of the control host."""
+        pull = self.ctx.socket(zmq.PULL)
+        push = self.ctx.socket(zmq.PUSH)
+        for sock in (pull, push):
+            sock.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, item.queue_frames)
+        pull.setsockopt(zmq.MAXMSGSIZE, item.width * item.height * 4 + 65536)
+        push.setsockopt(zmq.SNDHWM, item.queue_frames)
+        push.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            pull.bind(f"tcp://{self._net_host}:*")
+            push.bind(f"tcp://{self._net_host}:*")
+        except zmq.ZMQError as exc:
+            pull.close(linger=0)
+            push.close(linger=0)
+            raise OSError(f"cannot bind network frame sockets on {self._net_host}: {exc}") from None
+        self._net[item.session_id] = _NetSession(pull, push, item.width, item.height, item.pixel_format, item.counters)
+        self._pull_index[pull] = item.session_id
+        poller.register(pull, zmq.POLLIN)
+        return NetEndpoints(
+            input_address=pull.getsockopt_string(zmq.LAST_ENDPOINT),
+            output_address=push.getsockopt_string(zmq.LAST_ENDPOINT),
+        )
+
     # ------------------------------------------------------------------ network frames in
 
     def _on_net_input(self, session_id: str, sock: zmq.Socket) -> None:
-        from ..protocol import netframe
-
         net = self._net[session_id]
         for _ in range(64):
             try:
@@ -437,7 +413,7 @@ class IOThread(threading.Thread):
             except zmq.Again:
                 return
             now = time.monotonic_ns()
-            self.last_seen[session_id] = now
+            self.directory.seen(session_id, now)
             try:
                 if len(parts) != 2:
                     raise ValueError(f"a frame message has 2 parts [header, pixels], got {len(parts)}")
@@ -451,3 +427,11 @@ class IOThread(threading.Thread):
                 self.inbox.put(NetInputError(session_id, f"bad network frame: {exc}"))
                 continue
             self.inbox.put(NetInput(session_id, int(header.seq), int(header.timestamp_ns), pixels, now))
+
+
+def _net_host(control: str) -> str:
+    """Network sessions' frame sockets bind on the control socket's host (loopback stays loopback)."""
+    if not control.startswith("tcp://"):
+        return "127.0.0.1"
+    host = host_of(control)
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,371 @@
+"""The compute loop: sessions, engine, pacing, stats, on one thread that sees only queues.
+
+Each turn it takes what the IO thread queued (requests only it answers, acknowledged parameter changes, network
+frames), applies changes whose prompt is ready, then moves frames: transport → engine session → pacer → output
+thread → transport. When nothing is ready it waits on the inbox for a short, bounded time (a request or a network
+frame wakes it at once; shared-memory input is polled at a fraction of the frame period: never a busy spin).
+
+SIGTERM/SIGINT become a :class:`~.items.Shutdown` on the inbox; shutdown closes every session (rings marked closed
+and unlinked), publishes ``state: "stopping"`` and stops the IO thread. A failure of the loop itself publishes the
+dead sentinel (``state: "dead"`` with the reason) before the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from ..config import DaemonConfig
+from ..presets import PresetLibrary
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.messages import TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS, DaemonBeat, Event, SessionStats, StatusReply
+from .changes import ChangeQueue
+from .directory import SessionDirectory
+from .io_thread import IOThread
+from .items import (
+    InboundItem,
+    IOFailed,
+    LoopRequest,
+    NetInput,
+    NetInputError,
+    ParamsChange,
+    Publish,
+    Reply,
+    Shutdown,
+)
+from .ops import FrontDesk, LoopOps, hello_reply
+from .pacing import OutputThread
+from .prompts import PromptWarmer
+from .session import Output, Session
+from .stats import device_memory_mb
+from .transports import InputFrame, NetTransport, SessionClosed
+
+if TYPE_CHECKING:
+    from ..engine import StreamEngine
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.25
+_MAX_PUSHES_PER_TURN = 8
+
+
+class ComputeLoop:
+    """The compute side. Only :meth:`run`'s thread touches sessions and the engine (outputs leave on the output
+    thread, under its lock)."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        presets: PresetLibrary,
+        *,
+        on_stats: Callable[[StatusReply], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.presets = presets
+        self.on_stats = on_stats
+        self.ctx = zmq.Context()
+        self.inbox: queue.Queue[InboundItem] = queue.Queue()
+        self.directory = SessionDirectory()
+        self.io = IOThread(
+            self.ctx, control=config.control, pub=config.pub, token=config.token, inbox=self.inbox,
+            directory=self.directory,
+        )  # fmt: skip
+        self.outbox = self.io.outbox
+        self.sessions: dict[str, Session] = {}
+        self.output = OutputThread(self._release_output)
+        self.ops = LoopOps(self)
+        self.started_ns = time.monotonic_ns()
+        self.device = config.device or "cpu"
+        self.model_name = config.model
+        self._engine: StreamEngine | None = None
+        self._warmer: PromptWarmer | None = None
+        self._changes: ChangeQueue | None = None
+        self._stopping: str | None = None
+        self._next_tick_ns = 0
+        self._next_beat_ns = 0
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def engine(self) -> StreamEngine:
+        assert self._engine is not None, "attach_engine() first"
+        return self._engine
+
+    @property
+    def warmer(self) -> PromptWarmer:
+        assert self._warmer is not None, "attach_engine() first"
+        return self._warmer
+
+    def start(self) -> None:
+        """Bind the sockets (READY handshake with the IO thread); raises OSError naming the address on failure."""
+        self.io.start_and_wait()
+        self.output.start()
+        log.info("control on %s, pub on %s", self.io.bound_control, self.io.bound_pub)
+
+    def attach_engine(self, engine: StreamEngine) -> None:
+        """Use ``engine`` (loaded after the sockets were bound), start encoding the presets' prompts and open the
+        IO thread's front desk: from here on requests are answered."""
+        self._engine = engine
+        self.device = str(engine.device)
+        self.model_name = str(engine.model_name)
+        self._warmer = PromptWarmer(engine)
+        self._changes = ChangeQueue(
+            self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
+        )
+        for name in self.presets.names():
+            self._warmer.request(self.presets.presets[name].prompt)
+        hello = hello_reply(
+            config_token=bool(self.config.token),
+            model=self.model_name,
+            device=self.device,
+            max_sessions=self.config.max_sessions,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            pub_address=self.io.bound_pub,
+        )
+        self.io.open_desk(FrontDesk(hello=hello, presets=self.presets, directory=self.directory, submit=self.inbox.put))
+
+    def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _handler(signum: int, _frame: FrameType | None) -> None:
+            self.inbox.put(Shutdown(f"signal {signal.Signals(signum).name}"))
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def run(self) -> int:
+        """The compute loop; returns the process exit code (0 on an orderly shutdown)."""
+        self.publish_beat("alive")
+        try:
+            while self._stopping is None:
+                self._turn()
+        except Exception as exc:  # noqa: BLE001 - a fatal error is reported, then the process exits
+            log.exception("fatal error in the compute loop")
+            self.shutdown(f"fatal: {type(exc).__name__}: {exc}", dead=True)
+            return 1
+        dead = self._stopping.startswith("IO thread failed")
+        self.shutdown(self._stopping, dead=dead)
+        return 1 if dead else 0
+
+    def _turn(self) -> None:
+        now = time.monotonic_ns()
+        item: InboundItem | None
+        try:
+            item = self.inbox.get(timeout=self._wait_s(now))
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self._handle(item)
+            if self._stopping is not None:
+                return
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        if self._changes:
+            self._changes.run()
+        self._move_frames()
+        now = time.monotonic_ns()
+        if now >= self._next_tick_ns:
+            self._next_tick_ns = now + int(self.config.stats_interval_s * 1e9)
+            self._tick(now)
+        if now >= self._next_beat_ns:  # the daemon's own Paranoid Pirate heartbeat on PUB
+            self._next_beat_ns = now + int(self.config.heartbeat_interval_s * 1e9)
+            self.publish_beat("alive")
+
+    def _wait_s(self, now: int) -> float:
+        """How long the loop may sleep on the inbox: until the next tick, or, since shared-memory input has no
+        notification, a fraction of the fastest polled session's frame period (at most 5 ms). Outputs do not need
+        the loop: the output thread releases them."""
+        deadline = min(self._next_tick_ns, self._next_beat_ns)
+        for s in self.sessions.values():
+            if s.failed or s.transport.has_input():
+                return 0.0
+            if s.transport.polled():
+                deadline = min(deadline, now + int(min(5e6, 1e9 / s.fps / 8)))
+        return min(_IDLE_WAIT_S, max(0.0005, (deadline - now) / 1e9))
+
+    # ------------------------------------------------------------------ inbox
+
+    def _handle(self, item: InboundItem) -> None:
+        if isinstance(item, LoopRequest):
+            self._answer(item)
+        elif isinstance(item, ParamsChange):
+            session = self.sessions.get(item.session_id)
+            if session is not None and self._changes is not None:
+                self._changes.submit(session, item.changes, item.preset)
+        elif isinstance(item, NetInput):
+            session = self.sessions.get(item.session_id)
+            if session is not None and isinstance(session.transport, NetTransport):
+                session.seen(item.received_ns)
+                session.transport.received(InputFrame(item.pixels, item.timestamp_ns, item.received_ns))
+        elif isinstance(item, NetInputError):
+            session = self.sessions.get(item.session_id)
+            if session is not None:
+                session.counters.bad_frames += 1
+                self.event("error", item.session_id, code="bad_request", message=item.message)
+        elif isinstance(item, Shutdown):
+            log.info("shutting down: %s", item.reason)
+            self._stopping = item.reason
+        elif isinstance(item, IOFailed):
+            self._stopping = item.reason
+        else:
+            log.error("unknown inbound item %r", item)
+
+    def _answer(self, request: LoopRequest) -> None:
+        msg = request.message
+        session = self.sessions.get(getattr(msg, "session_id", None) or "")
+        if session is not None:
+            session.seen(request.received_ns)
+        try:
+            body = self.ops.answer(msg)
+        except ProtocolError as exc:
+            self.outbox.put(Reply(request.envelope, msg.id, error=exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
+            log.exception("op %s failed", msg.op)
+            error = ProtocolError(ErrorCode.INTERNAL, f"{msg.op} failed: {type(exc).__name__}: {exc}")
+            self.outbox.put(Reply(request.envelope, msg.id, error=error))
+            return
+        self.outbox.put(Reply(request.envelope, msg.id, body=body))
+
+    # ------------------------------------------------------------------ frames
+
+    def _move_frames(self) -> None:
+        """Round-robin over sessions, one input per session per pass; outputs go to the output thread."""
+        for _ in range(_MAX_PUSHES_PER_TURN):
+            pushed = False
+            for session in list(self.sessions.values()):
+                if session.failed:
+                    self.close_session(session, session.failed, code="internal")
+                    continue
+                try:
+                    frame = session.take_input()
+                    if frame is None:
+                        continue
+                    try:
+                        outputs = session.push(frame)
+                    except ValueError as exc:
+                        session.counters.bad_frames += 1
+                        self.event("error", session.session_id, code="bad_params", message=f"bad frame: {exc}")
+                        continue
+                    for out in outputs:
+                        self.output.submit(session.session_id, out, out.due_ns)
+                    pushed = True
+                except SessionClosed as exc:
+                    self.close_session(session, exc.reason, code=exc.code)
+                except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
+                    log.exception("session %s failed", session.session_id)
+                    self.close_session(session, f"engine failed: {type(exc).__name__}: {exc}", code="internal")
+            if not pushed or not self.inbox.empty():
+                break  # nothing moved, or answer requests between frames
+
+    def _release_output(self, out: Output) -> None:
+        """Output thread: one output is due."""
+        out.session.emit(out)
+
+    # ------------------------------------------------------------------ changes
+
+    def _change_applied(self, session: Session, preset: str | None) -> None:
+        if preset is not None:
+            self.event("preset_changed", session.session_id, preset=preset)
+        else:
+            self.event("params_changed", session.session_id, preset=session.preset, params=session.params.model_copy())
+
+    def _change_refused(self, session: Session, message: str) -> None:
+        assert self._changes is not None
+        self.directory.reset(session.session_id, self._changes.planned(session), session.preset)
+        self.event("error", session.session_id, code="bad_params", message=message)
+
+    def _broken(self, session: Session, message: str) -> None:
+        self.close_session(session, message, code="internal")
+
+    # ------------------------------------------------------------------ periodic
+
+    def session_stats(self, session: Session, now_ns: int) -> SessionStats:
+        memory = device_memory_mb(self.device)
+        device_mb = memory["allocated_mb"] if memory["allocated_mb"] is not None else memory["rss_mb"]
+        pending = self._changes.pending(session) if self._changes is not None else 0
+        return session.stats(now_ns, device_memory_mb=device_mb, pending_changes=pending)
+
+    def _tick(self, now: int) -> None:
+        timeout = self.config.heartbeat_timeout_s
+        for session in list(self.sessions.values()):
+            session.seen(self.directory.last_seen_ns(session.session_id))
+            age = session.client_age_s(time.monotonic_ns())
+            if age > timeout:
+                self.close_session(
+                    session, f"client silent for {age:.1f} s (heartbeat timeout {timeout:g} s)", event="client_lost"
+                )
+                continue
+            try:
+                session.transport.check()
+            except SessionClosed as exc:
+                self.close_session(session, exc.reason, code=exc.code)
+            except Exception as exc:  # noqa: BLE001 - an unreadable transport is that session's problem only
+                self.close_session(session, f"ring check failed: {type(exc).__name__}: {exc}", code="internal")
+        stats = [self.session_stats(s, now) for s in self.sessions.values()]
+        for entry in stats:
+            self.outbox.put(Publish(TOPIC_STATS, entry))
+        if self.on_stats is not None:
+            try:
+                self.on_stats(self.ops.status_reply(stats))
+            except Exception:  # noqa: BLE001 - the UI must never stop the daemon
+                log.exception("stats view failed; disabling it")
+                self.on_stats = None
+
+    # ------------------------------------------------------------------ closing
+
+    def close_session(self, session: Session, reason: str, *, code: str | None = None, event: str | None = None) -> None:
+        if self.sessions.pop(session.session_id, None) is None:
+            return
+        self.directory.remove(session.session_id)
+        with self.output.lock:  # no output is being written while the transport goes away
+            self.output.forget(session.session_id)
+            session.close()
+        level = logging.WARNING if code else logging.INFO
+        log.log(level, "session %s closed: %s", session.session_id, reason)
+        self.event(event or ("error" if code else "session_closed"), session.session_id, code=code, message=reason)
+        if code and event is None:
+            self.event("session_closed", session.session_id, code=code, message=reason)
+
+    def shutdown(self, reason: str, *, dead: bool) -> None:
+        """Close every session, publish the last beat, stop the threads and the ZeroMQ context."""
+        for session in list(self.sessions.values()):
+            try:
+                self.close_session(session, f"daemon stopping ({reason})", event="session_closed")
+            except Exception:  # noqa: BLE001 - keep closing the others
+                log.exception("closing session %s", session.session_id)
+        self.publish_beat("dead" if dead else "stopping", message=reason)
+        if self._warmer is not None:
+            self._warmer.close()
+        self.output.stop()
+        self.io.stop()
+        log.debug("IO thread stopped (alive=%s)", self.io.is_alive())
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ PUB
+
+    def event(self, event: str, session_id: str | None = None, **fields: Any) -> None:
+        self.outbox.put(Publish(TOPIC_EVENT, Event(event=event, session_id=session_id, **fields)))
+
+    def publish_beat(self, state: str, message: str | None = None) -> None:
+        beat = DaemonBeat(
+            state=state,  # type: ignore[arg-type]
+            pid=os.getpid(),
+            uptime_s=round((time.monotonic_ns() - self.started_ns) / 1e9, 2),
+            sessions=len(self.sessions),
+            message=message,
+        )
+        self.outbox.put(Publish(TOPIC_DAEMON, beat))

@@ -1,0 +1,297 @@
+"""The op handlers: each takes a decoded, authorised request and returns its reply model (or raises ProtocolError).
+
+Two desks, split by who may answer:
+
+* :class:`FrontDesk` runs on the IO thread and answers at once, however busy the model is: ``hello``,
+  ``list_presets``, ``heartbeat``, ``shutdown``, and ``set_preset`` / ``set_params``, which it validates against the
+  session's planned parameters (``directory.py``), queues for the compute loop as a :class:`~.items.ParamsChange`
+  and acknowledges with ``pending: true``.
+* :class:`LoopOps` runs on the compute loop, for what needs the engine or the sessions' live figures:
+  ``open_session``, ``close_session``, ``status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ValidationError
+
+from ..presets import Preset, PresetLibrary
+from ..protocol.constants import STYLE_FIELDS
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.messages import (
+    Capabilities,
+    CloseSessionReply,
+    CloseSessionRequest,
+    HeartbeatReply,
+    HelloReply,
+    ListPresetsReply,
+    OpenSessionReply,
+    OpenSessionRequest,
+    PresetInfo,
+    Request,
+    SessionStats,
+    SetParamsReply,
+    SetPresetReply,
+    ShutdownReply,
+    StatusReply,
+    StatusRequest,
+    summarize_validation_error,
+)
+from ..protocol.params import GenerationParams
+from ..protocol.ring import RingError
+from .directory import SessionDirectory
+from .items import InboundItem, NetAttach, NetCounters, ParamsChange, Shutdown
+from .session import Session, new_session_id
+from .stats import device_memory_mb
+from .transports import FrameTransport, NetTransport, ShmTransport
+
+if TYPE_CHECKING:
+    from .loop import ComputeLoop
+
+log = logging.getLogger(__name__)
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    DAEMON_VERSION = _pkg_version("sdlive")
+except Exception:  # noqa: BLE001 - running from a source tree
+    DAEMON_VERSION = "0.0.0+local"
+
+NET_BIND_TIMEOUT_S = 5.0
+"""The compute loop waits this long for the IO thread to bind a network session's sockets."""
+
+
+def lookup_preset(presets: PresetLibrary, name: str) -> Preset:
+    try:
+        return presets.get(name)
+    except KeyError as exc:
+        raise ProtocolError(ErrorCode.UNKNOWN_PRESET, str(exc.args[0])) from None
+
+
+def unknown_session(session_id: str, open_ids: list[str]) -> ProtocolError:
+    known = ", ".join(open_ids) or "none open"
+    return ProtocolError(
+        ErrorCode.UNKNOWN_SESSION,
+        f"no session {session_id!r} (open sessions: {known}); it may have timed out: open a new one",
+    )
+
+
+def preset_infos(presets: PresetLibrary) -> ListPresetsReply:
+    """The ``list_presets`` reply: every preset with its index in the sorted names and where it comes from."""
+    shipped = str(presets.dirs[0]) if presets.dirs else None
+    infos = []
+    for index, name in enumerate(presets.names()):
+        p = presets.presets[name]
+        source = "shipped" if shipped and p.source and p.source.startswith(shipped) else p.source
+        infos.append(PresetInfo(**p.model_dump(exclude={"source"}), index=index, source=source))
+    return ListPresetsReply(presets=infos, problems=[str(problem) for problem in presets.problems])
+
+
+class FrontDesk:
+    """The ops the IO thread answers itself. ``submit`` puts an item on the compute loop's inbox."""
+
+    def __init__(
+        self,
+        *,
+        hello: HelloReply,
+        presets: PresetLibrary,
+        directory: SessionDirectory,
+        submit: Callable[[InboundItem], None],
+    ) -> None:
+        self.hello = hello
+        self.presets = presets
+        self.presets_reply = preset_infos(presets)
+        self.directory = directory
+        self.submit = submit
+
+    def answer(self, message: Request) -> BaseModel | None:
+        """The reply to ``message``, or None when the compute loop must answer it."""
+        if message.op == "hello":
+            return self.hello
+        if message.op == "list_presets":
+            return self.presets_reply
+        if message.op == "heartbeat":
+            if message.session_id is not None and message.session_id not in self.directory:
+                raise unknown_session(message.session_id, self.directory.ids())
+            return HeartbeatReply(session_id=message.session_id)
+        if message.op == "shutdown":
+            self.submit(Shutdown("shutdown requested"))
+            return ShutdownReply()
+        if message.op == "set_preset":
+            preset = lookup_preset(self.presets, message.name)
+            params = self._queue(message.session_id, preset.style(), preset=message.name, what=f"preset {message.name!r}")
+            return SetPresetReply(session_id=message.session_id, preset=message.name, params=params)
+        if message.op == "set_params":
+            changes = message.changes()
+            if not changes:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"set_params: give at least one of {', '.join(STYLE_FIELDS)}")
+            params = self._queue(message.session_id, changes, preset=None, what="set_params")
+            return SetParamsReply(session_id=message.session_id, params=params)
+        return None
+
+    def _queue(self, session_id: str, changes: dict[str, object], *, preset: str | None, what: str) -> GenerationParams:
+        try:
+            params = self.directory.plan(session_id, changes, preset)
+        except KeyError:
+            raise unknown_session(session_id, self.directory.ids()) from None
+        except ValidationError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{what}: {summarize_validation_error(exc)}") from None
+        self.submit(ParamsChange(session_id, dict(changes), preset))
+        return params
+
+
+class LoopOps:
+    """The ops the compute loop answers: they need the engine, or the sessions' live figures."""
+
+    def __init__(self, loop: ComputeLoop) -> None:
+        self.loop = loop
+
+    def answer(self, message: OpenSessionRequest | CloseSessionRequest | StatusRequest) -> BaseModel:
+        if isinstance(message, OpenSessionRequest):
+            return self.open_session(message)
+        if isinstance(message, CloseSessionRequest):
+            return self.close_session(message)
+        return self.status(message)
+
+    def session(self, session_id: str) -> Session:
+        session = self.loop.sessions.get(session_id)
+        if session is None:
+            raise unknown_session(session_id, list(self.loop.sessions))
+        return session
+
+    # ------------------------------------------------------------------ open
+
+    def open_session(self, msg: OpenSessionRequest) -> OpenSessionReply:
+        loop, config = self.loop, self.loop.config
+        if len(loop.sessions) >= config.max_sessions:
+            raise ProtocolError(
+                ErrorCode.CAPACITY,
+                f"the daemon already serves {len(loop.sessions)} sessions (max_sessions={config.max_sessions}): "
+                "close one, or start the daemon with a higher --max-sessions",
+            )
+        names = loop.presets.names()
+        preset_name = msg.preset or config.default_preset or (names[0] if names else None)
+        values: dict[str, object] = {}
+        if preset_name is not None:
+            values.update(lookup_preset(loop.presets, preset_name).style())
+        if msg.params is not None:
+            values.update(msg.params.changes())
+        try:
+            params = GenerationParams.model_validate(values)
+        except ValidationError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"open_session: {summarize_validation_error(exc)}") from None
+        try:
+            with loop.warmer.lock:  # the session encodes its prompt: no concurrent text-encoder use
+                engine_session = loop.engine.open_session(
+                    width=msg.width, height=msg.height, params=params, pixel_format=msg.pixel_format
+                )
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"open_session: {exc}") from None
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                raise ProtocolError(ErrorCode.CAPACITY, f"not enough device memory for another session: {exc}") from None
+            raise
+        session_id = new_session_id()
+        transport = self._transport(session_id, msg)
+        session = Session(
+            session_id,
+            width=msg.width,
+            height=msg.height,
+            fps=float(msg.fps),
+            pixel_format=msg.pixel_format,
+            client=msg.client,
+            engine_session=engine_session,
+            transport=transport,
+            preset=preset_name,
+        )
+        loop.sessions[session_id] = session
+        loop.directory.add(session_id, session.params, preset_name)
+        log.info(
+            "session %s opened: %dx%d %s @ %g fps, %s, preset %s, client %s",
+            session_id, msg.width, msg.height, msg.pixel_format, msg.fps, msg.transport, preset_name, msg.client,
+        )  # fmt: skip
+        loop.event("session_opened", session_id, preset=preset_name)
+        return OpenSessionReply(
+            **session.info().model_dump(),
+            slots=config.ring_slots if isinstance(transport, ShmTransport) else None,
+            net=transport.endpoints if isinstance(transport, NetTransport) else None,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_liveness=config.heartbeat_liveness,
+        )
+
+    def _transport(self, session_id: str, msg: OpenSessionRequest) -> FrameTransport:
+        loop, slots = self.loop, self.loop.config.ring_slots
+        if msg.transport == "shm":
+            try:
+                return ShmTransport.create(
+                    session_id, width=msg.width, height=msg.height, pixel_format=msg.pixel_format, slots=slots
+                )
+            except (RingError, OSError) as exc:
+                raise ProtocolError(ErrorCode.INTERNAL, f"cannot create the session's shared memory: {exc}") from None
+        counters = NetCounters()
+        attach = NetAttach(session_id, msg.width, msg.height, msg.pixel_format, 4 * slots, counters)
+        loop.outbox.put(attach)
+        try:
+            endpoints = attach.bound.result(timeout=NET_BIND_TIMEOUT_S)
+        except FutureTimeout:
+            raise ProtocolError(ErrorCode.INTERNAL, "the IO thread did not bind the network frame sockets") from None
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
+        return NetTransport(
+            session_id,
+            endpoints.model_copy(update={"encoding": msg.encoding}),
+            pixel_format=msg.pixel_format,
+            slots=slots,
+            counters=counters,
+            send=loop.outbox.put,
+        )
+
+    # ------------------------------------------------------------------ close, status
+
+    def close_session(self, msg: CloseSessionRequest) -> CloseSessionReply:
+        self.loop.close_session(self.session(msg.session_id), "closed by the client", event="session_closed")
+        return CloseSessionReply(session_id=msg.session_id)
+
+    def status(self, msg: StatusRequest) -> StatusReply:
+        loop = self.loop
+        now = time.monotonic_ns()
+        sessions = [self.session(msg.session_id)] if msg.session_id is not None else list(loop.sessions.values())
+        return self.status_reply([loop.session_stats(s, now) for s in sessions])
+
+    def status_reply(self, stats: list[SessionStats]) -> StatusReply:
+        loop = self.loop
+        return StatusReply(
+            daemon_version=DAEMON_VERSION,
+            model=loop.model_name,
+            device=loop.device,
+            uptime_s=round((time.monotonic_ns() - loop.started_ns) / 1e9, 2),
+            max_sessions=loop.config.max_sessions,
+            control_address=loop.io.bound_control,
+            pub_address=loop.io.bound_pub,
+            presets=len(loop.presets),
+            memory=device_memory_mb(loop.device),
+            requests=dict(loop.io.counters),
+            sessions=stats,
+        )
+
+
+def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
+                heartbeat_liveness: int, pub_address: str) -> HelloReply:  # fmt: skip
+    """The ``hello`` reply, which does not change while the daemon runs."""
+    return HelloReply(
+        daemon_version=DAEMON_VERSION,
+        model=model,
+        device=device,
+        capabilities=Capabilities(max_sessions=max_sessions),
+        auth_required=config_token,
+        heartbeat_interval_s=heartbeat_interval_s,
+        heartbeat_liveness=heartbeat_liveness,
+        pub_address=pub_address,
+        pid=os.getpid(),
+    )

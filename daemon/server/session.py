@@ -1,0 +1,215 @@
+"""A session: one client stream, with its engine session, its frame transport, its pacer and its counters.
+
+The compute loop takes an input from the transport, pushes it through the engine session, and hands the outputs
+to the pacer's output thread, which lets them leave at the source rate through the same transport. The session
+never asks which kind of transport it has (``transports.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ..protocol.messages import SessionInfo, SessionStats
+from ..protocol.params import GenerationParams
+from .pacing import Pacer
+from .slo import SloGuard
+from .stats import SessionCounters
+from .transports import FrameTransport, InputFrame, ShmTransport, TransportError
+
+if TYPE_CHECKING:
+    from ..engine.interface import EngineSession
+
+log = logging.getLogger(__name__)
+
+_PLAUSIBLE_CLOCK_NS = 60 * 10**9
+"""A capture timestamp within this of the daemon's monotonic clock is taken to share it (same machine)."""
+_MAX_TRACKED_CAPTURES = 4096
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One restyled frame scheduled to leave at ``due_ns``."""
+
+    session: Session
+    index: int
+    pixels: np.ndarray
+    capture_ns: int
+    arrival_ns: int
+    due_ns: int
+    late: bool
+
+
+class Session:
+    """One open session (compute thread, except :meth:`emit` on the output thread)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        width: int,
+        height: int,
+        fps: float,
+        pixel_format: str,
+        client: str | None,
+        engine_session: EngineSession,
+        transport: FrameTransport,
+        preset: str | None,
+    ) -> None:
+        self.session_id = session_id
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.pixel_format = pixel_format
+        self.client = client
+        self.engine_session = engine_session
+        self.transport = transport
+        self.preset = preset
+        self.opened_ns = time.monotonic_ns()
+        self.last_seen_ns = self.opened_ns
+        self.prefers_stream_batch = bool(engine_session.params.stream_batch)
+        self.slo = SloGuard()
+        self.counters = SessionCounters(fps_target=fps)
+        self.pacer = Pacer(fps)
+        self.failed: str | None = None
+        """Set by the output thread when an output cannot be delivered; the compute loop closes the session."""
+        self.closed = False
+        self._captures: dict[int, tuple[int, int]] = {}
+        self._pushed = 0
+        self._out_seq = 0
+
+    @property
+    def kind(self) -> Literal["shm", "net"]:
+        return self.transport.kind
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.engine_session.params
+
+    def seen(self, now_ns: int) -> None:
+        self.last_seen_ns = max(self.last_seen_ns, now_ns)
+
+    def client_age_s(self, now_ns: int) -> float:
+        """Seconds since the client's last sign of life (control message, network frame or ring heartbeat)."""
+        newest = max(self.last_seen_ns, self.transport.client_heartbeat_ns())
+        return max(0.0, (now_ns - newest) / 1e9)
+
+    # ------------------------------------------------------------------ engine (compute loop)
+
+    def take_input(self) -> InputFrame | None:
+        return self.transport.take()
+
+    def push(self, frame: InputFrame) -> list[Output]:
+        """Push one input frame; returns the outputs that became ready, each with its due time.
+        Raises ValueError for a frame the engine refuses (the caller counts it as bad)."""
+        index = self._pushed
+        self._guard_slo(frame.arrival_ns)
+        started = time.perf_counter()
+        outputs = self.engine_session.push(frame.pixels)
+        push_ms = (time.perf_counter() - started) * 1e3
+        self._pushed += 1
+        self.counters.frame_in(frame.arrival_ns)
+        self._captures[index] = (frame.capture_ns, frame.arrival_ns)
+        ready_ns = time.monotonic_ns()
+        self.counters.engine_step(push_ms, self.engine_session.stage_ms, len(outputs))
+        scheduled = []
+        for out in outputs:
+            capture, arrival = self._captures.pop(out.index, (frame.capture_ns, frame.arrival_ns))
+            due, late = self.pacer.schedule(arrival_ns=arrival, ready_ns=ready_ns)
+            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late))
+        if len(self._captures) > _MAX_TRACKED_CAPTURES:  # outputs the engine will never give: stay bounded anyway
+            for stale in sorted(self._captures)[: -_MAX_TRACKED_CAPTURES // 4]:
+                del self._captures[stale]
+        return scheduled
+
+    def _guard_slo(self, arrival_ns: int) -> None:
+        """Fall back to no-batch mode while frames wait too long, back to the stream batch when calm (``slo.py``)."""
+        now = time.monotonic_ns()
+        params = self.engine_session.params
+        wants = self.prefers_stream_batch and params.steps > 1
+        switch = self.slo.observe(wait_s=(now - arrival_ns) / 1e9, now_s=now / 1e9, wants_stream_batch=wants)
+        if switch is not None and switch != params.stream_batch:
+            self.engine_session.set_params(stream_batch=switch)  # drains the pipeline: no frame is lost
+            what = "stream batch again (waits back under the SLO)" if switch else "no-batch mode (frames waited >= SLO)"
+            log.info("session %s: %s", self.session_id, what)
+
+    # ------------------------------------------------------------------ output (output thread, under its lock)
+
+    def emit(self, out: Output) -> None:
+        """Deliver one due output; a failure marks the session ``failed`` for the compute loop to close."""
+        if self.closed or self.failed:
+            return
+        self._out_seq += 1
+        try:
+            self.transport.deliver(self._out_seq, out.pixels, out.capture_ns)
+        except TransportError as exc:
+            self.failed = str(exc)
+            return
+        now = time.monotonic_ns()
+        since = out.capture_ns if 0 <= now - out.capture_ns < _PLAUSIBLE_CLOCK_NS else out.arrival_ns
+        self.counters.frame_out(now, now - since, out.late)
+
+    # ------------------------------------------------------------------ teardown and reports
+
+    def close(self) -> None:
+        """Let go of the transport (rings marked closed and unlinked). Hold the output thread's lock."""
+        self.closed = True
+        self.transport.close()
+        self._captures.clear()
+
+    def info(self) -> SessionInfo:
+        """The session's identity and geometry (``open_session`` replies)."""
+        rings = self.transport if isinstance(self.transport, ShmTransport) else None
+        return SessionInfo(
+            session_id=self.session_id,
+            transport=self.kind,
+            width=self.width,
+            height=self.height,
+            fps=self.fps,
+            pixel_format=self.pixel_format,
+            input_ring=rings.in_ring.name if rings else None,
+            output_ring=rings.out_ring.name if rings else None,
+            latency_frames=int(self.engine_session.latency_frames),
+            preset=self.preset,
+            params=self.params.model_copy(),
+        )
+
+    def stats(self, now_ns: int, *, device_memory_mb: float | None, pending_changes: int) -> SessionStats:
+        """The session's figures (PUB ``stats`` and ``status`` entries)."""
+        snap = self.counters.snapshot(now_ns)
+        steps = self.params.steps
+        return SessionStats(
+            **self.info().model_dump(),
+            client=self.client,
+            uptime_s=round((now_ns - self.opened_ns) / 1e9, 2),
+            fps_in=snap.fps_in,
+            fps_out=snap.fps_out,
+            latency_ms_p50=snap.latency_ms_p50,
+            latency_ms_p95=snap.latency_ms_p95,
+            latency_ms_p99=snap.latency_ms_p99,
+            jitter_ms=snap.jitter_ms,
+            frames_in=snap.frames_in,
+            frames_out=snap.frames_out,
+            dropped_in=self.transport.dropped_in(),
+            dropped_out=self.transport.dropped_out(),
+            deadline_misses=snap.deadline_misses,
+            bad_frames=snap.bad_frames,
+            step_ms=round(snap.stage_ms["dit"] / max(1, steps), 3) if "dit" in snap.stage_ms else None,
+            stage_ms=snap.stage_ms,
+            push_ms=snap.push_ms,
+            target_latency_ms=round(self.pacer.target_latency_ms, 2),
+            device_memory_mb=device_memory_mb,
+            steps=steps,
+            pending_changes=pending_changes,
+            engine_frames_in=int(self.engine_session.frames_in),
+            engine_frames_out=int(self.engine_session.frames_out),
+        )
