@@ -372,6 +372,8 @@ def test_decode_reply_rejects_a_reply_without_ok():
         ("tcp://192.168.1.20:5557", False),
         ("tcp://eth0:5557", False),
         ("tcp://[::]:5557", False),
+        ("tcp://studio-pc.local:5557", False),
+        ("tcp://192.168.1.20;127.0.0.1:5557", True),
     ],
 )
 def test_loopback_detection(address, loopback):
