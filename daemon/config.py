@@ -159,19 +159,18 @@ def load_config(config_file: Path | str | None = None, **overrides: Any) -> Daem
     path = Path(explicit).expanduser() if explicit else default_config_file()
     if explicit and not path.is_file():
         raise ConfigError(f"config file {path} does not exist; create it or drop --config / SDLIVE_CONFIG")
-    if path.is_file():
+    config_path: Path | None = path if path.is_file() else None
+    if config_path is not None:
         try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
+            tomllib.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from exc
-    else:
-        path = None
+            raise ConfigError(f"config file {config_path}: {exc}") from exc
     given = {k: v for k, v in overrides.items() if v is not None}
-    token = _CONFIG_FILE.set(path)
+    token = _CONFIG_FILE.set(config_path)
     try:
         return DaemonConfig(**given)
     except ValidationError as exc:
-        where = f" (config file {path})" if path else ""
+        where = f" (config file {config_path})" if config_path else ""
         raise ConfigError(f"invalid configuration{where}: {summarize_validation_error(exc)}") from exc
     finally:
         _CONFIG_FILE.reset(token)

@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
@@ -105,7 +105,7 @@ TOPIC_DAEMON = "daemon"
 PixelFormat = Literal["bgra", "rgba", "rgb24", "bgr24"]
 Transport = Literal["shm", "net"]
 Encoding = Literal["raw", "jpeg"]
-assert set(PixelFormat.__args__) == set(PIXEL_FORMATS)  # the ring and the messages agree on formats
+assert set(get_args(PixelFormat)) == set(PIXEL_FORMATS)  # the ring and the messages agree on formats
 
 RequestId = Annotated[StrictStr, Field(max_length=128)] | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 SessionId = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -554,7 +554,7 @@ def decode_request(raw: bytes | bytearray | memoryview | str) -> Request:
             ErrorCode.UNKNOWN_OP, f"unknown op {shown!r}: known ops are {', '.join(REQUEST_MODELS)}", id=msg_id
         )
     try:
-        return model.model_validate(obj)
+        return cast(Request, model.model_validate(obj))
     except ValidationError as exc:
         code, message = _describe(exc, op)
         raise ProtocolError(code, message, id=msg_id) from None
@@ -610,7 +610,7 @@ def decode_reply(raw: bytes | bytearray | memoryview | str, op: str | None = Non
         model = REPLY_MODELS.get(op)
         if model is None:
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"no reply model for op {op!r}")
-        return model.model_validate(obj)
+        return cast(Reply, model.model_validate(obj))
     except ValidationError as exc:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"malformed {op or 'error'} reply: {exc.errors()[0]['msg']}"
@@ -651,7 +651,7 @@ def check_bind_address(address: str, token: str | None) -> None:
         )
 
 
-def authorize(request: _Request, token: str | None) -> None:
+def authorize(request: Request, token: str | None) -> None:
     """With a daemon token set, every op but ``hello`` must carry it; raises ProtocolError(unauthorized)."""
     if not token or request.op == "hello":
         return

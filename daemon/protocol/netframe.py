@@ -148,7 +148,7 @@ def encode_frame(
     """(header bytes, payload) for one HxWxC uint8 frame. A raw payload is a view of ``pixels`` (no copy)."""
     pixels = _check_pixels(pixels, pixel_format)
     if encoding == "raw":
-        payload: memoryview | bytes = memoryview(pixels).cast("B")
+        payload: memoryview | bytes = memoryview(pixels.data).cast("B")
     elif encoding == "jpeg":
         cv2 = _cv2()
         conversion = _TO_BGR[pixel_format]

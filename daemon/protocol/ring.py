@@ -282,7 +282,7 @@ class FrameRing:
         total = HEADER_SIZE + slots * slot_size
 
         if _IS_WINDOWS:
-            mm = mmap.mmap(-1, total, tagname=name)
+            mm = mmap.mmap(-1, total, tagname=name)  # type: ignore[call-arg]  # Windows-only argument
             if any(mm[:8]):  # a named mapping that already exists is opened, not created
                 mm.close()
                 raise RingError(f"ring {name!r} already exists: close the session that owns it or pick another name")
@@ -331,12 +331,12 @@ class FrameRing:
         (a second watcher, e.g. a virtual camera mirroring an OBS filter's output)."""
         _check_name(name)
         if _IS_WINDOWS:
-            probe = mmap.mmap(-1, HEADER_SIZE, tagname=name)
+            probe = mmap.mmap(-1, HEADER_SIZE, tagname=name)  # type: ignore[call-arg]  # Windows-only argument
             try:
                 total = _validate_header(name, probe[:HEADER_SIZE], None)
             finally:
                 probe.close()
-            mm = mmap.mmap(-1, total, tagname=name)
+            mm = mmap.mmap(-1, total, tagname=name)  # type: ignore[call-arg]  # Windows-only argument
         else:
             path = ring_path(name)
             try:

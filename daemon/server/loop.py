@@ -50,7 +50,7 @@ from .stats import device_memory_mb
 from .transports import InputFrame, NetTransport, SessionClosed
 
 if TYPE_CHECKING:
-    from ..engine import StreamEngine
+    from ..engine.interface import Engine
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ComputeLoop:
         self.started_ns = time.monotonic_ns()
         self.device = config.device or "cpu"
         self.model_name = config.model
-        self._engine: StreamEngine | None = None
+        self._engine: Engine | None = None
         self._warmer: PromptWarmer | None = None
         self._changes: ChangeQueue | None = None
         self._stopping: str | None = None
@@ -96,7 +96,7 @@ class ComputeLoop:
     # ------------------------------------------------------------------ lifetime
 
     @property
-    def engine(self) -> StreamEngine:
+    def engine(self) -> Engine:
         assert self._engine is not None, "attach_engine() first"
         return self._engine
 
@@ -111,7 +111,7 @@ class ComputeLoop:
         self.output.start()
         log.info("control on %s, pub on %s", self.io.bound_control, self.io.bound_pub)
 
-    def attach_engine(self, engine: StreamEngine) -> None:
+    def attach_engine(self, engine: Engine) -> None:
         """Use ``engine`` (loaded after the sockets were bound), start encoding the presets' prompts and open the
         IO thread's front desk: from here on requests are answered."""
         self._engine = engine

@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..engine import StreamEngine
+    from ..engine.interface import Engine
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class PromptWarmer:
     encoder, here or on the compute thread, holds :attr:`lock`.
     """
 
-    def __init__(self, engine: StreamEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.lock = threading.RLock()
         self._ready: set[str] = set()
