@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str, path: Path):
-    """The test suite's daemon helpers (two files both called conftest.py: load them under distinct names)."""
+    """The test suite's helpers (tests/conftest.py: the daemon launcher; tests/obs/harness.py: the headless OBS),
+    loaded by path under distinct names: tests/ is not a package."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, path)
@@ -55,7 +56,6 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--control", choices=["stdlib", "pyzmq"], default="stdlib")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("--keep", action="store_true", help="keep the OBS home folder (logs) and print its path")
     args = ap.parse_args()
@@ -63,23 +63,20 @@ def main() -> int:
 
     import cv2
 
-    from sdlive.obs_bridge.obsws_tools import HeadlessOBS
-
     work = Path(tempfile.mkdtemp(prefix="sdlive-obs-bench-"))
     image = work / "pattern.png"
     cv2.imwrite(str(image), moving_shapes(width, height, 1)[0][:, :, ::-1])
     stats_path = work / "stats.json"
     suite = _load("sdlive_tests_conftest", REPO / "tests" / "conftest.py")
-    obs_helpers = _load("sdlive_tests_obs_conftest", REPO / "tests" / "obs" / "conftest.py")
+    harness = _load("sdlive_tests_obs_harness", REPO / "tests" / "obs" / "harness.py")
 
     def launch(workdir, **kw):  # `sdlive serve` with the model and device under test (flags given later win)
         return suite.start_daemon(workdir, "--model", args.model, "--device", args.device, **kw)
 
-    daemon = obs_helpers.RestartableDaemon(launch, work)
-    obs = HeadlessOBS(work / "home", width=width, height=height, fps=args.fps,
-                      scripts=[REPO / "obs_bridge" / "obs_script.py"],
-                      screen=f"{max(1280, width)}x{max(720, height)}x24",
-                      env={"SDLIVE_OBS_STATS": str(stats_path), "SDLIVE_OBS_CONTROL": args.control})
+    daemon = harness.RestartableDaemon(launch, work)
+    obs = harness.HeadlessOBS(work / "home", width=width, height=height, fps=args.fps, scripts=[harness.SCRIPT],
+                              screen=f"{max(1280, width)}x{max(720, height)}x24",
+                              env={harness.SCRIPT_NAMES.ENV_STATS: str(stats_path)})
 
     def filt() -> dict:
         try:
@@ -92,7 +89,9 @@ def main() -> int:
         obs.start()
         cl = obs.client()
         cl.create_input("Main", "src", "image_source", {"file": str(image)}, True)
-        cl.create_source_filter("src", "sdlive", "sdlive_filter", {"daemon_address": daemon.control_address})
+        names = harness.SCRIPT_NAMES
+        cl.create_source_filter("src", names.FILTER_DISPLAY_NAME, names.FILTER_ID,
+                                {names.SETTING_ADDRESS: daemon.control_address})
         _wait(lambda: filt().get("frames_out", 0) > 0, 120, "the first output frame")
         time.sleep(args.warmup)
         f0 = filt()
@@ -115,7 +114,6 @@ def main() -> int:
         "fps_target": args.fps,
         "model": args.model,
         "device": args.device,
-        "control": f1.get("control"),
         "obs_version": version.obs_version,
         "gpu_adapter": adapter,
         "render_thread_ms_p50": f1["render_thread_ms_p50"],
@@ -136,8 +134,7 @@ def main() -> int:
         ("frames into the daemon / s", result["frames_in_per_s"]),
         ("styled frames shown / s", result["frames_out_per_s"]),
     ]
-    report(f"sdlive OBS filter ({args.model} on {args.device}, {result['control']} control)", rows, result,
-           args.json_path)
+    report(f"sdlive OBS filter ({args.model} on {args.device})", rows, result, args.json_path)
     if args.keep:
         print(f"kept {work}")
     else:

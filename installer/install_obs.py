@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Install the sdlive OBS script into OBS (Linux, Windows, macOS). Any Python >= 3.10; stdlib only.
 
-    python installer/install_obs.py [--websocket] [--collection NAME|current|all] [--no-pyzmq] [--models NAME]
+    python installer/install_obs.py [--websocket] [--collection NAME|current|all] [--models NAME]
                                     [--obs-config DIR] [--uninstall] [--dry-run] [--force]
 
-Copies the script, its ring module and the preset files to <OBS config>/sdlive/, lists the script in the scene
-collection's Tools → Scripts (modules.scripts-tool), installs pyzmq for OBS's Python where it can (optional),
-enables obs-websocket if asked (global.ini for OBS 29 and plugin_config/obs-websocket/config.json for OBS 30+).
+Copies the script folder's files (obs_bridge/obs_script/sdlive_*.py) side by side to <OBS config>/sdlive/, the wire
+contract it loads by path (daemon/protocol/constants.py and ring.py) to <OBS config>/sdlive/sdlive_protocol/ and the
+preset files to <OBS config>/sdlive/presets/; lists the entry file sdlive_filter.py in the scene collection's Tools →
+Scripts (modules.scripts-tool); enables obs-websocket if asked (global.ini for OBS 29 and
+plugin_config/obs-websocket/config.json for OBS 30+). The script needs no package beyond OBS's own Python.
 Idempotent; --uninstall reverses it. Close OBS first: it rewrites its scene collection when it exits.
 """
 

@@ -1,7 +1,7 @@
-"""OBS's configuration files: where they live, and the edits sdlive makes to them.
+"""OBS's configuration files: where they live, the edits sdlive makes to them, and the installer.
 
-Stdlib only, so ``installer/install_obs.py`` can use it with any Python (it imports this file by path) and tests can
-write a fresh OBS config directory for a headless OBS. What is edited, and why:
+Stdlib only, so ``installer/install_obs.py`` can use it with any Python (it imports this file by path). What is
+edited, and why:
 
 - ``global.ini`` ``[OBSWebSocket]``: where OBS 29 / obs-websocket 5.1 reads its settings.
 - ``plugin_config/obs-websocket/config.json``: where OBS 30+ / obs-websocket 5.2+ reads them. Both are written.
@@ -13,17 +13,33 @@ OBS rewrites these files when it exits: edit them while OBS is closed (``obs_run
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import io
 import json
 import os
 import shutil
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-SCRIPT_FILE_NAME = "sdlive_obs.py"  # the name the installer gives obs_script.py in the scripts folder
-RING_FILE_NAME = "sdlive_ring.py"  # ring.py copied next to it (the script loads it by path)
 WEBSOCKET_SECTION = "OBSWebSocket"
 DEFAULT_WS_PORT = 4455
+SCRIPT_SOURCE_DIR = Path(__file__).resolve().parent / "obs_script"  # the OBS script's files (obs_bridge/obs_script)
+
+
+def _load_script_names() -> types.ModuleType:
+    """``obs_script/sdlive_names.py``, the names the script gives things in OBS, loaded by path: the script folder
+    is not a package (OBS imports its files as top-level modules)."""
+    spec = importlib.util.spec_from_file_location("_sdlive_obs_script_names", SCRIPT_SOURCE_DIR / "sdlive_names.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_NAMES = _load_script_names()
 
 
 def obs_config_dirs() -> list[Path]:
@@ -67,9 +83,18 @@ def find_obs_config_dir(explicit: str | os.PathLike | None = None) -> Path:
 # ------------------------------------------------------------------------------------------------ ini files
 
 
+class IniFile(configparser.ConfigParser):
+    """An OBS ini file: keys keep their case (FirstRun, ServerPort), no interpolation, repeated keys tolerated."""
+
+    def __init__(self) -> None:
+        super().__init__(interpolation=None, strict=False)
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def read_ini(path: Path) -> configparser.ConfigParser:
-    cp = configparser.ConfigParser(interpolation=None, strict=False)
-    cp.optionxform = str  # OBS keys are case sensitive (FirstRun, ServerPort)
+    cp = IniFile()
     if path.is_file():
         cp.read_string(path.read_text(encoding="utf-8-sig"))
     return cp
@@ -244,119 +269,61 @@ def obs_running() -> bool:
     return subprocess.run(["pgrep", "-x", "OBS"], capture_output=True).returncode == 0
 
 
-# ------------------------------------------------------------------------------------------ fresh config (tests)
-
-
-def write_fresh_config(
-    config_dir: Path,
-    *,
-    width: int = 320,
-    height: int = 180,
-    fps: int = 30,
-    ws_port: int = DEFAULT_WS_PORT,
-    ws_password: str = "",
-    scripts: list[Path] | tuple[Path, ...] = (),
-    script_settings: dict | None = None,
-    name: str = "sdlive",
-) -> Path:
-    """A complete OBS config (no first-run wizard, websocket on, one empty scene "Main", the given scripts loaded
-    at start) for a headless OBS. Returns the scene collection file."""
-    config_dir.mkdir(parents=True, exist_ok=True)
-    cp = configparser.ConfigParser(interpolation=None)
-    cp.optionxform = str
-    cp["General"] = {
-        "FirstRun": "true",
-        "LastVersion": str((29 << 24) | (0 << 16) | 2),
-        "InfoIncrement": "999",
-        "ConfirmOnExit": "false",
-        "EnableAutoUpdates": "false",
-    }
-    cp["Basic"] = {"Profile": name, "ProfileDir": name, "SceneCollection": name, "SceneCollectionFile": name}
-    write_ini(config_dir / "global.ini", cp)
-    enable_websocket(config_dir, port=ws_port, password=ws_password)
-    profile = configparser.ConfigParser(interpolation=None)
-    profile.optionxform = str
-    profile["General"] = {"Name": name}
-    profile["Video"] = {
-        "BaseCX": str(width),
-        "BaseCY": str(height),
-        "OutputCX": str(width),
-        "OutputCY": str(height),
-        "FPSType": "0",
-        "FPSCommon": str(fps),
-    }
-    profile["Output"] = {"Mode": "Simple"}
-    write_ini(config_dir / "basic" / "profiles" / name / "basic.ini", profile)
-    collection = config_dir / "basic" / "scenes" / f"{name}.json"
-    collection.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "name": name,
-        "current_scene": "Main",
-        "current_program_scene": "Main",
-        "scene_order": [{"name": "Main"}],
-        "sources": [{"id": "scene", "versioned_id": "scene", "name": "Main", "settings": {"items": [], "id_counter": 0}}],
-        "modules": {
-            "scripts-tool": [{"path": str(p), "settings": dict(script_settings or {})} for p in scripts],
-        },
-    }
-    collection.write_text(json.dumps(doc, indent=4), encoding="utf-8")
-    return collection
-
-
 # ---------------------------------------------------------------------------------------------------- installer
 #
 # `python installer/install_obs.py` and `sdlive obs install` both run install_main(). Every step is idempotent,
 # reports what it did (or would do, with --dry-run) through a stage callback, and --uninstall reverses it.
 
-INSTALL_DIR_NAME = "sdlive"  # <OBS config dir>/sdlive/: the script, the ring module, presets, private site dir
-SITE_DIR_NAME = "sdlive_site"  # pyzmq installed with `pip --target` for OBS's Python (the script adds it to sys.path)
+INSTALL_DIR_NAME = "sdlive"  # <OBS config dir>/sdlive/: the script's files, its protocol copy, the presets
+PROTOCOL_FILES = ("constants.py", "ring.py")  # the stdlib-only part of daemon/protocol the script loads by path
+Stage = Callable[[str, str], None]
 
 
-def package_files() -> dict[str, Path]:
-    """The files the OBS side needs, from this source tree or installed package."""
-    here = Path(__file__).resolve().parent
-    candidates_ring = [here.parent / "daemon" / "protocol" / "ring.py"]
-    try:  # installed wheel: sdlive.daemon.protocol is a sibling package
-        import importlib.util
+class ScriptFiles(NamedTuple):
+    """What the installer copies: the script folder's modules (side by side in the install folder), the protocol
+    files (into its ``sdlive_protocol/``) and the shipped presets (into its ``presets/``)."""
 
-        spec = importlib.util.find_spec("sdlive.daemon.protocol")
-        if spec and spec.submodule_search_locations:
-            candidates_ring.append(Path(list(spec.submodule_search_locations)[0]) / "ring.py")
-    except (ImportError, ValueError):
-        pass
-    ring = next((p for p in candidates_ring if p.is_file()), None)
-    presets = [here.parent / "presets"]
+    script: list[Path]
+    protocol: list[Path]
+    presets: list[Path]
+
+
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed package (sdlive.daemon.protocol, sdlive.presets), if any."""
     try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("sdlive.presets")
-        if spec and spec.submodule_search_locations:
-            presets.append(Path(list(spec.submodule_search_locations)[0]))
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
-        pass
-    preset_dir = next((p for p in presets if p.is_dir() and any(p.glob("*.toml"))), None)
-    files = {"script": here / "obs_script.py"}
-    if ring is not None:
-        files["ring"] = ring
-    if preset_dir is not None:
-        files["presets"] = preset_dir
-    return files
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-def obs_python_candidates(config_dir: Path) -> list[str]:
-    """The Python OBS embeds: Windows/macOS take it from global.ini [Python] Path64bit (Tools → Scripts → Python
-    Settings); Linux distributions link the system libpython, i.e. /usr/bin/python3."""
-    cp = read_ini(config_dir / "global.ini")
-    found = []
-    configured = cp.get("Python", "Path64bit", fallback="")
-    if configured:
-        base = Path(configured)
-        for exe in (base / "python.exe", base / "bin" / "python3", base / "python3", base / "python"):
-            if exe.is_file():
-                found.append(str(exe))
-    if sys.platform.startswith("linux"):
-        found.append("/usr/bin/python3")
-    return found
+def _first_dir(*candidates: Path | None, holding: str) -> Path | None:
+    return next((d for d in candidates if d is not None and d.is_dir() and any(d.glob(holding))), None)
+
+
+def package_files() -> ScriptFiles:
+    """The files the OBS side needs, from this source tree or the installed package."""
+    root = Path(__file__).resolve().parents[1]
+    protocol = _first_dir(root / "daemon" / "protocol", _package_dir("sdlive.daemon.protocol"), holding="ring.py")
+    if protocol is None or not all((protocol / f).is_file() for f in PROTOCOL_FILES):
+        raise FileNotFoundError(f"daemon/protocol/{{{','.join(PROTOCOL_FILES)}}} not found next to obs_bridge/: "
+                                "reinstall sdlive")
+    script = sorted(SCRIPT_SOURCE_DIR.glob("sdlive_*.py"))
+    if SCRIPT_SOURCE_DIR / SCRIPT_NAMES.ENTRY_FILE not in script:
+        raise FileNotFoundError(f"{SCRIPT_SOURCE_DIR / SCRIPT_NAMES.ENTRY_FILE} not found: reinstall sdlive")
+    presets = _first_dir(root / "presets", _package_dir("sdlive.presets"), holding="*.toml")
+    return ScriptFiles(
+        script=script,
+        protocol=[protocol / f for f in PROTOCOL_FILES],
+        presets=sorted(presets.glob("*.toml")) if presets is not None else [],
+    )
+
+
+def installed_script(config_dir: Path) -> Path:
+    """The entry file OBS loads, in the install folder."""
+    return config_dir / INSTALL_DIR_NAME / SCRIPT_NAMES.ENTRY_FILE
 
 
 def _run(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
@@ -367,44 +334,6 @@ def _run(cmd: list[str], timeout: float = 600) -> tuple[int, str]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 1, str(exc)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
-
-
-def ensure_pyzmq(config_dir: Path, install_dir: Path, *, dry_run: bool, stage) -> bool:
-    """Make pyzmq importable by OBS's Python where possible; otherwise say how. Optional: without it the script
-    uses its stdlib ZeroMQ client."""
-    pythons = [p for p in obs_python_candidates(config_dir) if Path(p).is_file()]
-    if not pythons:
-        stage("pyzmq", "OBS's Python not found (Windows/macOS: set it in Tools → Scripts → Python Settings, then "
-                       "re-run). Optional: without pyzmq the script uses its built-in ZeroMQ client")
-        return False
-    py = pythons[0]
-    site = install_dir / SITE_DIR_NAME
-    probe = f"import sys; sys.path.append({str(site)!r}); import zmq; print(zmq.__version__)"
-    rc, out = _run([py, "-c", probe], timeout=60)
-    if rc == 0:
-        stage("pyzmq", f"pyzmq {out.splitlines()[-1]} importable by OBS's Python ({py})")
-        return True
-    if dry_run:
-        stage("pyzmq", f"would install pyzmq for OBS's Python ({py})")
-        return False
-    errors = []
-    if py == "/usr/bin/python3" and os.path.exists("/usr/bin/apt-get") and hasattr(os, "geteuid"):
-        if os.geteuid() == 0:
-            rc, out = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3-zmq"])
-            if rc == 0:
-                stage("pyzmq", "installed python3-zmq (apt) for OBS's Python")
-                return True
-            errors.append(f"apt-get install python3-zmq: {out[-300:]}")
-        else:
-            errors.append("apt-get needs root: run `sudo apt-get install python3-zmq`")
-    rc, out = _run([py, "-m", "pip", "install", "--quiet", "--target", str(site), "pyzmq"])
-    if rc == 0:
-        stage("pyzmq", f"installed pyzmq into {site} (the script adds it to OBS's sys.path)")
-        return True
-    errors.append(f"{py} -m pip install --target {site} pyzmq: {out[-300:]}")
-    stage("pyzmq", "could not install pyzmq for OBS's Python (optional: the script's built-in ZeroMQ client works "
-                   "without it). Tried: " + " | ".join(errors))
-    return False
 
 
 def _sync_file(src: Path, dst: Path, *, dry_run: bool) -> bool:
@@ -419,40 +348,56 @@ def _sync_file(src: Path, dst: Path, *, dry_run: bool) -> bool:
     return True
 
 
+def _remove_stale_scripts(config_dir: Path, files: ScriptFiles, *, dry_run: bool, note: Callable[..., None]) -> None:
+    """Script modules an older install left in the install folder (and any collection still listing one)."""
+    dest = config_dir / INSTALL_DIR_NAME
+    shipped = {p.name for p in files.script}
+    stale = sorted(p for p in dest.glob("sdlive_*.py") if p.name not in shipped) if dest.is_dir() else []
+    for coll in scene_collections(config_dir):
+        for path in stale:
+            action = remove_script_from_collection(coll, path, dry_run=dry_run)
+            if action:
+                note("scripts", action)
+    for path in stale:
+        if not dry_run:
+            path.unlink()
+        note("files", f"removed {path} (not part of this version)")
+
+
 def install(
     config_dir: Path,
     *,
     collections: str = "current",
-    pyzmq: bool = True,
     websocket: bool = False,
     ws_port: int = DEFAULT_WS_PORT,
     ws_password: str = "",
     dry_run: bool = False,
-    stage=None,
+    stage: Stage | None = None,
 ) -> list[str]:
     """Install (idempotent). Returns the list of changes made (or that would be made, with dry_run)."""
     changes: list[str] = []
-    stage = stage or (lambda name, msg: None)
+    report: Stage = stage or (lambda name, msg: None)
 
     def note(name: str, msg: str, changed: bool = True) -> None:
-        stage(name, ("(dry run) " if dry_run and changed else "") + msg)
+        report(name, ("(dry run) " if dry_run and changed else "") + msg)
         if changed:
             changes.append(msg)
 
     files = package_files()
-    if "ring" not in files:
-        raise FileNotFoundError("daemon/protocol/ring.py not found next to obs_bridge/: reinstall sdlive")
     dest = config_dir / INSTALL_DIR_NAME
-    script = dest / SCRIPT_FILE_NAME
-    for src, dst in ((files["script"], script), (files["ring"], dest / RING_FILE_NAME)):
-        if _sync_file(src, dst, dry_run=dry_run):
-            note("files", f"copied {src.name} → {dst}")
-        else:
-            note("files", f"{dst} up to date", changed=False)
-    if "presets" in files:
-        n = sum(_sync_file(p, dest / "presets" / p.name, dry_run=dry_run) for p in sorted(files["presets"].glob("*.toml")))
-        if n:
-            note("files", f"copied {n} preset file(s) → {dest / 'presets'} (hotkey names)")
+    script = installed_script(config_dir)
+    copies = [(src, dest / src.name) for src in files.script]
+    copies += [(src, dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME / src.name) for src in files.protocol]
+    changed = [dst for src, dst in copies if _sync_file(src, dst, dry_run=dry_run)]
+    if changed:
+        note("files", f"copied {len(changed)} script file(s) → {dest}: " + ", ".join(
+            str(p.relative_to(dest)) for p in changed))
+    else:
+        note("files", f"{dest} up to date", changed=False)
+    n = sum(_sync_file(p, dest / SCRIPT_NAMES.PRESETS_DIR_NAME / p.name, dry_run=dry_run) for p in files.presets)
+    if n:
+        note("files", f"copied {n} preset file(s) → {dest / SCRIPT_NAMES.PRESETS_DIR_NAME} (hotkey names)")
+    _remove_stale_scripts(config_dir, files, dry_run=dry_run, note=note)
     if collections == "all":
         targets = scene_collections(config_dir)
     elif collections == "current":
@@ -474,28 +419,27 @@ def install(
     if websocket:
         for action in enable_websocket(config_dir, port=ws_port, password=ws_password, dry_run=dry_run):
             note("websocket", action)
-    if pyzmq:
-        ensure_pyzmq(config_dir, dest, dry_run=dry_run, stage=stage)
     return changes
 
 
-def uninstall(config_dir: Path, *, dry_run: bool = False, stage=None) -> list[str]:
+def uninstall(config_dir: Path, *, dry_run: bool = False, stage: Stage | None = None) -> list[str]:
     changes: list[str] = []
-    stage = stage or (lambda name, msg: None)
+    report: Stage = stage or (lambda name, msg: None)
     dest = config_dir / INSTALL_DIR_NAME
-    script = dest / SCRIPT_FILE_NAME
+    listed = sorted(dest.glob("sdlive_*.py")) if dest.is_dir() else []
     for coll in scene_collections(config_dir):
-        action = remove_script_from_collection(coll, script, dry_run=dry_run)
-        if action:
-            changes.append(action)
-            stage("scripts", ("(dry run) " if dry_run else "") + action)
+        for path in {installed_script(config_dir), *listed}:
+            action = remove_script_from_collection(coll, path, dry_run=dry_run)
+            if action:
+                changes.append(action)
+                report("scripts", ("(dry run) " if dry_run else "") + action)
     if dest.exists():
         changes.append(f"removed {dest}")
-        stage("files", ("(dry run) " if dry_run else "") + f"removed {dest}")
+        report("files", ("(dry run) " if dry_run else "") + f"removed {dest}")
         if not dry_run:
             shutil.rmtree(dest)
     if not changes:
-        stage("files", "nothing to remove: sdlive is not installed in this OBS")
+        report("files", "nothing to remove: sdlive is not installed in this OBS")
     return changes
 
 
@@ -509,7 +453,6 @@ def install_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--obs-config", help="OBS config directory (default: found for this OS)")
     ap.add_argument("--collection", default="current", help="scene collection to load the script in: NAME, current, all")
-    ap.add_argument("--no-pyzmq", action="store_true", help="do not install pyzmq for OBS's Python (it is optional)")
     ap.add_argument("--websocket", action="store_true", help="enable obs-websocket (for `sdlive obs …`)")
     ap.add_argument("--ws-port", type=int, default=DEFAULT_WS_PORT)
     ap.add_argument("--ws-password", default="", help="websocket password (empty: no auth, loopback use)")
@@ -537,7 +480,7 @@ def install_main(argv: list[str] | None = None) -> int:
             uninstall(config_dir, dry_run=args.dry_run, stage=stage)
             return 0
         changes = install(
-            config_dir, collections=args.collection, pyzmq=not args.no_pyzmq, websocket=args.websocket,
+            config_dir, collections=args.collection, websocket=args.websocket,
             ws_port=args.ws_port, ws_password=args.ws_password, dry_run=args.dry_run, stage=stage,
         )
     except (OSError, ValueError) as exc:

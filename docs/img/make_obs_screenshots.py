@@ -52,16 +52,14 @@ def main() -> int:
     from common import moving_shapes
     from obs_filter import _load
 
-    from sdlive.obs_bridge.obsws_tools import HeadlessOBS
-
     work = Path(tempfile.mkdtemp(prefix="sdlive-shots-"))
     image = work / "camera.png"
     cv2.imwrite(str(image), moving_shapes(640, 352, 1)[0][:, :, ::-1])
     suite = _load("sdlive_tests_conftest", REPO / "tests" / "conftest.py")
-    daemon = _load("sdlive_tests_obs_conftest", REPO / "tests" / "obs" / "conftest.py").RestartableDaemon(
-        suite.start_daemon, work)
-    obs = HeadlessOBS(work / "home", width=640, height=352, scripts=[REPO / "obs_bridge" / "obs_script.py"],
-                      minimize=False, screen=f"{SCREEN[0]}x{SCREEN[1]}x24")
+    harness = _load("sdlive_tests_obs_harness", REPO / "tests" / "obs" / "harness.py")
+    daemon = harness.RestartableDaemon(suite.start_daemon, work)
+    obs = harness.HeadlessOBS(work / "home", width=640, height=352, scripts=[harness.SCRIPT],
+                              minimize=False, screen=f"{SCREEN[0]}x{SCREEN[1]}x24")
     try:
         daemon.start()
         obs.start()

@@ -106,7 +106,7 @@ def setup(
 
 
 def _script_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(obs_setup.__file__)), "obs_script.py")
+    return str(obs_setup.SCRIPT_SOURCE_DIR / obs_setup.SCRIPT_NAMES.ENTRY_FILE)
 
 
 def _disconnect(client) -> None:

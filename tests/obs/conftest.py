@@ -1,5 +1,5 @@
 """Fixtures for the real-OBS tests: a headless OBS (Xvfb) running the sdlive script, and a real sdlive daemon
-(tiny model, CPU) that the tests can kill and restart on the same address.
+(tiny model, CPU) that the tests can kill and restart on the same address. The machinery is in ``harness.py``.
 
 Each test module shares one daemon and one OBS (starting them costs seconds); tests that change global state
 (killing the daemon, reloading the script) come last in their module.
@@ -8,20 +8,15 @@ Each test module shares one daemon and one OBS (starting them costs seconds); te
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
-from sdlive.obs_bridge import obsws_tools
-from sdlive.obs_bridge.obsws_tools import HeadlessOBS, free_port
+from .harness import SCRIPT, SCRIPT_NAMES, HeadlessOBS, RestartableDaemon, missing_tools, screenshot
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "obs_bridge" / "obs_script.py"
 CANVAS = (320, 176)  # multiples of 16: the daemon session runs at the source size, pixels compare 1:1
 SOURCE_NAME = "bg"
 SOURCE_COLOR_ABGR = 0xFF2060C0  # OBS colours are ABGR: R=0xC0 G=0x60 B=0x20
@@ -29,7 +24,7 @@ SOURCE_RGB = np.array([0xC0, 0x60, 0x20], dtype=np.float64)
 
 
 def obs_skip_reason() -> str | None:
-    missing = obsws_tools.missing_tools()
+    missing = missing_tools()
     if missing:
         return f"real-OBS tests need {', '.join(missing)} (Debian: apt-get install obs-studio xvfb xauth)"
     if not sys.platform.startswith("linux"):
@@ -47,56 +42,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---------------------------------------------------------------------------------------------------- daemon
-
-
-class RestartableDaemon:
-    """A real `sdlive serve --model tiny --device cpu` started with the suite's ``start_daemon`` (tests/conftest.py)
-    on fixed loopback ports, so a test can SIGKILL it and start it again at the same address (the shared ``daemon``
-    fixture cannot be restarted in place)."""
-
-    def __init__(self, launch, workdir: Path):
-        self.launch = launch
-        self.workdir = workdir
-        self.control_address = f"tcp://127.0.0.1:{free_port()}"
-        self.pub_address = f"tcp://127.0.0.1:{free_port()}"
-        self.proc = None
-        self.starts = 0
-        self._ctx = zmq.Context.instance()
-
-    @property
-    def process(self):
-        return self.proc.process if self.proc is not None else None
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = self.launch(self.workdir / f"run{self.starts}", control=self.control_address,
-                                pub=self.pub_address)
-
-    def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
-        """One control request over a fresh DEALER (generous timeout: the compute loop answers between steps)."""
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.control_address)
-        try:
-            sock.send(json.dumps({"op": op, **fields}).encode())
-            if not sock.poll(int(timeout * 1000)):
-                raise TimeoutError(f"no reply to {op} from {self.control_address}")
-            return json.loads(sock.recv())
-        finally:
-            sock.close(0)
-
-    def sessions(self) -> list[dict]:
-        return self.request("status").get("sessions", [])
-
-    def kill(self) -> None:
-        """SIGKILL: the daemon vanishes without closing anything (the worst case for the filter)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +62,7 @@ class ObsUnderTest:
         self.home = home
         self.stats_path = home / "sdlive-stats.json"
         self.obs = HeadlessOBS(home, width=CANVAS[0], height=CANVAS[1], scripts=[SCRIPT],
-                               env={"SDLIVE_OBS_STATS": str(self.stats_path), **env})
+                               env={SCRIPT_NAMES.ENV_STATS: str(self.stats_path), **env})
         self.client = None
 
     def start(self) -> ObsUnderTest:
@@ -161,17 +106,27 @@ class ObsUnderTest:
         return "\n".join(line for line in self.obs.log_text().splitlines() if "sdlive" in line)[-4000:]
 
     def screenshot(self, source: str = SOURCE_NAME, size: tuple[int, int] = CANVAS) -> np.ndarray:
-        return obsws_tools.screenshot(self.client, source, size[0], size[1])
+        return screenshot(self.client, source, size[0], size[1])
 
     def add_color_source(self, name: str = SOURCE_NAME, color: int = SOURCE_COLOR_ABGR,
                          size: tuple[int, int] = CANVAS) -> None:
         self.client.create_input("Main", name, "color_source_v3",
                                  {"color": color, "width": size[0], "height": size[1]}, True)
 
+    def add_filter(self, address: str, source: str = SOURCE_NAME,
+                   name: str = SCRIPT_NAMES.FILTER_DISPLAY_NAME) -> None:
+        """An sdlive filter on ``source`` that connects to the daemon at ``address``."""
+        self.client.create_source_filter(source, name, SCRIPT_NAMES.FILTER_ID, {SCRIPT_NAMES.SETTING_ADDRESS: address})
 
-def start_obs(tmp_path_factory, **env) -> ObsUnderTest:
+
+def start_obs(tmp_path_factory, daemon=None, **env) -> ObsUnderTest:
+    """A started headless OBS; with ``daemon``, the colour source in the scene and an sdlive filter on it."""
     home = tmp_path_factory.mktemp("obs")
-    return ObsUnderTest(home, {k: str(v) for k, v in env.items()}).start()
+    o = ObsUnderTest(home, {k: str(v) for k, v in env.items()}).start()
+    if daemon is not None:
+        o.add_color_source()
+        o.add_filter(daemon.control_address)
+    return o
 
 
 def distance_to_source(img: np.ndarray) -> float:

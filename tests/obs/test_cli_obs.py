@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sdlive.obs_bridge.cli import app
-from sdlive.obs_bridge.obsws_tools import free_port
 
 from .conftest import SOURCE_NAME, start_obs
+from .harness import free_port
 
 pytestmark = [pytest.mark.obs, pytest.mark.slow]
 runner = CliRunner()

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from sdlive.obs_bridge.obsws_tools import HeadlessOBS
-
-from .conftest import CANVAS, SCRIPT, SOURCE_NAME, ObsUnderTest
+from .conftest import CANVAS, SOURCE_NAME, ObsUnderTest
+from .harness import SCRIPT, HeadlessOBS
 
 pytestmark = [pytest.mark.obs, pytest.mark.slow]
 
@@ -26,7 +25,7 @@ def test_bindings_are_saved_and_a_changed_binding_is_loaded_on_the_next_start(tm
     o = ObsUnderTest(home, {})
     o.start()
     o.add_color_source()
-    o.client.create_source_filter(SOURCE_NAME, "sdlive", "sdlive_filter", {"daemon_address": "tcp://127.0.0.1:9"})
+    o.add_filter("tcp://127.0.0.1:9")  # no daemon there: the bindings need none
     assert o.stop() == 0
     collection = o.obs.config_dir / "basic" / "scenes" / "sdlive.json"
     saved = _script_settings(collection)["sdlive_hotkeys"]

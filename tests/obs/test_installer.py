@@ -1,6 +1,7 @@
-"""installer/install_obs.py: copies the script where OBS loads it, lists it in the scene collection, enables the
-websocket in both places OBS versions read it, is idempotent, has a dry run and an uninstall; and a real OBS started
-on the installed config runs the installed copy."""
+"""installer/install_obs.py: copies the script folder and its wire-contract files where OBS loads them, lists the
+entry file in the scene collection, clears out an older layout, enables the websocket in both places OBS versions
+read it, is idempotent, has a dry run and an uninstall; and a real OBS started on the installed config runs the
+installed copy with the installed contract."""
 
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sdlive.obs_bridge import obs_setup
-from sdlive.obs_bridge.obsws_tools import HeadlessOBS, free_port
-
 from .conftest import obs_skip_reason
+from .harness import REPO, SCRIPT_DIR, SCRIPT_NAMES, HeadlessOBS, free_port, write_fresh_config
 
-INSTALLER = Path(__file__).resolve().parents[2] / "installer" / "install_obs.py"
+INSTALLER = REPO / "installer" / "install_obs.py"
 
 
 def run_installer(*args: str) -> subprocess.CompletedProcess:
@@ -27,7 +26,7 @@ def run_installer(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def obs_config(tmp_path) -> Path:
     cfg = tmp_path / "obs-studio"
-    obs_setup.write_fresh_config(cfg, ws_port=4466)
+    write_fresh_config(cfg, ws_port=4466)
     return cfg
 
 
@@ -36,21 +35,47 @@ def _scripts(cfg: Path) -> list[str]:
     return [e["path"] for e in doc["modules"]["scripts-tool"]]
 
 
-def test_install_copies_script_ring_and_presets_and_lists_the_script(obs_config):
-    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force")
+def _same_files(dest: Path, sources: list[Path]) -> None:
+    for src in sources:
+        assert (dest / src.name).read_bytes() == src.read_bytes(), f"{dest / src.name} differs from {src}"
+
+
+def test_install_copies_the_script_folder_contract_and_presets_and_lists_the_entry_file(obs_config):
+    r = run_installer("--obs-config", str(obs_config), "--force")
     assert r.returncode == 0, r.stderr
     dest = obs_config / "sdlive"
-    assert (dest / "sdlive_obs.py").read_bytes() == (INSTALLER.parents[1] / "obs_bridge" / "obs_script.py").read_bytes()
-    assert (dest / "sdlive_ring.py").is_file()
+    modules = sorted(SCRIPT_DIR.glob("sdlive_*.py"))
+    assert SCRIPT_DIR / SCRIPT_NAMES.ENTRY_FILE in modules and len(modules) > 5
+    _same_files(dest, modules)  # side by side: OBS puts the entry file's folder on sys.path
+    protocol = REPO / "daemon" / "protocol"
+    _same_files(dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME, [protocol / "constants.py", protocol / "ring.py"])
+    assert sorted(p.name for p in (dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME).iterdir()) == ["constants.py", "ring.py"]
     assert (dest / "presets" / "anime.toml").is_file()
-    assert _scripts(obs_config) == [str(dest / "sdlive_obs.py")]
+    assert _scripts(obs_config) == [str(dest / SCRIPT_NAMES.ENTRY_FILE)]
     assert (obs_config / "basic" / "scenes" / "sdlive.json.sdlive-backup").is_file()
 
 
+def test_install_over_an_older_layout_removes_its_files_and_its_collection_entry(obs_config):
+    """Before the script was a folder, the installer copied sdlive_obs.py and sdlive_ring.py and listed the former:
+    loading both scripts would register the filter twice."""
+    dest = obs_config / "sdlive"
+    dest.mkdir()
+    for name in ("sdlive_obs.py", "sdlive_ring.py"):
+        (dest / name).write_text("# an older sdlive\n")
+    collection = obs_config / "basic" / "scenes" / "sdlive.json"
+    doc = json.loads(collection.read_text())
+    doc["modules"]["scripts-tool"].append({"path": str(dest / "sdlive_obs.py"), "settings": {}})
+    collection.write_text(json.dumps(doc))
+    r = run_installer("--obs-config", str(obs_config), "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (dest / "sdlive_obs.py").exists() and not (dest / "sdlive_ring.py").exists()
+    assert _scripts(obs_config) == [str(dest / SCRIPT_NAMES.ENTRY_FILE)]
+
+
 def test_install_twice_changes_nothing_the_second_time(obs_config):
-    assert run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force").returncode == 0
+    assert run_installer("--obs-config", str(obs_config), "--force").returncode == 0
     before = (obs_config / "basic" / "scenes" / "sdlive.json").read_text()
-    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force")
+    r = run_installer("--obs-config", str(obs_config), "--force")
     assert r.returncode == 0
     assert "0 change(s)" in r.stdout
     assert (obs_config / "basic" / "scenes" / "sdlive.json").read_text() == before
@@ -59,7 +84,7 @@ def test_install_twice_changes_nothing_the_second_time(obs_config):
 
 def test_dry_run_writes_nothing(obs_config):
     before = {p: p.read_bytes() for p in obs_config.rglob("*") if p.is_file()}
-    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--websocket", "--ws-port", "4999", "--dry-run")
+    r = run_installer("--obs-config", str(obs_config), "--websocket", "--ws-port", "4999", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "(dry run)" in r.stdout and "would" not in r.stderr
     after = {p: p.read_bytes() for p in obs_config.rglob("*") if p.is_file()}
@@ -67,7 +92,7 @@ def test_dry_run_writes_nothing(obs_config):
 
 
 def test_websocket_is_enabled_for_obs_29_and_obs_30(obs_config):
-    r = run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force", "--websocket", "--ws-port", "4999",
+    r = run_installer("--obs-config", str(obs_config), "--force", "--websocket", "--ws-port", "4999",
                       "--ws-password", "s3cret")
     assert r.returncode == 0, r.stderr
     cp = configparser.ConfigParser(interpolation=None)
@@ -83,7 +108,7 @@ def test_websocket_is_enabled_for_obs_29_and_obs_30(obs_config):
 
 
 def test_uninstall_reverses_the_install(obs_config):
-    assert run_installer("--obs-config", str(obs_config), "--no-pyzmq", "--force").returncode == 0
+    assert run_installer("--obs-config", str(obs_config), "--force").returncode == 0
     r = run_installer("--obs-config", str(obs_config), "--uninstall", "--force")
     assert r.returncode == 0, r.stderr
     assert not (obs_config / "sdlive").exists()
@@ -93,7 +118,7 @@ def test_uninstall_reverses_the_install(obs_config):
 
 
 def test_missing_obs_config_is_a_clear_error(tmp_path):
-    r = run_installer("--obs-config", str(tmp_path / "nope" / "obs-studio"), "--no-pyzmq")
+    r = run_installer("--obs-config", str(tmp_path / "nope" / "obs-studio"))
     assert r.returncode != 0
     assert "global.ini" in r.stderr or "scene collection" in r.stderr or "not found" in r.stderr
 
@@ -107,8 +132,8 @@ def test_obs_started_on_the_installed_config_runs_the_installed_script(tmp_path)
     home = tmp_path / "home"
     cfg = home / ".config" / "obs-studio"
     port = free_port()
-    obs_setup.write_fresh_config(cfg, ws_port=port)
-    r = run_installer("--obs-config", str(cfg), "--no-pyzmq", "--force")
+    write_fresh_config(cfg, ws_port=port)
+    r = run_installer("--obs-config", str(cfg), "--force")
     assert r.returncode == 0, r.stderr
     o = HeadlessOBS(home, ws_port=port)
     o.start()
@@ -123,5 +148,7 @@ def test_obs_started_on_the_installed_config_runs_the_installed_script(tmp_path)
     finally:
         assert o.stop() == 0
     log = o.log_text()
-    assert "Loaded python script: sdlive_obs.py" in log
-    assert "ring module was not found" not in log
+    assert f"Loaded python script: {SCRIPT_NAMES.ENTRY_FILE}" in log
+    protocol = cfg / "sdlive" / SCRIPT_NAMES.PROTOCOL_DIR_NAME  # the installed contract, not the checkout's
+    assert f"from {protocol})" in log, log[-3000:]
+    assert "Traceback" not in log

@@ -1,0 +1,234 @@
+"""The filter's control channel to the daemon: a ZMTP 3.0 DEALER written on the stdlib ``socket`` module.
+
+The daemon's control socket is a ZeroMQ ROUTER; this speaks just enough of ZMTP 3.0 to be its DEALER: the greeting,
+the NULL security handshake, single-frame JSON requests and replies, and PONGs for the ROUTER's ZMTP PINGs. It is
+the only control path of the OBS script: it runs in whatever Python OBS embeds, with no extra package to install,
+and the daemon's IO thread answers every request on receipt, so a reply never waits for the model.
+
+A request that gets no reply in time raises ``ControlError`` and the next request opens a fresh TCP connection
+(the Paranoid Pirate pattern of the ZeroMQ Guide); whether the daemon is alive is for heartbeats to decide.
+No OBS imports: the tests drive this module against real ZeroMQ routers outside OBS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import select
+import socket
+import struct
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+REQUEST_TIMEOUT_S = 1.0  # default reply deadline, and the TCP connect + ZMTP handshake deadline
+
+_FLAG_MORE, _FLAG_LONG, _FLAG_COMMAND = 0x01, 0x02, 0x04
+_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+
+
+class ControlError(Exception):
+    """The daemon did not answer (timeout, refused, connection lost): distinct from an error reply."""
+
+
+class DaemonReplyError(Exception):
+    """The daemon answered ``ok: false``; ``code`` is its stable error code (docs/protocol.md §4)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class StdlibControl:
+    """One DEALER connection to ``tcp://HOST:PORT``. Not thread safe: one worker thread owns it."""
+
+    def __init__(self, address: str, token: str | None):
+        url = urlparse(address)
+        if url.scheme != "tcp" or not url.hostname or not url.port:
+            raise ValueError(f"daemon address {address!r}: the OBS filter connects to tcp://HOST:PORT addresses")
+        self.address = address
+        self.token = token or None
+        self._host, self._port = url.hostname, url.port
+        self._ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def request(self, op: str, timeout_s: float = REQUEST_TIMEOUT_S, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its ``ok`` reply; DaemonReplyError for an error reply, ControlError when no
+        reply came within ``timeout_s`` (the connection is then reset)."""
+        msg_id = next(self._ids)
+        msg: dict[str, Any] = {"op": op, "id": msg_id, **fields}
+        if self.token:
+            msg["token"] = self.token
+        deadline = time.monotonic() + timeout_s
+        self._send(json.dumps(msg).encode("utf-8"))
+        while True:
+            if time.monotonic() >= deadline:
+                self._reset()
+                raise ControlError(f"no reply to {op!r} from {self.address} within {timeout_s:.1f} s")
+            raw = self._recv(deadline)
+            if raw is None:
+                continue
+            try:
+                reply = json.loads(raw.decode("utf-8"))
+            except ValueError:
+                continue
+            if not isinstance(reply, dict) or reply.get("id") not in (msg_id, None):
+                continue  # a late reply to an earlier request that timed out
+            if not reply.get("ok", False):
+                err = reply.get("error") or {}
+                raise DaemonReplyError(str(err.get("code", "internal")), str(err.get("message", "")))
+            return reply
+
+    def close(self) -> None:
+        self._reset()
+
+    # -- connection ----------------------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+        self._buf = b""
+
+    def _connect(self, timeout_s: float) -> socket.socket:
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=timeout_s)
+        except OSError as exc:
+            raise ControlError(f"cannot connect to {self.address}: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._buf = sock, b""
+        deadline = time.monotonic() + timeout_s
+        try:
+            sock.sendall(_GREETING)
+            while len(self._buf) < len(_GREETING):
+                self._recv_more(deadline)
+            peer, self._buf = self._buf[: len(_GREETING)], self._buf[len(_GREETING) :]
+            if peer[0:1] != b"\xff" or peer[9:10] != b"\x7f" or peer[10] < 3:
+                raise ControlError(f"{self.address} does not speak ZMTP 3 (greeting {peer[:12]!r})")
+            mechanism = peer[12:32].rstrip(b"\x00")
+            if mechanism != b"NULL":
+                raise ControlError(f"{self.address} wants security mechanism {mechanism!r}; the filter speaks NULL")
+            ready = b"\x05READY" + _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
+            self._send_frame(ready, command=True)
+            while True:  # the peer's READY
+                is_cmd, body, _more = self._read_frame(deadline)
+                name = _command_name(body) if is_cmd else b""
+                if name == b"READY":
+                    return sock
+                if name == b"ERROR":
+                    raise ControlError(f"{self.address} refused the handshake: {body!r}")
+        except ControlError:
+            self._reset()
+            raise
+        except OSError as exc:  # a timeout included
+            self._reset()
+            raise ControlError(f"no ZMTP handshake with {self.address}: {exc or type(exc).__name__}") from None
+
+    def _send(self, data: bytes) -> None:
+        self._drain()
+        if self._sock is None:
+            self._connect(REQUEST_TIMEOUT_S)
+        try:
+            self._send_frame(data)
+        except OSError as exc:
+            self._reset()
+            raise ControlError(f"lost the connection to {self.address}: {exc}") from None
+
+    def _recv(self, deadline: float) -> bytes | None:
+        """The last frame of the next message (ZMTP commands answered on the way), or None at ``deadline``."""
+        if self._sock is None:
+            raise ControlError(f"not connected to {self.address}")
+        try:
+            while True:
+                is_cmd, body, more = self._read_frame(deadline)
+                if is_cmd:
+                    self._answer_command(body)
+                elif not more:
+                    return body
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            self._reset()
+            raise ControlError(f"lost the connection to {self.address}: {exc}") from None
+
+    def _drain(self) -> None:
+        """Before a request: take what arrived while idle (ZMTP PINGs get their PONG, late replies are dropped);
+        a connection the daemon closed meanwhile (restart, heartbeat timeout) is reset, not reported."""
+        try:
+            while self._sock is not None and select.select([self._sock], [], [], 0)[0]:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    self._reset()
+                    return
+                self._buf += chunk
+                while (frame := self._parse_buffered_frame()) is not None:  # a partial frame waits in _buf
+                    if frame[0]:
+                        self._answer_command(frame[1])
+        except OSError:
+            self._reset()
+
+    # -- frames --------------------------------------------------------------------------------------------------
+    def _answer_command(self, body: bytes) -> None:
+        """ZMTP 3.1 heartbeat: a PING gets a PONG carrying the ping's context; other commands need nothing."""
+        if _command_name(body) == b"PING":
+            self._send_frame(b"\x04PONG" + body[1 + body[0] + 2 :], command=True)
+
+    def _send_frame(self, body: bytes, *, command: bool = False, more: bool = False) -> None:
+        assert self._sock is not None
+        flags = (_FLAG_COMMAND if command else 0) | (_FLAG_MORE if more else 0)
+        if len(body) > 255:
+            head = bytes([flags | _FLAG_LONG]) + struct.pack(">Q", len(body))
+        else:
+            head = bytes([flags, len(body)])
+        self._sock.sendall(head + body)
+
+    def _recv_more(self, deadline: float) -> None:
+        """Append what the socket has to the buffer, waiting until ``deadline`` (monotonic seconds) at most."""
+        assert self._sock is not None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("daemon closed the connection")
+        self._buf += chunk
+
+    def _read_frame(self, deadline: float) -> tuple[bool, bytes, bool]:
+        """The next complete frame (is_command, body, more). On timeout nothing is consumed: a frame that arrives
+        in pieces is completed by the next call."""
+        while True:
+            frame = self._parse_buffered_frame()
+            if frame is not None:
+                return frame
+            self._recv_more(deadline)
+
+    def _parse_buffered_frame(self) -> tuple[bool, bytes, bool] | None:
+        """Take one complete frame off the receive buffer: (is_command, body, more), or None if incomplete."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        flags = buf[0]
+        if flags & _FLAG_LONG:
+            if len(buf) < 9:
+                return None
+            size, head = struct.unpack(">Q", buf[1:9])[0], 9
+        else:
+            size, head = buf[1], 2
+        if len(buf) < head + size:
+            return None
+        self._buf = buf[head + size :]
+        return bool(flags & _FLAG_COMMAND), buf[head : head + size], bool(flags & _FLAG_MORE)
+
+
+def _property(name: bytes, value: bytes) -> bytes:
+    """A ZMTP metadata property: name length, name, 4-byte value length, value."""
+    return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+
+
+def _command_name(body: bytes) -> bytes:
+    return body[1 : 1 + body[0]] if body else b""
