@@ -22,6 +22,7 @@ from common import median, moving_shapes, parse_size, report, stamp  # noqa: E40
 
 from sdlive.daemon.engine import SessionParams, StreamEngine  # noqa: E402
 from sdlive.daemon.engine.schedule import timesteps_for  # noqa: E402
+from sdlive.daemon.model.configs import CachePolicy  # noqa: E402
 
 
 class RandomPromptEmbeddings:
@@ -76,7 +77,8 @@ def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, ste
     the new one) from scratch, instead of reusing cached keys and values."""
     spec = engine.spec
     tokens = (height // 16) * (width // 16)
-    window = spec.num_kv_cache + 1
+    window = spec.kv_cache.num_kv_cache + 1
+    whole_window = CachePolicy(num_kv_cache=window, num_sink=0, sink_threshold=-1, rope_refresh_frames=0)
     x = torch.randn(1, 16, window, height // 8, width // 8, device=engine.device, dtype=engine.dtype)
     cross = engine.transformer.cross_attention_cache(engine.encode_prompt("a watercolor painting"))
     times = []
@@ -86,10 +88,7 @@ def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, ste
             cache = engine.transformer.new_kv_cache(
                 batch_size=1,
                 tokens_per_frame=tokens,
-                num_kv_cache=window,
-                num_sink=0,
-                sink_threshold=-1,
-                rope_refresh_frames=0,
+                policy=whole_window,
                 device=engine.device,
                 dtype=engine.dtype,
             )

@@ -108,14 +108,10 @@ class StreamEngine:
         return self.bundle.new_vae(normalize_latents=self.normalize_latents)
 
     def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> Any:
-        spec = self.spec
         return self.transformer.new_kv_cache(
             batch_size=batch_size,
             tokens_per_frame=tokens_per_frame,
-            num_kv_cache=spec.num_kv_cache,
-            num_sink=spec.num_sink,
-            sink_threshold=spec.sink_threshold,
-            rope_refresh_frames=spec.rope_refresh_frames,
+            policy=self.spec.kv_cache,
             device=self.device,
             dtype=self.dtype,
         )

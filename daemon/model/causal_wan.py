@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -30,8 +31,10 @@ from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanAttnProcessor,
     WanTransformer3DModel,
+    WanTransformerBlock,
 )
 
+from .configs import DEFAULT_CACHE_POLICY, CachePolicy
 from .kv_cache import KVCache
 
 __all__ = [
@@ -103,7 +106,53 @@ def _qkv_projections(attn: WanAttention, hidden_states: torch.Tensor) -> tuple[t
     return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
 
-class CausalWanAttnProcessor:
+class _StreamProcessor:
+    """What both streaming processors share: the block index, diffusers' ``WanAttnProcessor`` for ordinary tensors
+    (it gets the backend settings diffusers sets on this processor), the attention call and the output projection."""
+
+    _attention_backend = None  # set by diffusers (set_attention_backend), as on WanAttnProcessor
+    _parallel_config = None
+
+    def __init__(self, layer_idx: int) -> None:
+        self.layer_idx = layer_idx
+        self._default = WanAttnProcessor()
+
+    def _stock(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        self._default._attention_backend = self._attention_backend
+        self._default._parallel_config = self._parallel_config
+        return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+    def _attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, S, heads, head_dim]`` queries over ``[B, S_kv, heads, head_dim]`` keys/values, same shape out."""
+        return dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=None,
+        )
+
+    @staticmethod
+    def _project_out(attn: WanAttention, hidden_states: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``[B, S, heads, head_dim]`` attention output → ``[B, S, heads * head_dim]`` through ``to_out``."""
+        hidden_states = hidden_states.flatten(2, 3).type_as(like)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+class CausalWanAttnProcessor(_StreamProcessor):
     """Self-attention (``attn1``) of block ``layer_idx`` over [KV cache ∪ chunk].
 
     With a :class:`StreamAttentionContext` as ``rotary_emb``: q/k/v projections and RMS norms as in
@@ -111,13 +160,6 @@ class CausalWanAttnProcessor:
     into the cache, then attention of the chunk's queries over the cache's valid frames (which include the chunk;
     no mask inside the chunk). With anything else it is ``WanAttnProcessor``.
     """
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, layer_idx: int) -> None:
-        self.layer_idx = layer_idx
-        self._default = WanAttnProcessor()
 
     def __call__(
         self,
@@ -128,9 +170,7 @@ class CausalWanAttnProcessor:
         rotary_emb: StreamAttentionContext | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if not isinstance(rotary_emb, StreamAttentionContext):
-            self._default._attention_backend = self._attention_backend
-            self._default._parallel_config = self._parallel_config
-            return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("streamed self-attention takes no encoder_hidden_states or attention_mask")
 
@@ -155,39 +195,17 @@ class CausalWanAttnProcessor:
             # slots with equal lengths, so that mask-less kernels (flash-attn, sage) serve this case too.
             runs = [self._attention(query[a:b], key[a:b, :n], value[a:b, :n]) for a, b, n in _equal_runs(lengths)]
             hidden_states = torch.cat(runs, dim=0)
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)
 
         # 5. Output projection
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states
-
-    def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=None,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=None,
-        )
+        return self._project_out(attn, hidden_states, query)
 
 
-class WanCrossAttnCacheProcessor:
+class WanCrossAttnCacheProcessor(_StreamProcessor):
     """Cross-attention (``attn2``) of block ``layer_idx`` on precomputed text keys/values.
 
     With a :class:`CrossAttentionCache` as ``encoder_hidden_states`` only the query side runs; with a tensor it is
     ``WanAttnProcessor``.
     """
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, layer_idx: int) -> None:
-        self.layer_idx = layer_idx
-        self._default = WanAttnProcessor()
 
     def __call__(
         self,
@@ -198,9 +216,7 @@ class WanCrossAttnCacheProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, CrossAttentionCache):
-            self._default._attention_backend = self._attention_backend
-            self._default._parallel_config = self._parallel_config
-            return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
         # 1. Query: [B, S, heads * head_dim] -> [B, S, heads, head_dim]
         batch_size = hidden_states.shape[0]
@@ -214,20 +230,7 @@ class WanCrossAttnCacheProcessor:
             value = value.expand(batch_size, -1, -1, -1)
 
         # 3. Attention and output projection
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=None,
-        )
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states
+        return self._project_out(attn, self._attention(query, key, value, attention_mask), query)
 
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
@@ -280,11 +283,17 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             rope_max_seq_len=rope_max_seq_len,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        for i, block in enumerate(self.blocks):
-            block.attn1.set_processor(CausalWanAttnProcessor(i))
-            block.attn2.set_processor(WanCrossAttnCacheProcessor(i))
+        for i, block in enumerate(self.stream_blocks):
+            # diffusers annotates set_processor with its own processor classes; any callable processor works.
+            block.attn1.set_processor(CausalWanAttnProcessor(i))  # type: ignore[arg-type]
+            block.attn2.set_processor(WanCrossAttnCacheProcessor(i))  # type: ignore[arg-type]
         # float64 rotation angles per device, kept off the module so that `.to(dtype)` never rounds them.
         self._rope_angles: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def stream_blocks(self) -> Sequence[WanTransformerBlock]:
+        """``self.blocks`` as what it holds (a ``ModuleList`` is typed as holding any module)."""
+        return cast(Sequence[WanTransformerBlock], self.blocks)
 
     # ------------------------------------------------------------------ caches
 
@@ -293,25 +302,19 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         *,
         batch_size: int,
         tokens_per_frame: int,
-        num_kv_cache: int = 6,
-        num_sink: int = 3,
-        sink_threshold: float = 0.2,
-        rope_refresh_frames: int = 50,
+        policy: CachePolicy = DEFAULT_CACHE_POLICY,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """An empty :class:`KVCache` for this model's blocks (default device and dtype: those of ``attn1``)."""
-        weight = self.blocks[0].attn1.to_k.weight
+        weight = self.stream_blocks[0].attn1.to_k.weight
         return KVCache(
             num_layers=len(self.blocks),
             batch_size=batch_size,
             tokens_per_frame=tokens_per_frame,
-            num_heads=self.config.num_attention_heads,
-            head_dim=self.config.attention_head_dim,
-            num_kv_cache=num_kv_cache,
-            num_sink=num_sink,
-            sink_threshold=sink_threshold,
-            rope_refresh_frames=rope_refresh_frames,
+            num_heads=self.config["num_attention_heads"],
+            head_dim=self.config["attention_head_dim"],
+            policy=policy,
             device=device if device is not None else weight.device,
             dtype=dtype if dtype is not None else weight.dtype,
         )
@@ -324,7 +327,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         weight = self.condition_embedder.text_embedder.linear_1.weight
         context = self.condition_embedder.text_embedder(encoder_hidden_states.to(weight.device, weight.dtype))
         keys, values = [], []
-        for block in self.blocks:
+        for block in self.stream_blocks:
             attn = block.attn2
             if attn.fused_projections:
                 key, value = attn.to_kv(context).chunk(2, dim=-1)
@@ -340,8 +343,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """Rotation angles ``[max_seq_len, dim_k / 2]`` for time, height and width (diffusers' split of head_dim)."""
         if device not in self._rope_angles:
             rope = self.rope
-            self._rope_angles[device] = tuple(
-                _angles(dim, rope.max_seq_len, device) for dim in (rope.t_dim, rope.h_dim, rope.w_dim)
+            self._rope_angles[device] = (
+                _angles(rope.t_dim, rope.max_seq_len, device),
+                _angles(rope.h_dim, rope.max_seq_len, device),
+                _angles(rope.w_dim, rope.max_seq_len, device),
             )
         return self._rope_angles[device]
 
@@ -400,7 +405,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         decision (one small read per block, once per chunk, only in the cache's full phase; see ``KVCache``).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
+        p_t, p_h, p_w = self.config["patch_size"]
         post_patch_num_frames = num_frames // p_t
         post_patch_height = height // p_h
         post_patch_width = width // p_w
@@ -439,7 +444,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         timestep_proj = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))
 
         # 4. Transformer blocks (diffusers' own; the processors read `cross` and `context`)
-        for block in self.blocks:
+        for block in self.stream_blocks:
             hidden_states = block(hidden_states, cross, timestep_proj, context)
 
         # 5. Output norm, projection & unpatchify: [B, F*h*w, inner_dim] -> [B, C_out, F, H, W]

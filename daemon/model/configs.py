@@ -21,7 +21,7 @@ WAN_LATENTS_STD = [
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 ]  # fmt: skip
 
-_WAN_VAE = {
+_WAN_VAE: dict[str, Any] = {
     "base_dim": 96,
     "z_dim": 16,
     "dim_mult": [1, 2, 4, 4],
@@ -31,6 +31,57 @@ _WAN_VAE = {
     "latents_mean": WAN_LATENTS_MEAN,
     "latents_std": WAN_LATENTS_STD,
 }
+# What every Wan2.1 T2V transformer shares (sizes: heads, text_dim, freq_dim, ffn_dim, num_layers, per spec).
+_WAN_DIT: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+# What every UMT5 text encoder here shares (sizes: d_model, d_kv, d_ff, num_layers, num_heads, per spec).
+_UMT5: dict[str, Any] = {
+    "vocab_size": 256384,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_encoder_decoder": False,
+}
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What the DiT's rolling KV cache keeps (``kv_cache.KVCache``); the defaults are DESIGN §3's (= upstream's).
+
+    ``num_kv_cache``: latent frames kept per batch slot, sinks included. ``num_sink``: leading frames that never
+    rotate out (except by the sink refresh). ``sink_threshold``: sink refresh threshold on the mean cosine
+    similarity; ``-1`` disables it. ``rope_refresh_frames``: when the next chunk's position reaches this, it is reset
+    to ``num_kv_cache - 1``; ``0`` disables the reset.
+    """
+
+    num_kv_cache: int = 6
+    num_sink: int = 3
+    sink_threshold: float = 0.2
+    rope_refresh_frames: int = 50
+
+    def __post_init__(self) -> None:
+        if self.num_kv_cache < 1:
+            raise ValueError(f"num_kv_cache must be >= 1, got {self.num_kv_cache}")
+        if not 0 <= self.num_sink < self.num_kv_cache:
+            raise ValueError(
+                f"num_sink must be in [0, num_kv_cache), got {self.num_sink} with num_kv_cache={self.num_kv_cache}"
+            )
+        if self.rope_refresh_frames < 0 or (0 < self.rope_refresh_frames <= self.num_kv_cache - 1):
+            raise ValueError(
+                f"rope_refresh_frames must be 0 (off) or > num_kv_cache - 1 = {self.num_kv_cache - 1}, "
+                f"got {self.rope_refresh_frames}"
+            )
+
+DEFAULT_CACHE_POLICY = CachePolicy()
 
 
 @dataclass(frozen=True)
@@ -47,10 +98,8 @@ class ModelSpec:
     text_len: int = 512
     default_steps: int = 2
     noise_scale: float = 0.8
-    num_kv_cache: int = 6
-    num_sink: int = 3
-    sink_threshold: float = 0.2
-    rope_refresh_frames: int = 50
+    kv_cache: CachePolicy = DEFAULT_CACHE_POLICY
+    """What the DiT's rolling KV cache keeps (DESIGN §3 defaults)."""
     random_weights: bool = False
     """True for ``tiny``: weights are made from ``seed``, nothing is loaded."""
     seed: int = 0
@@ -72,44 +121,9 @@ class ModelSpec:
 # measure the design rather than a DiT too small to matter. About 25–35 FPS at 256×256 on a 2-core CPU.
 TINY = ModelSpec(
     name="tiny",
-    transformer={
-        "patch_size": (1, 2, 2),
-        "num_attention_heads": 2,
-        "attention_head_dim": 128,
-        "in_channels": 16,
-        "out_channels": 16,
-        "text_dim": 64,
-        "freq_dim": 64,
-        "ffn_dim": 1536,
-        "num_layers": 4,
-        "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": 1e-6,
-        "rope_max_seq_len": 1024,
-    },
-    vae={
-        "base_dim": 4,
-        "z_dim": 16,
-        "dim_mult": [1, 2, 2, 2],
-        "num_res_blocks": 1,
-        "attn_scales": [],
-        "temperal_downsample": [False, True, True],
-        "latents_mean": WAN_LATENTS_MEAN,
-        "latents_std": WAN_LATENTS_STD,
-    },
-    text_encoder={
-        "vocab_size": 256384,
-        "d_model": 64,
-        "d_kv": 16,
-        "d_ff": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu_new",
-        "is_encoder_decoder": False,
-    },
+    transformer={**_WAN_DIT, "num_attention_heads": 2, "text_dim": 64, "freq_dim": 64, "ffn_dim": 1536, "num_layers": 4},
+    vae={**_WAN_VAE, "base_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},
+    text_encoder={**_UMT5, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
     default_steps=2,
     random_weights=True,
     seed=0,
@@ -118,34 +132,10 @@ TINY = ModelSpec(
 WAN_1_3B = ModelSpec(
     name="wan2.1-1.3b",
     transformer={
-        "patch_size": (1, 2, 2),
-        "num_attention_heads": 12,
-        "attention_head_dim": 128,
-        "in_channels": 16,
-        "out_channels": 16,
-        "text_dim": 4096,
-        "freq_dim": 256,
-        "ffn_dim": 8960,
-        "num_layers": 30,
-        "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": 1e-6,
-        "rope_max_seq_len": 1024,
-    },
+        **_WAN_DIT, "num_attention_heads": 12, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+    },  # fmt: skip
     vae=_WAN_VAE,
-    text_encoder={
-        "vocab_size": 256384,
-        "d_model": 4096,
-        "d_kv": 64,
-        "d_ff": 10240,
-        "num_layers": 24,
-        "num_heads": 64,
-        "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu_new",
-        "is_encoder_decoder": False,
-    },
+    text_encoder={**_UMT5, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64},
     default_steps=2,
     hub_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     generator_repo="jerryfeng/StreamDiffusionV2",

@@ -46,11 +46,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVCache"]
+from .configs import DEFAULT_CACHE_POLICY, CachePolicy
+
+__all__ = ["CacheWindow", "CachePolicy", "KVCache"]
+
+
+class CacheWindow(NamedTuple):
+    """What a chunk attends to after :meth:`KVCache.write`: the valid cache frames, the chunk included."""
+
+    key: torch.Tensor
+    """``[B, S, heads, head_dim]`` post-RoPE keys."""
+    value: torch.Tensor
+    """``[B, S, heads, head_dim]`` values."""
+    lengths: list[int] | None
+    """``None`` when every slot attends over all ``S`` tokens, else each slot's number of valid leading tokens (slots
+    hold different numbers of frames)."""
 
 
 class KVCache:
@@ -62,11 +77,8 @@ class KVCache:
         tokens_per_frame: tokens of one latent frame after patching, ``(h / 2) * (w / 2)``.
         num_heads: attention heads.
         head_dim: channels per head.
-        num_kv_cache: frames kept per slot (sinks included).
-        num_sink: leading frames that never rotate out (except by the sink refresh).
-        sink_threshold: sink refresh threshold on the mean cosine similarity; ``-1`` disables it.
-        rope_refresh_frames: when the next chunk's position reaches this, it is reset to ``num_kv_cache - 1``;
-            ``0`` disables the reset.
+        policy: what the cache keeps: frames per slot, sinks, sink refresh threshold, RoPE refresh
+            (:class:`~.configs.CachePolicy`, validated there); its fields are also attributes of the cache.
         device: where the tensors live.
         dtype: tensor dtype (the transformer's dtype: bf16 on CUDA, fp32 on CPU).
     """
@@ -79,10 +91,7 @@ class KVCache:
         tokens_per_frame: int,
         num_heads: int,
         head_dim: int,
-        num_kv_cache: int = 6,
-        num_sink: int = 3,
-        sink_threshold: float = 0.2,
-        rope_refresh_frames: int = 50,
+        policy: CachePolicy = DEFAULT_CACHE_POLICY,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -91,26 +100,18 @@ class KVCache:
                 "num_layers, batch_size, tokens_per_frame, num_heads and head_dim must be positive, got "
                 f"{num_layers}, {batch_size}, {tokens_per_frame}, {num_heads}, {head_dim}"
             )
-        if num_kv_cache < 1:
-            raise ValueError(f"num_kv_cache must be >= 1, got {num_kv_cache}")
-        if not 0 <= num_sink < num_kv_cache:
-            raise ValueError(f"num_sink must be in [0, num_kv_cache), got {num_sink} with num_kv_cache={num_kv_cache}")
-        if rope_refresh_frames < 0 or (0 < rope_refresh_frames <= num_kv_cache - 1):
-            raise ValueError(
-                f"rope_refresh_frames must be 0 (off) or > num_kv_cache - 1 = {num_kv_cache - 1}, "
-                f"got {rope_refresh_frames}"
-            )
+        self.policy = policy
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.tokens_per_frame = tokens_per_frame
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.num_kv_cache = num_kv_cache
-        self.num_sink = num_sink
-        self.sink_threshold = float(sink_threshold)
-        self.rope_refresh_frames = rope_refresh_frames
+        self.num_kv_cache = policy.num_kv_cache
+        self.num_sink = policy.num_sink
+        self.sink_threshold = float(policy.sink_threshold)
+        self.rope_refresh_frames = policy.rope_refresh_frames
 
-        shape = (batch_size, num_kv_cache * tokens_per_frame, num_heads, head_dim)
+        shape = (batch_size, self.num_kv_cache * tokens_per_frame, num_heads, head_dim)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.key: list[torch.Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         """Per block: post-RoPE keys ``[B, num_kv_cache * tokens_per_frame, heads, head_dim]``."""
@@ -282,9 +283,7 @@ class KVCache:
         # The one device->host read of the hot path: which sink (if any) each slot refreshes, for this block.
         return choice.tolist()
 
-    def write(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> CacheWindow:
         """Store a chunk's keys/values for block ``layer`` and return what the chunk attends to.
 
         Args:
@@ -293,45 +292,50 @@ class KVCache:
             value: values, same shape.
 
         Returns:
-            ``(keys, values, lengths)``: ``keys``/``values`` ``[B, S, heads, head_dim]`` over the valid cache
-            frames (the chunk included); ``lengths`` is ``None`` when every slot attends over all ``S`` tokens,
-            else the number of valid leading tokens per slot (slots hold different numbers of frames).
+            :class:`CacheWindow` ``(key, value, lengths)``: ``[B, S, heads, head_dim]`` over the valid cache frames
+            (the chunk included); ``lengths`` is ``None`` when every slot attends over all ``S`` tokens, else the
+            number of valid leading tokens per slot (slots hold different numbers of frames).
         """
         batch_size = key.shape[0]
         if batch_size != self.batch_size:
             raise ValueError(f"chunk batch {batch_size} != KV cache batch {self.batch_size}")
         num_frames = self._num_chunk_frames(key.shape[1])
-        for b, pending in enumerate(self._pending_frames):
-            if pending is not None and pending != num_frames:
+        for b, in_flight in enumerate(self._pending_frames):
+            if in_flight is not None and in_flight != num_frames:
                 raise ValueError(
-                    f"slot {b} has an uncommitted chunk of {pending} frames; got one of {num_frames} frames"
+                    f"slot {b} has an uncommitted chunk of {in_flight} frames; got one of {num_frames} frames"
                 )
 
         # 1. Frame slots per batch slot: reuse an uncommitted decision, otherwise plan (fill / round-robin).
         pending = self._pending[layer]
-        fresh = [b for b in range(batch_size) if pending[b] is None]
-        for b in fresh:
-            pending[b] = self._plan(layer, b, num_frames)
+        targets: list[list[int]] = []
+        fresh: list[int] = []
+        for b in range(batch_size):
+            planned = pending[b]
+            if planned is None:
+                planned = pending[b] = self._plan(layer, b, num_frames)
+                fresh.append(b)
+            targets.append(planned)
         # 2. Adaptive sink refresh: a single new frame into a full cache may replace the least similar sink.
         if fresh and num_frames == 1 and self.num_sink > 0 and self.sink_threshold > -1.0:
             full = [b for b in fresh if self._num_frames[b] == self.num_kv_cache]
             if full:
                 for b, sink in zip(full, self._sink_refresh(layer, full, key, value), strict=True):
                     if sink >= 0:
-                        pending[b] = [sink]
+                        pending[b] = targets[b] = [sink]
         for b in range(batch_size):
             self._pending_frames[b] = num_frames
 
         # 3. Write the chunk: one slice copy per frame when every slot uses the same frame slots.
         cache_k, cache_v, t = self.key[layer], self.value[layer], self.tokens_per_frame
         key, value = key.to(cache_k.dtype), value.to(cache_v.dtype)
-        if all(p == pending[0] for p in pending):
-            for f, slot in enumerate(pending[0]):
+        if all(p == targets[0] for p in targets):
+            for f, slot in enumerate(targets[0]):
                 cache_k[:, slot * t : (slot + 1) * t] = key[:, f * t : (f + 1) * t]
                 cache_v[:, slot * t : (slot + 1) * t] = value[:, f * t : (f + 1) * t]
         else:
             for b in range(batch_size):
-                for f, slot in enumerate(pending[b]):
+                for f, slot in enumerate(targets[b]):
                     cache_k[b, slot * t : (slot + 1) * t] = key[b, f * t : (f + 1) * t]
                     cache_v[b, slot * t : (slot + 1) * t] = value[b, f * t : (f + 1) * t]
 
@@ -339,7 +343,7 @@ class KVCache:
         valid = [min(self.num_kv_cache, n + num_frames) for n in self._num_frames]
         longest = max(valid)
         lengths = None if min(valid) == longest else [v * t for v in valid]
-        return cache_k[:, : longest * t], cache_v[:, : longest * t], lengths
+        return CacheWindow(cache_k[:, : longest * t], cache_v[:, : longest * t], lengths)
 
     def commit(self, slots: bool | Sequence[bool] = True) -> None:
         """End the chunk in flight for the slots flagged True: count its frames, advance the position (with the

@@ -112,14 +112,15 @@ class TextEncoder:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
                 model = UMT5EncoderModel(UMT5Config(**spec.text_encoder))
-            tokenizer = ByT5Tokenizer()
-            return cls(model.to(device=device, dtype=dtype), tokenizer, text_len=spec.text_len)
+            tokenizer: PreTrainedTokenizerBase = ByT5Tokenizer()
+            # transformers wraps PreTrainedModel.to in functools.wraps(Module.to), which mypy reads as unbound.
+            return cls(model.to(device=device, dtype=dtype), tokenizer, text_len=spec.text_len)  # type: ignore[call-arg]
         if path is None:
             raise ValueError(f"the text encoder of {spec.name} needs a model folder (text_encoder/, tokenizer/)")
         root = Path(path)
         model = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        return cls(model.to(device), tokenizer, text_len=spec.text_len)
+        return cls(model.to(device), tokenizer, text_len=spec.text_len)  # type: ignore[arg-type]  # as above
 
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """[B, text_len, d_model] float32 embeddings; rows past each prompt's token count are exactly zero."""

@@ -22,7 +22,7 @@ from sdlive.daemon.model.causal_wan import (
     CrossAttentionCache,
     WanCrossAttnCacheProcessor,
 )
-from sdlive.daemon.model.configs import TINY
+from sdlive.daemon.model.configs import DEFAULT_CACHE_POLICY, TINY, CachePolicy
 
 H, W = 8, 8  # latent size -> 4x4 = 16 tokens per latent frame
 TOKENS = (H // 2) * (W // 2)
@@ -110,8 +110,8 @@ def masked_reference(reference, x, per_chunk_t, chunk_frames, ctx, mask) -> torc
             block.attn1.set_processor(proc)
 
 
-def stream(model, x, per_chunk_t, chunk_frames, ctx, **cache_kwargs) -> torch.Tensor:
-    cache = model.new_kv_cache(batch_size=x.shape[0], tokens_per_frame=TOKENS, **cache_kwargs)
+def stream(model, x, per_chunk_t, chunk_frames, ctx, policy: CachePolicy = DEFAULT_CACHE_POLICY) -> torch.Tensor:
+    cache = model.new_kv_cache(batch_size=x.shape[0], tokens_per_frame=TOKENS, policy=policy)
     cross = model.cross_attention_cache(ctx)
     outs, start = [], 0
     for f, t in zip(chunk_frames, per_chunk_t, strict=True):
@@ -189,7 +189,7 @@ def test_streaming_past_eviction_equals_sink_plus_window_mask(model, reference):
     chunks = [2] + [1] * 8  # 10 latent frames: frames 6.. evict the oldest non-sink frames, sinks stay
     steps = [700, 500, 400, 700, 600, 500, 650, 550, 450]
     x, ctx = latents(sum(chunks), seed=5), text()
-    out = stream(model, x, steps, chunks, ctx, sink_threshold=-1.0)
+    out = stream(model, x, steps, chunks, ctx, CachePolicy(sink_threshold=-1.0))
     expected = masked_reference(reference, x, steps, chunks, ctx, chunk_visibility_mask(chunks, 6, 3))
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
     # Keeping every frame (no eviction) would differ from the rolling cache.
@@ -313,7 +313,7 @@ def test_head_dim_128_rope_split_matches_diffusers():
 def test_rope_refresh_reuses_position_num_kv_cache_minus_one(model):
     x, ctx = latents(1, seed=3), text()
     cross, t = model.cross_attention_cache(ctx), torch.tensor([500.0])
-    cache = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS, rope_refresh_frames=8)
+    cache = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS, policy=CachePolicy(rope_refresh_frames=8))
     model.forward_stream(latents(2), t, cross, cache)
     for _ in range(6):
         model.forward_stream(x, t, cross, cache)

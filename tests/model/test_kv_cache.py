@@ -10,18 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlive.daemon.model.kv_cache import KVCache
+from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
 
 T, H, D = 3, 2, 4  # tokens per frame, heads, head dim
 
 
-def make_cache(**overrides) -> KVCache:
-    kwargs = dict(
-        num_layers=2, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D, num_kv_cache=6, num_sink=3,
-        sink_threshold=-1.0, rope_refresh_frames=50, dtype=torch.float32,
+def make_cache(*, num_layers: int = 2, batch_size: int = 1, dtype: torch.dtype = torch.float32, **policy) -> KVCache:
+    """A small cache; ``policy`` overrides fields of the test policy (sink refresh off unless given)."""
+    return KVCache(
+        num_layers=num_layers, batch_size=batch_size, tokens_per_frame=T, num_heads=H, head_dim=D,
+        policy=CachePolicy(**{"sink_threshold": -1.0, **policy}), dtype=dtype,
     )  # fmt: skip
-    kwargs.update(overrides)
-    return KVCache(**kwargs)
 
 
 def tagged(*frame_ids: float, batch: int = 1) -> torch.Tensor:

@@ -3,13 +3,16 @@
 import pytest
 import torch
 
-from sdlive.daemon.model.kv_cache import KVCache
+from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
 
 T = 4  # tokens per frame
 
 
 def cache(batch: int = 3) -> KVCache:
-    return KVCache(num_layers=2, batch_size=batch, tokens_per_frame=T, num_heads=1, head_dim=2, num_kv_cache=4, num_sink=1)
+    return KVCache(
+        num_layers=2, batch_size=batch, tokens_per_frame=T, num_heads=1, head_dim=2,
+        policy=CachePolicy(num_kv_cache=4, num_sink=1),
+    )
 
 
 def chunk(batch: int, value: float) -> torch.Tensor:
