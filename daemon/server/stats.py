@@ -31,7 +31,7 @@ def _rate(times: deque[int], now_ns: int) -> float:
 
 
 class CounterSnapshot(NamedTuple):
-    """A session's counters at one moment (the figures ``Session.stats`` puts on the wire)."""
+    """A session's counters at one moment; the names are ``SessionStats`` fields (``Session.stats`` passes them on)."""
 
     fps_in: float
     fps_out: float
