@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model.configs import ModelSpec, get_model_spec
-from .params import SessionParams
+from ..protocol.params import GenerationParams
 from .session import NoiseFn, StreamSession
+
+if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with this module
+    from ..model.bundle import ModelBundle, ProgressFn
+    from ..model.causal_wan import CausalWanTransformer3DModel
+    from ..model.kv_cache import KVCache
+    from ..model.vae import StreamingVAE
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +42,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class StreamEngine:
-    """A model bundle (causal DiT, VAE weights, prompt encoder) on one device; sessions hold all stream state."""
+    """A model bundle (causal DiT, VAE weights, prompt encoder) on one device; sessions hold all stream state.
+    Implements :class:`~.interface.Engine`."""
 
     def __init__(
-        self, bundle: Any, *, device: torch.device, dtype: torch.dtype, normalize_latents: bool = False
+        self, bundle: ModelBundle, *, device: torch.device, dtype: torch.dtype, normalize_latents: bool = False
     ) -> None:
         self.bundle = bundle
         self.spec: ModelSpec = bundle.spec
         self.device = device
         self.dtype = dtype
         self.normalize_latents = normalize_latents
-        self.transformer = bundle.transformer
+        self.transformer: CausalWanTransformer3DModel = bundle.transformer
         self._prompt_memo: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -60,7 +66,7 @@ class StreamEngine:
         dtype: torch.dtype | None = None,
         normalize_latents: bool = False,
         random_weights: bool = False,
-        progress: Callable[[str], None] | None = None,
+        progress: ProgressFn | None = None,
     ) -> StreamEngine:
         """Build the engine for a model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
 
@@ -89,13 +95,13 @@ class StreamEngine:
         *,
         width: int,
         height: int,
-        params: SessionParams | None = None,
+        params: GenerationParams | None = None,
         pixel_format: str = "rgb24",
         noise_fn: NoiseFn | None = None,
     ) -> StreamSession:
-        """A new stream at ``width×height`` (multiples of 16)."""
+        """A new stream at ``width×height`` (multiples of 16); ``params`` default to the model's steps and noise."""
         if params is None:
-            params = SessionParams(steps=self.spec.default_steps, noise_scale=self.spec.noise_scale)
+            params = GenerationParams(steps=self.spec.default_steps, noise_scale=self.spec.noise_scale)
         with torch.inference_mode():
             return StreamSession(
                 self, width=width, height=height, params=params, pixel_format=pixel_format, noise_fn=noise_fn
@@ -103,11 +109,11 @@ class StreamEngine:
 
     # ---------------------------------------------------------------- used by sessions
 
-    def new_vae(self) -> Any:
+    def new_vae(self) -> StreamingVAE:
         """A streaming VAE with its own causal-conv caches over the shared weights."""
         return self.bundle.new_vae(normalize_latents=self.normalize_latents)
 
-    def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> Any:
+    def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> KVCache:
         return self.transformer.new_kv_cache(
             batch_size=batch_size,
             tokens_per_frame=tokens_per_frame,
@@ -139,3 +145,10 @@ class StreamEngine:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         return sum(p.numel() * p.element_size() for p in self.transformer.parameters())
+
+
+if TYPE_CHECKING:  # mypy checks that the engine and its sessions implement the caller's protocols
+    from .interface import Engine, EngineSession
+
+    _engine_conforms: type[Engine] = StreamEngine
+    _session_conforms: type[EngineSession] = StreamSession

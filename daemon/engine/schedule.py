@@ -7,6 +7,7 @@ grid timestep (so σ(t) ≈ t/1000). Conversions run in float64 and are cast bac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -67,6 +68,13 @@ def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, timestep: torch.Tensor | f
     return out.to(x_t.dtype)
 
 
+class NoiseLevel(NamedTuple):
+    """How a later chunk is noised: ``strength`` s interpolates noise and input latents, ``timestep`` labels it."""
+
+    strength: float
+    timestep: int
+
+
 class NoiseController:
     """Motion-aware noise scale: more motion between frames → less noise, so fast motion keeps its structure.
 
@@ -98,10 +106,10 @@ class NoiseController:
         self.previous = self.noise_scale
         return self.noise_scale
 
-    def update(self, frames: torch.Tensor) -> tuple[float, int]:
+    def update(self, frames: torch.Tensor) -> NoiseLevel:
         """(s, current_step) for a later chunk; ``frames`` holds the previous frame then the new ones."""
         d = self.motion(frames)
         previous = self.noise_scale if self.previous is None else self.previous
         s = 0.9 * (self.noise_scale - 0.1 * d) + 0.1 * previous
         self.previous = s
-        return s, int(1000 * s) - 100
+        return NoiseLevel(s, int(1000 * s) - 100)

@@ -7,6 +7,11 @@ The loop (DESIGN §3): frames are grouped into chunks (5 frames first, then 4), 
 motion-aware controller and denoised by the causal DiT. In stream-batch mode with n steps, slot i of one batched
 forward holds the chunk that is at step i, each slot with its own KV cache; a chunk leaves the pipeline after n
 calls. In no-batch mode each chunk runs its n steps back to back on one cache.
+
+A frame's path, by type: ``push(Pixels)`` → ``_frame_to_tensor``: RGB float ``[3, H, W]`` → a chunk ``[1, 3, T, H, W]``
+→ ``StreamingVAE.encode``: latents ``[1, 16, F, h, w]`` → noised → ``CausalWanTransformer3DModel.forward_stream``
+(with the session's ``CrossAttentionCache`` and ``KVCache``): flow → x0 (``_Denoised``) → ``StreamingVAE.decode``:
+``[1, 3, T, H, W]`` → ``_tensor_to_frames``: ``Pixels`` → ``list[OutputFrame]``.
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..protocol.constants import PIXEL_FORMATS
-from .params import SessionParams
+from ..protocol.params import GenerationParams
+from .interface import OutputFrame, Pixels, StageTimes
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model (diffusers) is the engine's; this module never imports it
+    from ..model.causal_wan import CrossAttentionCache
+    from ..model.kv_cache import KVCache
     from .engine import StreamEngine
 
 FIRST_CHUNK_FRAMES = 5
@@ -31,14 +39,7 @@ CHUNK_FRAMES = 4
 SPATIAL_MULTIPLE = 16  # VAE ×8, then the DiT's 2×2 patches
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
-
-
-@dataclass
-class OutputFrame:
-    """A restyled frame; ``index`` is the 0-based count of the input frame it restyles."""
-
-    index: int
-    pixels: np.ndarray
+"""Noise of a shape, instead of the session's seeded generator (tests: ``torch.zeros``)."""
 
 
 @dataclass
@@ -50,8 +51,25 @@ class _InFlight:
     first_index: int
 
 
+class _Denoised(NamedTuple):
+    """A chunk that left the DiT: its clean latents and the index of its first input frame."""
+
+    x0: torch.Tensor  # [1, 16, F, h, w]
+    first_index: int
+
+
+@dataclass
+class _Blend:
+    """A prompt transition: the text embedding moves from ``start`` to ``target`` over ``total`` chunks."""
+
+    start: torch.Tensor  # [1, text_len, text_dim]
+    target: torch.Tensor
+    total: int
+    done: int = 0
+
+
 class StreamSession:
-    """Frames in, restyled frames out, with live parameter changes.
+    """Frames in, restyled frames out, with live parameter changes. Implements :class:`~.interface.EngineSession`.
 
     ``push`` takes one frame (``H×W×C`` uint8 in ``pixel_format``, or a float tensor ``[3, H, W]`` RGB in [-1, 1])
     and returns the frames that became ready (possibly none). Bad input raises ``ValueError`` and leaves the
@@ -64,7 +82,7 @@ class StreamSession:
         *,
         width: int,
         height: int,
-        params: SessionParams,
+        params: GenerationParams,
         pixel_format: str = "rgb24",
         noise_fn: NoiseFn | None = None,
     ) -> None:
@@ -76,8 +94,8 @@ class StreamSession:
                 )
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"unknown pixel format {pixel_format!r}: expected one of {', '.join(PIXEL_FORMATS)}")
-        if not isinstance(params, SessionParams):
-            raise ValueError(f"params must be a SessionParams (got {type(params).__name__})")
+        if not isinstance(params, GenerationParams):
+            raise ValueError(f"params must be a GenerationParams (got {type(params).__name__})")
         self.engine = engine
         self.width = width
         self.height = height
@@ -89,13 +107,14 @@ class StreamSession:
         self._dtype = engine.dtype
         self._tokens_per_frame = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
         self._vae = engine.new_vae()
-        self.stage_ms: dict[str, float] = {"encode": 0.0, "dit": 0.0, "decode": 0.0}
+        self.stage_ms = StageTimes()
+        """The last chunk's stage timings."""
         self.reset()
 
     # ------------------------------------------------------------------ public API
 
     @property
-    def params(self) -> SessionParams:
+    def params(self) -> GenerationParams:
         return self._params
 
     @property
@@ -128,24 +147,22 @@ class StreamSession:
         self._next_chunk_index = 0
         self._previous_frame: torch.Tensor | None = None
         self._inflight: list[_InFlight] = []
-        self._batch_cache: Any = None
-        self._seq_cache: Any = None
+        self._batch_cache: KVCache | None = None  # stream batch: one slot per step level
+        self._seq_cache: KVCache | None = None  # no-batch mode (and the first chunk): batch 1
         self._cache_steps = 0
         self._frames_in = 0
         self._frames_out = 0
         self._chunks = 0
         self._embeds = self.engine.encode_prompt(self._params.prompt)
-        self._blend_from: torch.Tensor | None = None
-        self._blend_to: torch.Tensor | None = None
-        self._blend_done = 0
-        self._blend_total = 0
-        self._cross = self.engine.transformer.cross_attention_cache(self._embeds)
+        self._blend: _Blend | None = None
+        self._cross: CrossAttentionCache = self.engine.transformer.cross_attention_cache(self._embeds)
 
     @torch.inference_mode()
     def set_params(self, **changes: Any) -> None:
         """Change parameters between chunks. A prompt change blends over ``transition_chunks`` chunks; caches and
-        counters continue. Unknown names or invalid values raise ``ValueError`` and change nothing."""
-        new = SessionParams.model_validate({**self._params.model_dump(), **changes})
+        counters continue. Unknown names or invalid values raise ``ValueError`` and change nothing (``changes`` are
+        ``GenerationParams`` fields, validated there)."""
+        new = GenerationParams.model_validate({**self._params.model_dump(), **changes})
         old = self._params
         # Everything that can fail comes first, so a failure changes nothing.
         target = self.engine.encode_prompt(new.prompt) if new.prompt != old.prompt else None
@@ -156,12 +173,9 @@ class StreamSession:
         if target is not None:
             if new.transition_chunks == 0 or self._chunks == 0:
                 self._set_embeds(target)
-                self._blend_to = None
+                self._blend = None
             else:
-                self._blend_from = self._embeds
-                self._blend_to = target
-                self._blend_done = 0
-                self._blend_total = new.transition_chunks
+                self._blend = _Blend(start=self._embeds, target=target, total=new.transition_chunks)
         if new.seed != old.seed:
             self._generator = torch.Generator(device="cpu").manual_seed(new.seed)
         if new.noise_scale != old.noise_scale:
@@ -171,7 +185,7 @@ class StreamSession:
             self._rebuild_caches()
 
     @torch.inference_mode()
-    def push(self, frame: np.ndarray | torch.Tensor) -> list[OutputFrame]:
+    def push(self, frame: Pixels | torch.Tensor) -> list[OutputFrame]:
         """Add one frame; returns the restyled frames that became ready, in input order."""
         pixels = self._frame_to_tensor(frame)
         self._pending.append(pixels)
@@ -197,7 +211,7 @@ class StreamSession:
 
     # ------------------------------------------------------------------ frames
 
-    def _frame_to_tensor(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _frame_to_tensor(self, frame: Pixels | torch.Tensor) -> torch.Tensor:
         """Validate one frame and turn it into RGB float [3, H, W] in [-1, 1] on the engine's device."""
         if isinstance(frame, torch.Tensor):
             if frame.shape != (3, self.height, self.width):
@@ -220,7 +234,7 @@ class StreamSession:
         tensor = torch.from_numpy(rgb).to(self._device).permute(2, 0, 1).float()
         return tensor / 127.5 - 1.0
 
-    def _tensor_to_frames(self, video: torch.Tensor) -> list[np.ndarray]:
+    def _tensor_to_frames(self, video: torch.Tensor) -> list[Pixels]:
         """[1, 3, T, H, W] in [-1, 1] → T frames H×W×C uint8 in the session's pixel format."""
         u8 = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
         rgb = u8.permute(1, 2, 3, 0).cpu().numpy()  # [T, H, W, 3]
@@ -241,14 +255,15 @@ class StreamSession:
             noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
         return noise.to(self._device, self._dtype)
 
-    def _chunk_cross(self) -> Any:
+    def _chunk_cross(self) -> CrossAttentionCache:
         """The cross-attention cache for this chunk, one blend step further if a prompt transition is running."""
-        if self._blend_to is not None:
-            self._blend_done += 1
-            alpha = min(self._blend_done / self._blend_total, 1.0)
-            self._set_embeds(torch.lerp(self._blend_from, self._blend_to, alpha))
+        blend = self._blend
+        if blend is not None:
+            blend.done += 1
+            alpha = min(blend.done / blend.total, 1.0)
+            self._set_embeds(torch.lerp(blend.start, blend.target, alpha))
             if alpha >= 1.0:
-                self._blend_from = self._blend_to = None
+                self._blend = None
         return self._cross
 
     def _set_embeds(self, embeds: torch.Tensor) -> None:
@@ -271,20 +286,21 @@ class StreamSession:
 
         # 2. Motion-aware noise: s interpolates the input, current_step labels it
         steps = timesteps_for(self._params.steps)
-        if self._chunks == 0:
+        previous = self._previous_frame
+        if self._chunks == 0 or previous is None:
             strength, first_step = self._controller.first(), steps[0]
         else:
-            motion_frames = torch.cat([self._previous_frame.unsqueeze(1).unsqueeze(0), video.float()], dim=2)
+            motion_frames = torch.cat([previous.unsqueeze(1).unsqueeze(0), video.float()], dim=2)
             strength, first_step = self._controller.update(motion_frames)
         self._previous_frame = frames[-1]
         noisy = strength * self._noise(tuple(latents.shape)) + (1 - strength) * latents
         cross = self._chunk_cross()
 
         # 3. DiT: the first chunk (and no-batch mode) runs all steps here; stream batch runs one step per slot
-        finished: list[tuple[torch.Tensor, int]] = []
+        finished: list[_Denoised] = []
         if self._chunks == 0 or not self._params.stream_batch:
             x0 = self._denoise_sequential(noisy, first_step, steps, cross)
-            finished.append((x0, first_index))
+            finished.append(_Denoised(x0, first_index))
         else:
             finished.extend(self._stream_batch_step(noisy, first_step, steps, cross, first_index))
         sync()
@@ -297,51 +313,57 @@ class StreamSession:
         t3 = time.perf_counter()
 
         self._chunks += 1
-        self.stage_ms = {"encode": (t1 - t0) * 1e3, "dit": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3}
+        self.stage_ms = StageTimes(encode=(t1 - t0) * 1e3, dit=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3)
 
     def _denoise_sequential(
-        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: Any
+        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: CrossAttentionCache
     ) -> torch.Tensor:
         """All steps of one chunk back to back on the batch-1 cache (no-batch mode and the first chunk)."""
         if self._seq_cache is None:
             self._seq_cache = self._new_cache(batch_size=1)
+        seq_cache = self._seq_cache
         x = noisy
         x0 = noisy
         for i, step in enumerate(steps):
             label = first_step if i == 0 else step
             t = torch.tensor([label], device=self._device, dtype=torch.float32)
             # Only the last step's keys stay in the cache: the earlier writes go to the same slot.
-            flow = self.engine.transformer.forward_stream(x, t, cross, self._seq_cache, commit=i == len(steps) - 1)
+            flow = self.engine.transformer.forward_stream(x, t, cross, seq_cache, commit=i == len(steps) - 1)
             x0 = flow_to_x0(x, flow.to(x.dtype), [label])
             if i < len(steps) - 1:
                 x = add_noise(x0, self._noise(tuple(x0.shape)), [steps[i + 1]])
         if self._params.stream_batch and len(steps) > 1:
             # The first chunk fills the caches; from now on every step level has its own copy.
-            self._batch_cache = self._seq_cache.repeat(len(steps))
+            self._batch_cache = seq_cache.repeat(len(steps))
             self._seq_cache = None
         self._cache_steps = len(steps)
         return x0
 
     def _stream_batch_step(
-        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: Any, first_index: int
-    ) -> list[tuple[torch.Tensor, int]]:
+        self,
+        noisy: torch.Tensor,
+        first_step: int,
+        steps: tuple[int, ...],
+        cross: CrossAttentionCache,
+        first_index: int,
+    ) -> list[_Denoised]:
         """One batched forward: slot 0 takes the new chunk, slot i the chunk that is at step i."""
         n = len(steps)
         if n == 1:
-            return [(self._denoise_sequential(noisy, first_step, steps, cross), first_index)]
+            return [_Denoised(self._denoise_sequential(noisy, first_step, steps, cross), first_index)]
         slots = [_InFlight(noisy, 0, first_index), *self._inflight]
         k = len(slots)  # < n while the pipeline fills: empty slots are not run, so their caches stay clean
         x = torch.cat([s.latent for s in slots], dim=0)
         labels = [first_step] + [steps[s.step] for s in slots[1:]]
         t = torch.tensor(labels, device=self._device, dtype=torch.float32)
-        with self._batch_cache.subset(0, k) as cache:
+        with self._level_caches().subset(0, k) as cache:
             flow = self.engine.transformer.forward_stream(x, t, cross, cache, commit=True)
         x0 = flow_to_x0(x, flow.to(x.dtype), labels)
-        finished: list[tuple[torch.Tensor, int]] = []
+        finished: list[_Denoised] = []
         inflight: list[_InFlight] = []
         for i, slot in enumerate(slots):
             if i == n - 1:
-                finished.append((x0[i : i + 1], slot.first_index))
+                finished.append(_Denoised(x0[i : i + 1], slot.first_index))
             else:
                 renoised = add_noise(x0[i : i + 1], self._noise(tuple(x0[i : i + 1].shape)), [steps[i + 1]])
                 inflight.append(_InFlight(renoised, i + 1, slot.first_index))
@@ -357,7 +379,7 @@ class StreamSession:
             x, j = chunk.latent, chunk.step
             while True:
                 t = torch.tensor([steps[j]], device=self._device, dtype=torch.float32)
-                with self._batch_cache.subset(j, j + 1) as cache:
+                with self._level_caches().subset(j, j + 1) as cache:
                     flow = self.engine.transformer.forward_stream(x, t, self._cross, cache, commit=True)
                 x0 = flow_to_x0(x, flow.to(x.dtype), [steps[j]])
                 if j == len(steps) - 1:
@@ -376,6 +398,8 @@ class StreamSession:
         base = self._seq_cache
         if self._batch_cache is not None:
             base = self._batch_cache.select(self._batch_cache.batch_size - 1)  # the most denoised level
+        if base is None:
+            raise RuntimeError("a session that ran a chunk has a KV cache")
         n = self._params.steps
         if self._params.stream_batch and n > 1:
             self._batch_cache, self._seq_cache = base.repeat(n), None
@@ -393,5 +417,11 @@ class StreamSession:
         ready, self._ready = self._ready, []
         return ready
 
-    def _new_cache(self, batch_size: int) -> Any:
+    def _new_cache(self, batch_size: int) -> KVCache:
         return self.engine.new_kv_cache(batch_size=batch_size, tokens_per_frame=self._tokens_per_frame)
+
+    def _level_caches(self) -> KVCache:
+        """The stream batch's cache, one slot per step level (made from the first chunk's cache)."""
+        if self._batch_cache is None:
+            raise RuntimeError("the stream batch runs only after the first chunk made its cache")
+        return self._batch_cache
