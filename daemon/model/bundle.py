@@ -212,14 +212,17 @@ def load_model_bundle(
                 bundle.sources["vae"] = str(src.vae)
         return bundle
 
+    def not_found(part: str, in_hub: str, in_weights: str, note: str = "") -> CheckpointError:
+        given = f" or {in_weights}in {weights}" if weights else ""
+        return CheckpointError(
+            f"the {spec.name} {part} was not found: expected {in_hub} in the hub cache{given}{note}; {pull_hint(spec)}"
+        )
+
     src = locate_weights(spec, Path(weights) if weights is not None else None, hub_cache_dir)
     main = src.transformer or src.base_transformer
     if main is None:
-        raise CheckpointError(
-            f"the {spec.name} transformer was not found: expected the StreamDiffusionV2 generator "
-            f"{spec.generator_repo}/{spec.generator_file} in the hub cache"
-            + (f" or weights in {weights}" if weights else "")
-            + f"; {pull_hint(spec)}"
+        raise not_found(
+            "transformer", f"the StreamDiffusionV2 generator {spec.generator_repo}/{spec.generator_file}", "weights "
         )
     if src.transformer is None:
         logger.warning(
@@ -229,12 +232,7 @@ def load_model_bundle(
             src.base_transformer,
         )
     if src.vae is None:
-        raise CheckpointError(
-            f"the {spec.name} VAE was not found: expected vae/diffusion_pytorch_model.safetensors of {spec.hub_repo} "
-            f"in the hub cache"
-            + (f" or {ORIGINAL_VAE_FILE} / vae/ in {weights}" if weights else "")
-            + f"; {pull_hint(spec)}"
-        )
+        raise not_found("VAE", f"vae/diffusion_pytorch_model.safetensors of {spec.hub_repo}", f"{ORIGINAL_VAE_FILE} / vae/ ")
 
     base = src.base_transformer if src.transformer is not None else None
     say(f"loading the {spec.name} transformer from {main}")
@@ -245,11 +243,11 @@ def load_model_bundle(
 
     def load_text_encoder() -> TextEncoder:
         if text_root is None:
-            raise CheckpointError(
-                f"the {spec.name} text encoder was not found: expected text_encoder/ and tokenizer/ of "
-                f"{spec.hub_repo} in the hub cache"
-                + (f" or in {weights}" if weights else "")
-                + f" (prompts already in the embedding cache work without it); {pull_hint(spec)}"
+            raise not_found(
+                "text encoder",
+                f"text_encoder/ and tokenizer/ of {spec.hub_repo}",
+                "",
+                " (prompts already in the embedding cache work without it)",
             )
         say(f"loading the {spec.name} text encoder from {text_root}")
         return TextEncoder.from_spec(spec, path=text_root, device=device, dtype=dtype)

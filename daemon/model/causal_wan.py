@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .configs import DEFAULT_CACHE_POLICY, CachePolicy
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PerBlockKV
 
 __all__ = [
     "CausalWanAttnProcessor",
@@ -47,7 +47,7 @@ __all__ = [
 
 
 @dataclass
-class CrossAttentionCache:
+class CrossAttentionCache(PerBlockKV):
     """Text keys/values of every block's cross-attention, computed once per prompt.
 
     ``key[i]`` / ``value[i]``: block ``i``'s ``attn2`` keys (after ``norm_k``) and values, ``[B, L, heads,
@@ -60,14 +60,6 @@ class CrossAttentionCache:
     @property
     def batch_size(self) -> int:
         return self.key[0].shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.key[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
 
 
 @dataclass

@@ -53,7 +53,23 @@ import torch.nn.functional as F
 
 from .configs import DEFAULT_CACHE_POLICY, CachePolicy
 
-__all__ = ["CacheWindow", "CachePolicy", "KVCache"]
+__all__ = ["CacheWindow", "CachePolicy", "KVCache", "PerBlockKV"]
+
+
+class PerBlockKV:
+    """Key and value tensors per transformer block, ``key[i]`` / ``value[i]`` (a self- or cross-attention cache)."""
+
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.key[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K and V tensors of all blocks."""
+        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
 
 
 class CacheWindow(NamedTuple):
@@ -68,7 +84,7 @@ class CacheWindow(NamedTuple):
     hold different numbers of frames)."""
 
 
-class KVCache:
+class KVCache(PerBlockKV):
     """Per-block rolling K/V cache of ``num_kv_cache`` latent frames (``num_sink`` of them sinks) per batch slot.
 
     Args:
@@ -134,15 +150,6 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.key[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.key[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the K and V tensors of all blocks."""
-        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
 
     def frame_position(self, b: int) -> int:
         """Absolute latent-frame index (RoPE offset) of the next chunk of slot ``b``."""

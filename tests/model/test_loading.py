@@ -133,22 +133,22 @@ def _seeded(factory, seed: int):
         return factory().eval()
 
 
-@pytest.fixture(scope="module")
-def ref_transformer() -> CausalWanTransformer3DModel:
-    model = _seeded(lambda: CausalWanTransformer3DModel(**SPEC.transformer), 11)
-    with torch.no_grad():  # make every parameter distinctive (diffusers zero-inits some, e.g. norms at 1)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return model
-
-
-@pytest.fixture(scope="module")
-def ref_vae() -> AutoencoderKLWan:
-    model = _seeded(lambda: AutoencoderKLWan(**SPEC.vae), 12)
+def _distinctive(model):
+    """Every parameter made distinctive (diffusers zero-inits some, e.g. norms at 1), so a wrong mapping shows."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     return model
+
+
+@pytest.fixture(scope="module")
+def ref_transformer() -> CausalWanTransformer3DModel:
+    return _distinctive(_seeded(lambda: CausalWanTransformer3DModel(**SPEC.transformer), 11))
+
+
+@pytest.fixture(scope="module")
+def ref_vae() -> AutoencoderKLWan:
+    return _distinctive(_seeded(lambda: AutoencoderKLWan(**SPEC.vae), 12))
 
 
 def _assert_same_weights(model: torch.nn.Module, ref: torch.nn.Module) -> None:
