@@ -96,12 +96,15 @@ class Engine(Protocol):
     def model_name(self) -> str: ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device | str:
+        """Where the model runs (a stand-in may say it as a string)."""
 
     def open_session(
         self, *, width: int, height: int, params: GenerationParams | None = None, pixel_format: str = "rgb24"
     ) -> EngineSession:
         """A new stream at ``width×height`` (multiples of 16); ``ValueError`` for a bad size or format."""
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Encode (and keep) a prompt's embedding ahead of use; the first unknown prompt may load the text encoder."""
+    def encode_prompt(self, prompt: str) -> object:
+        """Encode (and keep) a prompt's embedding ahead of use, so a later ``set_params`` with it is instant; the
+        first unknown prompt may load the text encoder. Callers rely on the side effect only (``StreamEngine``
+        returns the embedding tensor)."""
