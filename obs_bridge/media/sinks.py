@@ -23,10 +23,19 @@ import queue
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tkinter
+
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer, OutputContainer
+    from av.packet import Packet
 
 __all__ = [
     "FrameSink",
@@ -191,9 +200,6 @@ class VideoFileSink(FrameSink):
     """
 
     kind = "file"
-    _COPYABLE = {".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "opus"}, ".m4v": {"aac", "mp3", "ac3", "alac"},
-                 ".mov": {"aac", "mp3", "ac3", "alac", "pcm_s16le", "pcm_s24le"}, ".mkv": None,
-                 ".webm": {"opus", "vorbis"}, ".avi": {"mp3", "ac3", "pcm_s16le"}}
 
     def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: float,
                  audio_from: str | os.PathLike | None = None, codec: str | None = None, crf: int = 18) -> None:
@@ -216,6 +222,9 @@ class VideoFileSink(FrameSink):
             raise SinkError(f"cannot create {self.path}: {exc}") from exc
         self._enc_w, self._enc_h = self.width + self.width % 2, self.height + self.height % 2  # yuv420p: even sizes
         stream = self._container.add_stream(codec, rate=self._rate)
+        if not isinstance(stream, av.VideoStream):
+            self._container.close()
+            raise SinkError(f"cannot write {self.path.name}: {codec} is not a video codec")
         stream.width, stream.height, stream.pix_fmt = self._enc_w, self._enc_h, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "veryfast"}
@@ -224,70 +233,14 @@ class VideoFileSink(FrameSink):
         elif codec == "mpeg4":  # no CRF: give it a bitrate high enough for near-lossless small frames
             stream.bit_rate = max(2_000_000, int(self._enc_w * self._enc_h * self.fps * 0.5))
         self._video = stream
-        self._audio_in = None
-        self._audio_out = None
-        self._audio_packets = None
-        self._audio_transcode = False
-        self._pending_audio = None
-        self.has_audio = False
-        if audio_from is not None:
-            self._open_audio(Path(audio_from), ext)
-
-    def _open_audio(self, src: Path, ext: str) -> None:
-        import av
-
-        try:
-            inp = av.open(str(src))
-        except Exception:
-            return  # not a media file PyAV reads: no audio to keep
-        if not inp.streams.audio:
-            inp.close()
-            return
-        a_in = inp.streams.audio[0]
-        name = a_in.codec_context.name
-        allowed = self._COPYABLE.get(ext, set())
-        if allowed is None or name in allowed:
-            self._audio_out = self._container.add_stream_from_template(a_in)
-        else:
-            self._audio_transcode = True
-            target = "libopus" if ext == ".webm" else "aac"
-            rate = 48000 if target == "libopus" else (a_in.codec_context.sample_rate or 48000)  # opus: 48 kHz only
-            self._audio_out = self._container.add_stream(target, rate=rate)
-            self._audio_out.layout = "stereo" if a_in.codec_context.channels >= 2 else "mono"
-        self._audio_in = a_in
-        self._audio_container = inp
-        self._audio_packets = inp.demux(a_in)
-        self.has_audio = True
+        self._audio = _AudioCopy.open(Path(audio_from), self._container, ext) if audio_from is not None else None
+        self.has_audio = self._audio is not None
 
     def _mux_audio_until(self, seconds: float | None) -> None:
         """Write the input's audio up to ``seconds`` of output time (None: up to the video's end)."""
-        if self._audio_packets is None:
-            return
-        end = self._frames_sent / float(self._rate)  # written so far (write() counts after _write)
-        limit = end if seconds is None else seconds
-        tb = self._audio_in.time_base
-        while True:
-            pkt = self._pending_audio
-            if pkt is None:
-                pkt = next(self._audio_packets, None)
-                if pkt is None:
-                    self._audio_packets = None
-                    return
-                if pkt.dts is None:  # the demuxer's flush packet
-                    continue
-            start = float((pkt.pts if pkt.pts is not None else pkt.dts) * tb)
-            if start >= limit:
-                self._pending_audio = pkt
-                return
-            self._pending_audio = None
-            if self._audio_transcode:
-                for frame in pkt.decode():
-                    frame.pts = None
-                    for out in self._audio_out.encode(frame):
-                        self._container.mux(out)
-            else:
-                pkt.stream = self._audio_out
-                self._container.mux(pkt)
+        if self._audio is not None:
+            end = self._frames_sent / float(self._rate)  # written so far (write() counts after _write)
+            self._audio.mux_until(end if seconds is None else seconds)
 
     def _write(self, frame: np.ndarray) -> None:
         import av
@@ -305,15 +258,96 @@ class VideoFileSink(FrameSink):
         try:
             for pkt in self._video.encode():
                 self._container.mux(pkt)
-            if self._audio_packets is not None:
+            if self._audio is not None:
                 self._mux_audio_until(None)
-            if self._audio_transcode and self._audio_out is not None:
-                for pkt in self._audio_out.encode():
-                    self._container.mux(pkt)
+                self._audio.flush()
         finally:
             self._container.close()
-            if self._audio_in is not None:
-                self._audio_container.close()
+            if self._audio is not None:
+                self._audio.close()
+
+
+class _AudioCopy:
+    """The first audio stream of an input file, copied into an output container (re-encoded only when the output's
+    container can't hold its codec) as the video is written."""
+
+    # the audio codecs each container takes as they are (None: any)
+    COPYABLE: dict[str, set[str] | None] = {
+        ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "opus"}, ".m4v": {"aac", "mp3", "ac3", "alac"},
+        ".mov": {"aac", "mp3", "ac3", "alac", "pcm_s16le", "pcm_s24le"}, ".mkv": None,
+        ".webm": {"opus", "vorbis"}, ".avi": {"mp3", "ac3", "pcm_s16le"},
+    }
+
+    def __init__(self, source: InputContainer, stream_in: AudioStream, output: OutputContainer,
+                 stream_out: AudioStream, *, transcode: bool) -> None:
+        self._source, self._in, self._output, self._out = source, stream_in, output, stream_out
+        self._transcode = transcode
+        self._packets: Iterator[Packet] | None = source.demux(stream_in)
+        self._pending: Packet | None = None
+
+    @classmethod
+    def open(cls, src: Path, output: OutputContainer, ext: str) -> _AudioCopy | None:
+        """The copier for ``src``'s audio, or None when it has none (or is no media file PyAV reads)."""
+        import av
+
+        try:
+            inp = av.open(str(src))
+        except Exception:
+            return None  # not a media file PyAV reads: no audio to keep
+        if not inp.streams.audio:
+            inp.close()
+            return None
+        a_in = inp.streams.audio[0]
+        allowed = cls.COPYABLE.get(ext, set())
+        if allowed is None or a_in.codec_context.name in allowed:
+            return cls(inp, a_in, output, output.add_stream_from_template(a_in), transcode=False)
+        target = "libopus" if ext == ".webm" else "aac"
+        rate = 48000 if target == "libopus" else (a_in.codec_context.sample_rate or 48000)  # opus: 48 kHz only
+        a_out = output.add_stream(target, rate=rate)
+        if not isinstance(a_out, av.AudioStream):
+            inp.close()
+            return None
+        a_out.layout = "stereo" if a_in.codec_context.channels >= 2 else "mono"
+        return cls(inp, a_in, output, a_out, transcode=True)
+
+    def mux_until(self, limit_s: float) -> None:
+        """Write the audio that starts before ``limit_s`` of output time."""
+        from av import AudioFrame
+
+        tb = self._in.time_base
+        while self._packets is not None:
+            pkt = self._pending
+            if pkt is None:
+                pkt = next(self._packets, None)
+                if pkt is None:
+                    self._packets = None
+                    return
+                if pkt.dts is None:  # the demuxer's flush packet
+                    continue
+            stamp = pkt.pts if pkt.pts is not None else pkt.dts
+            if tb is not None and stamp is not None and float(stamp * tb) >= limit_s:
+                self._pending = pkt
+                return
+            self._pending = None
+            if self._transcode:
+                for frame in pkt.decode():
+                    if not isinstance(frame, AudioFrame):
+                        continue
+                    frame.pts = None
+                    for out in self._out.encode(frame):
+                        self._output.mux(out)
+            else:
+                pkt.stream = self._out
+                self._output.mux(pkt)
+
+    def flush(self) -> None:
+        """The encoder's last packets (transcoding only)."""
+        if self._transcode:
+            for pkt in self._out.encode():
+                self._output.mux(pkt)
+
+    def close(self) -> None:
+        self._source.close()
 
 
 # -------------------------------------------------------------------------------------------------------------- window
@@ -329,7 +363,8 @@ class WindowSink(FrameSink):
         super().__init__(width=width, height=height, fps=fps)
         self.title = title
         self._keys: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._backend = None
+        self._backend: str | None = None
+        self._photo: tkinter.PhotoImage | None = None
         reasons = []
         try:
             import cv2
@@ -350,7 +385,6 @@ class WindowSink(FrameSink):
                 self._label.pack()
                 self._root.bind("<Key>", lambda e: self._keys.put(e.char or e.keysym))
                 self._root.protocol("WM_DELETE_WINDOW", self._on_close)
-                self._photo = None
                 self._backend = "tk"
             except Exception as exc:
                 reasons.append(f"Tk: {exc}")
@@ -377,8 +411,8 @@ class WindowSink(FrameSink):
         header = f"P6 {self.width} {self.height} 255 ".encode()
         data = header + rgb.tobytes()
         if self._photo is None:
-            self._photo = tk.PhotoImage(data=data, format="PPM")
-            self._label.configure(image=self._photo)
+            self._photo = photo = tk.PhotoImage(data=data, format="PPM")
+            self._label.configure(image=photo)
         else:
             self._photo.configure(data=data, format="PPM")
         self._root.update()
