@@ -1,7 +1,8 @@
 """`sdlive` commands: serve, status, preset, shutdown (the daemon and its control).
 
-``serve`` imports ``sdlive.daemon`` (torch) only when it runs; the other commands talk to a running daemon through
-:mod:`sdlive.obs_bridge.client` and work on a machine without torch.
+``serve`` hands its arguments to the daemon's own entry point (``sdlive.daemon.server.serve``, which imports torch)
+only when it runs; the other commands talk to a running daemon through :mod:`sdlive.obs_bridge.client` and work on
+a machine without torch.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,51 +33,14 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
-def serve(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="model name: tiny, wan2.1-1.3b, wan2.1-14b (default tiny)")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="local weights (file or folder)")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: CUDA when available)")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16")] = None,
-    control: Annotated[str | None, typer.Option("--control", help="control (ROUTER) endpoint (tcp://127.0.0.1:5557)")] = None,
-    pub: Annotated[str | None, typer.Option("--pub", help="stats/events (PUB) endpoint (tcp://127.0.0.1:5558)")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="auth token; required to bind off loopback")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML config file (user config dir/config.toml)")] = None,
-    max_sessions: Annotated[int | None, typer.Option("--max-sessions", help="most sessions at once (4)")] = None,
-    heartbeat_interval: Annotated[float | None, typer.Option("--heartbeat-interval", help="seconds (1.0)")] = None,
-    heartbeat_liveness: Annotated[int | None, typer.Option("--heartbeat-liveness", help="missed beats before a client is dropped (3)")] = None,
-    preset_dir: Annotated[list[Path] | None, typer.Option("--preset-dir", help="extra preset folder (repeatable)")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR (INFO)")] = None,
-    log_file: Annotated[Path | None, typer.Option("--log-file", help="also log to this file")] = None,
-    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="skip the startup warm-up stream")] = False,
-    no_ui: Annotated[bool, typer.Option("--no-ui", help="no live stats table (also off when stdout is not a terminal)")] = False,
-) -> None:
-    """Run the daemon: load the model, serve sessions over ZeroMQ + shared memory, show live stats."""
-    from sdlive.daemon.config import ConfigError, load_config
+def serve(ctx: typer.Context) -> None:
+    """Run the daemon: load the model, serve sessions over ZeroMQ + shared memory, show live stats.
 
-    try:
-        cfg = load_config(
-            config,
-            model=model,
-            weights=weights,
-            device=device,
-            dtype=dtype,
-            control=control,
-            pub=pub,
-            token=token,
-            max_sessions=max_sessions,
-            heartbeat_interval_s=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-            preset_dirs=preset_dir or None,
-            log_level=log_level,
-            log_file=log_file,
-            ui=False if no_ui else None,
-            warmup=False if no_warmup else None,
-        )
-    except ConfigError as exc:
-        raise _fail(exc) from None
-    from sdlive.daemon.server.app import serve as run_daemon
+    Every option comes from the daemon's config (``sdlive serve --help`` lists them): the arguments go through to
+    ``sdlive.daemon.server.serve``, the one parser, generated from ``DaemonConfig``."""
+    from sdlive.daemon.server.serve import main as serve_main
 
-    raise typer.Exit(run_daemon(cfg))
+    raise typer.Exit(serve_main(list(ctx.args)))
 
 
 def status(
@@ -164,7 +127,9 @@ def shutdown(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `sdlive` app."""
-    app.command("serve")(serve)
+    app.command(
+        "serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+    )(serve)
     app.command("status")(status)
     app.command("preset")(preset)
     app.command("shutdown")(shutdown)
