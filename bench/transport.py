@@ -49,6 +49,8 @@ from sdlive.daemon.protocol.messages import (  # noqa: E402
     Capabilities,
     HelloReply,
     HelloRequest,
+    ShutdownReply,
+    ShutdownRequest,
     decode_reply,
     decode_request,
     encode_request,
@@ -231,7 +233,7 @@ def control_echo(address_file: str) -> None:
             router.send_multipart([identity, error_reply(exc.code, exc.message, id=exc.id)])
             continue
         if request.op == "shutdown":
-            router.send_multipart([identity, ok_reply({"stopping": True}, id=request.id)])
+            router.send_multipart([identity, ok_reply(ShutdownReply(), id=request.id)])
             break
         router.send_multipart([identity, ok_reply(hello, id=request.id)])
     ctx.destroy(linger=0)
@@ -270,7 +272,7 @@ def bench_control(frames: int, daemon: str | None, tmpdir: Path) -> tuple[list[f
             if i >= WARMUP:
                 times.append(_ms(t1 - t0))
         if child is not None:
-            dealer.send(b'{"op":"shutdown"}')
+            dealer.send(encode_request(ShutdownRequest()))
             dealer.poll(5000)
             child.wait(timeout=10)
     finally:

@@ -5,17 +5,24 @@
     from sdlive.obs_bridge.client import DaemonClient
 
     with DaemonClient() as daemon:                       # tcp://127.0.0.1:5557
+        print(daemon.hello().model)                      # HelloReply
         with daemon.open_session(width=512, height=512, fps=30, preset="anime") as session:
             session.send(frame)                          # H×W×3 uint8, BGR by default
-            out = session.recv(timeout_s=1.0)            # Frame(seq, timestamp_ns, pixels) or None
-            session.set_preset("watercolor")
+            out = session.recv(timeout_s=1.0)            # RestyledFrame(seq, timestamp_ns, pixels) or None
+            session.set_preset("watercolor")             # SetPresetReply (pending: live once status shows it)
+
+The wire contract (``sdlive.daemon.protocol``) is the one definition of every message: requests are built with its
+request models (a bad value fails here, before sending, with the daemon's own bounds: :class:`InvalidRequest`) and
+every reply is parsed into its op's reply model (``decode_reply``); an error reply raises :class:`DaemonError`.
+Its constants (addresses, heartbeat timing, pixel formats) come from ``sdlive.daemon.protocol.constants``.
 
 Control is a DEALER socket sending one JSON frame per request (``docs/protocol.md``). When the daemon does not
 answer in ``timeout_s`` the socket is thrown away (LINGER 0) and a fresh one is made for the next request (the
 ZeroMQ Guide's Lazy/Paranoid Pirate), and :class:`DaemonUnavailable` says so and how to fix it.
 
-A session sends heartbeats from a background thread on its own socket (interval 1 s, liveness 3, capped doubling
-reconnect backoff); the daemon closes a session whose client goes silent, and unlinks its shared memory.
+A session sends heartbeats from a background thread on its own socket (the interval and liveness the daemon gives
+in ``open_session``, capped doubling reconnect backoff); the daemon closes a session whose client goes silent, and
+unlinks its shared memory.
 
 No torch here: this module runs on an OBS box without the GPU extra.
 """
@@ -23,50 +30,85 @@ No torch here: this module runs on an OBS box without the GPU extra.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import operator
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 import numpy as np
 import zmq
+from pydantic import BaseModel, ValidationError
+
+from sdlive.daemon.protocol import netframe
+from sdlive.daemon.protocol.constants import (
+    DEFAULT_CONTROL_ADDRESS,
+    PIXEL_FORMATS,
+    PROTOCOL_VERSION,
+    RECONNECT_INTERVAL_INIT_S,
+    RECONNECT_INTERVAL_MAX_S,
+    STYLE_FIELDS,
+    host_of,
+    is_loopback_address,
+)
+from sdlive.daemon.protocol.errors import ErrorCode, ProtocolError
+from sdlive.daemon.protocol.messages import (
+    CloseSessionReply,
+    CloseSessionRequest,
+    ErrorReply,
+    HeartbeatReply,
+    HeartbeatRequest,
+    HelloReply,
+    HelloRequest,
+    ListPresetsReply,
+    ListPresetsRequest,
+    OpenSessionReply,
+    OpenSessionRequest,
+    Request,
+    SessionStats,
+    SetParamsReply,
+    SetParamsRequest,
+    SetPresetReply,
+    SetPresetRequest,
+    ShutdownReply,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+    Transport,
+    decode_reply,
+    encode_request,
+    summarize_validation_error,
+)
+from sdlive.daemon.protocol.ring import FrameRing, RingError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CONTROL_ADDRESS",
-    "PROTOCOL_VERSION",
     "DaemonClient",
     "DaemonError",
     "DaemonUnavailable",
-    "Frame",
+    "InvalidRequest",
+    "RestyledFrame",
     "SessionClient",
 ]
-
-PROTOCOL_VERSION = "sdlive/1"
-DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5557"
-
-HEARTBEAT_INTERVAL_S = 1.0
-"""Paranoid Pirate: a heartbeat a second ..."""
-HEARTBEAT_LIVENESS = 3
-"""... and the peer is presumed gone after this many missed in a row."""
-RECONNECT_INTERVAL_INIT_S = 1.0
-RECONNECT_INTERVAL_MAX_S = 32.0
-"""Reconnect backoff doubles from INIT up to MAX."""
 
 CLOSE_TIMEOUT_S = 2.0
 """``SessionClient.close`` waits at most this for the daemon's answer."""
 
-PIXEL_CHANNELS = {"bgra": 4, "rgba": 4, "rgb24": 3, "bgr24": 3}
-TRANSPORTS = ("auto", "shm", "net")
+TRANSPORTS = ("auto", *get_args(Transport))
+"""``open_session(transport=...)``: the protocol's transports, or ``auto`` (shm on this machine, else net)."""
+
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+_Socket = zmq.Socket[bytes]
+_Context = zmq.Context[_Socket]
 
 
 class DaemonError(Exception):
-    """The daemon answered with an error (``code`` is one of the protocol's stable codes)."""
+    """The daemon answered with an error (``code`` is one of the protocol's stable codes, ``ErrorCode``)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -81,37 +123,43 @@ class DaemonUnavailable(DaemonError, ConnectionError):
         super().__init__("unavailable", message)
 
 
+class InvalidRequest(DaemonError, ValueError):
+    """Refused before sending: a field the request model rejects, with the code the daemon would answer
+    (``bad_params`` for a generation parameter out of range, ``bad_request`` for anything else)."""
+
+
 @dataclass(frozen=True)
-class Frame:
-    """A restyled frame: ``seq`` counts output frames from 1, ``timestamp_ns`` is its input's capture time."""
+class RestyledFrame:
+    """A restyled frame from the daemon.
+
+    ``seq`` is the session's output sequence number: 1 for the first output, then +1 per output (a gap means the
+    daemon dropped outputs); ``timestamp_ns`` is the capture timestamp of the input frame it restyles, as given to
+    :meth:`SessionClient.send`. (Capture sources count their frames from 0 instead: ``CapturedFrame.index``.)"""
 
     seq: int
     timestamp_ns: int
     pixels: np.ndarray
 
 
-def is_loopback_address(address: str) -> bool:
-    """True when a ZeroMQ endpoint is on this machine (loopback IP or name, ipc://, inproc://)."""
-    import ipaddress
-
-    if not address.startswith("tcp://"):
-        return True
-    rest = address[len("tcp://") :]
-    host = rest[1 : rest.index("]")] if rest.startswith("[") else rest.rsplit(":", 1)[0]
-    if host == "localhost":
-        return True
+def build_request(model: type[_ModelT], **fields: Any) -> _ModelT:
+    """A request model from keyword fields; a field the model rejects raises :class:`InvalidRequest` with the code
+    and bounds the daemon applies (the same model validates the request there)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return model(**fields)
+    except ValidationError as exc:
+        op = model.model_fields["op"].default if "op" in model.model_fields else model.__name__
+        about_params = any(err["loc"] and err["loc"][0] in ("params", *STYLE_FIELDS) for err in exc.errors())
+        code = ErrorCode.BAD_PARAMS if about_params else ErrorCode.BAD_REQUEST
+        raise InvalidRequest(code.value, f"{op}: {summarize_validation_error(exc)}") from None
 
 
 def _same_host(control: str, endpoint: str) -> str:
-    """``endpoint``'s port on the host of ``control`` (both tcp://HOST:PORT)."""
+    """``endpoint``'s port on the host of ``control`` (both tcp://HOST:PORT): the daemon may bind a wildcard."""
     if not (control.startswith("tcp://") and endpoint.startswith("tcp://")):
         return endpoint
-    host = control[len("tcp://") :].rsplit(":", 1)[0]
-    return f"tcp://{host}:{endpoint.rsplit(':', 1)[1]}"
+    host = host_of(control)
+    port = endpoint.rsplit(":", 1)[1]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def _unavailable(address: str, timeout_s: float) -> DaemonUnavailable:
@@ -121,25 +169,30 @@ def _unavailable(address: str, timeout_s: float) -> DaemonUnavailable:
     )
 
 
+def _dealer(ctx: _Context, address: str, *, immediate: bool) -> _Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(address)
+    return sock
+
+
 class _Channel:
     """One DEALER socket doing request/reply with timeouts; replaced by a fresh socket after a timeout."""
 
-    def __init__(self, ctx: zmq.Context, address: str, *, token: str | None, timeout_s: float) -> None:
+    def __init__(self, ctx: _Context, address: str, *, token: str | None, timeout_s: float) -> None:
         self.ctx = ctx
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._socket: zmq.Socket | None = None
+        self._socket: _Socket | None = None
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> _Socket:
         if self._socket is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.connect(self.address)
-            self._socket = sock
+            self._socket = _dealer(self.ctx, self.address, immediate=True)
         return self._socket
 
     def reset(self) -> None:
@@ -147,15 +200,12 @@ class _Channel:
             self._socket.close(linger=0)
             self._socket = None
 
-    def request(self, op: str, *, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
+    def call(self, request: Request, reply_type: type[_ModelT], *, timeout_s: float | None = None) -> _ModelT:
+        """Send ``request`` (its id and token set here) and return the reply parsed as ``reply_type``."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             request_id = next(self._ids)
-            message: dict[str, Any] = {"op": op, "id": request_id}
-            if self.token is not None:
-                message["token"] = self.token
-            message.update({k: v for k, v in fields.items() if v is not None})
-            payload = json.dumps(message).encode("utf-8")
+            payload = encode_request(request.model_copy(update={"id": request_id, "token": self.token}))
             sock = self._connect()
             deadline = time.monotonic() + timeout_s
             try:
@@ -174,18 +224,21 @@ class _Channel:
                 if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                     self.reset()
                     raise _unavailable(self.address, timeout_s)
-                frames = sock.recv_multipart()
+                raw = sock.recv_multipart()[-1]
                 try:
-                    reply = json.loads(frames[-1])
-                except (ValueError, UnicodeDecodeError):
-                    log.warning("ignoring a reply that is not JSON from %s", self.address)
-                    continue
-                if not isinstance(reply, dict) or reply.get("id") not in (request_id, None):
-                    continue  # a late reply to a request that timed out
-                if reply.get("ok"):
-                    return reply
-                error = reply.get("error") or {}
-                raise DaemonError(str(error.get("code", "internal")), str(error.get("message", "no message")))
+                    reply = decode_reply(raw, request.op)
+                except ProtocolError as exc:
+                    self.reset()
+                    raise DaemonError(exc.code.value, f"unreadable reply from {self.address}: {exc.message}") from None
+                if isinstance(reply, dict):  # decode_reply gives a model when told the op
+                    raise TypeError(f"{request.op} reply was not parsed into its model")
+                if reply.id not in (request_id, None):
+                    continue  # not the reply to this request (a DEALER may see replies to pipelined requests)
+                if isinstance(reply, ErrorReply):
+                    raise DaemonError(reply.error.code, reply.error.message)
+                if not isinstance(reply, reply_type):  # decode_reply parses by op: a mismatch is a bug here
+                    raise TypeError(f"{request.op} reply parsed as {type(reply).__name__}, not {reply_type.__name__}")
+                return reply
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +246,10 @@ class _Channel:
 
 
 class DaemonClient:
-    """Control connection to an sdlive daemon (thread-safe: requests are serialised)."""
+    """Control connection to an sdlive daemon (thread-safe: requests are serialised).
+
+    Every method returns its op's reply model (``sdlive.daemon.protocol.messages``) or raises :class:`DaemonError`
+    (:class:`DaemonUnavailable` when no daemon answers, :class:`InvalidRequest` before sending a bad value)."""
 
     def __init__(
         self, address: str = DEFAULT_CONTROL_ADDRESS, *, token: str | None = None, timeout_s: float = 5.0
@@ -205,47 +261,54 @@ class DaemonClient:
         self.address = address
         self.token = token if token is not None else os.environ.get("SDLIVE_TOKEN") or None
         self.timeout_s = timeout_s
-        self._ctx = zmq.Context.instance()
+        self._ctx: _Context = zmq.Context.instance()
         self._channel = _Channel(self._ctx, address, token=self.token, timeout_s=timeout_s)
         self._closed = False
 
     # ------------------------------------------------------------------ requests
 
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send any request; returns the reply dict or raises :class:`DaemonError` / :class:`DaemonUnavailable`."""
+    def _call(self, request: Request, reply_type: type[_ModelT], *, timeout_s: float | None = None) -> _ModelT:
         if self._closed:
             raise DaemonError("closed", "this DaemonClient is closed")
-        return self._channel.request(op, **fields)
+        return self._channel.call(request, reply_type, timeout_s=timeout_s)
 
-    def hello(self) -> dict[str, Any]:
-        reply = self.request("hello", protocol=PROTOCOL_VERSION)
-        if reply.get("protocol") not in (None, PROTOCOL_VERSION):
+    def hello(self, *, client: str | None = None) -> HelloReply:
+        """The daemon's identity, capabilities and whether it wants a token; refuses another protocol version."""
+        reply = self._call(build_request(HelloRequest, client=client, protocol=PROTOCOL_VERSION), HelloReply)
+        if reply.protocol != PROTOCOL_VERSION:
             raise DaemonError(
                 "bad_request",
-                f"daemon speaks {reply.get('protocol')!r}, this client {PROTOCOL_VERSION!r}: upgrade sdlive on both sides",
+                f"daemon speaks {reply.protocol!r}, this client {PROTOCOL_VERSION!r}: upgrade sdlive on both sides",
             )
         return reply
 
-    def list_presets(self) -> list[dict[str, Any]]:
-        return list(self.request("list_presets").get("presets", []))
+    def list_presets(self) -> ListPresetsReply:
+        """The presets (``.presets``, sorted by name) and the preset files the daemon skipped (``.problems``)."""
+        return self._call(build_request(ListPresetsRequest), ListPresetsReply)
 
-    def status(self, session_id: str | None = None) -> dict[str, Any]:
-        return self.request("status", session_id=session_id)
+    def status(self, session_id: str | None = None) -> StatusReply:
+        """The daemon's figures and every session's (or only ``session_id``'s) ``SessionStats``."""
+        return self._call(build_request(StatusRequest, session_id=session_id), StatusReply)
 
-    def set_preset(self, session_id: str, name: str) -> dict[str, Any]:
-        return self.request("set_preset", session_id=session_id, name=name)
+    def set_preset(self, session_id: str, name: str) -> SetPresetReply:
+        """Queue a preset switch; answered on receipt (``pending``): it is live once ``status`` shows it."""
+        return self._call(build_request(SetPresetRequest, session_id=session_id, name=name), SetPresetReply)
 
-    def set_params(self, session_id: str, **params: Any) -> dict[str, Any]:
-        return self.request("set_params", session_id=session_id, **params)
+    def set_params(self, session_id: str, **changes: Any) -> SetParamsReply:
+        """Queue a change of style fields (``StyleUpdate``'s: prompt, steps, noise_scale, seed, transition_chunks);
+        answered on receipt (``pending``): it is live once ``status`` shows it."""
+        return self._call(build_request(SetParamsRequest, session_id=session_id, **changes), SetParamsReply)
 
-    def close_session(self, session_id: str) -> dict[str, Any]:
-        return self.request("close_session", session_id=session_id)
+    def close_session(self, session_id: str, *, timeout_s: float | None = None) -> CloseSessionReply:
+        return self._call(
+            build_request(CloseSessionRequest, session_id=session_id), CloseSessionReply, timeout_s=timeout_s
+        )
 
-    def heartbeat(self, session_id: str | None = None) -> dict[str, Any]:
-        return self.request("heartbeat", session_id=session_id)
+    def heartbeat(self, session_id: str | None = None) -> HeartbeatReply:
+        return self._call(build_request(HeartbeatRequest, session_id=session_id), HeartbeatReply)
 
-    def shutdown(self) -> dict[str, Any]:
-        return self.request("shutdown")
+    def shutdown(self) -> ShutdownReply:
+        return self._call(build_request(ShutdownRequest), ShutdownReply)
 
     def open_session(
         self,
@@ -255,56 +318,56 @@ class DaemonClient:
         fps: float,
         pixel_format: str = "bgr24",
         preset: str | None = None,
-        params: dict[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
         transport: str = "auto",
         client: str | None = None,
         jpeg_quality: int | None = None,
     ) -> SessionClient:
         """Open a session and attach to its frame transport.
 
-        ``transport="auto"`` uses shared memory when the daemon address is loopback, the network otherwise (and
-        falls back to the network when the shared memory cannot be opened, e.g. from another container).
-        ``jpeg_quality`` (network only) sends JPEG at that quality instead of raw pixels, both directions.
+        ``params`` are generation parameters over the preset's (``ParamsUpdate``: the style fields and
+        ``stream_batch``). ``transport="auto"`` uses shared memory when the daemon address is loopback, the network
+        otherwise (and falls back to the network when the shared memory cannot be opened, e.g. from another
+        container). ``jpeg_quality`` (network only) sends JPEG at that quality instead of raw pixels, both ways.
         """
-        if pixel_format not in PIXEL_CHANNELS:
-            raise ValueError(f"unknown pixel format {pixel_format!r}: use one of {', '.join(PIXEL_CHANNELS)}")
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         if jpeg_quality is not None and not 1 <= int(jpeg_quality) <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-        chosen = transport
-        if transport == "auto":
-            chosen = "shm" if is_loopback_address(self.address) and jpeg_quality is None else "net"
         try:  # numpy integers are fine, floats are not (frames have whole pixel sizes)
             width, height = operator.index(width), operator.index(height)
         except TypeError:
             raise TypeError(f"width and height must be integers, got {width!r} x {height!r}") from None
-        fields = dict(
-            width=width,
-            height=height,
-            fps=float(fps),
-            pixel_format=pixel_format,
-            preset=preset,
-            params=params,
-            client=client or f"python-{os.getpid()}",
-        )
-        reply = self.request(
-            "open_session", transport=chosen, encoding="jpeg" if jpeg_quality and chosen == "net" else None, **fields
-        )
+
+        def request(chosen: str) -> OpenSessionRequest:
+            return build_request(
+                OpenSessionRequest,
+                width=width,
+                height=height,
+                fps=float(fps),
+                pixel_format=pixel_format,
+                preset=preset,
+                params=dict(params) if params is not None else None,
+                transport=chosen,
+                encoding="jpeg" if jpeg_quality and chosen == "net" else "raw",
+                client=client or f"python-{os.getpid()}",
+            )
+
+        chosen = transport
+        if transport == "auto":
+            chosen = "shm" if is_loopback_address(self.address) and jpeg_quality is None else "net"
+        reply = self._call(request(chosen), OpenSessionReply)
         try:
             return SessionClient(self, reply, jpeg_quality=jpeg_quality)
         except _ShmUnavailable as exc:
             try:
-                self.close_session(reply["session_id"])
+                self.close_session(reply.session_id)
             except DaemonError:
                 pass
             if transport != "auto":
                 raise DaemonError("internal", str(exc)) from exc
             log.info("shared memory not reachable (%s); using the network transport", exc)
-            reply = self.request(
-                "open_session", transport="net", encoding="jpeg" if jpeg_quality else None, **fields
-            )
-            return SessionClient(self, reply, jpeg_quality=jpeg_quality)
+            return SessionClient(self, self._call(request("net"), OpenSessionReply), jpeg_quality=jpeg_quality)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -316,7 +379,7 @@ class DaemonClient:
     def __enter__(self) -> DaemonClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -330,58 +393,59 @@ class _ShmUnavailable(Exception):
 class _Heartbeat(threading.Thread):
     """Paranoid Pirate heartbeats for one session, on a DEALER socket of its own.
 
-    One heartbeat per interval; any reply counts as life. After ``HEARTBEAT_LIVENESS`` silent intervals the daemon
-    is presumed gone: the socket is replaced (LINGER 0) and retried with a doubling backoff capped at
-    ``RECONNECT_INTERVAL_MAX_S``. The socket is kept across slow replies (a busy machine), never reset per request.
+    One heartbeat per interval; any reply counts as life. After ``liveness`` silent intervals the daemon is presumed
+    gone: the socket is replaced (LINGER 0) and retried with a doubling backoff from ``RECONNECT_INTERVAL_INIT_S``
+    capped at ``RECONNECT_INTERVAL_MAX_S``. The socket is kept across slow replies (a busy machine), never reset
+    per request.
     """
 
-    def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float) -> None:
+    def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float, liveness: int) -> None:
         super().__init__(name=f"sdlive-heartbeat-{session.session_id}", daemon=True)
         self._session = session
         self._address = address
-        self._token = token
         self._interval_s = interval_s
+        self._liveness = liveness
+        self._payload = encode_request(build_request(HeartbeatRequest, session_id=session.session_id, token=token))
         self._halt = threading.Event()
         self.daemon_alive = True
 
-    def _socket(self) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self._address)
-        return sock
+    def _socket(self) -> _Socket:
+        return _dealer(zmq.Context.instance(), self._address, immediate=False)
+
+    def _listen(self, sock: _Socket) -> bool | None:
+        """Wait one interval for replies: True if any came, False if none, None when the session is gone."""
+        deadline = time.monotonic() + self._interval_s
+        heard = False
+        while (remaining := deadline - time.monotonic()) > 0 and not self._halt.is_set():
+            if not sock.poll(int(remaining * 1000) + 1):
+                continue
+            try:
+                reply = decode_reply(sock.recv_multipart()[-1], "heartbeat")
+            except ProtocolError:
+                continue
+            heard = True
+            if isinstance(reply, ErrorReply) and reply.error.code == ErrorCode.UNKNOWN_SESSION.value:
+                self._session._mark_lost(
+                    f"session {self._session.session_id} was closed by the daemon: {reply.error.message}"
+                )
+                return None
+        return heard
 
     def run(self) -> None:
         sock = self._socket()
-        liveness = HEARTBEAT_LIVENESS
+        liveness = self._liveness
         backoff = RECONNECT_INTERVAL_INIT_S
-        message: dict[str, Any] = {"op": "heartbeat", "session_id": self._session.session_id}
-        if self._token is not None:
-            message["token"] = self._token
-        payload = json.dumps(message).encode("utf-8")
         try:
             while not self._halt.is_set():
                 try:
-                    sock.send(payload, zmq.NOBLOCK)
+                    sock.send(self._payload, zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # not connected yet: this interval counts as silent
-                deadline = time.monotonic() + self._interval_s
-                heard = False
-                while (remaining := deadline - time.monotonic()) > 0 and not self._halt.is_set():
-                    if not sock.poll(int(remaining * 1000) + 1):
-                        continue
-                    try:
-                        reply = json.loads(sock.recv_multipart()[-1])
-                    except (ValueError, UnicodeDecodeError):
-                        continue
-                    heard = True
-                    error = reply.get("error") if isinstance(reply, dict) else None
-                    if error and error.get("code") == "unknown_session":
-                        self._session._mark_lost(
-                            f"session {self._session.session_id} was closed by the daemon: {error.get('message')}"
-                        )
-                        return
+                heard = self._listen(sock)
+                if heard is None:
+                    return
                 if heard:
-                    liveness = HEARTBEAT_LIVENESS
+                    liveness = self._liveness
                     backoff = RECONNECT_INTERVAL_INIT_S
                     self.daemon_alive = True
                     continue
@@ -389,14 +453,14 @@ class _Heartbeat(threading.Thread):
                 if liveness > 0:
                     continue
                 if self.daemon_alive:
-                    log.warning("daemon at %s silent for %d heartbeats; reconnecting", self._address, HEARTBEAT_LIVENESS)
+                    log.warning("daemon at %s silent for %d heartbeats; reconnecting", self._address, self._liveness)
                 self.daemon_alive = False
                 sock.close(linger=0)
                 if self._halt.wait(backoff):
                     return
                 backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
                 sock = self._socket()
-                liveness = HEARTBEAT_LIVENESS
+                liveness = self._liveness
         finally:
             sock.close(linger=0)
 
@@ -405,60 +469,65 @@ class _Heartbeat(threading.Thread):
 
 
 class SessionClient:
-    """One open session: ``send`` input frames, ``recv`` restyled frames, change the style live."""
+    """One open session: ``send`` input frames, ``recv`` restyled frames, change the style live.
 
-    def __init__(self, daemon: DaemonClient, reply: dict[str, Any], *, jpeg_quality: int | None = None) -> None:
+    ``info`` is the daemon's ``OpenSessionReply`` (geometry, rings or network endpoints, latency, parameters)."""
+
+    def __init__(self, daemon: DaemonClient, info: OpenSessionReply, *, jpeg_quality: int | None = None) -> None:
         self._daemon = daemon
-        self.info = reply
-        self.session_id: str = reply["session_id"]
-        self.width: int = int(reply["width"])
-        self.height: int = int(reply["height"])
-        self.fps: float = float(reply.get("fps") or 30.0)
-        self.pixel_format: str = reply.get("pixel_format", "bgr24")
-        self.channels = PIXEL_CHANNELS[self.pixel_format]
-        self.latency_frames: int = int(reply.get("latency_frames", 0))
-        self.transport: str = reply.get("transport", "shm")
-        self.preset: str | None = reply.get("preset")
+        self.info = info
+        self.session_id: str = info.session_id
+        self.width: int = info.width
+        self.height: int = info.height
+        self.fps: float = info.fps
+        self.pixel_format: str = info.pixel_format
+        if info.pixel_format not in PIXEL_FORMATS:
+            raise DaemonError("internal", f"the daemon opened session {info.session_id} in an unknown pixel format "
+                                          f"{info.pixel_format!r}")
+        self.channels = PIXEL_FORMATS[info.pixel_format].bytes_per_pixel
+        self.latency_frames: int = info.latency_frames
+        self.transport: str = info.transport
+        self.preset: str | None = info.preset
         self.jpeg_quality = jpeg_quality
+        self.encoding: str = info.net.encoding if info.net is not None else "raw"
         self._shape = (self.height, self.width, self.channels)
         self._frames_sent = 0
         self._frames_received = 0
         self._closed = False
         self._lost: str | None = None
-        self._in_ring = self._out_ring = None
-        self._data: zmq.Socket | None = None
-        self._data_out: zmq.Socket | None = None
-        self.encoding: str = reply.get("encoding") or (reply.get("net") or {}).get("encoding") or "raw"
+        self._in_ring: FrameRing | None = None
+        self._out_ring: FrameRing | None = None
+        self._data: _Socket | None = None
+        self._data_out: _Socket | None = None
         self._send_dropped = 0
         self._net_seq = 0
         self._sent_times: list[float] = []
         if self.transport == "shm":
-            self._open_rings(reply)
+            self._open_rings(info)
         else:
-            self._open_data(reply)
-        interval = float(reply.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S)
-        self._heartbeat = _Heartbeat(self, daemon.address, daemon.token, interval)
+            self._open_data(info)
+        self._heartbeat = _Heartbeat(self, daemon.address, daemon.token, info.heartbeat_interval_s,
+                                     info.heartbeat_liveness)
         self._heartbeat.start()
 
-    def _open_rings(self, reply: dict[str, Any]) -> None:
-        from sdlive.daemon.protocol.ring import FrameRing, RingError
-
+    def _open_rings(self, info: OpenSessionReply) -> None:
+        if not info.input_ring or not info.output_ring:
+            raise DaemonError("internal", f"the daemon gave no rings for shared-memory session {info.session_id}")
         try:
-            self._in_ring = FrameRing.open(reply["input_ring"])
-            self._out_ring = FrameRing.open(reply["output_ring"])
+            self._in_ring = FrameRing.open(info.input_ring)
+            self._out_ring = FrameRing.open(info.output_ring)
         except (RingError, OSError) as exc:
             if self._in_ring is not None:
                 self._in_ring.close()
             raise _ShmUnavailable(f"cannot open the session's shared memory: {exc}") from exc
 
-    def _open_data(self, reply: dict[str, Any]) -> None:
-        net = reply.get("net") or {}
-        if not net.get("input_address") or not net.get("output_address"):
+    def _open_data(self, info: OpenSessionReply) -> None:
+        if info.net is None:
             raise DaemonError("internal", "the daemon gave no frame endpoints for a network session")
-        ctx = zmq.Context.instance()
+        ctx: _Context = zmq.Context.instance()
         # The daemon may bind a wildcard (tcp://0.0.0.0:…): reach each port by the host control was reached on.
-        self.input_address = _same_host(self._daemon.address, net["input_address"])
-        self.output_address = _same_host(self._daemon.address, net["output_address"])
+        self.input_address = _same_host(self._daemon.address, info.net.input_address)
+        self.output_address = _same_host(self._daemon.address, info.net.output_address)
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 4)
@@ -480,7 +549,7 @@ class SessionClient:
             self._mark_lost(f"session {self.session_id} was closed by the daemon")
             raise DaemonError("unknown_session", self._lost or "")
 
-    def _check_frame(self, frame: Any) -> np.ndarray:
+    def _check_frame(self, frame: object) -> np.ndarray:
         if not isinstance(frame, np.ndarray):
             raise TypeError(f"frame must be a numpy array, not {type(frame).__name__}")
         if frame.dtype != np.uint8:
@@ -501,8 +570,6 @@ class SessionClient:
         if self._in_ring is not None:
             seq = self._in_ring.write(frame, timestamp_ns=timestamp_ns)
         else:
-            from sdlive.daemon.protocol import netframe
-
             self._net_seq += 1
             seq = self._net_seq
             assert self._data is not None
@@ -525,7 +592,7 @@ class SessionClient:
             del self._sent_times[:-64]
         return seq
 
-    def recv(self, timeout_s: float = 1.0) -> Frame | None:
+    def recv(self, timeout_s: float = 1.0) -> RestyledFrame | None:
         """The next restyled frame in order, or None if none arrives within ``timeout_s``."""
         self._check_live()
         deadline = time.monotonic() + max(0.0, timeout_s)
@@ -536,15 +603,13 @@ class SessionClient:
                 got = ring.read_next(out=pixels.reshape(-1))
                 if got is not None:
                     self._frames_received += 1
-                    return Frame(got.seq, got.timestamp_ns, pixels)
+                    return RestyledFrame(got.seq, got.timestamp_ns, pixels)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 ring.wait(min(remaining, 0.05), poll_s=0.001)
                 self._check_live()
         assert self._data_out is not None
-        from sdlive.daemon.protocol import netframe
-
         while True:
             remaining = deadline - time.monotonic()
             if not self._data_out.poll(max(0, int(remaining * 1000)), zmq.POLLIN):
@@ -560,22 +625,28 @@ class SessionClient:
                 log.warning("session %s: dropping a %s frame (expected %s)", self.session_id, pixels.shape, self._shape)
                 continue
             self._frames_received += 1
-            return Frame(int(header.seq), int(header.timestamp_ns), np.array(pixels))
+            return RestyledFrame(int(header.seq), int(header.timestamp_ns), np.array(pixels))
 
     # ------------------------------------------------------------------ control
 
-    def set_preset(self, name: str) -> dict[str, Any]:
+    def set_preset(self, name: str) -> SetPresetReply:
+        """Queue a preset switch (see :meth:`DaemonClient.set_preset`); ``preset`` names it at once."""
         self._check_live()
         reply = self._daemon.set_preset(self.session_id, name)
-        self.preset = name
+        self.preset = reply.preset
         return reply
 
-    def set_params(self, **params: Any) -> dict[str, Any]:
+    def set_params(self, **changes: Any) -> SetParamsReply:
+        """Queue a change of style fields (see :meth:`DaemonClient.set_params`)."""
         self._check_live()
-        return self._daemon.set_params(self.session_id, **params)
+        return self._daemon.set_params(self.session_id, **changes)
 
-    def status(self) -> dict[str, Any]:
-        return self._daemon.status(self.session_id)
+    def status(self) -> SessionStats:
+        """This session's figures from the daemon's ``status``."""
+        for entry in self._daemon.status(self.session_id).sessions:
+            if entry.session_id == self.session_id:
+                return entry
+        raise DaemonError("unknown_session", f"the daemon's status has no session {self.session_id}")
 
     @property
     def pending_inputs(self) -> int | None:
@@ -585,6 +656,11 @@ class SessionClient:
             return None
         written, read, _dropped = self._in_ring.header_counters()
         return max(0, written - read)
+
+    @property
+    def input_slots(self) -> int | None:
+        """Shared memory: how many frames the daemon's input ring holds. None on the network."""
+        return self.info.slots if self._in_ring is not None else None
 
     @property
     def frames_sent(self) -> int:
@@ -626,9 +702,7 @@ class SessionClient:
             pass
         if not closed_by_daemon:
             try:  # short: a daemon that is gone has freed the session already (or will, by heartbeat timeout)
-                self._daemon._channel.request(
-                    "close_session", timeout_s=min(self._daemon.timeout_s, CLOSE_TIMEOUT_S), session_id=self.session_id
-                )
+                self._daemon.close_session(self.session_id, timeout_s=min(self._daemon.timeout_s, CLOSE_TIMEOUT_S))
             except DaemonError as exc:
                 log.debug("close_session %s: %s", self.session_id, exc)
         for ring in (self._in_ring, self._out_ring):
@@ -642,7 +716,7 @@ class SessionClient:
     def __enter__(self) -> SessionClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:  # best effort: a forgotten session must not keep a heartbeat thread alive

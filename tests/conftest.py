@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +167,23 @@ def launch_daemon():
     """The ``start_daemon`` function, for module-scoped fixtures that need other flags (test files cannot import
     conftest under ``--import-mode=importlib``). The caller stops what it starts."""
     return start_daemon
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passed; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """``wait_for(predicate, timeout_s)``: wait on a condition, never a fixed sleep; e.g. a queued ``set_preset`` /
+    ``set_params`` (answered ``pending: true`` on receipt) until ``status`` shows it live."""
+    return wait_until
 
 
 @pytest.fixture(scope="session")

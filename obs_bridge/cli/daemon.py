@@ -14,7 +14,9 @@ from typing import Annotated
 
 import typer
 
-from ..client import DEFAULT_CONTROL_ADDRESS, DaemonClient, DaemonError
+from sdlive.daemon.protocol.constants import DEFAULT_CONTROL_ADDRESS
+
+from ..client import DaemonClient, DaemonError
 
 _Address = Annotated[
     str | None,
@@ -52,7 +54,7 @@ def status(
     timeout: _Timeout = 5.0,
 ) -> None:
     """Show the daemon's sessions and their live figures (fps, latency, drops)."""
-    from rich.console import Console
+    from rich.console import Console, Group
 
     from sdlive.daemon.server.ui import status_table
 
@@ -61,22 +63,23 @@ def status(
     try:
         with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
             if as_json:
-                reply = client.status(session)
-                reply.pop("ok", None)
-                reply.pop("id", None)
-                typer.echo(json.dumps(reply, indent=2))
+                typer.echo(json.dumps(client.status(session).model_dump(mode="json", exclude={"ok", "id"}), indent=2))
                 return
+
+            def table() -> Group:
+                return status_table(client.status(session))
+
             if not watch:
-                console.print(status_table(client.status(session)))
+                console.print(table())
                 return
             import time
 
             from rich.live import Live
 
-            with Live(status_table(client.status(session)), console=console, refresh_per_second=2) as live:
+            with Live(table(), console=console, refresh_per_second=2) as live:
                 while True:
                     time.sleep(1.0)
-                    live.update(status_table(client.status(session)))
+                    live.update(table())
     except KeyboardInterrupt:
         return
     except DaemonError as exc:
@@ -94,19 +97,21 @@ def preset(
     try:
         with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
             if name is None:
-                reply = client.request("list_presets")
-                for p in reply.get("presets", []):
-                    hotkey = f"  [{p['hotkey']}]" if p.get("hotkey") else ""
-                    typer.echo(f"{p.get('index', '?'):>2}  {p['name']:<16} steps={p['steps']} noise={p['noise_scale']}{hotkey}")
-                for problem in reply.get("problems", []):
+                listing = client.list_presets()
+                for p in listing.presets:
+                    hotkey = f"  [{p.hotkey}]" if p.hotkey else ""
+                    index = "?" if p.index is None else p.index
+                    typer.echo(f"{index:>2}  {p.name:<16} steps={p.steps} noise={p.noise_scale}{hotkey}")
+                for problem in listing.problems:
                     typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
                 return
-            targets = [session] if session else [s["session_id"] for s in client.status().get("sessions", [])]
+            targets = [session] if session else [s.session_id for s in client.status().sessions]
             if not targets:
                 raise _fail(RuntimeError("no open sessions to apply the preset to (pass --session ID once one is open)"))
             for session_id in targets:
-                client.set_preset(session_id, name)
-                typer.echo(f"session {session_id}: preset {name}")
+                reply = client.set_preset(session_id, name)
+                queued = " (queued; `sdlive status` shows it once live)" if reply.pending else ""
+                typer.echo(f"session {session_id}: preset {name}{queued}")
     except DaemonError as exc:
         raise _fail(exc) from None
 

@@ -21,18 +21,35 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdlive.daemon.protocol.constants import (
+    DEFAULT_CONTROL_ADDRESS,
+    DEFAULT_PUB_ADDRESS,
+    STEPS_MAX,
+    STEPS_MIN,
+    host_of,
+    is_loopback_address,
+)
+
+if TYPE_CHECKING:
+    from rich.live import Live
+
+    from sdlive.daemon.protocol.messages import HelloReply, SessionStats
+
+    from ..client import DaemonClient, SessionClient
+    from ..media.pump import PumpStats
+    from ..media.sinks import FrameSink
+
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
-DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
-DEFAULT_PUB = "tcp://127.0.0.1:5558"
 DAEMON_START_TIMEOUT_S = 180.0
 DEMO_PRESETS = ("anime", "van-gogh", "cyberpunk")
 
@@ -55,11 +72,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tcp_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a ``tcp://HOST:PORT`` endpoint; ValueError for anything else."""
+    if not address.startswith("tcp://"):
+        raise ValueError(f"not a TCP endpoint: {address!r}")
+    return host_of(address), int(address.rsplit(":", 1)[1])
+
+
 def _port_free(address: str) -> bool:
     try:
-        host, port = address[len("tcp://") :].rsplit(":", 1)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, int(port)))
+            s.bind(_tcp_host_port(address))
         return True
     except (OSError, ValueError):
         return False
@@ -75,9 +98,9 @@ class LocalDaemon:
         self.token = token
         self.control = control or f"tcp://127.0.0.1:{_free_port()}"
         self.pub = pub or f"tcp://127.0.0.1:{_free_port()}"
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     def start(self, *, timeout_s: float = DAEMON_START_TIMEOUT_S) -> str:
         from ..client import DaemonClient, DaemonUnavailable
@@ -94,14 +117,15 @@ class LocalDaemon:
         os.close(fd)
         self.log_path = Path(name)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         with DaemonClient(self.control, token=self.token, timeout_s=1.0) as dc:
             while True:
-                if self.process.poll() is not None:
+                if process.poll() is not None:
                     tail = self.log_tail()
                     self.stop()
-                    raise CommandError(f"the local daemon exited with code {self.process.returncode} while starting"
+                    raise CommandError(f"the local daemon exited with code {process.returncode} while starting"
                                        f"{': ' + tail if tail else ''}")
                 try:
                     dc.hello()
@@ -135,13 +159,13 @@ class LocalDaemon:
     def __enter__(self) -> LocalDaemon:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
 @contextlib.contextmanager
 def daemon_address(daemon: str | None, *, token: str | None, model: str | None, device: str | None,
-                   purpose: str, always_start: bool = False):
+                   purpose: str, always_start: bool = False) -> Iterator[str]:
     """Yield the control address to use: ``daemon`` as given, else the default one if a daemon answers there, else a
     daemon started for this command (on the default ports when they are free) and stopped afterwards."""
     from ..client import DaemonClient, DaemonUnavailable
@@ -151,15 +175,16 @@ def daemon_address(daemon: str | None, *, token: str | None, model: str | None, 
         return
     if not always_start:
         try:
-            with DaemonClient(DEFAULT_CONTROL, token=token, timeout_s=1.0) as dc:
+            with DaemonClient(DEFAULT_CONTROL_ADDRESS, token=token, timeout_s=1.0) as dc:
                 dc.hello()
-            yield DEFAULT_CONTROL
+            yield DEFAULT_CONTROL_ADDRESS
             return
         except DaemonUnavailable:
             pass
-    defaults_free = not always_start and _port_free(DEFAULT_CONTROL) and _port_free(DEFAULT_PUB)
+    defaults_free = not always_start and _port_free(DEFAULT_CONTROL_ADDRESS) and _port_free(DEFAULT_PUB_ADDRESS)
     local = LocalDaemon(model=model, device=device, token=token,
-                        control=DEFAULT_CONTROL if defaults_free else None, pub=DEFAULT_PUB if defaults_free else None)
+                        control=DEFAULT_CONTROL_ADDRESS if defaults_free else None,
+                        pub=DEFAULT_PUB_ADDRESS if defaults_free else None)
     label = f"model {model}" if model else "its default model"
     with err_console.status(f"starting a local sdlive daemon for {purpose} ({label}) at {local.control} …"):
         address = local.start()
@@ -181,7 +206,7 @@ class KeyReader:
         self.keys: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._saved = None
+        self._saved: list[Any] | None = None  # termios attributes to restore
 
     def start(self) -> KeyReader:
         stdin = sys.stdin
@@ -223,6 +248,8 @@ class KeyReader:
                 self.keys.put(ch)
 
     def _run_msvcrt(self, fd: int) -> None:  # pragma: no cover - Windows
+        if sys.platform != "win32":
+            return
         import msvcrt
 
         while not self._stop.is_set():
@@ -242,7 +269,7 @@ class KeyReader:
     def __enter__(self) -> KeyReader:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -256,20 +283,19 @@ class StatsLine:
         self.console = console
         self.every_s = every_s
         self._last = 0.0
-        self._live = None
+        self._live: Live | None = None
         if console.is_terminal:
             from rich.live import Live
             from rich.text import Text
 
-            self._text = Text("")
-            self._live = Live(self._text, console=console, refresh_per_second=4, transient=False)
+            self._live = Live(Text(""), console=console, refresh_per_second=4, transient=False)
 
     def __enter__(self) -> StatsLine:
         if self._live is not None:
             self._live.__enter__()
         return self
 
-    def __call__(self, stats) -> None:
+    def __call__(self, stats: PumpStats) -> None:
         if self._live is not None:
             from rich.text import Text
 
@@ -278,25 +304,26 @@ class StatsLine:
             self._last = time.monotonic()
             self.console.print(stats.line())
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._live is not None:
             self._live.__exit__(*exc)
 
+
+_STEPS_HELP = f"Denoising steps {STEPS_MIN}–{STEPS_MAX} (default: the preset's)."
 
 CONTROL_TIMEOUT_S = 20.0
 """Control replies wait for the daemon's current engine step: on a CPU under load that can take seconds."""
 
 
-def _connect(address: str, token: str | None):
+def _connect(address: str, token: str | None) -> DaemonClient:
     """A DaemonClient for ``address``; fails at once (instead of after the timeout) when nothing listens on a TCP
     port of this machine."""
-    from ..client import DaemonClient, is_loopback_address
+    from ..client import DaemonClient
 
     if address.startswith("tcp://") and is_loopback_address(address):
-        host, _, port = address[len("tcp://") :].rpartition(":")
-        host = host.strip("[]")
         try:
-            with socket.create_connection(("127.0.0.1" if host in ("localhost", "*") else host, int(port)), timeout=1.0):
+            host, port = _tcp_host_port(address)
+            with socket.create_connection(("127.0.0.1" if host == "localhost" else host, port), timeout=1.0):
                 pass
         except ConnectionRefusedError:
             raise CommandError(f"no sdlive daemon is listening at {address}: start one with `sdlive serve` "
@@ -306,13 +333,8 @@ def _connect(address: str, token: str | None):
     return DaemonClient(address, token=token, timeout_s=CONTROL_TIMEOUT_S)
 
 
-def _preset_names(dc) -> list[str]:
-    names = []
-    for p in dc.list_presets():
-        name = p.get("name") if isinstance(p, dict) else str(p)
-        if name:
-            names.append(name)
-    return names
+def _preset_names(dc: DaemonClient) -> list[str]:
+    return [p.name for p in dc.list_presets().presets]
 
 
 def _check_preset(names: list[str], preset: str | None, address: str) -> None:
@@ -326,14 +348,14 @@ def _check_preset(names: list[str], preset: str | None, address: str) -> None:
 def cam(
     input: Annotated[str, typer.Option("--input", "-i", help="webcam:N | webcam:NAME | FILE | DIR | screen[:x,y,w,h] | synthetic[:N] | attach:SESSION")] = "webcam:0",
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset to start with (see `sdlive status`).")] = None,
-    output: Annotated[list[str], typer.Option("--output", "-o", help="vcam[:BACKEND] | window | file:PATH | none (repeatable; default vcam).")] = None,
+    output: Annotated[list[str] | None, typer.Option("--output", "-o", help="vcam[:BACKEND] | window | file:PATH | none (repeatable; default vcam).")] = None,
     daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address; default: a local daemon, started if none answers.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN", help="Auth token of a remote daemon.")] = None,
     attach: Annotated[str | None, typer.Option("--attach", help="Mirror an existing session's output (e.g. an OBS filter's) instead of capturing.")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Frame width (default: the input's).")] = None,
     height: Annotated[int | None, typer.Option("--height", help="Frame height (default: the input's).")] = None,
     fps: Annotated[float | None, typer.Option("--fps", help="Frame rate (default: the input's).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, max=4, help="Denoising steps 1–4 (default: the preset's).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=STEPS_MIN, max=STEPS_MAX, help=_STEPS_HELP)] = None,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Output input | restyled, twice as wide.")] = False,
     vcam_device: Annotated[str | None, typer.Option("--vcam-device", help="Virtual camera device (e.g. /dev/video10).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after this many output frames.")] = None,
@@ -345,10 +367,8 @@ def cam(
 
     Keys while it runs: 1–9 pick a preset, n/p the next/previous one, q quits.
     """
-    from ..client import DaemonError, DaemonUnavailable
-    from ..media.capture import SourceError, open_source
-    from ..media.pump import PumpError, PumpStats, run_live
-    from ..media.sinks import SinkError
+    from ..media.capture import open_source
+    from ..media.pump import PresetSwitcher, PumpStats, run_live
 
     output = output or ["vcam"]
     if attach and input != "webcam:0":
@@ -363,8 +383,6 @@ def cam(
             sink_w = source.width * (2 if side_by_side else 1)
             sinks = [stack.enter_context(_open_sink(o, sink_w, source.height, source.fps, vcam_device)) for o in output]
             address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="cam"))
-            from ..media.pump import PresetSwitcher
-
             dc = stack.enter_context(_connect(address, token))
             names = _preset_names(dc)
             _check_preset(names, preset, address)
@@ -385,34 +403,35 @@ def cam(
                                  duration_s=duration, keys=keys, switcher=switcher, on_stats=line, stats=stats)
         err_console.print(f"done: {stats.frames_out} frames out of {stats.frames_in} in {stats.elapsed_s:.1f} s, "
                           f"{stats.dropped} dropped")
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except (SourceError, SinkError, DaemonUnavailable, PumpError, CommandError) as exc:
-        raise _fail(str(exc)) from None
-    except DaemonError as exc:
-        raise _fail(f"the daemon refused: {exc}") from None
+    except BaseException as exc:
+        _reraise_as_exit(exc)
 
 
-def _open_sink(spec: str, width: int, height: int, fps: float, vcam_device: str | None, audio_from=None):
+def _open_sink(spec: str, width: int, height: int, fps: float, vcam_device: str | None,
+               audio_from: str | None = None) -> FrameSink:
     from ..media.sinks import open_sink
 
     return open_sink(spec, width=width, height=height, fps=fps, vcam_device=vcam_device, audio_from=audio_from)
 
 
-def _describe_sink(sink) -> str:
-    if sink.kind == "vcam":
+def _describe_sink(sink: FrameSink) -> str:
+    from ..media.sinks import VideoFileSink, VirtualCameraSink
+
+    if isinstance(sink, VirtualCameraSink):
         return f"virtual camera {sink.device} ({sink.backend})"
-    if sink.kind == "file":
+    if isinstance(sink, VideoFileSink):
         return f"file {sink.path}"
     return sink.kind
 
 
-def _mirror(session_id: str, *, output, daemon, token, width, height, fps, vcam_device, frames, duration) -> None:
+def _mirror(session_id: str, *, output: list[str], daemon: str | None, token: str | None, width: int | None,
+            height: int | None, fps: float | None, vcam_device: str | None, frames: int | None,
+            duration: float | None) -> None:
     """`cam --attach SESSION`: copy an existing session's output to the sinks (no new session, no restyling)."""
     from ..media.capture import open_source
     from ..media.pump import PumpStats
 
-    address = daemon or DEFAULT_CONTROL
+    address = daemon or DEFAULT_CONTROL_ADDRESS
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(f"attach:{session_id}", width=width, height=height, fps=fps,
                                                  daemon=address, token=token))
@@ -437,7 +456,7 @@ def render(
     input: Annotated[str, typer.Argument(help="Input video file (or an image folder, or synthetic:N).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4 .mkv .mov .webm .avi).")],
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset (see `sdlive status`).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, max=4, help="Denoising steps 1–4 (default: the preset's).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=STEPS_MIN, max=STEPS_MAX, help=_STEPS_HELP)] = None,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input | restyled, twice as wide.")] = False,
     daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address; default: a local daemon, started if none answers.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN")] = None,
@@ -577,10 +596,11 @@ def demo(
                                     label_presets=True,
                                     on_frame=lambda i: bar.update(task, completed=i + 1),
                                     on_stats=lambda s: bar.update(task, fps=s.mean_fps_out, preset=s.preset or ""))
+            daemon_stats: SessionStats | None
             try:
                 daemon_stats = session.status()
             except DaemonError:
-                daemon_stats = {}
+                daemon_stats = None
         _print_demo_table(stats, hello, daemon_stats, session, wanted, output, sink, clip_fps)
     except BaseException as exc:
         _remove_partial(output, existed)
@@ -594,37 +614,28 @@ def _remove_partial(output: Path, existed: bool) -> None:
             output.unlink()
 
 
-def _reraise_as_exit(exc: BaseException):
+def _reraise_as_exit(exc: BaseException) -> NoReturn:
     """Known failures become ``error: …`` and exit code 1 (130 for Ctrl-C); anything else propagates."""
-    from ..client import DaemonError, DaemonUnavailable
+    from ..client import DaemonError, DaemonUnavailable, InvalidRequest
     from ..media.capture import SourceError
     from ..media.pump import PumpError
     from ..media.sinks import SinkError
 
     if isinstance(exc, KeyboardInterrupt):
         raise typer.Exit(130) from None
-    if isinstance(exc, (SourceError, SinkError, DaemonUnavailable, PumpError, CommandError)):
+    if isinstance(exc, (SourceError, SinkError, DaemonUnavailable, InvalidRequest, PumpError, CommandError)):
         raise _fail(str(exc)) from None
     if isinstance(exc, DaemonError):
         raise _fail(f"the daemon refused: {exc}") from None
     raise exc
 
 
-def _session_entry(status: dict, session_id: str) -> dict:
-    sessions = status.get("sessions") or []
-    if isinstance(sessions, dict):
-        return sessions.get(session_id) or {}
-    for s in sessions:
-        if isinstance(s, dict) and str(s.get("session_id")) == session_id:
-            return s
-    return {}
-
-
-def _print_demo_table(stats, hello, daemon_status, session, presets, output, sink, fps) -> None:
+def _print_demo_table(stats: PumpStats, hello: HelloReply, daemon_stats: SessionStats | None,
+                      session: SessionClient, presets: list[str], output: Path, sink: FrameSink, fps: float) -> None:
     table = Table(title="sdlive demo", show_header=False, title_justify="left")
     table.add_column("", style="bold")
     table.add_column("")
-    table.add_row("model", f"{hello.get('model', '?')} on {hello.get('device', '?')}")
+    table.add_row("model", f"{hello.model} on {hello.device}")
     table.add_row("session", f"{session.session_id} ({session.transport}, {session.width}x{session.height}, "
                              f"latency {session.latency_frames} frames)")
     table.add_row("presets", " → ".join(presets))
@@ -632,12 +643,10 @@ def _print_demo_table(stats, hello, daemon_status, session, presets, output, sin
                             f"{stats.padded} padding")
     table.add_row("throughput", f"{stats.mean_fps_out:.1f} fps (clip: {fps:g} fps), {stats.elapsed_s:.1f} s")
     p50, p95 = stats.latency_percentile(50), stats.latency_percentile(95)
-    if p50 is not None:
+    if p50 is not None and p95 is not None:
         table.add_row("latency", f"p50 {p50:.0f} ms, p95 {p95:.0f} ms (capture → restyled frame back)")
-    entry = _session_entry(daemon_status, session.session_id) or daemon_status.get("session") or {}
-    stage = entry.get("stage_ms") if isinstance(entry, dict) else None
-    if isinstance(stage, dict) and stage:
-        table.add_row("engine stages", ", ".join(f"{k} {float(v):.0f} ms" for k, v in stage.items()))
+    if daemon_stats is not None and daemon_stats.stage_ms:
+        table.add_row("engine stages", ", ".join(f"{k} {v:.0f} ms" for k, v in daemon_stats.stage_ms.items()))
     table.add_row("output", f"{output} ({sink.width}x{sink.height}, input | restyled)")
     out_console.print(table)
 

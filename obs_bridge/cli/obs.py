@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from sdlive.daemon.protocol.constants import DEFAULT_CONTROL_ADDRESS
+
 from .. import obs_setup
 
 obs_app = typer.Typer(name="obs", help="Set up and drive OBS (obs-websocket v5).", no_args_is_help=True)
@@ -60,9 +62,9 @@ SCRIPT_MISSING_HELP = (
 @obs_app.command("setup")
 def setup(
     source: Annotated[str | None, typer.Option("--source", "-s", help="source to add the filter to")] = None,
-    daemon: Annotated[str, typer.Option("--daemon", help="daemon control address the filter connects to")] = (
-        "tcp://127.0.0.1:5557"
-    ),
+    daemon: Annotated[
+        str, typer.Option("--daemon", help="daemon control address the filter connects to")
+    ] = DEFAULT_CONTROL_ADDRESS,
     preset: Annotated[str | None, typer.Option("--preset", help="preset the filter starts with")] = None,
     filter_name: Annotated[str, typer.Option("--filter-name", help="name of the filter in OBS")] = "sdlive",
     host: _Host = "localhost",
@@ -167,7 +169,7 @@ def status(
         s = f["settings"]
         lines.append(
             f"filter {f['filter']!r} on {f['source']!r} ({'enabled' if f['enabled'] else 'disabled'}): "
-            f"daemon {s.get(obsws_tools.SETTING_ADDRESS, 'tcp://127.0.0.1:5557')}, "
+            f"daemon {s.get(obsws_tools.SETTING_ADDRESS, DEFAULT_CONTROL_ADDRESS)}, "
             f"preset {s.get(obsws_tools.SETTING_PRESET) or '(daemon default)'}"
         )
     _emit(report, as_json, lines)

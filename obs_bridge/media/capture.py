@@ -15,8 +15,8 @@ spec                        source
 ``attach:SESSION``          mirror an existing daemon session's output (e.g. an OBS filter's)
 ==========================  =================================================================================
 
-Every source yields :class:`Frame` objects whose pixels are ``H×W×3`` ``uint8`` **BGR** (OpenCV's order), resized
-to ``width``/``height`` when those are given. ``read()`` returns ``None`` at the end of a finite source.
+Every source yields :class:`CapturedFrame` objects whose pixels are ``H×W×3`` ``uint8`` **BGR** (OpenCV's order),
+resized to ``width``/``height`` when those are given. ``read()`` returns ``None`` at the end of a finite source.
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["Frame", "FrameSource", "SourceError", "open_source", "synthetic_frame", "IMAGE_EXTENSIONS"]
+from sdlive.daemon.protocol.constants import DEFAULT_CONTROL_ADDRESS, PIXEL_FORMATS
+
+if TYPE_CHECKING:
+    from sdlive.daemon.protocol.messages import SessionStats
+
+__all__ = ["CapturedFrame", "FrameSource", "SourceError", "open_source", "synthetic_frame", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_FPS = 30.0
@@ -44,10 +50,15 @@ class SourceError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Frame:
-    """One captured frame: ``seq`` counts from 0 per source, ``timestamp_ns`` is ``time.monotonic_ns()`` at capture."""
+class CapturedFrame:
+    """One frame read from a capture source.
 
-    seq: int
+    ``index`` counts the frames this source has returned, from 0 (the n-th ``read()``: a file's frame number, a
+    generated clip's frame); ``timestamp_ns`` is ``time.monotonic_ns()`` at capture, the timestamp a session
+    carries through to the restyled frame. (The daemon's restyled frames count from 1 instead:
+    ``RestyledFrame.seq`` in ``sdlive.obs_bridge.client``.)"""
+
+    index: int
     timestamp_ns: int
     pixels: np.ndarray  # H×W×3 uint8, BGR
 
@@ -93,7 +104,7 @@ class FrameSource(ABC):
         self._fps = float(fps) if fps and fps > 0 else DEFAULT_FPS
         self._frame_count = frame_count
         self.description = description
-        self._seq = 0
+        self._index = 0
         self._closed = False
 
     @property
@@ -118,9 +129,9 @@ class FrameSource(ABC):
 
     @property
     def frames_read(self) -> int:
-        return self._seq
+        return self._index
 
-    def read(self) -> Frame | None:
+    def read(self) -> CapturedFrame | None:
         """The next frame, or ``None`` at the end of the source."""
         if self._closed:
             raise SourceError(f"{self.description}: read() after close()")
@@ -128,8 +139,8 @@ class FrameSource(ABC):
         if pixels is None:
             return None
         pixels = self._fit(pixels)
-        frame = Frame(self._seq, time.monotonic_ns(), pixels)
-        self._seq += 1
+        frame = CapturedFrame(self._index, time.monotonic_ns(), pixels)
+        self._index += 1
         return frame
 
     def _fit(self, pixels: np.ndarray) -> np.ndarray:
@@ -296,7 +307,7 @@ class VideoFileSource(FrameSource):
             pixels, self._pending = self._pending, None
             return pixels
         ok, pixels = self._cap.read()
-        if (not ok or pixels is None) and self._loop and self._seq > 0:
+        if (not ok or pixels is None) and self._loop and self._index > 0:
             self._cap.set(_cv2().CAP_PROP_POS_FRAMES, 0)
             ok, pixels = self._cap.read()
         return pixels if ok else None
@@ -452,9 +463,9 @@ class SyntheticSource(FrameSource):
                          description="synthetic moving shapes")
 
     def _read_pixels(self) -> np.ndarray | None:
-        if self._frame_count is not None and self._seq >= self._frame_count:
+        if self._frame_count is not None and self._index >= self._frame_count:
             return None
-        return synthetic_frame(self._seq, *self._draw_size)
+        return synthetic_frame(self._index, *self._draw_size)
 
 
 # --------------------------------------------------------------------------------------------------------------- attach
@@ -472,35 +483,43 @@ class AttachedSessionSource(FrameSource):
     self_paced = True
 
     def __init__(self, session_id: str, *, daemon: str | None = None, token: str | None = None,
-                 width=None, height=None, fps=None, timeout_s: float = 20.0, check_s: float = 5.0) -> None:
-        from .. import client as _client
+                 width: int | None = None, height: int | None = None, fps: float | None = None,
+                 timeout_s: float = 20.0, check_s: float = 5.0) -> None:
+        from sdlive.daemon.protocol.ring import FrameRing, RingError
 
-        address = daemon or _client.DEFAULT_CONTROL_ADDRESS
-        self._address, self._token, self._check_s = address, token, check_s
-        with _client.DaemonClient(address, token=token, timeout_s=timeout_s) as dc:
-            try:
-                info = _find_session(dc.status(), session_id, address)
-            except _client.DaemonUnavailable as exc:
-                raise SourceError(str(exc)) from None
-        ring_name = info.get("output_ring")
-        if not ring_name:
+        self._address = daemon or DEFAULT_CONTROL_ADDRESS
+        self._token, self._timeout_s, self._check_s = token, timeout_s, check_s
+        self.session_id = session_id
+        sessions = self._sessions(lost="")
+        info = next((s for s in sessions if s.session_id == session_id), None)
+        if info is None:
+            known = ", ".join(s.session_id for s in sessions) or "none"
+            raise SourceError(f"no session {session_id!r} on the daemon at {self._address} (open sessions: {known}; "
+                              f"see `sdlive status`)")
+        if not info.output_ring:
             raise SourceError(
-                f"session {session_id} on {address} has no shared-memory output ring to attach to "
+                f"session {session_id} on {self._address} has no shared-memory output ring to attach to "
                 f"(network sessions can't be mirrored; attach on the daemon's machine)"
             )
-        from sdlive.daemon.protocol import ring as _ring
-
         try:
             # observer: read without moving the owner's consumer counters (the OBS filter keeps its frames)
-            self._ring = _ring.FrameRing.open(ring_name, observer=True)
-        except (OSError, _ring.RingError) as exc:
-            raise SourceError(f"cannot open session {session_id}'s output ring {ring_name}: {exc}") from exc
+            self._ring = FrameRing.open(info.output_ring, observer=True)
+        except (OSError, RingError) as exc:
+            raise SourceError(f"cannot open session {session_id}'s output ring {info.output_ring}: {exc}") from exc
         self._pixel_format = self._ring.pixel_format
         self._native = (self._ring.width, self._ring.height)
-        self._timeout_s = timeout_s
-        self.session_id = session_id
-        super().__init__(size=_target_size(self._native, width, height), fps=fps or float(info.get("fps") or DEFAULT_FPS),
+        super().__init__(size=_target_size(self._native, width, height), fps=fps or info.fps or DEFAULT_FPS,
                          frame_count=None, description=f"session {session_id}")
+
+    def _sessions(self, *, lost: str) -> list[SessionStats]:
+        """The daemon's open sessions; a daemon that does not answer is a SourceError (``lost``: what was going on)."""
+        from ..client import DaemonClient, DaemonUnavailable
+
+        try:
+            with DaemonClient(self._address, token=self._token, timeout_s=self._timeout_s) as dc:
+                return dc.status().sessions
+        except DaemonUnavailable as exc:
+            raise SourceError(f"{lost}{exc}") from None
 
     def _read_pixels(self) -> np.ndarray | None:
         next_check = time.monotonic() + self._check_s
@@ -511,46 +530,23 @@ class AttachedSessionSource(FrameSource):
             if rf is not None:
                 return _to_bgr(np.frombuffer(rf.data, np.uint8), self._native, self._pixel_format)
             if time.monotonic() >= next_check:
-                if not self._session_exists():
+                lost = f"lost the daemon while mirroring session {self.session_id}: "
+                if all(s.session_id != self.session_id for s in self._sessions(lost=lost)):
                     return None
                 next_check = time.monotonic() + self._check_s
             self._ring.wait(0.05, poll_s=0.001)
-
-    def _session_exists(self) -> bool:
-        from .. import client as _client
-
-        try:
-            with _client.DaemonClient(self._address, token=self._token, timeout_s=self._timeout_s) as dc:
-                sessions = dc.status().get("sessions") or []
-        except _client.DaemonUnavailable as exc:
-            raise SourceError(f"lost the daemon while mirroring session {self.session_id}: {exc}") from None
-        ids = sessions.keys() if isinstance(sessions, dict) else [str(s.get("session_id")) for s in sessions]
-        return self.session_id in ids
 
     def _release(self) -> None:
         self._ring.close()
 
 
-def _find_session(status: dict, session_id: str, address: str) -> dict:
-    sessions = status.get("sessions") or []
-    if isinstance(sessions, dict):
-        sessions = [dict(v, session_id=k) for k, v in sessions.items()]
-    for s in sessions:
-        if str(s.get("session_id")) == session_id:
-            return s
-    known = ", ".join(str(s.get("session_id")) for s in sessions) or "none"
-    raise SourceError(f"no session {session_id!r} on the daemon at {address} (open sessions: {known}; see `sdlive status`)")
-
-
 def _to_bgr(flat: np.ndarray, size: tuple[int, int], pixel_format: str) -> np.ndarray:
+    """A packed frame in any protocol pixel format as H×W×3 BGR."""
     w, h = size
-    channels = 4 if pixel_format in ("bgra", "rgba") else 3
-    img = flat[: w * h * channels].reshape(h, w, channels)
-    if pixel_format in ("rgb24", "rgba"):
-        img = img[:, :, 2::-1] if channels == 3 else img[:, :, [2, 1, 0]]
-    elif channels == 4:
-        img = img[:, :, :3]
-    return np.ascontiguousarray(img)
+    info = PIXEL_FORMATS[pixel_format]
+    r, g, b = info.rgb_index
+    img = flat[: w * h * info.bytes_per_pixel].reshape(h, w, info.bytes_per_pixel)
+    return np.ascontiguousarray(img[:, :, [b, g, r]])
 
 
 # ----------------------------------------------------------------------------------------------------------------- spec

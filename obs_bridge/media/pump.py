@@ -23,11 +23,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .capture import Frame, FrameSource
+from .capture import CapturedFrame, FrameSource
 from .sinks import FrameSink
+
+if TYPE_CHECKING:
+    from ..client import RestyledFrame, SessionClient
 
 __all__ = ["PumpStats", "PresetSwitcher", "run_live", "run_offline", "side_by_side", "label", "PumpError"]
 
@@ -60,10 +64,10 @@ class PumpStats:
     padded: int = 0
     preset_switches: int = 0
     started: float = field(default_factory=time.perf_counter)
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=512))
-    _in_times: deque = field(default_factory=lambda: deque(maxlen=32))
-    _out_times: deque = field(default_factory=lambda: deque(maxlen=32))
-    all_latencies_ms: list = field(default_factory=list)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+    _in_times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    _out_times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    all_latencies_ms: list[float] = field(default_factory=list)
 
     def note_in(self) -> None:
         self.frames_in += 1
@@ -170,11 +174,11 @@ class PresetSwitcher:
         return self.names[self.index]
 
 
-def _latency_ms(frame) -> float | None:
-    ts = getattr(frame, "timestamp_ns", 0) or 0
-    if ts <= 0:
+def _latency_ms(frame: RestyledFrame) -> float | None:
+    """Capture → restyled frame back here (the frame carries its input's capture timestamp)."""
+    if frame.timestamp_ns <= 0:
         return None
-    return (time.monotonic_ns() - ts) / 1e6
+    return (time.monotonic_ns() - frame.timestamp_ns) / 1e6
 
 
 # ------------------------------------------------------------------------------------------------------------ live
@@ -182,13 +186,13 @@ def _latency_ms(frame) -> float | None:
 
 def run_live(
     source: FrameSource,
-    session,
+    session: SessionClient,
     sinks: Iterable[FrameSink],
     *,
     side_by_side_view: bool = False,
     max_frames: int | None = None,
     duration_s: float | None = None,
-    keys: queue.SimpleQueue | None = None,
+    keys: queue.SimpleQueue[str] | None = None,
     switcher: PresetSwitcher | None = None,
     on_stats: Callable[[PumpStats], None] | None = None,
     stop: threading.Event | None = None,
@@ -226,7 +230,7 @@ def run_live(
                         stop.wait(delay)
                     elif delay < -1.0:  # fell more than a second behind (suspend, slow disk): don't burst
                         t0, n = time.perf_counter(), 0
-                frame: Frame | None = source.read()
+                frame: CapturedFrame | None = source.read()
                 if frame is None:
                     break
                 n += 1
@@ -249,7 +253,7 @@ def run_live(
     started = time.monotonic()
     last_stats = 0.0
     last_output = time.monotonic()
-    last_input = None
+    last_input: np.ndarray | None = None
     thread.start()
     try:
         while not stop.is_set():
@@ -258,7 +262,7 @@ def run_live(
             if duration_s is not None and time.monotonic() - started >= duration_s:
                 break
             # keys: from the terminal reader and from preview windows
-            pending = []
+            pending: list[str] = []
             if keys is not None:
                 while True:
                     try:
@@ -317,7 +321,7 @@ def run_live(
                 pass  # delivered on the next tick
             elif sender_done.is_set():
                 # the source ended: wait out the pipeline's latency, then stop
-                if now - last_output > max(1.0, 3 * getattr(session, "latency_frames", 8) / max(source.fps, 1.0)):
+                if now - last_output > max(1.0, 3 * session.latency_frames / max(source.fps, 1.0)):
                     break
             elif now - last_output > idle_timeout_s and stats.frames_in > 0:
                 raise PumpError(f"the daemon returned no frame for {idle_timeout_s:g} s (is it still running? "
@@ -338,32 +342,22 @@ def run_live(
 # ------------------------------------------------------------------------------------------------------------ offline
 
 
-class _InputRoom:
+def _input_room(session: SessionClient) -> int:
     """How many more frames the daemon's shared-memory input ring takes before an unread frame would be lapped.
 
     The daemon takes one input frame per engine step, so a renderer that writes faster than that must wait or frames
-    are lost: ``SessionClient.pending_inputs`` (frames written, not yet taken) against the ring's ``slots``. Network
-    sessions have no such view (``None``): their room is the in-flight window alone, and a daemon that falls behind
-    drops frames, which :func:`run_offline` fills and counts."""
-
-    def __init__(self, session) -> None:
-        self._session = session
-        info = getattr(session, "info", None) or {}
-        self._slots = int(info.get("slots") or 4)
-
-    def free(self) -> int:
-        pending = getattr(self._session, "pending_inputs", None)
-        if pending is None:
-            return 1 << 30
-        return self._slots - 1 - int(pending)
-
-    def close(self) -> None:
-        pass
+    are lost: ``SessionClient.pending_inputs`` (frames written, not yet taken) against the ring's slots. Network
+    sessions have no such view: their room is the in-flight window alone, and a daemon that falls behind drops
+    frames, which :func:`run_offline` fills and counts."""
+    pending, slots = session.pending_inputs, session.input_slots
+    if pending is None:
+        return 1 << 30
+    return (slots or 4) - 1 - pending
 
 
 def run_offline(
     source: FrameSource,
-    session,
+    session: SessionClient,
     sinks: Iterable[FrameSink],
     *,
     side_by_side_view: bool = False,
@@ -387,7 +381,7 @@ def run_offline(
     schedule = dict(schedule or {})
     stop = stop or threading.Event()
     stats = stats or PumpStats()
-    latency = int(getattr(session, "latency_frames", 0) or 0)
+    latency = session.latency_frames
     window = max(1, latency + CHUNK_FRAMES)
     ts_index: dict[int, int] = {}  # timestamp_ns -> input index (padding gets indices >= total)
     inputs: dict[int, np.ndarray] = {}  # index -> input pixels (side by side), freed as outputs are written
@@ -396,15 +390,16 @@ def run_offline(
     sent = 0
     next_out = 0  # index of the next output to write
     last_pixels: np.ndarray | None = None
-    last_frame: Frame | None = None
+    last_frame: CapturedFrame | None = None
     last_ts = 0
     last_progress = time.monotonic()
     last_stats = 0.0
 
     def emit(index: int, pixels: np.ndarray) -> None:
         nonlocal next_out
-        if label_presets and presets.get(index):
-            pixels = label(pixels, presets[index], corner="top-left")
+        name = presets.get(index)
+        if label_presets and name:
+            pixels = label(pixels, name, corner="top-left")
         if side_by_side_view:
             pixels = side_by_side(inputs.pop(index), pixels)
         else:
@@ -416,77 +411,74 @@ def run_offline(
         if on_frame:
             on_frame(index)
 
-    room = _InputRoom(session)
-    try:
-        while not stop.is_set():
-            if total is not None and next_out >= total:
+    while not stop.is_set():
+        if total is not None and next_out >= total:
+            break
+        # 1. keep the window full: real frames first, then padding once the source is done
+        blocked = False
+        while sent - next_out < window and not stop.is_set():
+            if _input_room(session) <= 0:
+                blocked = True  # the daemon hasn't taken the last frames yet: don't lap its input ring
                 break
-            # 1. keep the window full: real frames first, then padding once the source is done
-            blocked = False
-            while sent - next_out < window and not stop.is_set():
-                if room.free() <= 0:
-                    blocked = True  # the daemon hasn't taken the last frames yet: don't lap its input ring
-                    break
-                if total is None:
-                    frame = source.read() if (max_frames is None or sent < max_frames) else None
-                    if frame is None:
-                        total = sent
-                        if total == 0:
-                            raise PumpError(f"{source.description} has no frames")
-                        continue
-                    last_frame = frame
-                    if sent in schedule:
-                        session.set_preset(schedule[sent])
-                        stats.preset = schedule[sent]
-                        stats.preset_switches += 1
-                    pixels = frame.pixels
-                    inputs[sent] = pixels
-                    presets[sent] = stats.preset
-                    stats.note_in()
-                else:
-                    if sent >= total + latency + CHUNK_FRAMES * 2:
-                        break  # padded enough: whatever is missing now was dropped
-                    pixels = last_frame.pixels  # padding: repeat the last frame to push the tail out
-                    stats.padded += 1
-                ts = max(time.monotonic_ns(), last_ts + 1)  # unique per frame: outputs are matched by timestamp
-                last_ts = ts
-                ts_index[ts] = sent
-                session.send(pixels, timestamp_ns=ts)
-                sent += 1
+            if total is None:
+                frame = source.read() if (max_frames is None or sent < max_frames) else None
+                if frame is None:
+                    total = sent
+                    if total == 0:
+                        raise PumpError(f"{source.description} has no frames")
+                    continue
+                last_frame = frame
+                if sent in schedule:
+                    session.set_preset(schedule[sent])
+                    stats.preset = schedule[sent]
+                    stats.preset_switches += 1
+                pixels = frame.pixels
+                inputs[sent] = pixels
+                presets[sent] = stats.preset
+                stats.note_in()
+            else:
+                if sent >= total + latency + CHUNK_FRAMES * 2:
+                    break  # padded enough: whatever is missing now was dropped
+                assert last_frame is not None  # total > 0: a real frame was read
+                pixels = last_frame.pixels  # padding: repeat the last frame to push the tail out
+                stats.padded += 1
+            ts = max(time.monotonic_ns(), last_ts + 1)  # unique per frame: outputs are matched by timestamp
+            last_ts = ts
+            ts_index[ts] = sent
+            session.send(pixels, timestamp_ns=ts)
+            sent += 1
 
-            # 2. collect what came back (briefly when only the daemon's input ring was full: it empties fast)
-            out = session.recv(timeout_s=0.005 if blocked else RECV_POLL_S * 4)
-            now = time.monotonic()
-            if out is not None:
-                index = ts_index.pop(out.timestamp_ns, None)
-                if index is None or index < next_out:
-                    continue  # a frame we no longer wait for (or a daemon that doesn't echo timestamps: see below)
-                last_progress = now
-                if total is not None and index >= total:
-                    index = total  # padding output: everything real before it is either written or lost
-                while next_out < index:  # outputs the daemon dropped: hold the previous one
-                    if last_pixels is None:
-                        last_pixels = np.zeros_like(out.pixels)
-                    stats.dropped += 1
-                    emit(next_out, last_pixels)
-                if total is None or index < total:
-                    last_pixels = out.pixels
-                    emit(index, out.pixels)
-                    stats.note_out(_latency_ms(out))
-            elif now - last_progress > timeout_s:
-                raise PumpError(
-                    f"the daemon returned no frame for {timeout_s:g} s after {stats.frames_out} of "
-                    f"{total if total is not None else '?'} frames (is it still running? see `sdlive status`)"
-                )
-            elif total is not None and sent >= total + latency + CHUNK_FRAMES * 2 and now - last_progress > 5.0:
-                while next_out < total:  # the tail never came back: hold the last output
-                    stats.dropped += 1
-                    emit(next_out, last_pixels if last_pixels is not None else np.zeros_like(inputs[next_out]))
-            if on_stats and now - last_stats >= STATS_PERIOD_S:
-                last_stats = now
-                on_stats(stats)
-        if on_stats:
+        # 2. collect what came back (briefly when only the daemon's input ring was full: it empties fast)
+        out = session.recv(timeout_s=0.005 if blocked else RECV_POLL_S * 4)
+        now = time.monotonic()
+        if out is not None:
+            index = ts_index.pop(out.timestamp_ns, None)
+            if index is None or index < next_out:
+                continue  # a frame we no longer wait for (or a daemon that doesn't echo timestamps: see below)
+            last_progress = now
+            if total is not None and index >= total:
+                index = total  # padding output: everything real before it is either written or lost
+            while next_out < index:  # outputs the daemon dropped: hold the previous one
+                if last_pixels is None:
+                    last_pixels = np.zeros_like(out.pixels)
+                stats.dropped += 1
+                emit(next_out, last_pixels)
+            if total is None or index < total:
+                last_pixels = out.pixels
+                emit(index, out.pixels)
+                stats.note_out(_latency_ms(out))
+        elif now - last_progress > timeout_s:
+            raise PumpError(
+                f"the daemon returned no frame for {timeout_s:g} s after {stats.frames_out} of "
+                f"{total if total is not None else '?'} frames (is it still running? see `sdlive status`)"
+            )
+        elif total is not None and sent >= total + latency + CHUNK_FRAMES * 2 and now - last_progress > 5.0:
+            while next_out < total:  # the tail never came back: hold the last output
+                stats.dropped += 1
+                emit(next_out, last_pixels if last_pixels is not None else np.zeros_like(inputs[next_out]))
+        if on_stats and now - last_stats >= STATS_PERIOD_S:
+            last_stats = now
             on_stats(stats)
-        return stats
-    finally:
-        room.close()
+    if on_stats:
+        on_stats(stats)
+    return stats

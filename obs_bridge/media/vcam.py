@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
-from ..client import DEFAULT_CONTROL_ADDRESS, DaemonClient
+from sdlive.daemon.protocol.constants import DEFAULT_CONTROL_ADDRESS
+from sdlive.daemon.protocol.messages import SetParamsReply, SetPresetReply
+
+from ..client import DaemonClient, RestyledFrame
 from .sinks import FrameSink, open_sink
 
 __all__ = ["StyledCamera"]
@@ -43,7 +47,7 @@ class StyledCamera:
     :param output: where restyled frames go: ``"vcam"`` (every backend of this OS is tried), ``"vcam:BACKEND"``,
         ``"window"``, ``"file:PATH"`` or ``"none"``.
     :param device: the virtual camera device (e.g. ``/dev/video10``), for ``vcam`` outputs.
-    :param steps: denoising steps 1–4 (``None``: the preset's).
+    :param steps: denoising steps within the protocol's ``STEPS_MIN``–``STEPS_MAX`` (``None``: the preset's).
     """
 
     def __init__(self, *, width: int, height: int, fps: float, preset: str | None = None,
@@ -131,7 +135,7 @@ class StyledCamera:
         self._session.send(frame)
         self._frames_sent += 1
         self._last_frame_t = time.perf_counter()
-        newest = None
+        newest: RestyledFrame | None = None
         while True:  # newest wins: a camera shows the present
             got = self._session.recv(timeout_s=0)
             if got is None:
@@ -148,13 +152,14 @@ class StyledCamera:
         if delay > 0:
             time.sleep(delay)
 
-    def set_preset(self, name: str) -> None:
-        """Switch the style live (blended over the preset's transition, no restart)."""
-        self._session.set_preset(name)
+    def set_preset(self, name: str) -> SetPresetReply:
+        """Switch the style live (blended over the preset's transition, no restart); queued, live once the
+        daemon's ``status`` shows it."""
+        return self._session.set_preset(name)
 
-    def set_params(self, **params) -> None:
-        """Change prompt / steps / noise_scale / seed / transition_chunks live."""
-        self._session.set_params(**params)
+    def set_params(self, **changes: Any) -> SetParamsReply:
+        """Change prompt / steps / noise_scale / seed / transition_chunks live (queued like :meth:`set_preset`)."""
+        return self._session.set_params(**changes)
 
     def close(self) -> None:
         """Close the session and the camera. Idempotent."""
@@ -170,7 +175,7 @@ class StyledCamera:
     def __enter__(self) -> StyledCamera:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
+from sdlive.daemon.protocol.messages import SessionStats
 from sdlive.obs_bridge.client import DaemonClient
 from sdlive.obs_bridge.media.capture import synthetic_frame
 
@@ -34,9 +35,9 @@ def _recorded(prefix: Path) -> int:
         return 0
 
 
-def _cam_session(client: DaemonClient) -> dict:
-    sessions = client.status().get("sessions") or []
-    mine = [s for s in sessions if s.get("client") == "sdlive-cam"]
+def _cam_session(client: DaemonClient) -> SessionStats:
+    sessions = client.status().sessions
+    mine = [s for s in sessions if s.client == "sdlive-cam"]
     assert len(mine) == 1, sessions
     return mine[0]
 
@@ -70,7 +71,7 @@ def test_cam_streams_to_the_virtual_camera_at_the_set_fps_and_switches_presets_o
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with DaemonClient(daemon.control_address, timeout_s=30) as dc:
-            names = [p["name"] for p in dc.list_presets()]
+            names = [p.name for p in dc.list_presets().presets]
             target = names[2]  # key "3"
             assert target != "anime"
             deadline = time.monotonic() + 90
@@ -78,11 +79,11 @@ def test_cam_streams_to_the_virtual_camera_at_the_set_fps_and_switches_presets_o
                 assert proc.poll() is None, proc.stdout.read()
                 assert time.monotonic() < deadline, "the virtual camera received no frames"
                 time.sleep(0.1)
-            assert _cam_session(dc)["preset"] == "anime"
+            assert _cam_session(dc).preset == "anime"
             switched_after = _recorded(prefix)
             proc.stdin.write("3\n")
             proc.stdin.flush()
-            while _cam_session(dc)["preset"] != target:
+            while _cam_session(dc).preset != target:
                 assert time.monotonic() < deadline, "the key did not switch the daemon session's preset"
                 time.sleep(0.05)
             while _recorded(prefix) < switched_after + 24:

@@ -15,7 +15,7 @@ def test_synthetic_source_yields_the_asked_count_size_and_moving_frames():
         assert isinstance(src, FrameSource)
         assert (src.size, src.fps, src.frame_count) == ((96, 64), 10.0, 6)
         frames = list(src)
-    assert [f.seq for f in frames] == list(range(6))
+    assert [f.index for f in frames] == list(range(6))
     assert all(f.pixels.shape == (64, 96, 3) and f.pixels.dtype == np.uint8 for f in frames)
     assert all(b.timestamp_ns > a.timestamp_ns for a, b in zip(frames, frames[1:], strict=False))
     # the shapes move: consecutive frames differ, and the clip is deterministic

@@ -42,7 +42,7 @@ def test_styled_camera_restyles_sent_frames_into_the_virtual_camera(daemon, reco
     with open_source("synthetic:1", width=SIZE, height=SIZE) as clip:
         assert np.abs(first - clip.read().pixels.astype(int)).mean() > 10
     with daemon.client() as dc:
-        assert session_id not in {s["session_id"] for s in dc.status().get("sessions", [])}
+        assert session_id not in {s.session_id for s in dc.status().sessions}
 
 
 def test_styled_camera_without_a_backend_fails_before_touching_the_daemon():

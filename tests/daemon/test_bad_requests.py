@@ -13,8 +13,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sdlive.daemon.protocol.constants import PROTOCOL_VERSION
 from sdlive.daemon.protocol.errors import ERROR_CODES
-from sdlive.obs_bridge.client import DaemonClient, DaemonError
+from sdlive.obs_bridge.client import DaemonClient, DaemonError, InvalidRequest
 
 SIZE = 64
 
@@ -135,7 +136,7 @@ def test_req_style_envelope_is_answered_in_kind(daemon):
         req.send(b'{"op": "hello", "id": "r1"}')
         assert req.poll(10_000)
         reply = json.loads(req.recv())
-        assert reply["ok"] and reply["id"] == "r1" and reply["protocol"] == "sdlive/1"
+        assert reply["ok"] and reply["id"] == "r1" and reply["protocol"] == PROTOCOL_VERSION
     finally:
         req.close(linger=0)
 
@@ -146,17 +147,18 @@ def test_error_reply_echoes_request_id(raw):
     assert_error(reply, "unknown_session")
 
 
-def test_bad_preset_and_params_on_a_live_session(daemon, streamer):
+def test_bad_preset_and_params_on_a_live_session(daemon, streamer, raw):
+    session_id = streamer.session.session_id
     with daemon.client() as client:
         with pytest.raises(DaemonError) as err:
-            client.set_preset(streamer.session.session_id, "no-such-preset")
+            client.set_preset(session_id, "no-such-preset")
         assert err.value.code == "unknown_preset"
-        with pytest.raises(DaemonError) as err:
-            client.set_params(streamer.session.session_id, steps=7)
-        assert err.value.code == "bad_params"
-        with pytest.raises(DaemonError) as err:
-            client.set_params(streamer.session.session_id, prompt="   ")
-        assert err.value.code == "bad_params"
+        for bad in ({"steps": 7}, {"prompt": "   "}):
+            # the daemon's answer, and the client's own refusal before sending: the same model, the same code
+            assert_error(raw.ask(json.dumps({"op": "set_params", "session_id": session_id, **bad}).encode()), "bad_params")
+            with pytest.raises(InvalidRequest) as refused:
+                client.set_params(session_id, **bad)
+            assert refused.value.code == "bad_params"
 
 
 json_values = st.recursive(

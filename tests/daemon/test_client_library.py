@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from sdlive.obs_bridge.client import DaemonClient, DaemonError, DaemonUnavailable
+from sdlive.daemon.protocol.constants import STEPS_MAX
+from sdlive.obs_bridge.client import DaemonClient, DaemonError, DaemonUnavailable, InvalidRequest
 
 
 def test_no_daemon_raises_unavailable_naming_address_and_fix():
@@ -25,13 +26,26 @@ def test_no_daemon_raises_unavailable_naming_address_and_fix():
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"pixel_format": "yuv"}, "pixel format"), ({"transport": "carrier-pigeon"}, "transport"),
-     ({"jpeg_quality": 0}, "jpeg_quality")],
+    [({"pixel_format": "yuv"}, "pixel_format"), ({"transport": "carrier-pigeon"}, "transport"),
+     ({"jpeg_quality": 0}, "jpeg_quality"), ({"width": 8}, "width"), ({"params": {"steps": 9}}, "params.steps")],
 )
 def test_bad_open_session_arguments_are_refused_before_sending(kwargs, needle):
     with DaemonClient("tcp://127.0.0.1:1", timeout_s=0.3) as client:
         with pytest.raises(ValueError, match=needle):
-            client.open_session(width=64, height=64, fps=30, **kwargs)
+            client.open_session(**{"width": 64, "height": 64, "fps": 30, **kwargs})
+
+
+def test_out_of_range_values_are_refused_before_sending_with_the_daemons_code():
+    with DaemonClient("tcp://127.0.0.1:1", timeout_s=0.3) as client:  # nothing listens: refused before sending
+        with pytest.raises(InvalidRequest) as err:
+            client.set_params("abc", steps=STEPS_MAX + 1)
+        assert err.value.code == "bad_params" and isinstance(err.value, ValueError)
+        with pytest.raises(InvalidRequest) as err:
+            client.set_params("abc", colour="red")
+        assert err.value.code == "bad_request" and "colour" in err.value.message
+        with pytest.raises(InvalidRequest) as err:
+            client.set_preset("not a session id!", "anime")
+        assert err.value.code == "bad_request"
 
 
 def test_bad_address_is_refused():
@@ -51,7 +65,7 @@ def test_frame_checks_idle_heartbeats_and_idempotent_close(daemon):
         assert session.recv(timeout_s=0.05) is None  # nothing sent yet: a short wait, then None
         # idle for longer than liveness x interval: the heartbeat thread keeps the session open
         time.sleep(4.0)
-        assert session.session_id in {s["session_id"] for s in client.status()["sessions"]}
+        assert session.session_id in {s.session_id for s in client.status().sessions}
         assert session.daemon_alive and not session.closed
         seq = session.send(np.zeros((48, 64, 4), np.uint8))
         assert seq == 1 and session.frames_sent == 1
@@ -61,4 +75,4 @@ def test_frame_checks_idle_heartbeats_and_idempotent_close(daemon):
         with pytest.raises(DaemonError) as err:
             session.send(np.zeros((48, 64, 4), np.uint8))
         assert err.value.code == "closed"
-        assert session.session_id not in {s["session_id"] for s in client.status()["sessions"]}
+        assert session.session_id not in {s.session_id for s in client.status().sessions}

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from sdlive.daemon.protocol.messages import HelloReply, OpenSessionReply
-from sdlive.obs_bridge.client import DaemonClient, Frame, SessionClient
+from sdlive.daemon.protocol.messages import HelloReply, OpenSessionReply, SessionStats
+from sdlive.obs_bridge.client import DaemonClient, RestyledFrame, SessionClient
 
 SIZE = 64
 FPS = 20.0
@@ -27,17 +27,17 @@ def frame_for(i: int, height: int = SIZE, width: int = SIZE, channels: int = 3) 
 def net_backlog(client: DaemonClient, session: SessionClient):
     """Frames sent over the network that the daemon has not pushed through the engine yet (from ``status``)."""
     def backlog() -> int:
-        entry = client.status(session.session_id)["sessions"][0]
-        return session.frames_sent - entry["frames_in"] - entry["dropped_in"]
+        entry = session.status()
+        return session.frames_sent - entry.frames_in - entry.dropped_in
     return backlog
 
 
 def stream(session: SessionClient, count: int, *, fps: float = FPS, first_ts: int = 1_000_000,
-           channels: int = 3, settle_s: float = 0.5, on_frame=None, backlog=None) -> tuple[list[int], list[Frame]]:
+           channels: int = 3, settle_s: float = 0.5, on_frame=None, backlog=None) -> tuple[list[int], list[RestyledFrame]]:
     """Send ``count`` frames at ``fps`` (capture timestamps first_ts + i), collecting outputs as they come. On shared
     memory, wait while the daemon is behind (this machine's CPU is shared) so no input is lost to ring overrun."""
     sent_ts: list[int] = []
-    got: list[Frame] = []
+    got: list[RestyledFrame] = []
     period = 1.0 / fps
     next_t = time.monotonic()
     for i in range(count):
@@ -72,7 +72,7 @@ def stream(session: SessionClient, count: int, *, fps: float = FPS, first_ts: in
     return sent_ts, got
 
 
-def check_in_order(sent_ts: list[int], got: list[Frame], latency_frames: int, height: int, width: int, channels: int):
+def check_in_order(sent_ts: list[int], got: list[RestyledFrame], latency_frames: int, height: int, width: int, channels: int):
     assert len(got) >= len(sent_ts) - latency_frames, f"only {len(got)} outputs for {len(sent_ts)} inputs"
     seqs = [f.seq for f in got]
     assert seqs == list(range(1, len(got) + 1)), f"output sequence has gaps or reorders: {seqs}"
@@ -88,39 +88,39 @@ def test_shm_session_returns_every_frame_in_order_with_capture_timestamps(daemon
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime") as session:
             assert session.transport == "shm"
             assert session.latency_frames > 0
-            OpenSessionReply.model_validate(session.info)  # the protocol's reply schema
-            HelloReply.model_validate(client.hello())
+            assert isinstance(session.info, OpenSessionReply)  # replies are the protocol's reply models
+            assert isinstance(client.hello(), HelloReply)
             sent, got = stream(session, 48)
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
             assert len(got) >= 40
             # real restyling happened: outputs are not the inputs echoed back
             assert not np.array_equal(got[-1].pixels, frame_for(len(got) - 1))
-            status = client.status(session.session_id)["sessions"][0]
-            assert status["frames_in"] == 48
-            assert status["frames_out"] == len(got)
-            assert status["dropped_in"] == 0
+            status = session.status()
+            assert isinstance(status, SessionStats)
+            assert status.frames_in == 48
+            assert status.frames_out == len(got)
+            assert status.dropped_in == 0
 
 
-def test_preset_switch_mid_stream_keeps_counters_and_stream_going(daemon):
+def test_preset_switch_mid_stream_keeps_counters_and_stream_going(daemon, wait_for):
     with daemon.client() as client:
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime") as session:
             switched = {}
 
             def on_frame(i: int) -> None:
                 if i == 20:
-                    reply = session.set_preset("watercolor")
-                    switched["reply"] = reply
-                    switched["before"] = client.status(session.session_id)["sessions"][0]
+                    switched["reply"] = session.set_preset("watercolor")
+                    switched["before"] = session.status()
 
             sent, got = stream(session, 44, on_frame=on_frame)
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
-            assert switched["reply"]["preset"] == "watercolor"
-            assert "watercolor" in switched["reply"]["params"]["prompt"] or switched["reply"]["params"]["prompt"]
-            after = client.status(session.session_id)["sessions"][0]
-            assert after["preset"] == "watercolor"
+            reply = switched["reply"]
+            assert reply.preset == "watercolor" and reply.params is not None and reply.params.prompt
+            assert wait_for(lambda: session.status().preset == "watercolor", timeout_s=SETTLE_TIMEOUT_S)
+            after = session.status()
             # no reset: the engine's frame counters continue across the switch
-            assert after["engine_frames_in"] == 44 > switched["before"]["engine_frames_in"] >= 19
-            assert after["engine_frames_out"] >= switched["before"]["engine_frames_out"]
+            assert after.engine_frames_in == 44 > switched["before"].engine_frames_in >= 19
+            assert after.engine_frames_out >= switched["before"].engine_frames_out
             # outputs kept flowing after the switch, with no gap in sequence numbers
             assert got[-1].timestamp_ns > sent[20]
 
@@ -130,7 +130,7 @@ def test_two_sessions_at_different_sizes_at_once(daemon):
         a = client.open_session(width=64, height=64, fps=FPS, preset="anime")
         b = client.open_session(width=96, height=64, fps=FPS, preset="cyberpunk", pixel_format="bgra")
         try:
-            got: dict[str, list[Frame]] = {"a": [], "b": []}
+            got: dict[str, list[RestyledFrame]] = {"a": [], "b": []}
             pairs = (("a", a), ("b", b))
 
             def collect(timeout_s: float) -> None:
@@ -154,10 +154,10 @@ def test_two_sessions_at_different_sizes_at_once(daemon):
             collect(0.5)
             check_in_order([10_000 + i for i in range(30)], got["a"], a.latency_frames, 64, 64, 3)
             check_in_order([20_000 + i for i in range(30)], got["b"], b.latency_frames, 64, 96, 4)
-            status = {s["session_id"]: s for s in client.status()["sessions"]}
-            assert (status[a.session_id]["width"], status[a.session_id]["height"]) == (64, 64)
-            assert (status[b.session_id]["width"], status[b.session_id]["height"]) == (96, 64)
-            assert status[b.session_id]["pixel_format"] == "bgra"
+            status = {s.session_id: s for s in client.status().sessions}
+            assert (status[a.session_id].width, status[a.session_id].height) == (64, 64)
+            assert (status[b.session_id].width, status[b.session_id].height) == (96, 64)
+            assert status[b.session_id].pixel_format == "bgra"
         finally:
             a.close()
             b.close()
@@ -171,10 +171,10 @@ def test_network_transport_round_trips_frames(daemon, jpeg_quality):
             assert session.transport == "net"
             sent, got = stream(session, 40, backlog=net_backlog(client, session))
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
-            status = client.status(session.session_id)["sessions"][0]
-            assert status["transport"] == "net"
-            assert status["frames_in"] == 40
-            assert status["frames_out"] == len(got)
+            status = session.status()
+            assert status.transport == "net"
+            assert status.frames_in == 40
+            assert status.frames_out == len(got)
 
 
 def test_auto_transport_falls_back_to_network_when_shared_memory_is_unreachable(daemon, monkeypatch, tmp_path):
@@ -186,11 +186,11 @@ def test_auto_transport_falls_back_to_network_when_shared_memory_is_unreachable(
             sent, got = stream(session, 16, backlog=net_backlog(client, session))
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
         # the shared-memory session opened first was closed by the fallback, the network one by close()
-        assert client.status()["sessions"] == []
+        assert client.status().sessions == []
     assert not list(tmp_path.iterdir())
 
 
-def test_set_params_with_a_new_prompt_applies_live_without_stalling(daemon):
+def test_set_params_with_a_new_prompt_applies_live_without_stalling(daemon, wait_for):
     prompt = f"a stained glass window, vivid colours, {time.time_ns()}"  # never encoded before
     with daemon.client() as client:
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, preset="anime") as session:
@@ -202,16 +202,19 @@ def test_set_params_with_a_new_prompt_applies_live_without_stalling(daemon):
 
             sent, got = stream(session, 36, on_frame=on_frame)
             check_in_order(sent, got, session.latency_frames, SIZE, SIZE, 3)
-            assert changed["reply"]["params"]["prompt"] == prompt
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                entry = client.status(session.session_id)["sessions"][0]
-                if entry["params"]["prompt"] == prompt:
-                    break
-                time.sleep(0.2)
-            assert entry["params"]["prompt"] == prompt and entry["params"]["steps"] == 1
-            assert entry["params"]["noise_scale"] == 0.5 and entry["pending_changes"] == 0
-            assert entry["engine_frames_in"] == 36
+            reply = changed["reply"]
+            assert reply.pending and reply.params is not None and reply.params.prompt == prompt
+            # answered on receipt: live once status shows it (the new prompt is encoded first)
+
+            def live() -> bool:
+                entry = session.status()
+                return entry.pending_changes == 0 and entry.params is not None and entry.params.prompt == prompt
+
+            assert wait_for(live, timeout_s=60)
+            entry = session.status()
+            assert entry.params is not None
+            assert entry.params.prompt == prompt and entry.params.steps == 1 and entry.params.noise_scale == 0.5
+            assert entry.engine_frames_in == 36
 
 
 def test_outputs_leave_at_the_source_rate_with_steady_latency(daemon):
@@ -233,11 +236,11 @@ def test_outputs_leave_at_the_source_rate_with_steady_latency(daemon):
                     now = time.monotonic_ns()
                     arrivals.append(now)
                     latencies.append((now - out.timestamp_ns) / 1e6)
-            entry = client.status(session.session_id)["sessions"][0]
+            entry = session.status()
     steady = np.diff(arrivals[len(arrivals) // 3:]) / 1e6  # after the latency target has settled
     assert len(steady) >= 30
     assert abs(steady.mean() - 1000 / fps) < 0.1 * 1000 / fps, f"mean output interval {steady.mean():.1f} ms"
-    assert entry["jitter_ms"] < 15.0, f"daemon-side output jitter {entry['jitter_ms']} ms"
+    assert entry.jitter_ms is not None and entry.jitter_ms < 15.0, f"daemon-side output jitter {entry.jitter_ms} ms"
     tail = np.asarray(latencies[len(latencies) // 3:])
     assert np.percentile(tail, 95) - np.percentile(tail, 50) < 50, "latency must be steady"
-    assert entry["latency_ms_p50"] > 0
+    assert entry.latency_ms_p50 is not None and entry.latency_ms_p50 > 0

@@ -34,17 +34,8 @@ def fast_daemon(tmp_path_factory, launch_daemon):
     proc.stop()
 
 
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
 def session_ids(client: DaemonClient) -> set[str]:
-    return {s["session_id"] for s in client.status()["sessions"]}
+    return {s.session_id for s in client.status().sessions}
 
 
 def feed(session, frames: int) -> int:
@@ -65,7 +56,7 @@ CHILD = textwrap.dedent(
     from sdlive.obs_bridge.client import DaemonClient
     client = DaemonClient(sys.argv[1], token=sys.argv[2])
     s = client.open_session(width=64, height=64, fps=15, preset="anime")
-    print(json.dumps({"session_id": s.session_id, "rings": [s.info["input_ring"], s.info["output_ring"]]}), flush=True)
+    print(json.dumps({"session_id": s.session_id, "rings": [s.info.input_ring, s.info.output_ring]}), flush=True)
     i = 0
     while True:
         s.send(np.full((64, 64, 3), i % 256, np.uint8)); i += 1
@@ -74,7 +65,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkilled_client_leaves_no_shared_memory_after_heartbeat_timeout(fast_daemon):
+def test_sigkilled_client_leaves_no_shared_memory_after_heartbeat_timeout(fast_daemon, wait_for):
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, fast_daemon.control_address, TOKEN], stdout=subprocess.PIPE, text=True
     )
@@ -98,14 +89,15 @@ def test_sigkilled_client_leaves_no_shared_memory_after_heartbeat_timeout(fast_d
     assert f"session {info['session_id']} closed: client silent" in fast_daemon.log()
 
 
-def test_corrupt_ring_header_closes_that_session_only(fast_daemon):
+def test_corrupt_ring_header_closes_that_session_only(fast_daemon, wait_for):
     with fast_daemon.client() as client:
         victim = client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime")
         other = client.open_session(width=SIZE, height=SIZE, fps=15, preset="watercolor")
         try:
             feed(victim, 6)
             feed(other, 6)
-            path = Path(ring_path(victim.info["input_ring"]))
+            assert victim.info.input_ring is not None
+            path = Path(ring_path(victim.info.input_ring))
             with open(path, "r+b") as fh:  # a stray writer scribbles over the header
                 fh.write(b"GARBAGE!")
             assert wait_for(lambda: victim.session_id not in session_ids(client), timeout_s=8)
@@ -141,7 +133,7 @@ def test_requests_without_the_token_are_unauthorized(fast_daemon):
     with DaemonClient(fast_daemon.control_address, token=None, timeout_s=30.0) as anonymous:
         anonymous.token = None
         anonymous._channel.token = None
-        assert anonymous.hello()["auth_required"] is True  # hello tells clients a token is needed
+        assert anonymous.hello().auth_required is True  # hello tells clients a token is needed
         for call in (anonymous.list_presets, anonymous.status, lambda: anonymous.open_session(width=64, height=64, fps=15)):
             with pytest.raises(DaemonError) as err:
                 call()
@@ -151,7 +143,7 @@ def test_requests_without_the_token_are_unauthorized(fast_daemon):
             wrong.status()
         assert err.value.code == "unauthorized"
     with fast_daemon.client() as good:
-        assert good.status()["model"] == "tiny"
+        assert good.status().model == "tiny"
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, sdlive_command):
@@ -207,7 +199,8 @@ def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(fast_daemon):
         with proc.client() as client:
             session = client.open_session(width=SIZE, height=SIZE, fps=15)
             feed(session, 6)
-            rings = [Path(ring_path(session.info[k])) for k in ("input_ring", "output_ring")]
+            rings = [Path(ring_path(name)) for name in (session.info.input_ring, session.info.output_ring) if name]
+            assert len(rings) == 2
             assert all(p.exists() for p in rings)
             time.sleep(1.5)  # the subscription is live (daemon heartbeats arrive once a second)
             proc.process.send_signal(signal.SIGTERM)
@@ -236,7 +229,7 @@ def test_rings_left_by_a_sigkilled_daemon_are_swept_live_ones_kept(daemon_factor
     with dead.client() as client:
         session = client.open_session(width=SIZE, height=SIZE, fps=15)
         session._heartbeat.stop()
-        stale = {session.info["input_ring"], session.info["output_ring"]}
+        stale = {session.info.input_ring, session.info.output_ring}
         dead.process.kill()  # SIGKILL: that daemon cannot unlink anything
         dead.process.wait(10)
         session._in_ring.close()

@@ -45,7 +45,7 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
                         session.send(np.full((SIZE, SIZE, 3), (5 * i) % 256, np.uint8), timestamp_ns=time.monotonic_ns())
                         i += 1
                     outputs += session.recv(timeout_s=1 / 15) is not None
-                status = client.status(session.session_id)["sessions"][0]
+                status = session.status()
                 # the CLI, from another process, while the session is open
                 cli = subprocess.run(sdlive_command("status", "--address", daemon.control_address, "--json",
                                                     "--timeout", "30"), capture_output=True, text=True, timeout=120)
@@ -57,14 +57,15 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
         listener.join(5)
         sub.close(linger=0)
 
-    assert status["frames_in"] >= 40 and status["frames_out"] >= 24
-    assert status["latency_ms_p50"] > 0 and status["latency_ms_p95"] >= status["latency_ms_p50"]
-    assert status["latency_ms_p99"] >= status["latency_ms_p95"]
-    assert status["jitter_ms"] is not None and status["jitter_ms"] >= 0
-    assert status["step_ms"] > 0 and set(status["stage_ms"]) >= {"encode", "dit", "decode"}
-    assert status["device_memory_mb"] > 0
-    assert status["client"] == "stats-test"
-    SessionStats.model_validate(status)  # the protocol's schema
+    assert isinstance(status, SessionStats)  # the protocol's schema
+    assert status.frames_in >= 40 and status.frames_out >= 24
+    p50, p95, p99 = status.latency_ms_p50, status.latency_ms_p95, status.latency_ms_p99
+    assert p50 is not None and p95 is not None and p99 is not None
+    assert p50 > 0 and p95 >= p50 and p99 >= p95
+    assert status.jitter_ms is not None and status.jitter_ms >= 0
+    assert status.step_ms is not None and status.step_ms > 0 and set(status.stage_ms) >= {"encode", "dit", "decode"}
+    assert status.device_memory_mb is not None and status.device_memory_mb > 0
+    assert status.client == "stats-test"
 
     stats = [body for topic, body in received if topic == "stats" and body["session_id"] == session.session_id]
     assert len(stats) >= 2, "expected a stats message per second while streaming"
@@ -87,7 +88,7 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
     assert session.session_id in table.stdout and "stats-test" in table.stdout
 
 
-def test_cli_preset_lists_and_switches(daemon, sdlive_command):
+def test_cli_preset_lists_and_switches(daemon, sdlive_command, wait_for):
     listing = subprocess.run(sdlive_command("preset", "--address", daemon.control_address, "--timeout", "30"),
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
@@ -99,7 +100,8 @@ def test_cli_preset_lists_and_switches(daemon, sdlive_command):
                                daemon.control_address, "--timeout", "30"),
                 capture_output=True, text=True, timeout=120)
             assert switched.returncode == 0, switched.stderr
-            assert client.status(session.session_id)["sessions"][0]["preset"] == "oil-painting"
+            # queued on receipt: live once status shows it
+            assert wait_for(lambda: session.status().preset == "oil-painting", timeout_s=30)
             bad = subprocess.run(
                 sdlive_command("preset", "nope", "--session", session.session_id, "--address",
                                daemon.control_address, "--timeout", "30"),
