@@ -575,7 +575,7 @@ def encode_request(request: _Request) -> bytes:
     return data
 
 
-def ok_reply(body: _Reply, *, id: Any = None) -> bytes:
+def ok_reply(body: BaseModel, *, id: Any = None) -> bytes:
     """The JSON bytes of a success reply: ``{"ok": true, "id": id, ...body}``, from the op's reply model."""
     fields = body.model_dump(mode="json")
     fields.pop("ok", None)

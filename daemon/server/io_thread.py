@@ -28,7 +28,18 @@ import zmq
 from ..protocol import netframe
 from ..protocol.constants import host_of
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..protocol.messages import NetEndpoints, Request, authorize, decode_request, encode_pub, error_reply, ok_reply
+from ..protocol.messages import (
+    CloseSessionRequest,
+    NetEndpoints,
+    OpenSessionRequest,
+    Request,
+    StatusRequest,
+    authorize,
+    decode_request,
+    encode_pub,
+    error_reply,
+    ok_reply,
+)
 from .directory import SessionDirectory
 from .items import (
     InboundItem,
@@ -299,9 +310,9 @@ class IOThread(threading.Thread):
             self._send(router, envelope, error_reply(ErrorCode.INTERNAL, f"{message.op} failed: {exc}", id=message.id))
             return
         if reply is not None:
-            self._send(router, envelope, ok_reply(reply, id=message.id))  # type: ignore[arg-type]
-        elif message.op in ("open_session", "close_session", "status"):
-            self.inbox.put(LoopRequest(envelope, message, received_ns))  # type: ignore[arg-type]
+            self._send(router, envelope, ok_reply(reply, id=message.id))
+        elif isinstance(message, (OpenSessionRequest, CloseSessionRequest, StatusRequest)):
+            self.inbox.put(LoopRequest(envelope, message, received_ns))
         else:
             self._send(router, envelope, error_reply(ErrorCode.UNKNOWN_OP, f"op {message.op!r} is not served", id=message.id))
 
@@ -336,7 +347,7 @@ class IOThread(threading.Thread):
                 payload = error_reply(item.error.code, item.error.message, id=item.request_id)
             else:
                 assert item.body is not None
-                payload = ok_reply(item.body, id=item.request_id)  # type: ignore[arg-type]
+                payload = ok_reply(item.body, id=item.request_id)
             self._send(router, item.envelope, payload)
         elif isinstance(item, Publish):
             try:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 
@@ -360,9 +360,9 @@ class ComputeLoop:
     def event(self, event: str, session_id: str | None = None, **fields: Any) -> None:
         self.outbox.put(Publish(TOPIC_EVENT, Event(event=event, session_id=session_id, **fields)))
 
-    def publish_beat(self, state: str, message: str | None = None) -> None:
+    def publish_beat(self, state: Literal["alive", "stopping", "dead"], message: str | None = None) -> None:
         beat = DaemonBeat(
-            state=state,  # type: ignore[arg-type]
+            state=state,
             pid=os.getpid(),
             uptime_s=round((time.monotonic_ns() - self.started_ns) / 1e9, 2),
             sessions=len(self.sessions),

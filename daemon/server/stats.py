@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -81,7 +82,7 @@ class SessionCounters:
             if late:
                 self.deadline_misses += 1
 
-    def engine_step(self, push_ms: float, stage_ms: dict[str, float] | None, outputs: int) -> None:
+    def engine_step(self, push_ms: float, stage_ms: Mapping[str, float] | None, outputs: int) -> None:
         self.push_ms = push_ms
         self.engine_outputs += outputs
         if stage_ms:
