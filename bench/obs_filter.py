@@ -38,16 +38,6 @@ def _load(name: str, path: Path):
     return module
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise SystemExit(f"obs_filter bench: timed out waiting for {what}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1280x720", help="source and canvas size, WxH")
@@ -92,7 +82,7 @@ def main() -> int:
         names = harness.SCRIPT_NAMES
         cl.create_source_filter("src", names.FILTER_DISPLAY_NAME, names.FILTER_ID,
                                 {names.SETTING_ADDRESS: daemon.control_address})
-        _wait(lambda: filt().get("frames_out", 0) > 0, 120, "the first output frame")
+        harness.wait_until(lambda: filt().get("frames_out", 0) > 0, 120, "the first output frame")
         time.sleep(args.warmup)
         f0 = filt()
         time.sleep(args.seconds)

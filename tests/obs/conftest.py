@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .harness import SCRIPT, SCRIPT_NAMES, HeadlessOBS, RestartableDaemon, missing_tools, screenshot
+from .harness import SCRIPT, SCRIPT_NAMES, HeadlessOBS, RestartableDaemon, missing_tools, screenshot, wait_until
 
 CANVAS = (320, 176)  # multiples of 16: the daemon session runs at the source size, pixels compare 1:1
 SOURCE_NAME = "bg"
@@ -91,16 +91,9 @@ class ObsUnderTest:
                 return f
         return {}
 
-    def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.2):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; stats: {self.stats()}\n"
-                             f"OBS log (sdlive lines):\n{self.sdlive_log()}")
+    def wait_for(self, predicate, timeout: float, what: str):
+        return wait_until(predicate, timeout, what,
+                          context=lambda: f"; stats: {self.stats()}\nOBS log (sdlive lines):\n{self.sdlive_log()}")
 
     def sdlive_log(self) -> str:
         return "\n".join(line for line in self.obs.log_text().splitlines() if "sdlive" in line)[-4000:]

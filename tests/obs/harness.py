@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -27,6 +29,19 @@ SCRIPT_NAMES = obs_setup.SCRIPT_NAMES  # obs_script/sdlive_names.py: the filter'
 SCRIPT_DIR = obs_setup.SCRIPT_SOURCE_DIR
 SCRIPT = SCRIPT_DIR / SCRIPT_NAMES.ENTRY_FILE  # the entry file OBS loads
 MIN_UPTIME_S = 2.0  # see HeadlessOBS.stop
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, *, interval_s: float = 0.2,
+               context: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s`` passes: TimeoutError naming
+    ``what``, plus ``context()`` (state worth seeing when it failed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}" + (context() if context else ""))
 
 
 def missing_tools() -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .harness import SCRIPT_DIR, free_port
+from .harness import SCRIPT_DIR, free_port, wait_until
 
 OBS_SCRIPTING = "/usr/lib/x86_64-linux-gnu/obs-scripting"
 
@@ -89,16 +89,6 @@ class Router:
         self.monitor.close(0)
         self.sock.close(0)
         self.ctx.term()
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------------- the ZMTP client
