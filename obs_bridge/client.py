@@ -84,6 +84,8 @@ from sdlive.daemon.protocol.messages import (
 )
 from sdlive.daemon.protocol.ring import FrameRing, RingError
 
+from .frames import check_frame
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -549,22 +551,10 @@ class SessionClient:
             self._mark_lost(f"session {self.session_id} was closed by the daemon")
             raise DaemonError("unknown_session", self._lost or "")
 
-    def _check_frame(self, frame: object) -> np.ndarray:
-        if not isinstance(frame, np.ndarray):
-            raise TypeError(f"frame must be a numpy array, not {type(frame).__name__}")
-        if frame.dtype != np.uint8:
-            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
-        if frame.shape != self._shape:
-            raise ValueError(
-                f"unexpected frame shape: {frame.shape} != {self._shape} "
-                f"(the session is {self.width}x{self.height} {self.pixel_format})"
-            )
-        return np.ascontiguousarray(frame)
-
     def send(self, frame: np.ndarray, timestamp_ns: int | None = None) -> int:
         """Hand one input frame to the daemon (never blocks); returns its sequence number (1, 2, …)."""
         self._check_live()
-        frame = self._check_frame(frame)
+        frame = check_frame(frame, self._shape, context=f"the session is {self.width}x{self.height} {self.pixel_format}")
         if timestamp_ns is None:
             timestamp_ns = time.monotonic_ns()
         if self._in_ring is not None:

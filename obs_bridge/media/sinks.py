@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..frames import check_frame
+
 if TYPE_CHECKING:
     import tkinter
 
@@ -110,13 +112,7 @@ class FrameSink(ABC):
     def write(self, frame: np.ndarray) -> None:
         if self._closed:
             raise SinkError(f"{self.kind} sink: write() after close()")
-        if not isinstance(frame, np.ndarray):
-            raise TypeError(f"unexpected frame type: {type(frame).__name__} != numpy.ndarray")
-        if frame.dtype != np.uint8:
-            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
-        if frame.shape != (self.height, self.width, 3):
-            raise ValueError(f"unexpected frame shape: {frame.shape} != {(self.height, self.width, 3)}")
-        self._write(np.ascontiguousarray(frame))
+        self._write(check_frame(frame, (self.height, self.width, 3)))
         self._frames_sent += 1
         self._times.append(time.perf_counter())
 

@@ -123,15 +123,10 @@ class StyledCamera:
         return self._sink.current_fps
 
     def send(self, frame: np.ndarray) -> None:
-        """Send one BGR ``height×width×3`` uint8 frame; passes the newest restyled frame on to the camera."""
+        """Send one BGR ``height×width×3`` uint8 frame (checked by the session); passes the newest restyled frame
+        on to the camera."""
         if self._closed:
             raise RuntimeError("send() on a closed StyledCamera")
-        if not isinstance(frame, np.ndarray):
-            raise TypeError(f"unexpected frame type: {type(frame).__name__} != numpy.ndarray")
-        if frame.dtype != np.uint8:
-            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
-        if frame.shape != self._shape:
-            raise ValueError(f"unexpected frame shape: {frame.shape} != {self._shape}")
         self._session.send(frame)
         self._frames_sent += 1
         self._last_frame_t = time.perf_counter()
