@@ -7,9 +7,11 @@ a machine without torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -33,6 +35,16 @@ def _address(address: str | None) -> str:
 def _fail(exc: Exception) -> typer.Exit:
     typer.secho(f"sdlive: {exc}", err=True, fg=typer.colors.RED)
     return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _daemon(address: str | None, token: str | None, timeout_s: float) -> Iterator[DaemonClient]:
+    """A client of the daemon the options name; a DaemonError (no daemon, a refusal) is ``sdlive: …``, exit 1."""
+    try:
+        with DaemonClient(_address(address), token=token, timeout_s=timeout_s) as client:
+            yield client
+    except DaemonError as exc:
+        raise _fail(exc) from None
 
 
 def serve(ctx: typer.Context) -> None:
@@ -61,7 +73,7 @@ def status(
     # Piped into a file or another program, a terminal's 80-column default would cut every column to "…".
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
-        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
+        with _daemon(address, token, timeout) as client:
             if as_json:
                 typer.echo(json.dumps(client.status(session).model_dump(mode="json", exclude={"ok", "id"}), indent=2))
                 return
@@ -82,8 +94,6 @@ def status(
                     live.update(table())
     except KeyboardInterrupt:
         return
-    except DaemonError as exc:
-        raise _fail(exc) from None
 
 
 def preset(
@@ -94,26 +104,23 @@ def preset(
     timeout: _Timeout = 5.0,
 ) -> None:
     """Switch a session (or every session) to a preset, live; without NAME, list the presets."""
-    try:
-        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
-            if name is None:
-                listing = client.list_presets()
-                for p in listing.presets:
-                    hotkey = f"  [{p.hotkey}]" if p.hotkey else ""
-                    index = "?" if p.index is None else p.index
-                    typer.echo(f"{index:>2}  {p.name:<16} steps={p.steps} noise={p.noise_scale}{hotkey}")
-                for problem in listing.problems:
-                    typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
-                return
-            targets = [session] if session else [s.session_id for s in client.status().sessions]
-            if not targets:
-                raise _fail(RuntimeError("no open sessions to apply the preset to (pass --session ID once one is open)"))
-            for session_id in targets:
-                reply = client.set_preset(session_id, name)
-                queued = " (queued; `sdlive status` shows it once live)" if reply.pending else ""
-                typer.echo(f"session {session_id}: preset {name}{queued}")
-    except DaemonError as exc:
-        raise _fail(exc) from None
+    with _daemon(address, token, timeout) as client:
+        if name is None:
+            listing = client.list_presets()
+            for p in listing.presets:
+                hotkey = f"  [{p.hotkey}]" if p.hotkey else ""
+                index = "?" if p.index is None else p.index
+                typer.echo(f"{index:>2}  {p.name:<16} steps={p.steps} noise={p.noise_scale}{hotkey}")
+            for problem in listing.problems:
+                typer.secho(f"skipped: {problem}", fg=typer.colors.YELLOW, err=True)
+            return
+        targets = [session] if session else [s.session_id for s in client.status().sessions]
+        if not targets:
+            raise _fail(RuntimeError("no open sessions to apply the preset to (pass --session ID once one is open)"))
+        for session_id in targets:
+            reply = client.set_preset(session_id, name)
+            queued = " (queued; `sdlive status` shows it once live)" if reply.pending else ""
+            typer.echo(f"session {session_id}: preset {name}{queued}")
 
 
 def shutdown(
@@ -122,11 +129,8 @@ def shutdown(
     timeout: _Timeout = 5.0,
 ) -> None:
     """Stop the daemon (sessions are closed, shared memory is freed)."""
-    try:
-        with DaemonClient(_address(address), token=token, timeout_s=timeout) as client:
-            client.shutdown()
-    except DaemonError as exc:
-        raise _fail(exc) from None
+    with _daemon(address, token, timeout) as client:
+        client.shutdown()
     typer.echo("daemon stopping")
 
 
