@@ -7,6 +7,7 @@ The filter's id, settings keys and hotkey names are the OBS script's own (``obs_
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from . import obs_setup
 
@@ -34,7 +35,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def connect(host: str = "localhost", port: int = obs_setup.DEFAULT_WS_PORT, password: str = "", timeout: float = 3.0):
+def connect(host: str = "localhost", port: int = obs_setup.DEFAULT_WS_PORT, password: str = "",
+            timeout: float = 3.0) -> Any:
     """An obsws-python ``ReqClient``; raises ObsUnavailable naming the fix when OBS does not answer."""
     import obsws_python as obsws
 
@@ -52,12 +54,12 @@ def connect(host: str = "localhost", port: int = obs_setup.DEFAULT_WS_PORT, pass
         raise ObsUnavailable(f"OBS websocket at ws://{host}:{port} refused the connection: {exc} (check --password)") from None
 
 
-def check_versions(client) -> dict:
+def check_versions(client: Any) -> dict[str, Any]:
     """OBS and obs-websocket versions, and whether they are new enough."""
     v = client.get_version()
     obs_v = _version_tuple(v.obs_version)
     ws_v = _version_tuple(v.obs_web_socket_version)
-    problems = []
+    problems: list[str] = []
     if obs_v[:2] < MIN_OBS_VERSION:
         problems.append(f"OBS {v.obs_version} is older than {'.'.join(map(str, MIN_OBS_VERSION))}: update OBS")
     if ws_v[:2] < MIN_WEBSOCKET_VERSION:
@@ -70,22 +72,22 @@ def check_versions(client) -> dict:
     }
 
 
-def hotkey_names(client) -> list[str]:
+def hotkey_names(client: Any) -> list[str]:
     return list(client.get_hotkey_list().hotkeys)
 
 
-def script_loaded(client) -> bool:
+def script_loaded(client: Any) -> bool:
     """The sdlive script registers its preset hotkeys when it loads: their presence proves it runs."""
     return any(n.startswith(HOTKEY_PREFIX) for n in hotkey_names(client))
 
 
-def input_names(client) -> list[str]:
+def input_names(client: Any) -> list[str]:
     return [i["inputName"] for i in client.get_input_list().inputs]
 
 
-def sdlive_filters(client) -> list[dict]:
+def sdlive_filters(client: Any) -> list[dict[str, Any]]:
     """Every sdlive filter on every input: [{source, filter, enabled, settings}]."""
-    found = []
+    found: list[dict[str, Any]] = []
     for source in input_names(client):
         try:
             filters = client.get_source_filter_list(source).filters
@@ -104,7 +106,8 @@ def sdlive_filters(client) -> list[dict]:
     return found
 
 
-def add_filter(client, source: str, *, name: str = DEFAULT_FILTER_NAME, settings: dict | None = None) -> str:
+def add_filter(client: Any, source: str, *, name: str = DEFAULT_FILTER_NAME,
+               settings: dict[str, Any] | None = None) -> str:
     """Add (or update) the sdlive filter on ``source``. Returns what was done."""
     if source not in input_names(client):
         raise ValueError(f"OBS has no source named {source!r}; sources: {', '.join(input_names(client)) or '(none)'}")
@@ -118,7 +121,7 @@ def add_filter(client, source: str, *, name: str = DEFAULT_FILTER_NAME, settings
     return f"added filter {name!r} to {source!r}"
 
 
-def trigger_preset(client, name: str) -> str:
+def trigger_preset(client: Any, name: str) -> str:
     """Press the script's hotkey for a preset name, or ``next`` / ``prev``."""
     hotkey = HOTKEY_PREFIX + name
     names = hotkey_names(client)
