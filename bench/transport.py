@@ -372,7 +372,7 @@ class socket_port:
         self._sock.bind(("127.0.0.1", 0))
         return self._sock.getsockname()[1]
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._sock.close()
 
 

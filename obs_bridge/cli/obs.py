@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,7 +28,7 @@ _Password = Annotated[
 _Json = Annotated[bool, typer.Option("--json", help="print a JSON report instead of text")]
 
 
-def _conn(host: str, port: int, password: str | None):
+def _conn(host: str, port: int, password: str | None) -> Any:  # an obsws-python ReqClient (untyped library)
     from .. import obsws_tools
 
     host = os.environ.get("SDLIVE_OBS_HOST", host) if host == "localhost" else host
@@ -111,7 +111,7 @@ def _script_path() -> str:
     return str(obs_setup.SCRIPT_SOURCE_DIR / obs_setup.SCRIPT_NAMES.ENTRY_FILE)
 
 
-def _disconnect(client) -> None:
+def _disconnect(client: Any) -> None:
     try:
         client.disconnect()
     except Exception:  # noqa: BLE001

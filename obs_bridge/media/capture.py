@@ -26,8 +26,10 @@ import os
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,7 +65,7 @@ class CapturedFrame:
     pixels: np.ndarray  # H×W×3 uint8, BGR
 
 
-def _cv2():
+def _cv2() -> ModuleType:
     import cv2
 
     try:  # OpenCV prints a warning per failed backend probe; our errors say it better.
@@ -169,10 +171,10 @@ class FrameSource(ABC):
     def __enter__(self) -> FrameSource:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[CapturedFrame]:
         while True:
             frame = self.read()
             if frame is None:
@@ -213,7 +215,8 @@ class WebcamSource(FrameSource):
     kind = "webcam"
     self_paced = True
 
-    def __init__(self, device: str, *, width=None, height=None, fps=None) -> None:
+    def __init__(self, device: str, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None) -> None:
         cv2 = _cv2()
         target: int | str
         if device.isdigit():
@@ -270,7 +273,8 @@ class WebcamSource(FrameSource):
 class VideoFileSource(FrameSource):
     kind = "file"
 
-    def __init__(self, path: str | os.PathLike, *, width=None, height=None, fps=None, loop: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None, loop: bool = False) -> None:
         cv2 = _cv2()
         p = Path(path)
         if not p.exists():
@@ -322,7 +326,8 @@ class VideoFileSource(FrameSource):
 class ImageFolderSource(FrameSource):
     kind = "images"
 
-    def __init__(self, folder: str | os.PathLike, *, width=None, height=None, fps=None, loop: bool = False) -> None:
+    def __init__(self, folder: str | os.PathLike, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None, loop: bool = False) -> None:
         d = Path(folder)
         if not d.is_dir():
             raise SourceError(f"image folder not found: {d}")
@@ -366,7 +371,8 @@ class ScreenSource(FrameSource):
 
     kind = "screen"
 
-    def __init__(self, region: str, *, width=None, height=None, fps=None) -> None:
+    def __init__(self, region: str, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None) -> None:
         try:
             import mss
         except ImportError as exc:  # pragma: no cover - mss is a dependency
@@ -455,7 +461,8 @@ def synthetic_frame(index: int, width: int, height: int) -> np.ndarray:
 class SyntheticSource(FrameSource):
     kind = "synthetic"
 
-    def __init__(self, frames: int | None = None, *, width=None, height=None, fps=None) -> None:
+    def __init__(self, frames: int | None = None, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None) -> None:
         if frames is not None and frames <= 0:
             raise SourceError(f"synthetic:{frames}: the frame count must be positive")
         self._draw_size = _target_size(SYNTHETIC_SIZE, width, height)

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -54,6 +54,9 @@ __all__ = [
 
 VIDEO_EXTENSIONS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
                     ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+
+
+_SinkT = TypeVar("_SinkT", bound="FrameSink")
 
 
 class SinkError(RuntimeError):
@@ -131,10 +134,10 @@ class FrameSink(ABC):
             self._closed = True
             self._release()
 
-    def __enter__(self):
+    def __enter__(self: _SinkT) -> _SinkT:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
