@@ -39,6 +39,10 @@ class DaemonReplyError(Exception):
         self.code = code
 
 
+class _StaleConnection(ControlError):
+    """A connection kept from an earlier request was closed by the daemon before anything came back on it."""
+
+
 class StdlibControl:
     """One DEALER connection to ``tcp://HOST:PORT``. Not thread safe: one worker thread owns it."""
 
@@ -61,15 +65,29 @@ class StdlibControl:
         msg: dict[str, Any] = {"op": op, "id": msg_id, **fields}
         if self.token:
             msg["token"] = self.token
+        data = json.dumps(msg).encode("utf-8")
         deadline = time.monotonic() + timeout_s
-        self._send(json.dumps(msg).encode("utf-8"))
+        try:
+            return self._exchange(op, msg_id, data, deadline, timeout_s)
+        except _StaleConnection:  # the daemon closed an idle connection just now (restart, heartbeat timeout)
+            return self._exchange(op, msg_id, data, deadline, timeout_s)  # once more, on a fresh connection
+
+    def _exchange(self, op: str, msg_id: int, data: bytes, deadline: float, timeout_s: float) -> dict[str, Any]:
+        reused = self._send(data)
+        heard = False
         while True:
             if time.monotonic() >= deadline:
                 self._reset()
                 raise ControlError(f"no reply to {op!r} from {self.address} within {timeout_s:.1f} s")
-            raw = self._recv(deadline)
+            try:
+                raw = self._recv(deadline)
+            except ControlError as exc:
+                if reused and not heard:
+                    raise _StaleConnection(str(exc)) from None
+                raise
             if raw is None:
                 continue
+            heard = True
             try:
                 reply = json.loads(raw.decode("utf-8"))
             except ValueError:
@@ -128,15 +146,19 @@ class StdlibControl:
             self._reset()
             raise ControlError(f"no ZMTP handshake with {self.address}: {exc or type(exc).__name__}") from None
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> bool:
+        """Send one message; True when it went over a connection kept from an earlier request (one the daemon may
+        have closed a moment ago: the caller asks again once if nothing comes back on it)."""
         self._drain()
-        if self._sock is None:
+        reused = self._sock is not None
+        if not reused:
             self._connect(REQUEST_TIMEOUT_S)
         try:
             self._send_frame(data)
         except OSError as exc:
             self._reset()
-            raise ControlError(f"lost the connection to {self.address}: {exc}") from None
+            raise (_StaleConnection if reused else ControlError)(f"lost the connection to {self.address}: {exc}") from None
+        return reused
 
     def _recv(self, deadline: float) -> bytes | None:
         """The last frame of the next message (ZMTP commands answered on the way), or None at ``deadline``."""

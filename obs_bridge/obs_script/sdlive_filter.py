@@ -175,7 +175,7 @@ def script_load(settings: Any) -> None:
     register_filter()
     file_presets, problems = sdlive_presets.read_preset_files()
     for problem in problems:
-        warn(f"preset file skipped: {problem}")
+        warn(f"presets: {problem}")
     sdlive_hotkeys.register(settings, file_presets)
     path = os.environ.get(ENV_STATS)
     if path:
