@@ -9,8 +9,8 @@ import pytest
 from sdlive.daemon.protocol.messages import NetEndpoints
 from sdlive.daemon.server.items import NetCounters
 from sdlive.daemon.server.session import Session
-from sdlive.daemon.server.transports import InputFrame, NetTransport
 from sdlive.daemon.server.slo import SloGuard
+from sdlive.daemon.server.transports import InputFrame, NetTransport
 
 
 def test_guard_falls_back_at_the_slo_and_recovers_only_after_a_calm_period():

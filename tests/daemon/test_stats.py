@@ -15,7 +15,7 @@ from sdlive.daemon.protocol.messages import SessionStats, decode_pub
 SIZE = 64
 
 
-def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_command):
+def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_command, wait_for):
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -34,7 +34,8 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
-        time.sleep(1.2)  # subscription settles (daemon beats arrive once a second)
+        # the subscription is live once the daemon's first beat arrives (one a second)
+        assert wait_for(lambda: any(topic == "daemon" for topic, _ in received), timeout_s=10)
         with daemon.client() as client:
             with client.open_session(width=SIZE, height=SIZE, fps=15, preset="anime", client="stats-test") as session:
                 outputs = 0
@@ -51,7 +52,8 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
                                                     "--timeout", "30"), capture_output=True, text=True, timeout=120)
                 table = subprocess.run(sdlive_command("status", "--address", daemon.control_address, "--timeout", "30"),
                                        capture_output=True, text=True, timeout=120, env={"COLUMNS": "250", **__import__("os").environ})
-                time.sleep(1.5)  # one more stats tick
+                ticks = sum(topic == "stats" for topic, _ in received)
+                assert wait_for(lambda: sum(topic == "stats" for topic, _ in received) > ticks, timeout_s=10)
     finally:
         stop.set()
         listener.join(5)
