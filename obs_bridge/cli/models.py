@@ -39,9 +39,10 @@ def _daemon_side() -> None:
         ) from None
 
 
-def _size(n: int) -> str:
-    if n <= 0:
+def _size(nbytes: int) -> str:
+    if nbytes <= 0:
         return "-"
+    n = float(nbytes)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -86,7 +87,15 @@ def pull_cmd(
     name: Annotated[str, typer.Argument(help="model name: wan2.1-1.3b or wan2.1-14b (tiny needs no download)")],
 ) -> None:
     """Download a model's weights into the Hugging Face cache (resumable; nothing runs without them)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     _daemon_side()
     from sdlive.daemon.model.configs import MODEL_NAMES, get_model_spec
@@ -111,7 +120,7 @@ def pull_cmd(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=_err(), transient=False) as bar:
-        tasks: dict[tuple[str, str], int] = {}
+        tasks: dict[tuple[str, str], TaskID] = {}
 
         def on_progress(event) -> None:
             key = (event.repo, event.file)
