@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from ..protocol.constants import PIXEL_FORMATS
+from ..protocol.constants import PIXEL_FORMATS, SIZE_MULTIPLE
 from ..protocol.params import GenerationParams
 from .interface import OutputFrame, Pixels, StageTimes
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # the model (diffusers) is the engine's; this module never im
 
 FIRST_CHUNK_FRAMES = 5
 CHUNK_FRAMES = 4
-SPATIAL_MULTIPLE = 16  # VAE ×8, then the DiT's 2×2 patches
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
 """Noise of a shape, instead of the session's seeded generator (tests: ``torch.zeros``)."""
@@ -87,9 +86,9 @@ class StreamSession:
         noise_fn: NoiseFn | None = None,
     ) -> None:
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < SPATIAL_MULTIPLE or value % SPATIAL_MULTIPLE:
+            if not isinstance(value, int) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
                 raise ValueError(
-                    f"{name} must be a positive multiple of {SPATIAL_MULTIPLE} (got {value!r}): "
+                    f"{name} must be a positive multiple of {SIZE_MULTIPLE} (got {value!r}): "
                     f"resize or crop the source, e.g. 512×512 or 480×832"
                 )
         if pixel_format not in PIXEL_FORMATS:
@@ -105,7 +104,7 @@ class StreamSession:
         self._external_noise = noise_fn
         self._device = engine.device
         self._dtype = engine.dtype
-        self._tokens_per_frame = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+        self._tokens_per_frame = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
         self._vae = engine.new_vae()
         self.stage_ms = StageTimes()
         """The last chunk's stage timings."""

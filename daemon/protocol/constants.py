@@ -36,6 +36,7 @@ __all__ = [
     "RECONNECT_INTERVAL_INIT_S",
     "RECONNECT_INTERVAL_MAX_S",
     "SEED_MAX_EXCLUSIVE",
+    "SIZE_MULTIPLE",
     "STYLE_FIELDS",
     "STEPS_MAX",
     "STEPS_MIN",
@@ -57,9 +58,11 @@ DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5558"
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3
 RECONNECT_INTERVAL_INIT_S = 0.25
-RECONNECT_INTERVAL_MAX_S = 8.0
+RECONNECT_INTERVAL_MAX_S = 2.0
 
-# Session geometry a daemon accepts.
+# Session geometry a daemon accepts: width and height are multiples of SIZE_MULTIPLE (the VAE downsamples ×8, then
+# the DiT takes 2×2 patches), from MIN_SIZE up to MAX_WIDTH × MAX_HEIGHT.
+SIZE_MULTIPLE = 16
 MIN_SIZE = 16
 MAX_WIDTH = 7680
 MAX_HEIGHT = 4320

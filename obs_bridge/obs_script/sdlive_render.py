@@ -19,7 +19,7 @@ from sdlive_obs_api import U32, Vec4, lib
 
 PIXEL_FORMAT = "bgra"  # the GS_BGRA texrender, stage surfaces and output texture below
 BYTES_PER_PIXEL = constants.PIXEL_FORMATS[PIXEL_FORMAT].bytes_per_pixel
-SIZE_MULTIPLE = 16  # the daemon's sessions take multiples of 16 (8× VAE, then 2×2 DiT patches): engine/session.py
+SIZE_MULTIPLE = constants.SIZE_MULTIPLE  # the daemon's sessions take multiples of it
 
 
 def session_size(width: int, height: int) -> tuple[int, int]:
