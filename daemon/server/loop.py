@@ -81,7 +81,7 @@ class ComputeLoop:
         )  # fmt: skip
         self.outbox = self.io.outbox
         self.sessions: dict[str, Session] = {}
-        self.output = OutputThread(self._release_output)
+        self.output: OutputThread[Output] = OutputThread(self._release_output)
         self.ops = LoopOps(self)
         self.started_ns = time.monotonic_ns()
         self.device = config.device or "cpu"

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -70,15 +70,18 @@ class Pacer:
         return due, late
 
 
+T = TypeVar("T")
+
+
 @dataclass(order=True)
-class _Scheduled:
+class _Scheduled(Generic[T]):
     due_ns: int
     order: int
     key: str = field(compare=False)
-    item: Any = field(compare=False)
+    item: T = field(compare=False)
 
 
-class OutputThread(threading.Thread):
+class OutputThread(threading.Thread, Generic[T]):
     """Releases every session's outputs at their due times, off the compute thread.
 
     The compute thread is inside the model for a whole chunk at a time (tens of milliseconds on a GPU, far more on
@@ -90,16 +93,16 @@ class OutputThread(threading.Thread):
     :attr:`lock` is held during every release: hold it to close a session's outputs safely (then ``forget`` it).
     """
 
-    def __init__(self, release: Callable[[Any], None]) -> None:
+    def __init__(self, release: Callable[[T], None]) -> None:
         super().__init__(name="sdlive-output", daemon=True)
         self.lock = threading.RLock()
         self._cv = threading.Condition(self.lock)
-        self._heap: list[_Scheduled] = []
+        self._heap: list[_Scheduled[T]] = []
         self._release = release
         self._order = 0
         self._stopping = False
 
-    def submit(self, key: str, item: Any, due_ns: int) -> None:
+    def submit(self, key: str, item: T, due_ns: int) -> None:
         with self._cv:
             heapq.heappush(self._heap, _Scheduled(due_ns, self._order, key, item))
             self._order += 1
