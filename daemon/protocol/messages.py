@@ -585,10 +585,12 @@ def ok_reply(body: BaseModel, *, id: Any = None) -> bytes:
 
 def summarize_validation_error(exc: ValidationError) -> str:
     """A ValidationError as one line, ``field: problem; field: problem`` (config files, parameter changes)."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
-        for err in exc.errors(include_url=False)
-    )
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)  # a whole-model check has no field
+    return "; ".join(parts)
 
 
 def error_reply(code: ErrorCode | str, message: str, id: Any = None) -> bytes:
