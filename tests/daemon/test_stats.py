@@ -46,6 +46,8 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
                         session.send(np.full((SIZE, SIZE, 3), (5 * i) % 256, np.uint8), timestamp_ns=time.monotonic_ns())
                         i += 1
                     outputs += session.recv(timeout_s=1 / 15) is not None
+                # the daemon takes the last frames sent between its model steps: wait until it has them all
+                assert wait_for(lambda: session.status().frames_in >= i, timeout_s=30)
                 status = session.status()
                 # the CLI, from another process, while the session is open
                 cli = subprocess.run(sdlive_command("status", "--address", daemon.control_address, "--json",
