@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.configs import ModelSpec, get_model_spec
+from ..model.configs import CachePolicy, ModelSpec, get_model_spec
 from ..protocol.params import GenerationParams
 from .session import NoiseFn, StreamSession
 
@@ -59,36 +60,60 @@ class StreamEngine:
     @classmethod
     def load(
         cls,
-        model: str = "tiny",
+        model: str | ModelSpec = "tiny",
         *,
         weights: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         normalize_latents: bool = False,
         random_weights: bool = False,
+        cache_policy: CachePolicy | Mapping[str, int | float | None] | None = None,
+        base_only: bool = False,
         progress: ProgressFn | None = None,
     ) -> StreamEngine:
-        """Build the engine for a model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
+        """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
+        ``ModelSpec``.
 
         ``normalize_latents=False`` reproduces upstream, whose DiT sees the raw VAE mean (DESIGN §3).
         ``random_weights=True`` builds the real shapes from the spec's seed instead of loading weights (benchmarks).
+        ``cache_policy``: the KV cache settings for this engine, a whole ``CachePolicy`` or a mapping of fields to
+        change on the spec's (``{"num_kv_cache": 8}``; ``None`` values keep the default), validated before
+        anything loads (``ValueError``). ``base_only=True`` accepts a base Wan transformer when no
+        StreamDiffusionV2 generator is found (otherwise a ``CheckpointError``).
         """
         from ..model.bundle import load_model_bundle
 
-        spec = get_model_spec(model)  # a clear error for an unknown name before anything loads
+        # a clear error for an unknown name (or a bad cache setting) before anything loads
+        spec = model if isinstance(model, ModelSpec) else get_model_spec(model)
+        if isinstance(cache_policy, CachePolicy):
+            spec = dataclasses.replace(spec, kv_cache=cache_policy)
+        elif cache_policy is not None:
+            spec = dataclasses.replace(spec, kv_cache=spec.kv_cache.with_overrides(**cache_policy))
         if random_weights:
             spec = dataclasses.replace(spec, random_weights=True)
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         bundle = load_model_bundle(
-            spec, weights=Path(weights) if weights else None, device=device, dtype=dtype, progress=progress
+            spec,
+            weights=Path(weights) if weights else None,
+            device=device,
+            dtype=dtype,
+            base_only=base_only,
+            progress=progress,
         )
-        logger.info("engine ready: model=%s device=%s dtype=%s", model, device, dtype)
+        logger.info(
+            "engine ready: model=%s device=%s dtype=%s cache=%s", spec.name, device, dtype, spec.kv_cache
+        )
         return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents)
 
     @property
     def model_name(self) -> str:
         return self.spec.name
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        """The KV cache settings every session of this engine gets (read-only)."""
+        return self.spec.kv_cache
 
     def open_session(
         self,

@@ -25,13 +25,19 @@ from diffusers.models.modeling_utils import no_init_weights
 from .causal_wan import CausalWanTransformer3DModel
 from .configs import ModelSpec, get_model_spec
 from .errors import CheckpointError, pull_hint
-from .formats import StateDict, convert_transformer_state_dict, convert_vae_state_dict, read_checkpoint
+from .formats import (
+    StateDict,
+    convert_text_encoder_state_dict,
+    convert_transformer_state_dict,
+    convert_vae_state_dict,
+    read_checkpoint,
+)
 from .hub import HubCacheDir
-from .sources import ORIGINAL_VAE_FILE, locate_weights
+from .sources import ORIGINAL_VAE_FILE, WeightSources, locate_weights
 from .text import PromptEncoder, TextEncoder
 from .vae import StreamingVAE
 
-__all__ = ["ModelBundle", "ProgressFn", "load_model_bundle", "load_transformer", "load_vae"]
+__all__ = ["ModelBundle", "ProgressFn", "load_model_bundle", "load_text_encoder", "load_transformer", "load_vae"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,9 @@ def _shape_summary(spec: ModelSpec, what: str) -> str:
     if what == "transformer":
         t = spec.transformer
         return f"{t['num_layers']} layers, dim {t['num_attention_heads'] * t['attention_head_dim']}, ffn {t['ffn_dim']}"
+    if what == "text encoder":
+        c = spec.text_encoder
+        return f"{c['num_layers']} layers, d_model {c['d_model']}, d_ff {c['d_ff']}, vocab {c['vocab_size']}"
     v = spec.vae
     return f"base_dim {v['base_dim']}, z_dim {v['z_dim']}, dim_mult {v['dim_mult']}, {v['num_res_blocks']} res blocks"
 
@@ -160,6 +169,35 @@ def load_vae(
     return _for_inference(model, device, dtype)
 
 
+def load_text_encoder(
+    spec: ModelSpec,
+    state_or_path: StateDict | str | Path,
+    tokenizer: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TextEncoder:
+    """The ``TextEncoder`` of ``spec`` from a UMT5 encoder checkpoint in Wan's own format (upstream's
+    ``models_t5_umt5-xxl-enc-bf16.pth``) or transformers' keys, and a Hugging Face tokenizer folder (Wan's
+    ``google/umt5-xxl/``)."""
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    raw, source = _read(state_or_path)
+    state = convert_text_encoder_state_dict(raw, source=source)
+    with _empty_weights():
+        model = UMT5EncoderModel(UMT5Config(**spec.text_encoder))
+    _load_strict(model, state, what="text encoder", source=source, spec=spec)
+    model.tie_weights()  # one tensor behind shared / embed_tokens, as from_pretrained leaves it
+    try:
+        tok = AutoTokenizer.from_pretrained(Path(tokenizer))
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure is the same user-facing problem
+        raise CheckpointError(
+            f"cannot load the {spec.name} tokenizer from {tokenizer}: {type(exc).__name__}: {exc}. Expected a "
+            f"Hugging Face tokenizer folder (upstream's Wan folder has it as google/umt5-xxl/); {pull_hint(spec)}"
+        ) from exc
+    return TextEncoder(_for_inference(model, device, dtype), tok, text_len=spec.text_len)
+
+
 # --------------------------------------------------------------------------------------------- the bundle
 def _random_bundle(
     spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, cache_dir: str | Path | None
@@ -178,6 +216,23 @@ def _random_bundle(
     )
 
 
+def _no_generator(spec: ModelSpec, src: WeightSources, weights: str | Path | None) -> CheckpointError:
+    """Only a base transformer was found: what was found, what is missing, and the two fixes."""
+    found = [f"the base transformer {src.base_transformer}"]
+    if src.vae is not None:
+        found.append(f"the VAE {src.vae}")
+    if src.text_root is not None or src.text_encoder is not None:
+        found.append(f"the text encoder {src.text_encoder or src.text_root}")
+    where = f" in {weights} or" if weights else ""
+    return CheckpointError(
+        f"{spec.name}: found {', '.join(found)}, but no StreamDiffusionV2 generator (looked for "
+        f"{spec.generator_file or 'model.pt'}{where} the hub cache {spec.generator_repo}; upstream keeps it in "
+        f"ckpts/{spec.generator_file or 'model.pt'}). The base model is not distilled for few-step streaming. Fix: "
+        f"pass the upstream root (holding wan_models/ and ckpts/) or the generator's folder as --weights, "
+        f"{pull_hint(spec)}; or pass --allow-base-model (base_only=True) to run the base transformer anyway"
+    )
+
+
 def load_model_bundle(
     name: str | ModelSpec,
     *,
@@ -187,12 +242,15 @@ def load_model_bundle(
     cache_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
     hub_cache_dir: HubCacheDir = None,
+    base_only: bool = False,
 ) -> ModelBundle:
     """Build the model ``name`` (a registered name or a ``ModelSpec``) on ``device`` in ``dtype``.
 
     ``tiny`` (``spec.random_weights``) is made from its seed. Real models load from ``weights`` and/or the hub cache
     (``sources``); nothing is downloaded. ``cache_dir``: the prompt embedding cache (default: the user cache).
     ``hub_cache_dir``: the huggingface_hub cache (default: ``HF_HUB_CACHE``). ``progress`` gets one line per stage.
+    ``base_only=True``: run the base Wan transformer when no StreamDiffusionV2 generator is found (an explicit
+    choice: it is not distilled for few-step streaming); otherwise that is a :class:`CheckpointError`.
     """
     spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
     say: ProgressFn = progress or (lambda msg: None)
@@ -225,9 +283,11 @@ def load_model_bundle(
             "transformer", f"the StreamDiffusionV2 generator {spec.generator_repo}/{spec.generator_file}", "weights "
         )
     if src.transformer is None:
+        if not base_only:
+            raise _no_generator(spec, src, weights)
         logger.warning(
-            "%s: no StreamDiffusionV2 generator found, using the base transformer %s (not distilled "
-            "for few-step streaming)",
+            "%s: no StreamDiffusionV2 generator, running the base transformer %s as asked (--allow-base-model; not "
+            "distilled for few-step streaming)",
             spec.name,
             src.base_transformer,
         )
@@ -240,27 +300,35 @@ def load_model_bundle(
     say(f"loading the {spec.name} VAE from {src.vae}")
     vae = load_vae(spec, src.vae, device=device, dtype=dtype)
     text_root = src.text_root
+    t5_file, t5_tokenizer = src.text_encoder, src.tokenizer
 
-    def load_text_encoder() -> TextEncoder:
-        if text_root is None:
-            raise not_found(
-                "text encoder",
-                f"text_encoder/ and tokenizer/ of {spec.hub_repo}",
-                "",
-                " (prompts already in the embedding cache work without it)",
-            )
-        say(f"loading the {spec.name} text encoder from {text_root}")
-        return TextEncoder.from_spec(spec, path=text_root, device=device, dtype=dtype)
+    def load_text() -> TextEncoder:
+        if text_root is not None:
+            say(f"loading the {spec.name} text encoder from {text_root}")
+            return TextEncoder.from_spec(spec, path=text_root, device=device, dtype=dtype)
+        if t5_file is not None and t5_tokenizer is not None:
+            say(f"loading the {spec.name} text encoder from {t5_file}")
+            return load_text_encoder(spec, t5_file, t5_tokenizer, device=device, dtype=dtype)
+        note = " (prompts already in the embedding cache work without it)"
+        if t5_file is not None:
+            note = f"; found {t5_file} but not its tokenizer folder {t5_file.parent / 'google/umt5-xxl'}{note}"
+        raise not_found(
+            "text encoder",
+            f"text_encoder/ and tokenizer/ of {spec.hub_repo}",
+            "models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/ ",
+            note,
+        )
 
     text = PromptEncoder(
         spec.name,
-        load_text_encoder,
+        load_text,
         text_len=spec.text_len,
         text_dim=spec.text_dim,
         cache_dir=cache_dir,
         namespace=PromptEncoder.for_spec(spec, cache_dir=cache_dir).namespace,
     )
-    if text_root is None:
+    if not src.has_text_encoder:
         logger.warning("%s: no text encoder found; only prompts already in %s can be used", spec.name, text.cache_dir)
-    sources = {"transformer": str(main), "vae": str(src.vae), "text_encoder": str(text_root) if text_root else "none"}
+    text_source = text_root or (t5_file if src.has_text_encoder else None)
+    sources = {"transformer": str(main), "vae": str(src.vae), "text_encoder": str(text_source or "none")}
     return ModelBundle(spec=spec, transformer=transformer, vae=vae, text=text, sources=sources)

@@ -8,7 +8,7 @@ the hub cache (see ``sdlive.daemon.model.sources``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # Upstream per-channel latent statistics (diffusers' AutoencoderKLWan defaults, = Wan2.1_VAE).
@@ -69,6 +69,14 @@ class CachePolicy:
     rope_refresh_frames: int = 50
 
     def __post_init__(self) -> None:
+        for name in ("num_kv_cache", "num_sink", "rope_refresh_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(self.sink_threshold, bool) or not isinstance(self.sink_threshold, (int, float)):
+            raise ValueError(f"sink_threshold must be a number, got {self.sink_threshold!r}")
+        if not -1 <= self.sink_threshold <= 1:
+            raise ValueError(f"sink_threshold must be a cosine similarity in [-1, 1] (-1: off), got {self.sink_threshold}")
         if self.num_kv_cache < 1:
             raise ValueError(f"num_kv_cache must be >= 1, got {self.num_kv_cache}")
         if not 0 <= self.num_sink < self.num_kv_cache:
@@ -80,6 +88,17 @@ class CachePolicy:
                 f"rope_refresh_frames must be 0 (off) or > num_kv_cache - 1 = {self.num_kv_cache - 1}, "
                 f"got {self.rope_refresh_frames}"
             )
+
+    def with_overrides(self, **overrides: Any) -> CachePolicy:
+        """This policy with the given fields changed (``None`` values ignored), validated as a whole; an unknown
+        field name is a ``ValueError`` listing the known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown cache setting(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given) if given else self
+
 
 DEFAULT_CACHE_POLICY = CachePolicy()
 

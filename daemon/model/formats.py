@@ -11,6 +11,11 @@ Wan transformer, original   ``head.modulation``                              ``c
 Wan transformer, diffusers  ``condition_embedder.time_proj.weight``          none
 Wan VAE, original (.pth)    ``decoder.middle.0.residual.0.gamma``            ``convert_wan_vae_to_diffusers``
 Wan VAE, diffusers          ``decoder.mid_block.resnets.0.norm1.gamma``      none
+UMT5 encoder, original      ``blocks.0.ffn.gate.0.weight``                   ``convert_wan_t5_to_transformers`` (here:
+(Wan's ``T5Encoder``,                                                        a rename onto transformers'
+``models_t5_umt5-xxl-enc-                                                    ``UMT5EncoderModel``, nothing else)
+bf16.pth``)
+UMT5 encoder, transformers  ``encoder.block.0.layer.0.SelfAttention.q.weight`` none
 =========================== ================================================ ==========================================
 
 The StreamDiffusionV2 generator ``model.pt`` is a torch file holding ``generator``, ``generator_ema`` or
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -44,10 +50,15 @@ __all__ = [
     "WAN_TRANSFORMER_ORIGINAL",
     "WAN_VAE_DIFFUSERS",
     "WAN_VAE_ORIGINAL",
+    "TEXT_ENCODER_FORMATS",
+    "UMT5_ORIGINAL",
+    "UMT5_TRANSFORMERS",
     "StateDict",
     "checkpoint_keys",
+    "convert_text_encoder_state_dict",
     "convert_transformer_state_dict",
     "convert_vae_state_dict",
+    "convert_wan_t5_to_transformers",
     "detect_format",
     "read_checkpoint",
 ]
@@ -61,6 +72,8 @@ WAN_TRANSFORMER_ORIGINAL = "wan_transformer_original"
 WAN_TRANSFORMER_DIFFUSERS = "wan_transformer_diffusers"
 WAN_VAE_ORIGINAL = "wan_vae_original"
 WAN_VAE_DIFFUSERS = "wan_vae_diffusers"
+UMT5_ORIGINAL = "umt5_original"
+UMT5_TRANSFORMERS = "umt5_transformers"
 
 
 def _diffusers_markers(name: str) -> tuple[str, ...]:
@@ -76,22 +89,65 @@ FORMAT_MARKERS: dict[str, tuple[str, ...]] = {
     WAN_TRANSFORMER_DIFFUSERS: ("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight"),
     WAN_VAE_ORIGINAL: (_ORIGINAL_VAE_MARKER,),
     WAN_VAE_DIFFUSERS: ("decoder.mid_block.resnets.0.norm1.gamma",),
+    UMT5_ORIGINAL: ("blocks.0.ffn.gate.0.weight", "blocks.0.pos_embedding.embedding.weight"),
+    UMT5_TRANSFORMERS: ("encoder.block.0.layer.0.SelfAttention.q.weight",),
 }
 TRANSFORMER_FORMATS = (WAN_TRANSFORMER_ORIGINAL, WAN_TRANSFORMER_DIFFUSERS)
 VAE_FORMATS = (WAN_VAE_ORIGINAL, WAN_VAE_DIFFUSERS)
+TEXT_ENCODER_FORMATS = (UMT5_ORIGINAL, UMT5_TRANSFORMERS)
 _DESCRIPTIONS: dict[str | None, str] = {
     WAN_TRANSFORMER_ORIGINAL: "an original-format Wan transformer",
     WAN_TRANSFORMER_DIFFUSERS: "a diffusers-format Wan transformer",
     WAN_VAE_ORIGINAL: "an original Wan VAE (Wan2.1_VAE.pth)",
     WAN_VAE_DIFFUSERS: "a diffusers-format Wan VAE",
+    UMT5_ORIGINAL: "an original Wan UMT5 encoder (models_t5_umt5-xxl-enc-bf16.pth)",
+    UMT5_TRANSFORMERS: "a transformers-format UMT5 encoder",
     None: "no known format",
 }
+
+
+# Wan's T5Encoder (wan/modules/t5.py; umt5 has one relative-position table per block) → transformers'
+# UMT5EncoderModel. The FFN is gated GELU in both: Wan's fc2(fc1(x) * gelu(gate(x))) is transformers'
+# wo(gelu(wi_0(x)) * wi_1(x)).
+_T5_BLOCK_RENAMES = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_T5_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def convert_wan_t5_to_transformers(state: StateDict) -> StateDict:
+    """Wan's ``T5Encoder`` state dict (``models_t5_umt5-xxl-enc-bf16.pth``) in transformers' ``UMT5EncoderModel``
+    key names; the token embedding is tied (``shared`` = ``encoder.embed_tokens``). An unknown key is kept as it
+    is, so the strict load names it."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = value
+            out["encoder.embed_tokens.weight"] = value
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = value
+        elif (m := _T5_BLOCK_KEY.fullmatch(key)) and m[2] in _T5_BLOCK_RENAMES:
+            out[f"encoder.block.{m[1]}.{_T5_BLOCK_RENAMES[m[2]]}"] = value
+        else:
+            out[key] = value
+    return out
 # Format → the converter to diffusers key names (None: already diffusers keys).
 _CONVERTERS: dict[str, Callable[[StateDict], StateDict] | None] = {
     WAN_TRANSFORMER_ORIGINAL: convert_wan_transformer_to_diffusers,  # renames, norm2↔norm3 swap included
     WAN_TRANSFORMER_DIFFUSERS: None,
     WAN_VAE_ORIGINAL: convert_wan_vae_to_diffusers,
     WAN_VAE_DIFFUSERS: None,
+    UMT5_ORIGINAL: convert_wan_t5_to_transformers,
+    UMT5_TRANSFORMERS: None,
 }
 
 # Wrapper prefixes seen on saved state dicts: upstream's `model.` (the generator wrapper), DDP's `module.`,
@@ -235,3 +291,22 @@ def convert_vae_state_dict(state: StateDict, *, source: str = "<state dict>") ->
         "'decoder.mid_block.resnets.0.norm1.gamma')",
         source=source,
     )
+
+
+def convert_text_encoder_state_dict(state: StateDict, *, source: str = "<state dict>") -> StateDict:
+    """Any supported UMT5 encoder state dict → transformers ``UMT5EncoderModel`` key names (with the tied
+    ``shared.weight`` / ``encoder.embed_tokens.weight`` both present)."""
+    state = _strip_prefixes(dict(state))
+    fmt = detect_format(state)
+    state = _to_diffusers(
+        state,
+        fmt,
+        TEXT_ENCODER_FORMATS,
+        expected="a UMT5 encoder (Wan's keys such as 'blocks.0.ffn.gate.0.weight' or transformers keys such as "
+        "'encoder.block.0.layer.0.SelfAttention.q.weight')",
+        source=source,
+    )
+    for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+        if a in state and b not in state:
+            state[b] = state[a]
+    return state

@@ -2,16 +2,26 @@
 
 Nothing is downloaded here (``hub.pull_model`` downloads). A real model's parts come from:
 
-- ``weights=`` a diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``; a
-  generator ``model.pt`` inside it, at the spec's ``generator_file`` path or top level, overrides the transformer),
-  an original Wan folder (``diffusion_pytorch_model*.safetensors``, ``Wan2.1_VAE.pth``), or a single file (generator
-  ``model.pt``, original or diffusers safetensors: a transformer, or a VAE when its keys say so);
+- ``weights=`` one of
+  - a diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``; a generator
+    ``model.pt`` inside it, at the spec's ``generator_file`` path or top level, overrides the transformer);
+  - upstream StreamDiffusionV2's tree, given as its root (``wan_models/`` + ``ckpts/``), as ``ckpts/`` (or the
+    generator's own folder ``ckpts/wan_causal_dmd_v2v/``), or as the original Wan folder
+    ``wan_models/Wan2.1-T2V-1.3B/`` (``diffusion_pytorch_model*.safetensors``, ``Wan2.1_VAE.pth``,
+    ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``): whichever of the three is given, the other half of
+    the tree is found next to it;
+  - a single file (generator ``model.pt``, original or diffusers safetensors: a transformer, or a VAE when its keys
+    say so);
 - the hub cache for every part the given weights lack: the spec's diffusers base repo for VAE, text encoder and
   tokenizer, and the StreamDiffusionV2 generator for the transformer.
+
+A base transformer without a generator is reported as such (``WeightSources.transformer is None``); the bundle
+refuses it unless asked (``base_only``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +31,30 @@ from .errors import CheckpointError, pull_hint
 from .formats import VAE_FORMATS, checkpoint_keys, detect_format
 from .hub import HubCacheDir, cached_file, cached_snapshot
 
-__all__ = ["ORIGINAL_VAE_FILE", "ModelInfo", "WeightSources", "list_models", "locate_weights"]
+__all__ = [
+    "ORIGINAL_T5_FILES",
+    "ORIGINAL_TOKENIZER_DIR",
+    "ORIGINAL_VAE_FILE",
+    "UPSTREAM_BASE_DIR",
+    "UPSTREAM_GENERATOR_DIR",
+    "ModelInfo",
+    "WeightSources",
+    "list_models",
+    "locate_weights",
+    "upstream_base_name",
+]
+
+logger = logging.getLogger(__name__)
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
+ORIGINAL_T5_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "models_t5_umt5-xxl-enc-bf16.safetensors")
+"""The original Wan folder's UMT5 encoder (Wan's own ``T5Encoder`` key names)."""
+ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
+"""The tokenizer folder inside the original Wan folder (a Hugging Face tokenizer)."""
+UPSTREAM_BASE_DIR = "wan_models"
+"""Upstream StreamDiffusionV2's folder of base Wan models (``wan_models/Wan2.1-T2V-1.3B/``)."""
+UPSTREAM_GENERATOR_DIR = "ckpts"
+"""Upstream StreamDiffusionV2's folder of distilled generators (``ckpts/wan_causal_dmd_v2v/model.pt``)."""
 
 
 @dataclass
@@ -36,7 +67,18 @@ class WeightSources:
     """The base model's transformer: fills keys a partial generator lacks, or stands in when there is none."""
     vae: Path | None = None
     text_root: Path | None = None
-    """A folder holding ``text_encoder/`` and ``tokenizer/``."""
+    """A folder holding ``text_encoder/`` and ``tokenizer/`` (diffusers layout)."""
+    text_encoder: Path | None = None
+    """The original Wan folder's UMT5 encoder file (``models_t5_umt5-xxl-enc-bf16.pth``), used with ``tokenizer``."""
+    tokenizer: Path | None = None
+    """The original Wan folder's tokenizer folder (``google/umt5-xxl/``)."""
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.text_root is not None or (self.text_encoder is not None and self.tokenizer is not None)
+
+    def any(self) -> bool:
+        return any((self.transformer, self.base_transformer, self.vae, self.text_root, self.text_encoder))
 
 
 def _diffusers_weights_file(folder: Path) -> Path | None:
@@ -74,9 +116,77 @@ def _generator_in(folder: Path, spec: ModelSpec) -> Path | None:
     return None
 
 
+def _fill_from_original_wan_folder(src: WeightSources, folder: Path) -> None:
+    """An original Wan folder (upstream's ``wan_models/Wan2.1-T2V-1.3B/``): base transformer, VAE, UMT5, tokenizer."""
+    if src.vae is None and (folder / ORIGINAL_VAE_FILE).is_file():
+        src.vae = folder / ORIGINAL_VAE_FILE
+    if src.base_transformer is None:
+        src.base_transformer = _diffusers_weights_file(folder)
+    if src.text_root is None and src.text_encoder is None:
+        src.text_encoder = next((folder / n for n in ORIGINAL_T5_FILES if (folder / n).is_file()), None)
+        if src.text_encoder is not None and (folder / ORIGINAL_TOKENIZER_DIR).is_dir():
+            src.tokenizer = folder / ORIGINAL_TOKENIZER_DIR
+
+
+def upstream_base_name(spec: ModelSpec) -> str | None:
+    """The base model's folder name in upstream's ``wan_models/``: the original Wan repo's name
+    (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` → ``Wan2.1-T2V-1.3B``)."""
+    if not spec.hub_repo:
+        return None
+    name = spec.hub_repo.rsplit("/", 1)[-1]
+    return name[: -len("-Diffusers")] if name.endswith("-Diffusers") else name
+
+
+def _upstream_root(folder: Path) -> Path | None:
+    """The root of upstream's tree that ``folder`` is, or is inside (``ckpts/``, ``ckpts/<gen>/``,
+    ``wan_models/``, ``wan_models/<base>/``); ``None`` when it is not part of one."""
+    folder = folder.resolve()
+    if (folder / UPSTREAM_GENERATOR_DIR).is_dir() or (folder / UPSTREAM_BASE_DIR).is_dir():
+        return folder
+    for up in (folder, folder.parent):
+        if up.name in (UPSTREAM_GENERATOR_DIR, UPSTREAM_BASE_DIR) and up.parent != up:
+            return up.parent
+    return None
+
+
+def _upstream_base_folder(root: Path, spec: ModelSpec) -> Path | None:
+    """``root/wan_models/<base>``: the spec's name, else the one original Wan folder there."""
+    models = root / UPSTREAM_BASE_DIR
+    if not models.is_dir():
+        return None
+    name = upstream_base_name(spec)
+    if name and (models / name).is_dir():
+        return models / name
+    candidates = sorted(d for d in models.iterdir() if d.is_dir() and (d / ORIGINAL_VAE_FILE).is_file())
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _fill_from_folder(src: WeightSources, folder: Path, spec: ModelSpec) -> None:
+    src.transformer = src.transformer or _generator_in(folder, spec)
+    if _is_diffusers_folder(folder):
+        _fill_from_diffusers_folder(src, folder)
+    _fill_from_original_wan_folder(src, folder)
+
+
+def _fill_from_upstream_tree(src: WeightSources, weights: Path, spec: ModelSpec) -> None:
+    """The halves of upstream's tree that ``weights`` is not: the generator under ``ckpts/``, the base parts under
+    ``wan_models/<base>/``."""
+    root = _upstream_root(weights)
+    if root is None:
+        return
+    if src.transformer is None and (root / UPSTREAM_GENERATOR_DIR).is_dir():
+        src.transformer = _generator_in(root / UPSTREAM_GENERATOR_DIR, spec)
+        if src.transformer is not None:
+            logger.info("%s: the StreamDiffusionV2 generator of upstream's tree %s", spec.name, src.transformer)
+    base = _upstream_base_folder(root, spec)
+    if base is not None and base.resolve() != weights.resolve():
+        _fill_from_folder(src, base, spec)
+
+
 def locate_weights(spec: ModelSpec, weights: Path | None, hub_cache_dir: HubCacheDir) -> WeightSources:
-    """The files of ``spec``'s parts: from ``weights`` (a file or folder) first, then the hub cache (module doc).
-    A ``weights`` path that does not exist, or a folder with nothing usable, is a :class:`CheckpointError`."""
+    """The files of ``spec``'s parts: from ``weights`` (a file or folder) first, then the rest of upstream's tree
+    when ``weights`` is part of one, then the hub cache (module doc). A ``weights`` path that does not exist, or a
+    folder with nothing usable, is a :class:`CheckpointError`."""
     src = WeightSources()
     if weights is not None:
         weights = Path(weights).expanduser()
@@ -90,25 +200,29 @@ def locate_weights(spec: ModelSpec, weights: Path | None, hub_cache_dir: HubCach
             else:
                 src.transformer = weights
         else:
-            src.transformer = _generator_in(weights, spec)
-            if _is_diffusers_folder(weights):
-                _fill_from_diffusers_folder(src, weights)
-            if (weights / ORIGINAL_VAE_FILE).is_file():
-                src.vae = src.vae or weights / ORIGINAL_VAE_FILE
-            if src.base_transformer is None:
-                src.base_transformer = _diffusers_weights_file(weights)  # original Wan folder layout
-            if not any((src.transformer, src.base_transformer, src.vae, src.text_root)):
+            _fill_from_folder(src, weights, spec)
+            _fill_from_upstream_tree(src, weights, spec)
+            if not src.any():
+                base = upstream_base_name(spec) or "Wan2.1-T2V-1.3B"
+                gen = spec.generator_file or "wan_causal_dmd_v2v/model.pt"
                 raise CheckpointError(
-                    f"no {spec.name} weights found in {weights}: expected a diffusers-format folder (transformer/, "
-                    f"vae/, text_encoder/, tokenizer/), an original Wan folder (diffusion_pytorch_model.safetensors, "
-                    f"{ORIGINAL_VAE_FILE}) or a StreamDiffusionV2 model.pt; {pull_hint(spec)}"
+                    f"no {spec.name} weights found in {weights}: expected upstream StreamDiffusionV2's tree (its root "
+                    f"with {UPSTREAM_BASE_DIR}/{base}/ and {UPSTREAM_GENERATOR_DIR}/{gen}, or either half), an "
+                    f"original Wan folder (diffusion_pytorch_model.safetensors, {ORIGINAL_VAE_FILE}), a "
+                    f"diffusers-format folder (transformer/, vae/, text_encoder/, tokenizer/) or a StreamDiffusionV2 "
+                    f"model.pt; {pull_hint(spec)}"
                 )
     # The hub cache fills what the given weights lack.
     if src.transformer is None:
         src.transformer = cached_file(spec.generator_repo, spec.generator_file, hub_cache_dir)
     snapshot = cached_snapshot(spec.hub_repo, hub_cache_dir)
     if snapshot is not None:
+        local_text = src.has_text_encoder
         _fill_from_diffusers_folder(src, snapshot)
+        if local_text and src.text_encoder is not None:
+            src.text_root = None  # the given original-format encoder wins over the hub's
+        elif src.text_root is not None:
+            src.text_encoder = src.tokenizer = None  # one complete text encoder, not half of each
     return src
 
 

@@ -13,15 +13,18 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from sdlive.daemon.model.bundle import load_model_bundle, load_transformer, load_vae
+from sdlive.daemon.model.bundle import load_model_bundle, load_text_encoder, load_transformer, load_vae
 from sdlive.daemon.model.causal_wan import CausalWanTransformer3DModel
 from sdlive.daemon.model.configs import TINY, get_model_spec
 from sdlive.daemon.model.errors import CheckpointError
 from sdlive.daemon.model.formats import (
+    UMT5_ORIGINAL,
+    UMT5_TRANSFORMERS,
     WAN_TRANSFORMER_DIFFUSERS,
     WAN_TRANSFORMER_ORIGINAL,
     WAN_VAE_DIFFUSERS,
     WAN_VAE_ORIGINAL,
+    convert_text_encoder_state_dict,
     convert_transformer_state_dict,
     convert_vae_state_dict,
     detect_format,
@@ -124,6 +127,36 @@ def to_original_vae(state: dict[str, torch.Tensor], num_res_blocks: int) -> dict
             raise AssertionError(f"unmapped VAE key {key}")
         out[new] = value
     assert len(out) == len(state)
+    return out
+
+
+_T5_BLOCK = {
+    "layer.0.layer_norm.weight": "norm1.weight",
+    "layer.0.SelfAttention.q.weight": "attn.q.weight", "layer.0.SelfAttention.k.weight": "attn.k.weight",
+    "layer.0.SelfAttention.v.weight": "attn.v.weight", "layer.0.SelfAttention.o.weight": "attn.o.weight",
+    "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+    "layer.1.layer_norm.weight": "norm2.weight",
+    "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",  # Wan: fc2(fc1(x) * gelu(gate(x)))
+    "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
+    "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
+}  # fmt: skip
+
+
+def to_original_t5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' UMT5EncoderModel → Wan's T5Encoder key names (models_t5_umt5-xxl-enc-bf16.pth), written from
+    Wan's module layout (wan/modules/t5.py: token_embedding, blocks[i].{norm1, attn, norm2, ffn, pos_embedding},
+    norm; umt5 has a relative-position table per block)."""
+    out = {}
+    for key, value in state.items():
+        if key in ("shared.weight", "encoder.embed_tokens.weight"):
+            out["token_embedding.weight"] = value
+        elif key == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = value
+        else:
+            m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key)
+            assert m, key
+            out[f"blocks.{m[1]}.{_T5_BLOCK[m[2]]}"] = value
+    assert len(out) == len(state) - 1  # the tied embedding once
     return out
 
 
@@ -247,7 +280,9 @@ def test_original_vae_pth_loads_like_diffusers(tmp_path, ref_vae):
 
 def test_diffusers_folder_bundle(tmp_path, ref_transformer, ref_vae):
     root = _write_diffusers_folder(tmp_path / "Wan-tiny-Diffusers", ref_transformer, ref_vae)
-    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    bundle = load_model_bundle(
+        SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub", base_only=True
+    )
     _assert_same_weights(bundle.transformer, ref_transformer)
     _assert_same_weights(bundle.vae, ref_vae)
     assert bundle.sources["transformer"].endswith("transformer/diffusion_pytorch_model.safetensors")
@@ -379,7 +414,9 @@ def test_missing_text_encoder_errors_only_for_unknown_prompts(tmp_path, ref_tran
     root = tmp_path / "w"
     ref_transformer.save_pretrained(root / "transformer")
     ref_vae.save_pretrained(root / "vae")
-    bundle = load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+    bundle = load_model_bundle(
+        SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub", base_only=True
+    )
     with pytest.raises(CheckpointError, match=r"text encoder was not found.*sdlive models pull"):
         bundle.text.encode("new prompt")
 
@@ -446,3 +483,117 @@ def test_real_spec_keys_round_trip_through_the_converters(name):
     converted = convert_vae_state_dict(to_original_vae(v_state, spec.vae["num_res_blocks"]))
     assert sorted(converted) == sorted(v_state)
     assert all(converted[k].shape == v_state[k].shape for k in v_state)
+
+
+# ------------------------------------------------------------------------ upstream StreamDiffusionV2's tree
+BASE_DIR = "Wan-tiny"  # upstream's wan_models/<base>: the original Wan repo's name (SPEC.hub_repo minus -Diffusers)
+
+
+@pytest.fixture(scope="module")
+def ref_text() -> UMT5EncoderModel:
+    return _distinctive(_seeded(lambda: UMT5EncoderModel(UMT5Config(**SPEC.text_encoder)), 13))
+
+
+def _write_original_wan_folder(folder: Path, base_transformer, vae, text) -> Path:
+    """upstream's wan_models/Wan2.1-T2V-1.3B/: the files the original Wan repo ships, in its formats."""
+    folder.mkdir(parents=True)
+    save_file(to_original_transformer(base_transformer.state_dict()), folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text('{"_class_name": "WanModel", "model_type": "t2v"}')
+    torch.save(to_original_vae(vae.state_dict(), SPEC.vae["num_res_blocks"]), folder / "Wan2.1_VAE.pth")
+    torch.save(to_original_t5(text.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    ByT5Tokenizer().save_pretrained(folder / "google" / "umt5-xxl")
+    return folder
+
+
+def _write_upstream_tree(root: Path, generator, base_transformer, vae, text) -> Path:
+    """upstream's layout: wan_models/<base>/ (README: huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B) and
+    ckpts/wan_causal_dmd_v2v/model.pt (huggingface-cli download jerryfeng/StreamDiffusionV2), the generator as
+    upstream's trainer saves it: {"generator": state dict with Wan key names}."""
+    _write_original_wan_folder(root / "wan_models" / BASE_DIR, base_transformer, vae, text)
+    gen = root / "ckpts" / SPEC.generator_file
+    gen.parent.mkdir(parents=True)
+    torch.save({"generator": to_original_transformer(generator.state_dict())}, gen)
+    return root
+
+
+@pytest.fixture(scope="module")
+def upstream_tree(tmp_path_factory, ref_transformer, ref_vae, ref_text) -> Path:
+    base = _seeded(lambda: CausalWanTransformer3DModel(**SPEC.transformer), 98)  # not the generator's weights
+    return _write_upstream_tree(tmp_path_factory.mktemp("upstream") / "StreamDiffusionV2", ref_transformer, base,
+                                ref_vae, ref_text)  # fmt: skip
+
+
+def test_wan_t5_file_converts_onto_transformers_keys(ref_text):
+    original = to_original_t5(ref_text.state_dict())
+    assert detect_format(original) == UMT5_ORIGINAL
+    assert detect_format(ref_text.state_dict()) == UMT5_TRANSFORMERS
+    converted = convert_text_encoder_state_dict(original)
+    want = ref_text.state_dict()
+    assert sorted(converted) == sorted(want)
+    assert all(torch.equal(converted[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    "given", ["", "ckpts", "ckpts/wan_causal_dmd_v2v", "wan_models", f"wan_models/{BASE_DIR}"],
+    ids=["root", "ckpts", "generator-folder", "wan_models", "wan-folder"],
+)  # fmt: skip
+def test_every_upstream_layout_loads_the_same_weights(tmp_path, upstream_tree, given, ref_transformer, ref_vae,
+                                                      ref_text):  # fmt: skip
+    """Any folder of upstream's tree is the whole model: generator, VAE, UMT5 and tokenizer, bitwise."""
+    bundle = load_model_bundle(
+        SPEC, weights=upstream_tree / given, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "empty-hub"
+    )
+    _assert_same_weights(bundle.transformer, ref_transformer)  # the generator, not the base model
+    _assert_same_weights(bundle.vae, ref_vae)
+    assert bundle.sources["transformer"].endswith("ckpts/wan_causal_dmd_v2v/model.pt")
+    assert bundle.sources["vae"].endswith(f"{BASE_DIR}/Wan2.1_VAE.pth")
+    assert bundle.sources["text_encoder"].endswith("models_t5_umt5-xxl-enc-bf16.pth")
+    encoder = bundle.text._load_encoder()
+    _assert_same_weights(encoder.model, ref_text)
+    # The embedding equals the one from the same weights in the diffusers layout.
+    ref_text.save_pretrained(tmp_path / "d" / "text_encoder")
+    ByT5Tokenizer().save_pretrained(tmp_path / "d" / "tokenizer")
+    expected = TextEncoder.from_spec(SPEC, path=tmp_path / "d").encode("a red fox")
+    torch.testing.assert_close(bundle.text.encode("a red fox"), expected, rtol=0, atol=0)
+
+
+def test_public_loaders_read_upstream_files(upstream_tree, ref_transformer, ref_vae, ref_text):
+    wan = upstream_tree / "wan_models" / BASE_DIR
+    _assert_same_weights(load_transformer(SPEC, upstream_tree / "ckpts" / SPEC.generator_file), ref_transformer)
+    _assert_same_weights(load_vae(SPEC, wan / "Wan2.1_VAE.pth"), ref_vae)
+    text = load_text_encoder(SPEC, wan / "models_t5_umt5-xxl-enc-bf16.pth", wan / "google" / "umt5-xxl")
+    _assert_same_weights(text.model, ref_text)
+
+
+def test_wan_folder_without_generator_is_refused_unless_asked(tmp_path, ref_transformer, ref_vae, ref_text):
+    """Upstream's base Wan folder alone: a CheckpointError naming what was found and what is missing, not a silent
+    undistilled model; base_only=True runs it."""
+    wan = _write_original_wan_folder(tmp_path / "wan_models" / BASE_DIR, ref_transformer, ref_vae, ref_text)
+    kw = {"cache_dir": tmp_path / "prompts", "hub_cache_dir": tmp_path / "empty-hub"}
+    with pytest.raises(CheckpointError) as info:
+        load_model_bundle(SPEC, weights=wan, **kw)
+    msg = str(info.value)
+    assert "diffusion_pytorch_model.safetensors" in msg and "Wan2.1_VAE.pth" in msg  # found
+    assert "no StreamDiffusionV2 generator" in msg and "wan_causal_dmd_v2v/model.pt" in msg  # missing
+    assert "--allow-base-model" in msg and "sdlive models pull" in msg  # the fixes
+    bundle = load_model_bundle(SPEC, weights=wan, base_only=True, **kw)
+    _assert_same_weights(bundle.transformer, ref_transformer)
+    _assert_same_weights(bundle.vae, ref_vae)
+
+
+def test_diffusers_folder_without_generator_is_refused_too(tmp_path, ref_transformer, ref_vae):
+    root = _write_diffusers_folder(tmp_path / "Wan-tiny-Diffusers", ref_transformer, ref_vae)
+    with pytest.raises(CheckpointError, match=r"no StreamDiffusionV2 generator.*--allow-base-model"):
+        load_model_bundle(SPEC, weights=root, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub")
+
+
+def test_wan_t5_without_tokenizer_names_it(tmp_path, ref_transformer, ref_vae, ref_text):
+    wan = _write_original_wan_folder(tmp_path / "wan", ref_transformer, ref_vae, ref_text)
+    import shutil
+
+    shutil.rmtree(wan / "google")
+    bundle = load_model_bundle(
+        SPEC, weights=wan, cache_dir=tmp_path / "prompts", hub_cache_dir=tmp_path / "hub", base_only=True
+    )
+    with pytest.raises(CheckpointError, match=r"found .*models_t5_umt5-xxl-enc-bf16\.pth but not its tokenizer"):
+        bundle.text.encode("new prompt")
