@@ -55,6 +55,20 @@ class DaemonConfig(BaseSettings):
     """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Model dtype; default: bfloat16 on CUDA, float32 on CPU."""
+    allow_base_model: bool = False
+    """Run a base Wan transformer when no StreamDiffusionV2 generator is found (it is not distilled for few-step
+    streaming: blurry, slow to settle); without it that is an error naming what is missing."""
+    kv_cache_frames: int | None = Field(default=None, ge=1, le=1024)
+    """Latent frames the DiT's rolling KV cache keeps per stream, sinks included; default: the model's (6)."""
+    sink_frames: int | None = Field(default=None, ge=0, le=1023)
+    """Leading cache frames that never rotate out (attention sinks), fewer than the cache frames; default: the
+    model's (3)."""
+    sink_threshold: float | None = Field(default=None, ge=-1, le=1)
+    """Adaptive sink refresh: a new frame whose mean key/value cosine similarity to a sink is below this replaces
+    the least similar sink; -1 turns it off; default: the model's (0.2)."""
+    rope_refresh_frames: int | None = Field(default=None, ge=0)
+    """RoPE refresh: when a stream's frame position reaches this, it restarts at cache frames - 1 (0: never; else
+    more than cache frames - 1); default: the model's (50)."""
     control: str = DEFAULT_CONTROL_ADDRESS
     """ROUTER endpoint for requests. Network sessions' frame sockets bind on the same host, ephemeral ports."""
     pub: str = DEFAULT_PUB_ADDRESS
@@ -120,6 +134,30 @@ class DaemonConfig(BaseSettings):
                 "or bind to 127.0.0.1 for local use."
             )
         return self
+
+    @model_validator(mode="after")
+    def _cache_settings(self) -> DaemonConfig:
+        """The cache settings together with the model's defaults make a valid ``CachePolicy`` (checked here, before
+        anything loads; a name the registry does not know is left for the model load to report)."""
+        from .model.configs import MODEL_SPECS
+
+        spec = MODEL_SPECS.get(self.model)
+        if spec is not None:
+            try:
+                spec.kv_cache.with_overrides(**self.cache_overrides())
+            except ValueError as exc:  # said in this config's names (the flags'), with the model's defaults
+                msg = str(exc).replace("num_kv_cache", "kv_cache_frames").replace("num_sink", "sink_frames")
+                raise ValueError(f"{msg} (the settings not given are {self.model}'s defaults)") from None
+        return self
+
+    def cache_overrides(self) -> dict[str, int | float | None]:
+        """The KV cache settings given (``None``: the model's default), by ``CachePolicy`` field name."""
+        return {
+            "num_kv_cache": self.kv_cache_frames,
+            "num_sink": self.sink_frames,
+            "sink_threshold": self.sink_threshold,
+            "rope_refresh_frames": self.rope_refresh_frames,
+        }
 
     @property
     def heartbeat_timeout_s(self) -> float:

@@ -203,7 +203,14 @@ def load_engine(config: DaemonConfig, view: StatsView | None) -> StreamEngine:
     started = time.perf_counter()
     spinner = view.console.status(f"loading model {config.model} …") if view is not None else contextlib.nullcontext()
     with spinner:
-        engine = StreamEngine.load(config.model, weights=config.weights, device=config.device, dtype=dtype)
+        engine = StreamEngine.load(
+            config.model,
+            weights=config.weights,
+            device=config.device,
+            dtype=dtype,
+            cache_policy=config.cache_overrides(),
+            base_only=config.allow_base_model,
+        )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
     if config.warmup:
         warm_up(engine)

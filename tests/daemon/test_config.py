@@ -75,3 +75,36 @@ def test_a_host_name_other_than_localhost_is_remote_even_when_it_resolves_to_loo
 
 def test_config_is_one_pydantic_settings_object():
     assert isinstance(load_config(), DaemonConfig)
+
+
+def test_cache_settings_default_to_the_model_and_are_flags(monkeypatch):
+    from sdlive.daemon.server.serve import build_parser
+
+    assert load_config().cache_overrides() == {
+        "num_kv_cache": None, "num_sink": None, "sink_threshold": None, "rope_refresh_frames": None,
+    }  # fmt: skip
+    args = vars(build_parser().parse_args(
+        ["--kv-cache-frames", "8", "--sink-frames", "2", "--sink-threshold", "-1", "--rope-refresh-frames", "0",
+         "--allow-base-model"]
+    ))  # fmt: skip
+    args.pop("config")
+    cfg = load_config(**args)
+    assert cfg.cache_overrides() == {"num_kv_cache": 8, "num_sink": 2, "sink_threshold": -1, "rope_refresh_frames": 0}
+    assert cfg.allow_base_model and not load_config().allow_base_model
+    monkeypatch.setenv("SDLIVE_SINK_FRAMES", "1")
+    assert load_config().sink_frames == 1
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--kv-cache-frames" in help_text and "attention sinks" in help_text
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [({"sink_frames": 6}, r"sink_frames must be in \[0, kv_cache_frames\).*tiny's defaults"),
+     ({"kv_cache_frames": 4, "sink_frames": 4}, "sink_frames must be in"),
+     ({"kv_cache_frames": 0}, "kv_cache_frames"),
+     ({"rope_refresh_frames": 3}, "rope_refresh_frames must be 0"),
+     ({"sink_threshold": 1.5}, "sink_threshold")],
+)  # fmt: skip
+def test_bad_cache_settings_are_config_errors(settings, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(**settings)
