@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from ..model.configs import CachePolicy
 from ..protocol.params import GenerationParams
 
 if TYPE_CHECKING:
@@ -98,6 +99,11 @@ class Engine(Protocol):
     @property
     def device(self) -> torch.device | str:
         """Where the model runs (a stand-in may say it as a string)."""
+
+    @property
+    def cache_policy(self) -> CachePolicy | None:
+        """The KV cache settings every session gets (``None``: a stand-in without one); ``hello`` and ``status``
+        show them."""
 
     def open_session(
         self, *, width: int, height: int, params: GenerationParams | None = None, pixel_format: str = "rgb24"

@@ -52,6 +52,7 @@ __all__ = [
     "TOPIC_DAEMON",
     "TOPIC_EVENT",
     "TOPIC_STATS",
+    "CacheInfo",
     "Capabilities",
     "CloseSessionReply",
     "CloseSessionRequest",
@@ -246,12 +247,22 @@ class Capabilities(_Lenient):
     ring_version: int = 1
 
 
+class CacheInfo(_Lenient):
+    """The DiT's rolling KV cache settings every session of this daemon gets (``hello``, ``status``)."""
+
+    num_kv_cache: int = Field(description="latent frames kept per stream, sinks included")
+    num_sink: int = Field(description="leading frames that never rotate out (attention sinks)")
+    sink_threshold: float = Field(description="adaptive sink refresh threshold (cosine similarity); -1: off")
+    rope_refresh_frames: int = Field(description="frame position at which RoPE restarts; 0: never")
+
+
 class HelloReply(_Reply):
     protocol: str = PROTOCOL_VERSION
     daemon_version: str
     model: str
     device: str
     capabilities: Capabilities
+    cache: CacheInfo | None = Field(None, description="the model's KV cache settings (None: not known)")
     auth_required: bool = False
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
@@ -374,6 +385,7 @@ class StatusReply(_Reply):
     control_address: str | None = None
     pub_address: str | None = None
     presets: int = 0
+    cache: CacheInfo | None = Field(None, description="the model's KV cache settings (None: not known)")
     memory: dict[str, float | None] = Field(default_factory=dict, description="device and host memory, MiB")
     requests: dict[str, int] = Field(default_factory=dict, description="control requests seen / rejected")
     sessions: list[SessionStats] = Field(default_factory=list)

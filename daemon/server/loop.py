@@ -27,7 +27,16 @@ import zmq
 from ..config import DaemonConfig
 from ..presets import PresetLibrary
 from ..protocol.errors import ErrorCode, ProtocolError
-from ..protocol.messages import TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS, DaemonBeat, Event, SessionStats, StatusReply
+from ..protocol.messages import (
+    TOPIC_DAEMON,
+    TOPIC_EVENT,
+    TOPIC_STATS,
+    CacheInfo,
+    DaemonBeat,
+    Event,
+    SessionStats,
+    StatusReply,
+)
 from .changes import ChangeQueue
 from .directory import SessionDirectory
 from .io_thread import IOThread
@@ -42,7 +51,7 @@ from .items import (
     Reply,
     Shutdown,
 )
-from .ops import FrontDesk, LoopOps, hello_reply
+from .ops import FrontDesk, LoopOps, cache_info, hello_reply
 from .pacing import OutputThread
 from .prompts import PromptWarmer
 from .session import Output, Session
@@ -86,6 +95,8 @@ class ComputeLoop:
         self.started_ns = time.monotonic_ns()
         self.device = config.device or "cpu"
         self.model_name = config.model
+        self.cache: CacheInfo | None = None
+        """The engine's KV cache settings (``hello``, ``status``); known once the engine is attached."""
         self._engine: Engine | None = None
         self._warmer: PromptWarmer | None = None
         self._changes: ChangeQueue | None = None
@@ -117,6 +128,7 @@ class ComputeLoop:
         self._engine = engine
         self.device = str(engine.device)
         self.model_name = str(engine.model_name)
+        self.cache = cache_info(engine.cache_policy)
         self._warmer = PromptWarmer(engine)
         self._changes = ChangeQueue(
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
@@ -131,6 +143,7 @@ class ComputeLoop:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             heartbeat_liveness=self.config.heartbeat_liveness,
             pub_address=self.io.bound_pub,
+            cache=self.cache,
         )
         self.io.open_desk(FrontDesk(hello=hello, presets=self.presets, directory=self.directory, submit=self.inbox.put))
 

@@ -25,6 +25,7 @@ from ..presets import Preset, PresetLibrary
 from ..protocol.constants import STYLE_FIELDS
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import (
+    CacheInfo,
     Capabilities,
     CloseSessionReply,
     CloseSessionRequest,
@@ -52,6 +53,7 @@ from .stats import device_memory_mb
 from .transports import FrameTransport, NetTransport, ShmTransport
 
 if TYPE_CHECKING:
+    from ..model.configs import CachePolicy
     from .loop import ComputeLoop
 
 log = logging.getLogger(__name__)
@@ -275,20 +277,34 @@ class LoopOps:
             control_address=loop.io.bound_control,
             pub_address=loop.io.bound_pub,
             presets=len(loop.presets),
+            cache=loop.cache,
             memory=device_memory_mb(loop.device),
             requests=dict(loop.io.counters),
             sessions=stats,
         )
 
 
+def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
+    """The engine's KV cache settings as ``hello`` and ``status`` show them."""
+    if policy is None:
+        return None
+    return CacheInfo(
+        num_kv_cache=policy.num_kv_cache,
+        num_sink=policy.num_sink,
+        sink_threshold=policy.sink_threshold,
+        rope_refresh_frames=policy.rope_refresh_frames,
+    )
+
+
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
-                heartbeat_liveness: int, pub_address: str) -> HelloReply:  # fmt: skip
+                heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None) -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
         model=model,
         device=device,
         capabilities=Capabilities(max_sessions=max_sessions),
+        cache=cache,
         auth_required=config_token,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_liveness=heartbeat_liveness,

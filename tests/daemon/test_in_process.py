@@ -16,6 +16,7 @@ import zmq
 
 from sdlive.daemon.config import DaemonConfig
 from sdlive.daemon.engine.interface import OutputFrame, StageTimes
+from sdlive.daemon.model.configs import CachePolicy
 from sdlive.daemon.presets import load_presets
 from sdlive.daemon.protocol.messages import (
     ErrorReply,
@@ -69,6 +70,7 @@ class StandInSession:
 class StandInEngine:
     model_name = "stand-in"
     device = "cpu"
+    cache_policy = CachePolicy(num_kv_cache=8, num_sink=2, sink_threshold=-1.0, rope_refresh_frames=0)
 
     def __init__(self) -> None:
         self.sessions: list[StandInSession] = []
@@ -153,6 +155,12 @@ def open_session(h: Harness, **fields) -> str:
     reply = h.request(OpenSessionRequest(width=32, height=32, fps=30.0, pixel_format="bgr24", **fields))
     assert not isinstance(reply, ErrorReply), reply
     return reply.session_id
+
+
+def test_hello_and_status_show_the_engines_cache_settings(harness):
+    want = {"num_kv_cache": 8, "num_sink": 2, "sink_threshold": -1.0, "rope_refresh_frames": 0}
+    assert harness.request(HelloRequest()).cache.model_dump() == want
+    assert harness.request(StatusRequest()).cache.model_dump() == want
 
 
 def test_a_prompt_that_fails_to_encode_is_reported_and_changes_nothing(harness):
