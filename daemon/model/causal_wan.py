@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
-from .configs import DEFAULT_CACHE_POLICY, CachePolicy
+from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat
 from .kv_cache import KVCache, PerBlockKV
 
 __all__ = [
@@ -297,8 +297,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         policy: CachePolicy = DEFAULT_CACHE_POLICY,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compat: Compat = DEFAULT_COMPAT,
     ) -> KVCache:
-        """An empty :class:`KVCache` for this model's blocks (default device and dtype: those of ``attn1``)."""
+        """An empty :class:`KVCache` for this model's blocks (default device and dtype: those of ``attn1``).
+
+        ``compat``: when the adaptive sink check runs (``"upstream"``: on every single-frame write, the fill phase
+        included, as the distilled weights were tuned with; ``"clean"``: only once the cache is full)."""
         weight = self.stream_blocks[0].attn1.to_k.weight
         return KVCache(
             num_layers=len(self.blocks),
@@ -309,6 +313,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             policy=policy,
             device=device if device is not None else weight.device,
             dtype=dtype if dtype is not None else weight.dtype,
+            compat=compat,
         )
 
     @torch.no_grad()
@@ -394,7 +399,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             `torch.Tensor` of shape `(batch_size, out_channels, num_frames, height, width)`, float32.
 
         Runs without autograd (the cache is written in place). Host syncs: none, except the adaptive sink refresh
-        decision (one small read per block, once per chunk, only in the cache's full phase; see ``KVCache``).
+        decision (one small read per block, once per chunk; with ``compat="clean"`` only in the cache's full
+        phase; see ``KVCache``).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config["patch_size"]

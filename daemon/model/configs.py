@@ -9,7 +9,7 @@ the hub cache (see ``sdlive.daemon.model.sources``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 # Upstream per-channel latent statistics (diffusers' AutoencoderKLWan defaults, = Wan2.1_VAE).
 WAN_LATENTS_MEAN = [
@@ -101,6 +101,32 @@ class CachePolicy:
 
 
 DEFAULT_CACHE_POLICY = CachePolicy()
+
+
+Compat = Literal["upstream", "clean"]
+"""Which of two behaviours to run where sdlive could either match a quirk of upstream StreamDiffusionV2 or not."""
+
+COMPAT_MODES: tuple[Compat, ...] = ("upstream", "clean")
+DEFAULT_COMPAT: Compat = "upstream"
+
+
+def check_compat(value: object) -> Compat:
+    """``value`` as a :data:`Compat` mode; a ``ValueError`` naming both modes otherwise.
+
+    ``"upstream"`` (the default) reproduces upstream StreamDiffusionV2 where it behaves oddly, because the distilled
+    generators (``wan_causal_dmd_v2v``, ``…_14b``) were tuned and evaluated with upstream's behaviour, so its output
+    is what they are known to give:
+
+    * the adaptive sink check also runs while the KV cache is still filling: a sink frame that is still empty has
+      similarity 0, below the threshold, so it is queued and overwritten by the first full-cache write (``KVCache``);
+    * the decoder's input latent is rounded to bf16, even in an fp32 run, before un-normalising (``StreamingVAE``).
+
+    ``"clean"`` is sdlive's own rule: the sink check only once the cache is full, and fp32 latents into the decoder.
+    See "Where sdlive differs from upstream" in ``docs/architecture.md``.
+    """
+    if isinstance(value, str) and value in COMPAT_MODES:
+        return value
+    raise ValueError(f"compat must be one of {', '.join(repr(m) for m in COMPAT_MODES)}, got {value!r}")
 
 
 @dataclass(frozen=True)

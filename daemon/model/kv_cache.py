@@ -20,6 +20,18 @@ Life of one chunk of ``F`` latent frames (``F`` = 2 for the first chunk, 1 after
      the frame's tokens, cosine over heads·head_dim); if ``min_j avg_j < sink_threshold`` the new frame replaces the
      least similar sink instead, and the round-robin order of the non-sink slots is left as it was.
 
+   When the check runs depends on ``compat`` (:func:`~.configs.check_compat`):
+
+   * ``"upstream"`` (default, = StreamDiffusionV2's ``CausalWanSelfAttention``): on **every** single-frame write,
+     the fill phase included, where a sink frame not written yet counts as a zero vector (similarity 0). A sink
+     chosen by the check is put at the front of a per-block, per-slot queue (upstream's ``evict_idx.insert(0, …)``);
+     a single-frame write into a full cache takes the front of that queue if there is one, else the oldest non-sink
+     frame. So with the defaults (6 frames, 3 sinks, threshold 0.2; chunk 0 fills frames 0–1) chunk 1 finds sink
+     frame 2 empty, queues it and writes it (fill); chunks 2–4 fill frames 3–5; chunk 5, the first full-cache
+     write, overwrites sink frame 2 again; chunks 6, 7, 8, 9 … then overwrite 3, 4, 5, 3 …
+   * ``"clean"``: only in the full phase (a fill-phase sink is never chosen for being still empty); chunk 5 then
+     overwrites frame 3.
+
 3. :meth:`KVCache.commit` ends the chunk: the slot's frame count and position advance and the ring rotates.
    Without a commit, the next call for the same slot rewrites **the same** frame slots (no-batch mode runs the
    ``n`` denoising steps of one chunk on one cache and rotates only after the last step). Once the position reaches
@@ -30,10 +42,11 @@ Design choices (see also ``docs/architecture.md``):
 * All bookkeeping is host ints (per slot; the ring order per block and slot). The only device→host read in the hot
   path is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's
   own keys/values), **once per chunk** and slot: on the first ``write`` after a commit, and only in the full phase
-  with a single new frame and the refresh enabled. The decisions of all slots of a block are read back together
-  (one small ``.tolist()`` per block). The decision is then remembered until the commit, so the uncommitted
-  repeats of a chunk (no-batch mode) write the same slot. Upstream re-evaluates it at every step and also runs the
-  check in the fill phase, where sink frames may still be empty; both are upstream quirks we do not reproduce.
+  with a single new frame and the refresh enabled (and, with ``compat="clean"``, only in the full phase). The
+  decisions of all slots of a block are read back together (one small ``.tolist()`` per block). The decision is
+  then remembered until the commit, so the uncommitted repeats of a chunk (no-batch mode) write the same slot.
+  Upstream re-evaluates it at every step of such a chunk; that we do not reproduce (its first step's decision is
+  the one kept, which is upstream's whenever the later steps' checks do not trigger).
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
   ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
@@ -51,7 +64,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .configs import DEFAULT_CACHE_POLICY, CachePolicy
+from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat, check_compat
 
 __all__ = ["CacheWindow", "CachePolicy", "KVCache", "PerBlockKV"]
 
@@ -97,6 +110,8 @@ class KVCache(PerBlockKV):
             (:class:`~.configs.CachePolicy`, validated there); its fields are also attributes of the cache.
         device: where the tensors live.
         dtype: tensor dtype (the transformer's dtype: bf16 on CUDA, fp32 on CPU).
+        compat: ``"upstream"`` (default): the sink check also runs in the fill phase, as upstream's does (the
+            distilled weights were tuned with it); ``"clean"``: only once the cache is full (module docstring).
     """
 
     def __init__(
@@ -110,6 +125,7 @@ class KVCache(PerBlockKV):
         policy: CachePolicy = DEFAULT_CACHE_POLICY,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compat: Compat = DEFAULT_COMPAT,
     ) -> None:
         if num_layers < 1 or batch_size < 1 or tokens_per_frame < 1 or num_heads < 1 or head_dim < 1:
             raise ValueError(
@@ -117,6 +133,7 @@ class KVCache(PerBlockKV):
                 f"{num_layers}, {batch_size}, {tokens_per_frame}, {num_heads}, {head_dim}"
             )
         self.policy = policy
+        self.compat: Compat = check_compat(compat)
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.tokens_per_frame = tokens_per_frame
@@ -146,6 +163,10 @@ class KVCache(PerBlockKV):
         # Frame slots chosen for the uncommitted chunk, per block and batch slot (None: nothing in flight).
         self._pending: list[list[list[int] | None]] = [[None] * self.batch_size for _ in range(self.num_layers)]
         self._pending_frames: list[int | None] = [None] * self.batch_size
+        # compat="upstream": sink frames the sink check chose, not overwritten yet (front first), per block and slot;
+        # and that queue as the uncommitted chunk leaves it (None: unchanged).
+        self._sink_queue: list[list[list[int]]] = [[[] for _ in range(self.batch_size)] for _ in range(self.num_layers)]
+        self._pending_queue: list[list[list[int] | None]] = [[None] * self.batch_size for _ in range(self.num_layers)]
 
     @property
     def device(self) -> torch.device:
@@ -167,6 +188,12 @@ class KVCache(PerBlockKV):
         """Non-sink frame slots of block ``layer``, slot ``b``, oldest first (the next one overwritten first)."""
         return list(self._ring[layer][b])
 
+    def sink_queue(self, layer: int, b: int) -> list[int]:
+        """Sink frame slots of block ``layer``, slot ``b`` that the sink check chose and that are still to be
+        overwritten, the next first (``compat="upstream"``: fill-phase choices wait for the cache to be full;
+        always empty with ``"clean"``)."""
+        return list(self._sink_queue[layer][b])
+
     def frame_tokens(self, frame_slot: int) -> slice:
         """Token range of frame slot ``frame_slot`` inside :attr:`key` / :attr:`value`."""
         t = self.tokens_per_frame
@@ -184,6 +211,8 @@ class KVCache(PerBlockKV):
         new._ring = [[list(ring[i]) for i in slots] for ring in self._ring]
         new._pending = [[None] * len(slots) for _ in range(self.num_layers)]
         new._pending_frames = [None] * len(slots)
+        new._sink_queue = [[list(queue[i]) for i in slots] for queue in self._sink_queue]
+        new._pending_queue = [[None] * len(slots) for _ in range(self.num_layers)]
         return new
 
     def _check_no_pending(self, what: str) -> None:
@@ -230,6 +259,7 @@ class KVCache(PerBlockKV):
             view._pending_frames[j] = self._pending_frames[b]
             for layer in range(self.num_layers):
                 view._pending[layer][j] = self._pending[layer][b]
+                view._pending_queue[layer][j] = self._pending_queue[layer][b]
         try:
             yield view
         finally:
@@ -240,6 +270,8 @@ class KVCache(PerBlockKV):
                 for layer in range(self.num_layers):
                     self._ring[layer][b] = view._ring[layer][j]
                     self._pending[layer][b] = view._pending[layer][j]
+                    self._sink_queue[layer][b] = view._sink_queue[layer][j]
+                    self._pending_queue[layer][b] = view._pending_queue[layer][j]
 
     # ------------------------------------------------------------------ one chunk
 
@@ -273,7 +305,10 @@ class KVCache(PerBlockKV):
         return targets
 
     def _sink_refresh(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> list[int]:
-        """Per slot in ``slots``: the sink frame the new single frame replaces, or -1 to keep all sinks."""
+        """Per slot in ``slots``: the least similar sink frame if its similarity is below the threshold, else -1.
+
+        A sink frame the slot has not written yet counts as upstream's zero-initialised one: similarity 0.
+        """
         t, s = self.tokens_per_frame, self.num_sink
         index = torch.tensor(slots, device=key.device) if len(slots) != self.batch_size else None
 
@@ -285,7 +320,12 @@ class KVCache(PerBlockKV):
             return F.cosine_similarity(sink_mean, new_mean[:, None], dim=-1)  # [n, S]
 
         avg = (mean_cos(self.key[layer], key) + mean_cos(self.value[layer], value)) / 2
-        min_sim, least_similar = avg.min(dim=1)
+        if any(self._num_frames[b] < s for b in slots):  # fill phase: cos(0, x) = 0, whatever the stale data
+            written = torch.tensor([[j < self._num_frames[b] for j in range(s)] for b in slots], device=avg.device)
+            avg = torch.where(written, avg, torch.zeros_like(avg))
+        # argmin: the first of equal minima, as upstream's torch.argmin over one slot's sinks.
+        least_similar = avg.argmin(dim=1)
+        min_sim = avg.gather(1, least_similar[:, None])[:, 0]
         choice = torch.where(min_sim < self.sink_threshold, least_similar, torch.full_like(least_similar, -1))
         # The one device->host read of the hot path: which sink (if any) each slot refreshes, for this block.
         return choice.tolist()
@@ -325,11 +365,19 @@ class KVCache(PerBlockKV):
             targets.append(planned)
         # 2. Adaptive sink refresh: a single new frame into a full cache may replace the least similar sink.
         if fresh and num_frames == 1 and self.num_sink > 0 and self.sink_threshold > -1.0:
-            full = [b for b in fresh if self._num_frames[b] == self.num_kv_cache]
-            if full:
-                for b, sink in zip(full, self._sink_refresh(layer, full, key, value), strict=True):
-                    if sink >= 0:
-                        pending[b] = targets[b] = [sink]
+            upstream = self.compat == "upstream"
+            checked = [b for b in fresh if upstream or self._num_frames[b] == self.num_kv_cache]
+            if checked:
+                for b, sink in zip(checked, self._sink_refresh(layer, checked, key, value), strict=True):
+                    if not upstream:
+                        if sink >= 0:
+                            pending[b] = targets[b] = [sink]
+                        continue
+                    # upstream: the choice joins the queue's front; a write into a full cache takes the front.
+                    queue = ([sink] if sink >= 0 else []) + self._sink_queue[layer][b]
+                    if queue and self._num_frames[b] == self.num_kv_cache:
+                        pending[b] = targets[b] = [queue.pop(0)]
+                    self._pending_queue[layer][b] = queue
         for b in range(batch_size):
             self._pending_frames[b] = num_frames
 
@@ -375,6 +423,10 @@ class KVCache(PerBlockKV):
                         ring.remove(slot)  # overwritten: it becomes the newest non-sink frame
                     ring.append(slot)
                 self._pending[layer][b] = None
+                queue = self._pending_queue[layer][b]
+                if queue is not None:
+                    self._sink_queue[layer][b] = queue
+                    self._pending_queue[layer][b] = None
             self._pending_frames[b] = None
             self._num_frames[b] = min(self.num_kv_cache, self._num_frames[b] + num_frames)
             position = self._position[b] + num_frames
@@ -386,5 +438,6 @@ class KVCache(PerBlockKV):
         return (
             f"KVCache(layers={self.num_layers}, batch={self.batch_size}, frames={self.num_kv_cache} "
             f"(sinks {self.num_sink}), tokens_per_frame={self.tokens_per_frame}, heads={self.num_heads}x"
-            f"{self.head_dim}, dtype={self.dtype}, positions={self._position}, cached={self._num_frames})"
+            f"{self.head_dim}, dtype={self.dtype}, compat={self.compat}, positions={self._position}, "
+            f"cached={self._num_frames})"
         )

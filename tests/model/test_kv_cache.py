@@ -10,16 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdlive.daemon.model.configs import Compat
 from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
 
 T, H, D = 3, 2, 4  # tokens per frame, heads, head dim
 
 
-def make_cache(*, num_layers: int = 2, batch_size: int = 1, dtype: torch.dtype = torch.float32, **policy) -> KVCache:
+def make_cache(
+    *, num_layers: int = 2, batch_size: int = 1, dtype: torch.dtype = torch.float32, compat: Compat = "upstream",
+    **policy,
+) -> KVCache:
     """A small cache; ``policy`` overrides fields of the test policy (sink refresh off unless given)."""
     return KVCache(
         num_layers=num_layers, batch_size=batch_size, tokens_per_frame=T, num_heads=H, head_dim=D,
-        policy=CachePolicy(**{"sink_threshold": -1.0, **policy}), dtype=dtype,
+        policy=CachePolicy(**{"sink_threshold": -1.0, **policy}), dtype=dtype, compat=compat,
     )  # fmt: skip
 
 
@@ -94,8 +98,12 @@ SINK_DIRS = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]
 
 
 def full_cache_with_direction_sinks(threshold: float) -> KVCache:
-    """A full cache whose 3 sink frames point along e0, e1, e2 (keys and values), non-sinks along e3."""
-    cache = make_cache(sink_threshold=threshold)
+    """A full cache whose 3 sink frames point along e0, e1, e2 (keys and values), non-sinks along e3.
+
+    ``compat="clean"``: the sink check only in the full phase, so these tests see the full-phase rule alone (with
+    ``"upstream"`` the fill-phase writes along e2 / e3, orthogonal to the sinks, would queue sink refreshes: see
+    ``test_kv_cache_compat.py``)."""
+    cache = make_cache(sink_threshold=threshold, compat="clean")
     push(cache, torch.cat([directed(SINK_DIRS[0]), directed(SINK_DIRS[1])], dim=1))
     push(cache, directed(SINK_DIRS[2]))
     for _ in range(3):

@@ -3,15 +3,18 @@
 import pytest
 import torch
 
+from sdlive.daemon.model.configs import Compat
 from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
 
 T = 4  # tokens per frame
 
 
-def cache(batch: int = 3) -> KVCache:
+def cache(batch: int = 3, compat: Compat = "clean") -> KVCache:
+    """``compat="clean"`` unless asked: with ``"upstream"`` the first write finds the sink frame empty and queues it
+    for the first full-cache write (tested below), which would hide the round robin these tests follow."""
     return KVCache(
         num_layers=2, batch_size=batch, tokens_per_frame=T, num_heads=1, head_dim=2,
-        policy=CachePolicy(num_kv_cache=4, num_sink=1),
+        policy=CachePolicy(num_kv_cache=4, num_sink=1), compat=compat,
     )
 
 
@@ -49,6 +52,20 @@ def test_a_single_slot_subset_continues_that_slots_ring():
     assert (c.key[0][0, T : 2 * T] == 2.0).all()
     assert c.ring_order(0, 1) == [2, 3, 1]
     assert c.ring_order(0, 0) == [1, 2, 3]
+
+
+def test_a_single_slot_subset_carries_that_slots_sink_queue():
+    c = cache(2, compat="upstream")
+    for v in (1.0, 2.0, 3.0, 4.0):  # the first write sees sink frame 0 empty (similarity 0 < 0.2): queued
+        write_chunk(c, v)
+    assert c.sink_queue(0, 0) == c.sink_queue(0, 1) == [0] and c.sink_queue(1, 1) == [0]
+    with c.subset(1, 2) as view:
+        assert view.sink_queue(0, 0) == [0]
+        write_chunk(view, 9.0)  # the first full-cache write takes the queued sink frame
+    assert (c.key[0][1, :T] == 9.0).all() and (c.key[0][1, T : 2 * T] == 2.0).all()
+    assert (c.key[0][0, :T] == 1.0).all()
+    assert c.sink_queue(0, 1) == c.sink_queue(1, 1) == [] and c.sink_queue(0, 0) == [0]
+    assert c.ring_order(0, 1) == c.ring_order(0, 0) == [1, 2, 3]  # a sink refresh leaves the round robin
 
 
 def test_an_uncommitted_chunk_in_a_subset_stays_in_flight_in_the_parent():

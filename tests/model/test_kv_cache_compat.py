@@ -1,0 +1,172 @@
+"""KVCache ``compat``: upstream's fill-phase adaptive sink check (the default) against sdlive's full-phase-only one,
+chunk by chunk against hand traces of upstream's ``CausalWanSelfAttention.forward`` (its ``evict_idx`` list).
+
+Frames carry a common direction (channel 0 = 1) so every written frame is similar to every other (cosine ≈ 1, the
+sink check never fires on them), plus a small tag (channel 1 = id / 1000) that tells which frame sits in which
+cache slot. A frame slot never written holds zeros: upstream's cache is zero-initialised, and its cosine with a
+zero sink is 0, below the threshold 0.2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdlive.daemon.model.configs import DEFAULT_COMPAT, Compat, check_compat
+from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
+
+T, H, D = 3, 2, 4  # tokens per frame, heads, head dim
+
+
+def make_cache(compat: Compat, *, batch_size: int = 1, policy: CachePolicy | None = None) -> KVCache:
+    return KVCache(
+        num_layers=2, batch_size=batch_size, tokens_per_frame=T, num_heads=H, head_dim=D,
+        policy=policy or CachePolicy(), compat=compat,
+    )  # fmt: skip
+
+
+def frames(*ids: int, batch: int = 1) -> torch.Tensor:
+    """[batch, F*T, H, D]: per frame, channel 0 = 1 (shared direction), channel 1 = id / 1000 (the tag)."""
+    x = torch.zeros(batch, len(ids) * T, H, D)
+    for f, fid in enumerate(ids):
+        x[:, f * T : (f + 1) * T, :, 0] = 1.0
+        x[:, f * T : (f + 1) * T, :, 1] = fid / 1000
+    return x
+
+
+def directed(vec: list[float]) -> torch.Tensor:
+    """One frame [1, T, H, D] whose every token (in every head) is ``vec``."""
+    return torch.tensor(vec, dtype=torch.float32).expand(1, T, H, D).clone()
+
+
+def push(cache: KVCache, chunk: torch.Tensor, steps: int = 1) -> None:
+    """One chunk into every block, ``steps`` times (no-batch mode: the same chunk once per denoising step), committed
+    on the last."""
+    for step in range(steps):
+        for layer in range(cache.num_layers):
+            cache.write(layer, chunk, chunk)
+        cache.commit(step == steps - 1)
+
+
+def slot_ids(cache: KVCache, layer: int = 0, b: int = 0) -> list[int | None]:
+    """The tag of each frame slot (None: never written)."""
+    out: list[int | None] = []
+    for s in range(cache.num_kv_cache):
+        token = cache.key[layer][b, s * T, 0]
+        out.append(None if token[0].item() == 0 else round(token[1].item() * 1000))
+    return out
+
+
+# Upstream with the defaults (6 frames, 3 sinks, threshold 0.2), in frame units (its evict_idx holds token ends,
+# here divided by tokens_per_frame): chunk 0 is 2 frames (no check: not a single frame) → frames 0-1, evict [4];
+# chunk 1: sink frame 2 is empty, avg cos 0 < 0.2 → evict.insert(0, 3) → [3, 4]; a fill write → frame 2;
+# chunks 2, 3, 4: fill → frames 3, 4, 5 (evict [3, 4, 5, 6]); chunk 5: the cache is full, target evict[0] = 3 →
+# frame 2, the sink, is overwritten and 3 (not > 3 sinks) is not re-appended → [4, 5, 6]; chunks 6, 7, 8, 9: frames
+# 3, 4, 5, 3 (round robin).   sdlive "clean": no check until full; chunk 5 → frame 3, then 4, 5, 3, 4.
+# Per chunk: (the frame slot written, the sink queue after the chunk).
+UPSTREAM_TRACE = [([0, 1], []), ([2], [2]), ([3], [2]), ([4], [2]), ([5], [2]),
+                  ([2], []), ([3], []), ([4], []), ([5], []), ([3], [])]  # fmt: skip
+CLEAN_TRACE = [([0, 1], []), ([2], []), ([3], []), ([4], []), ([5], []),
+               ([3], []), ([4], []), ([5], []), ([3], []), ([4], [])]  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=["stream-batch-slot", "no-batch-2-steps"])
+@pytest.mark.parametrize(("compat", "trace"), [("upstream", UPSTREAM_TRACE), ("clean", CLEAN_TRACE)])
+def test_eviction_order_chunk_by_chunk(compat, trace, steps):
+    """Which frame slot each chunk writes and when the empty sink frame 2 is queued (upstream: chunk 1) and overwritten
+    (upstream: chunk 5, the first full-cache write), in both modes. With 2 steps per chunk (no-batch mode) the check
+    runs once, on the chunk's first write, and its repeats rewrite the same slot."""
+    cache = make_cache(compat)
+    expected: list[int | None] = [None] * 6
+    for chunk, (written, queue) in enumerate(trace):
+        ids = [100 + chunk * 10 + f for f in range(len(written))]
+        push(cache, frames(*ids), steps=steps)
+        for slot, fid in zip(written, ids, strict=True):
+            expected[slot] = fid
+        for layer in range(cache.num_layers):
+            assert slot_ids(cache, layer) == expected, (chunk, layer)
+            assert cache.sink_queue(layer, 0) == queue, (chunk, layer)
+    assert cache.frame_position(0) == 11 and cache.num_cached_frames(0) == 6
+    # After the trace: upstream's evict_idx is [5, 6, 4] (ends) = frame slots [4, 5, 3]; the clean ring rotated once
+    # more (it spent no write on a sink).
+    assert cache.ring_order(0, 0) == ([4, 5, 3] if compat == "upstream" else [5, 3, 4])
+    assert slot_ids(cache)[2] == (150 if compat == "upstream" else 110)  # the third sink: chunk 5's frame or chunk 1's
+
+
+def test_upstream_queues_every_fill_phase_choice_and_serves_them_front_first():
+    """Hand trace (upstream, frame units): chunk 0 = A, A' → frames 0-1, evict [4]. Chunk 1 = B: sink 2 empty → [3, 4]
+    (B → frame 2). Chunk 2 = C, orthogonal to every sink (all three avg cos 0, torch.argmin takes the first) →
+    evict.insert(0, 1) → [1, 3, 4, 5] (C → frame 3). Chunks 3, 4 = D (similar to the sinks) → frames 4, 5. Chunk 5:
+    target 1 → frame 0; chunk 6: the check passes (every sink similar), target 3 → frame 2; chunk 7: target 4 →
+    frame 3, the round robin again."""
+    a, a2, b = directed([1, 0, 0, 0]), directed([1, 0.1, 0, 0]), directed([1, 0.2, 0, 0])
+    c, d = directed([0, 0, 0, 1]), directed([1, 0.05, 0, 0.1])
+    cache = make_cache("upstream")
+    push(cache, torch.cat([a, a2], dim=1))
+    push(cache, b)
+    assert cache.sink_queue(0, 0) == [2]
+    push(cache, c)
+    assert cache.sink_queue(0, 0) == [0, 2] and torch.equal(cache.key[0][0, 3 * T], c[0, 0])
+    push(cache, d)
+    push(cache, d)
+    assert cache.sink_queue(0, 0) == [0, 2] and cache.num_cached_frames(0) == 6
+    e, f, g = directed([1, 0.06, 0, 0.1]), directed([1, 0.07, 0, 0.1]), directed([1, 0.08, 0, 0.1])
+    push(cache, e)
+    assert torch.equal(cache.key[0][0, 0], e[0, 0]) and cache.sink_queue(0, 0) == [2]
+    push(cache, f)
+    assert torch.equal(cache.key[0][0, 2 * T], f[0, 0]) and cache.sink_queue(0, 0) == []
+    push(cache, g)
+    assert torch.equal(cache.key[0][0, 3 * T], g[0, 0])  # C, the oldest non-sink frame, goes
+    assert torch.equal(cache.key[0][0, T], a2[0, 0])  # sink 1 was never chosen
+    assert cache.ring_order(0, 0) == [4, 5, 3]
+
+    clean = make_cache("clean")
+    for chunk in (torch.cat([a, a2], dim=1), b, c, d, d, e):
+        push(clean, chunk)
+    assert torch.equal(clean.key[0][0, :T], a[0]) and torch.equal(clean.key[0][0, 3 * T], e[0, 0])
+
+
+def test_upstream_fill_phase_check_per_slot_in_a_stream_batch():
+    """Two slots of a stream batch: each queues its empty sink at its chunk 1 and spends it at its own first
+    full-cache write (slot 0 runs ahead through a subset, as in the pipeline's fill)."""
+    one = make_cache("upstream")
+    push(one, frames(10, 11))
+    cache = one.repeat(2)
+    push(cache, frames(12, batch=2), steps=1)  # both slots: chunk 1
+    assert cache.sink_queue(0, 0) == cache.sink_queue(0, 1) == [2]
+    for fid in (13, 14, 15):
+        push(cache, frames(fid, batch=2))
+    with cache.subset(0, 1) as ahead:
+        push(ahead, frames(16))  # slot 0's chunk 5: the queued sink frame 2
+    assert slot_ids(cache, b=0) == [10, 11, 16, 13, 14, 15] and cache.sink_queue(0, 0) == []
+    assert slot_ids(cache, b=1) == [10, 11, 12, 13, 14, 15] and cache.sink_queue(0, 1) == [2]
+    push(cache, frames(17, batch=2))  # slot 0: frame 3 (round robin); slot 1: its chunk 5, the sink frame 2
+    assert slot_ids(cache, b=0) == [10, 11, 16, 17, 14, 15]
+    assert slot_ids(cache, b=1) == [10, 11, 17, 13, 14, 15] and cache.sink_queue(0, 1) == []
+
+
+def test_upstream_check_off_with_threshold_minus_one_and_after_reset():
+    cache = make_cache("upstream", policy=CachePolicy(sink_threshold=-1.0))
+    for chunk in ([10, 11], [12], [13], [14], [15], [16]):
+        push(cache, frames(*chunk))
+    assert slot_ids(cache) == [10, 11, 12, 16, 14, 15] and cache.sink_queue(0, 0) == []
+    on = make_cache("upstream")
+    push(on, frames(10, 11))
+    push(on, frames(12))
+    assert on.sink_queue(1, 0) == [2]
+    on.reset()
+    assert on.sink_queue(1, 0) == []
+    push(on, frames(20, 21))
+    push(on, frames(22))  # the stale tag-12 frame in slot 2 still counts as empty: queued again
+    assert on.sink_queue(0, 0) == [2]
+
+
+def test_compat_default_and_validation():
+    assert DEFAULT_COMPAT == "upstream" and make_cache(DEFAULT_COMPAT).compat == "upstream"
+    assert KVCache(num_layers=1, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D).compat == "upstream"
+    assert check_compat("clean") == "clean"
+    for bad in ("Upstream", "", None, 1):
+        with pytest.raises(ValueError, match="compat must be one of 'upstream', 'clean'"):
+            check_compat(bad)
+    with pytest.raises(ValueError, match="compat"):
+        make_cache("fast")  # type: ignore[arg-type]
