@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--weights", default=None, help="checkpoint path (default: the model's own lookup)")
     parser.add_argument(
+        "--allow-base-model", action="store_true", help="run a base Wan transformer when no generator is found"
+    )
+    parser.add_argument(
         "--random-weights", action="store_true", help="the model's real shapes with seeded random weights (no download)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (medians)")
@@ -119,7 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = StreamEngine.load(args.model, weights=args.weights, device=args.device, random_weights=args.random_weights)
+    engine = StreamEngine.load(
+        args.model,
+        weights=args.weights,
+        device=args.device,
+        random_weights=args.random_weights,
+        base_only=args.allow_base_model,
+    )
     if args.random_weights and args.model != "tiny":
         # A random 5.7B text encoder would only cost memory and minutes: random prompt embeddings of the real shape.
         engine.bundle.text = RandomPromptEmbeddings(engine.spec.text_len, engine.spec.text_dim)
