@@ -11,7 +11,7 @@ Nothing is downloaded here (``hub.pull_model`` downloads). A real model's parts 
     ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``): whichever of the three is given, the other half of
     the tree is found next to it;
   - a single file (generator ``model.pt``, original or diffusers safetensors: a transformer, or a VAE when its keys
-    say so);
+    say so; inside upstream's tree, the tree's other parts fill the rest);
 - the hub cache for every part the given weights lack: the spec's diffusers base repo for VAE, text encoder and
   tokenizer, and the StreamDiffusionV2 generator for the transformer.
 
@@ -199,6 +199,7 @@ def locate_weights(spec: ModelSpec, weights: Path | None, hub_cache_dir: HubCach
                 src.vae = weights
             else:
                 src.transformer = weights
+            _fill_from_upstream_tree(src, weights.parent, spec)  # a file inside upstream's tree: the rest of it
         else:
             _fill_from_folder(src, weights, spec)
             _fill_from_upstream_tree(src, weights, spec)

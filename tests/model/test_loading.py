@@ -534,8 +534,9 @@ def test_wan_t5_file_converts_onto_transformers_keys(ref_text):
 
 
 @pytest.mark.parametrize(
-    "given", ["", "ckpts", "ckpts/wan_causal_dmd_v2v", "wan_models", f"wan_models/{BASE_DIR}"],
-    ids=["root", "ckpts", "generator-folder", "wan_models", "wan-folder"],
+    "given", ["", "ckpts", "ckpts/wan_causal_dmd_v2v", "ckpts/wan_causal_dmd_v2v/model.pt", "wan_models",
+              f"wan_models/{BASE_DIR}"],
+    ids=["root", "ckpts", "generator-folder", "generator-file", "wan_models", "wan-folder"],
 )  # fmt: skip
 def test_every_upstream_layout_loads_the_same_weights(tmp_path, upstream_tree, given, ref_transformer, ref_vae,
                                                       ref_text):  # fmt: skip
@@ -597,3 +598,15 @@ def test_wan_t5_without_tokenizer_names_it(tmp_path, ref_transformer, ref_vae, r
     )
     with pytest.raises(CheckpointError, match=r"found .*models_t5_umt5-xxl-enc-bf16\.pth but not its tokenizer"):
         bundle.text.encode("new prompt")
+
+
+def test_the_one_wan_folder_under_another_name_is_found(tmp_path, upstream_tree, ref_transformer, ref_vae):
+    import shutil
+
+    root = tmp_path / "sdv2"
+    shutil.copytree(upstream_tree, root)
+    (root / "wan_models" / BASE_DIR).rename(root / "wan_models" / "Wan2.1-T2V-1.3B-local")
+    bundle = load_model_bundle(SPEC, weights=root / "ckpts", cache_dir=tmp_path / "p", hub_cache_dir=tmp_path / "h")
+    _assert_same_weights(bundle.transformer, ref_transformer)
+    _assert_same_weights(bundle.vae, ref_vae)
+    assert "Wan2.1-T2V-1.3B-local" in bundle.sources["vae"]
