@@ -23,6 +23,14 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+def _cache_text(status: StatusReply) -> str:
+    """`` · KV cache 6 frames (3 sinks)`` from ``status.cache`` (empty when the daemon did not say)."""
+    cache = status.cache
+    if cache is None:
+        return ""
+    return f" · KV cache {cache.num_kv_cache} frames ({cache.num_sink} sinks)"
+
+
 def status_table(status: StatusReply) -> Group:
     """A header line and one row per session, from a ``status`` reply."""
     memory = status.memory
@@ -33,6 +41,7 @@ def status_table(status: StatusReply) -> Group:
         f"up {_fmt(status.uptime_s, '.0f')} s · ",
         f"{len(status.sessions)}/{status.max_sessions} sessions · ",
         f"memory {_fmt(mem, '.0f')} MB · control {status.control_address or '?'}",
+        _cache_text(status),
     )
     if not status.sessions:
         return Group(head, Text("no sessions open: connect OBS, `sdlive cam`, or any client", style="dim"))
