@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.configs import CachePolicy, ModelSpec, get_model_spec
+from ..model.configs import DEFAULT_COMPAT, CachePolicy, Compat, ModelSpec, check_compat, get_model_spec
 from ..protocol.params import GenerationParams
 from .session import NoiseFn, StreamSession
 
@@ -47,8 +47,16 @@ class StreamEngine:
     Implements :class:`~.interface.Engine`."""
 
     def __init__(
-        self, bundle: ModelBundle, *, device: torch.device, dtype: torch.dtype, normalize_latents: bool = False
+        self,
+        bundle: ModelBundle,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        normalize_latents: bool = False,
+        compat: Compat = DEFAULT_COMPAT,
     ) -> None:
+        self.compat: Compat = check_compat(compat)
+        """``"upstream"`` | ``"clean"``: every session's KV caches and VAE follow it (see ``load``)."""
         self.bundle = bundle
         self.spec: ModelSpec = bundle.spec
         self.device = device
@@ -69,6 +77,7 @@ class StreamEngine:
         random_weights: bool = False,
         cache_policy: CachePolicy | Mapping[str, int | float | None] | None = None,
         base_only: bool = False,
+        compat: Compat = DEFAULT_COMPAT,
         progress: ProgressFn | None = None,
     ) -> StreamEngine:
         """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
@@ -80,10 +89,15 @@ class StreamEngine:
         change on the spec's (``{"num_kv_cache": 8}``; ``None`` values keep the default), validated before
         anything loads (``ValueError``). ``base_only=True`` accepts a base Wan transformer when no
         StreamDiffusionV2 generator is found (otherwise a ``CheckpointError``).
+        ``compat``: ``"upstream"`` (default) reproduces two quirks of upstream StreamDiffusionV2 that its distilled
+        weights were tuned and evaluated with (the adaptive sink check also runs while the KV cache fills; the
+        decoder's input latent is rounded to bf16); ``"clean"`` runs sdlive's own rules (the sink check only on a
+        full cache; float32 latents into the decoder). Validated before anything loads (``ValueError``).
         """
         from ..model.bundle import load_model_bundle
 
         # a clear error for an unknown name (or a bad cache setting) before anything loads
+        compat = check_compat(compat)
         spec = model if isinstance(model, ModelSpec) else get_model_spec(model)
         if isinstance(cache_policy, CachePolicy):
             spec = dataclasses.replace(spec, kv_cache=cache_policy)
@@ -102,9 +116,14 @@ class StreamEngine:
             progress=progress,
         )
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s cache=%s", spec.name, device, dtype, spec.kv_cache
+            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s",
+            spec.name,
+            device,
+            dtype,
+            spec.kv_cache,
+            compat,
         )
-        return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents)
+        return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents, compat=compat)
 
     @property
     def model_name(self) -> str:
@@ -135,8 +154,8 @@ class StreamEngine:
     # ---------------------------------------------------------------- used by sessions
 
     def new_vae(self) -> StreamingVAE:
-        """A streaming VAE with its own causal-conv caches over the shared weights."""
-        return self.bundle.new_vae(normalize_latents=self.normalize_latents)
+        """A streaming VAE with its own causal-conv caches over the shared weights (decoding as ``compat`` says)."""
+        return self.bundle.new_vae(normalize_latents=self.normalize_latents, compat=self.compat)
 
     def new_kv_cache(self, *, batch_size: int, tokens_per_frame: int) -> KVCache:
         return self.transformer.new_kv_cache(
@@ -145,6 +164,7 @@ class StreamEngine:
             policy=self.spec.kv_cache,
             device=self.device,
             dtype=self.dtype,
+            compat=self.compat,
         )
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:

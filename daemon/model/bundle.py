@@ -23,7 +23,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from diffusers.models.modeling_utils import no_init_weights
 
 from .causal_wan import CausalWanTransformer3DModel
-from .configs import ModelSpec, get_model_spec
+from .configs import DEFAULT_COMPAT, Compat, ModelSpec, get_model_spec
 from .errors import CheckpointError, pull_hint
 from .formats import (
     StateDict,
@@ -59,8 +59,9 @@ class ModelBundle:
     sources: dict[str, str] = field(default_factory=dict)
     """Where each part came from (for logs and ``status``)."""
 
-    def new_vae(self, *, normalize_latents: bool = False) -> StreamingVAE:
-        return StreamingVAE(self.vae, normalize_latents=normalize_latents)
+    def new_vae(self, *, normalize_latents: bool = False, compat: Compat = DEFAULT_COMPAT) -> StreamingVAE:
+        """A ``StreamingVAE`` over these weights; ``compat="upstream"`` rounds decoder input latents to bf16."""
+        return StreamingVAE(self.vae, normalize_latents=normalize_latents, compat=compat)
 
 
 # --------------------------------------------------------------------------------------------- building models

@@ -27,6 +27,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     unpatchify,
 )
 
+from .configs import DEFAULT_COMPAT, Compat, check_compat
+
 __all__ = ["StreamingVAE", "accelerate_wan_vae"]
 
 _TEMPORAL_GROUP = 4
@@ -110,9 +112,21 @@ class StreamingVAE:
     Several ``StreamingVAE`` may share one ``AutoencoderKLWan`` (weights); each holds its own feature caches.
     ``normalize_latents=False`` reproduces StreamDiffusionV2: ``encode`` returns the raw latent mean μ, while
     ``decode`` always applies z·std+mean first (DESIGN §3, upstream quirk). ``True`` returns (μ−mean)/std.
+
+    ``compat="upstream"`` (default) rounds ``decode``'s input latents to bf16 before z·std+mean, whatever the run's
+    dtype, as upstream's ``stream_decode_to_pixel`` does (the distilled weights were tuned with it: see
+    :func:`~.configs.check_compat`); ``"clean"`` un-normalises the float32 latents as given.
     """
 
-    def __init__(self, vae: AutoencoderKLWan, *, normalize_latents: bool = False, accelerate: bool = True) -> None:
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        *,
+        normalize_latents: bool = False,
+        accelerate: bool = True,
+        compat: Compat = DEFAULT_COMPAT,
+    ) -> None:
+        self.compat: Compat = check_compat(compat)
         self.vae = accelerate_wan_vae(vae) if accelerate else vae
         self.normalize_latents = normalize_latents
         param = next(vae.parameters())
@@ -176,7 +190,8 @@ class StreamingVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, 16, F, h, w] latents → [B, 3, T, 8h, 8w] pixels in [-1, 1] (float32).
 
-        Applies z·std+mean first. The first latent after ``reset`` gives 1 frame, every later latent 4.
+        Applies z·std+mean first (in float32; with ``compat="upstream"`` on the latents rounded to bf16). The first
+        latent after ``reset`` gives 1 frame, every later latent 4.
         """
         if latents.ndim != 5 or latents.shape[1] != self._z_dim:
             raise ValueError(
@@ -184,7 +199,10 @@ class StreamingVAE:
             )
         if latents.shape[2] == 0:
             raise ValueError("streaming VAE decode needs at least one latent frame")
-        z = latents.to(device=self.device, dtype=torch.float32) * self._std + self._mean
+        z = latents.to(device=self.device)
+        if self.compat == "upstream":
+            z = z.to(torch.bfloat16)  # upstream: zs.to(torch.bfloat16), then un-normalised in float32
+        z = z.to(torch.float32) * self._std + self._mean
         x = self.vae.post_quant_conv(z.to(self.dtype))
         outs = []
         for i in range(x.shape[2]):

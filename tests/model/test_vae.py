@@ -65,10 +65,12 @@ def test_streaming_encode_equals_whole_clip_stock_kernels(reference, clip, sizes
 
 
 def test_streaming_decode_equals_whole_clip_stock_kernels(reference):
+    """``compat="clean"``: float32 latents in, as diffusers' decode takes them (the default rounds them to bf16 first:
+    ``test_upstream_compat_decodes_bf16_rounded_latents``)."""
     g = torch.Generator().manual_seed(2)
     z = torch.randn(1, 16, 4, 4, 6, generator=g)
     expected = _whole_clip_decode(reference, z)
-    svae = StreamingVAE(reference, accelerate=False)
+    svae = StreamingVAE(reference, accelerate=False, compat="clean")
     outs = [svae.decode(z[:, :, i : i + 1]) for i in range(z.shape[2])]
     assert [o.shape[2] for o in outs] == [1, 4, 4, 4]
     got = torch.cat(outs, dim=2)
@@ -78,8 +80,9 @@ def test_streaming_decode_equals_whole_clip_stock_kernels(reference):
 
 
 def test_accelerated_streaming_equals_whole_clip(reference, fast_vae, clip):
-    """The fast CPU kernels (oneDNN conv, fused RMS norm) stay within float32 rounding of diffusers' path."""
-    fast = StreamingVAE(fast_vae, normalize_latents=True)
+    """The fast CPU kernels (oneDNN conv, fused RMS norm) stay within float32 rounding of diffusers' path (float32
+    latents into the decoder: ``compat="clean"``)."""
+    fast = StreamingVAE(fast_vae, normalize_latents=True, compat="clean")
     z = torch.cat(_stream_encode(fast, clip, [5, 4, 4]), dim=2)
     raw = _whole_clip_encode(reference, clip)
     mean = torch.tensor(TINY.vae["latents_mean"]).view(1, -1, 1, 1, 1)
@@ -90,6 +93,34 @@ def test_accelerated_streaming_equals_whole_clip(reference, fast_vae, clip):
     got = torch.cat([fast.decode(z[:, :, i : i + 1]) for i in range(z.shape[2])], dim=2)
     # Random decoder weights amplify rounding: diffusers' own float32 decode is ~2e-5 from float64 here.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_upstream_compat_decodes_bf16_rounded_latents(reference, fast_vae):
+    """The default ``compat="upstream"`` rounds the decoder's input to bf16 (upstream's ``stream_decode_to_pixel``,
+    even in a float32 run): bitwise what the float32 decode gives on bf16-rounded latents, and a little off the
+    float32 decode of the latents as given."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 16, 4, 4, 6, generator=g)
+    for vae in (reference, fast_vae):
+        upstream = StreamingVAE(vae, accelerate=vae is fast_vae)
+        assert upstream.compat == "upstream"
+        rounded = StreamingVAE(vae, accelerate=vae is fast_vae, compat="clean")
+        plain = StreamingVAE(vae, accelerate=vae is fast_vae, compat="clean")
+        for i in range(z.shape[2]):
+            latent = z[:, :, i : i + 1]
+            got = upstream.decode(latent)
+            torch.testing.assert_close(got, rounded.decode(latent.bfloat16().float()), rtol=0, atol=0)
+            diff = (got - plain.decode(latent)).abs().max().item()
+            assert 0 < diff < 0.05, diff  # bf16 keeps 8 bits of mantissa: a small, non-zero change
+    whole = _whole_clip_decode(reference, z.bfloat16().float())
+    upstream = StreamingVAE(reference, accelerate=False)
+    got = torch.cat([upstream.decode(z[:, :, i : i + 1]) for i in range(z.shape[2])], dim=2)
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
+
+
+def test_compat_is_validated(reference):
+    with pytest.raises(ValueError, match="'upstream', 'clean'"):
+        StreamingVAE(reference, compat="bf16")  # type: ignore[arg-type]
 
 
 def test_accelerated_kernels_are_as_accurate_as_stock(reference, clip):
