@@ -50,7 +50,9 @@ class DaemonConfig(BaseSettings):
     model: str = "tiny"
     """Model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``)."""
     weights: Path | None = None
-    """Local weights (file or folder); default: the hub cache / random weights for ``tiny``."""
+    """Local weights (file or folder): upstream StreamDiffusionV2's tree as it is (its root, ``ckpts/`` or
+    ``wan_models/Wan2.1-T2V-1.3B/``), a diffusers folder or one checkpoint file; default: the hub cache / random
+    weights for ``tiny``."""
     device: str | None = None
     """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
