@@ -98,7 +98,7 @@ class StreamEngine:
 
         # a clear error for an unknown name (or a bad cache setting) before anything loads
         compat = check_compat(compat)
-        spec = model if isinstance(model, ModelSpec) else get_model_spec(model)
+        spec = get_model_spec(model)  # a name or a ModelSpec
         if isinstance(cache_policy, CachePolicy):
             spec = dataclasses.replace(spec, kv_cache=cache_policy)
         elif cache_policy is not None:

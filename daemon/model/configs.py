@@ -204,8 +204,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (TINY, WAN_1_3B, WAN_14B
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_SPECS)
 
 
-def get_model_spec(name: str) -> ModelSpec:
-    """The spec called ``name``; a clear ``ValueError`` listing the known names otherwise."""
+def get_model_spec(name: str | ModelSpec) -> ModelSpec:
+    """The spec called ``name`` (a ``ModelSpec`` is returned as it is, so one is accepted wherever a name is); a
+    clear ``ValueError`` listing the known names otherwise."""
+    if isinstance(name, ModelSpec):
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"a model is a name ({', '.join(MODEL_NAMES)}) or a ModelSpec, got {type(name).__name__}")
     try:
         return MODEL_SPECS[name]
     except KeyError:

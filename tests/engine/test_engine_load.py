@@ -47,3 +47,15 @@ def test_bad_cache_settings_fail_before_loading(overrides, message, monkeypatch)
     monkeypatch.setattr(bundle, "load_model_bundle", lambda *a, **k: pytest.fail("loaded despite a bad setting"))
     with pytest.raises(ValueError, match=message):
         StreamEngine.load("tiny", device="cpu", cache_policy=overrides)
+
+
+def test_get_model_spec_takes_a_spec_or_a_name():
+    from sdlive.daemon.model.configs import get_model_spec
+
+    spec = dataclasses.replace(TINY, name="mine")
+    assert get_model_spec(spec) is spec
+    assert get_model_spec("tiny") is TINY
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        get_model_spec("nope")
+    with pytest.raises(ValueError, match="a name .* or a ModelSpec, got dict"):
+        get_model_spec({"name": "tiny"})  # type: ignore[arg-type]
