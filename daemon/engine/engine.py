@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.configs import DEFAULT_COMPAT, CachePolicy, Compat, ModelSpec, check_compat, get_model_spec
+from ..model.configs import (
+    DEFAULT_COMPAT,
+    CachePolicy,
+    Compat,
+    ModelSpec,
+    check_compat,
+    check_compat_policy,
+    get_model_spec,
+)
 from ..protocol.params import GenerationParams
 from .session import NoiseFn, StreamSession
 
@@ -92,7 +100,8 @@ class StreamEngine:
         ``compat``: ``"upstream"`` (default) reproduces two quirks of upstream StreamDiffusionV2 that its distilled
         weights were tuned and evaluated with (the adaptive sink check also runs while the KV cache fills; the
         decoder's input latent is rounded to bf16); ``"clean"`` runs sdlive's own rules (the sink check only on a
-        full cache; float32 latents into the decoder). Validated before anything loads (``ValueError``).
+        full cache; float32 latents into the decoder). Validated before anything loads (``ValueError``), with the
+        cache settings too (``"upstream"`` needs ``num_kv_cache >= 4``: ``configs.check_compat_policy``).
         """
         from ..model.bundle import load_model_bundle
 
@@ -103,6 +112,7 @@ class StreamEngine:
             spec = dataclasses.replace(spec, kv_cache=cache_policy)
         elif cache_policy is not None:
             spec = dataclasses.replace(spec, kv_cache=spec.kv_cache.with_overrides(**cache_policy))
+        check_compat_policy(compat, spec.kv_cache)
         if random_weights:
             spec = dataclasses.replace(spec, random_weights=True)
         device = resolve_device(device)

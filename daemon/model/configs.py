@@ -119,6 +119,9 @@ def check_compat(value: object) -> Compat:
 
     * the adaptive sink check also runs while the KV cache is still filling: a sink frame that is still empty has
       similarity 0, below the threshold, so it is queued and overwritten by the first full-cache write (``KVCache``);
+    * the ring of non-sink frames registers each slot one chunk ahead, which after the 2-frame first chunk skips
+      frame slots 1 and 2: non-sinks among them (``num_sink <= 2``) are never overwritten (``KVCache.commit``; this
+      needs ``num_kv_cache >= 4``, :func:`check_compat_policy`);
     * the decoder's input latent is rounded to bf16, even in an fp32 run, before un-normalising (``StreamingVAE``).
 
     ``"clean"`` is sdlive's own rule: the sink check only once the cache is full, and fp32 latents into the decoder.
@@ -127,6 +130,21 @@ def check_compat(value: object) -> Compat:
     if isinstance(value, str) and value in COMPAT_MODES:
         return value
     raise ValueError(f"compat must be one of {', '.join(repr(m) for m in COMPAT_MODES)}, got {value!r}")
+
+
+def check_compat_policy(compat: Compat, policy: CachePolicy) -> None:
+    """A ``ValueError`` for a cache that cannot stream in ``compat`` mode.
+
+    ``"upstream"`` keeps upstream's ring, which after the 2-frame first chunk never holds frame slots 1 and 2: with
+    ``num_kv_cache = 3`` it holds nothing and the first full-cache write has no slot to overwrite (upstream fails
+    there with an IndexError).
+    """
+    if compat == "upstream" and policy.num_kv_cache < 4:
+        raise ValueError(
+            f"num_kv_cache={policy.num_kv_cache} cannot stream with compat='upstream': upstream's ring never holds "
+            "frame slots 1-2, so it needs num_kv_cache >= 4 (upstream itself fails at the first full-cache write); "
+            "use more cache frames or compat='clean'"
+        )
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat, check_compat
+from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat, check_compat, check_compat_policy
 
 __all__ = ["CacheWindow", "CachePolicy", "KVCache", "PerBlockKV"]
 
@@ -185,7 +185,10 @@ class KVCache(PerBlockKV):
         return self._num_frames[b]
 
     def ring_order(self, layer: int, b: int) -> list[int]:
-        """Non-sink frame slots of block ``layer``, slot ``b``, oldest first (the next one overwritten first)."""
+        """Non-sink frame slots of block ``layer``, slot ``b``, oldest first (the next one overwritten first).
+
+        With ``compat="upstream"`` the fill phase registers each slot one chunk ahead, as upstream does (so it may
+        name a slot not written yet, and frame slots 1 and 2 are never in it)."""
         return list(self._ring[layer][b])
 
     def sink_queue(self, layer: int, b: int) -> list[int]:
@@ -299,8 +302,11 @@ class KVCache(PerBlockKV):
                 targets.append(cached + f)
             else:
                 # Frames appended by this same chunk join the ring's tail after the ones already there.
-                appended = [s for s in targets if s >= self.num_sink]
-                targets.append((ring + appended)[overflow])
+                candidates = ring + [s for s in targets if s >= self.num_sink]
+                if overflow >= len(candidates):
+                    check_compat_policy(self.compat, self.policy)  # the known case, with its own message
+                    raise RuntimeError(f"no non-sink frame slot left to overwrite in {self!r}")
+                targets.append(candidates[overflow])
                 overflow += 1
         return targets
 
@@ -411,17 +417,29 @@ class KVCache(PerBlockKV):
             num_frames = self._pending_frames[b]
             if not flag or num_frames is None:
                 continue
+            cached = self._num_frames[b]
+            # compat="upstream", fill phase: upstream's ring (evict_idx) gets the slot *after* the chunk, as if the
+            # next chunk were as long as this one (rolling_end = current_end + chunk length), if it is a non-sink
+            # slot and not the ring's newest already. That skips frame slots 1 and 2 (the 2-frame first chunk's
+            # second frame, the next chunk's): upstream never evicts those that are not sinks (num_sink <= 2). With
+            # 3 sinks the full ring is the same as sdlive's own.
+            upstream_fill = self.compat == "upstream" and cached + num_frames <= self.num_kv_cache
+            registered = cached + 2 * num_frames  # the end of the slot upstream registers, in frames
             for layer in range(self.num_layers):
                 targets = self._pending[layer][b]
                 if targets is None:
                     raise RuntimeError(f"block {layer} never wrote the chunk of slot {b}; cannot commit")
                 ring = self._ring[layer][b]
-                for slot in targets:
-                    if slot < self.num_sink:
-                        continue  # fill of a sink frame, or a sink refresh: the ring is unchanged
-                    if slot in ring:
-                        ring.remove(slot)  # overwritten: it becomes the newest non-sink frame
-                    ring.append(slot)
+                if upstream_fill:
+                    if self.num_sink < registered <= self.num_kv_cache and (not ring or ring[-1] != registered - 1):
+                        ring.append(registered - 1)
+                else:
+                    for slot in targets:
+                        if slot < self.num_sink:
+                            continue  # fill of a sink frame, or a sink refresh: the ring is unchanged
+                        if slot in ring:
+                            ring.remove(slot)  # overwritten: it becomes the newest non-sink frame
+                        ring.append(slot)
                 self._pending[layer][b] = None
                 queue = self._pending_queue[layer][b]
                 if queue is not None:

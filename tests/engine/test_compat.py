@@ -105,3 +105,11 @@ def test_upstream_session_queues_the_empty_sink_at_chunk_1_and_spends_it_at_chun
                     assert frame3 and not frame2
                     checked += 1
         assert checked >= 1, compat
+
+
+def test_upstream_with_a_three_frame_cache_fails_before_loading(monkeypatch):
+    import sdlive.daemon.model.bundle as bundle
+
+    monkeypatch.setattr(bundle, "load_model_bundle", lambda *a, **k: pytest.fail("loaded despite a bad setting"))
+    with pytest.raises(ValueError, match="compat='upstream'.*num_kv_cache >= 4"):
+        StreamEngine.load("tiny", device="cpu", cache_policy={"num_kv_cache": 3, "num_sink": 1})

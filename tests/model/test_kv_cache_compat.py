@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlive.daemon.model.configs import DEFAULT_COMPAT, Compat, check_compat
+from sdlive.daemon.model.configs import DEFAULT_COMPAT, Compat, check_compat, check_compat_policy
 from sdlive.daemon.model.kv_cache import CachePolicy, KVCache
 
 T, H, D = 3, 2, 4  # tokens per frame, heads, head dim
@@ -170,3 +170,54 @@ def test_compat_default_and_validation():
             check_compat(bad)
     with pytest.raises(ValueError, match="compat"):
         make_cache("fast")  # type: ignore[arg-type]
+
+
+# Fewer sinks (sink check off, to follow the ring alone). Upstream registers, on each fill write, the slot ending at
+# current_end + chunk length (frame units, evict_idx ends): 5 frames / 2 sinks: chunk 0 (2 frames) → slots 0-1,
+# registers end 4 → ring [3]; chunk 1 → slot 2, end 4 again (not re-added); chunk 2 → slot 3, end 5 → ring [3, 4];
+# chunk 3 → slot 4, end 6 > 5; chunks 4, 5, 6, 7 → slots 3, 4, 3, 4: frame 2 is never evicted (upstream's --fast
+# setting). 4 frames / 1 sink: chunk 0 registers end 4 → ring [3]; chunk 1 → slot 2 (end 4 again); chunk 2 → slot 3,
+# end 5 > 4; every later chunk → slot 3: frames 1 and 2 stay. Clean rotates every non-sink frame: 5/2 ring [2, 3, 4]
+# → slots 2, 3, 4, 2; 4/1 ring [1, 2, 3] → slots 1, 2, 3, 1.
+FEW_SINKS = [
+    (CachePolicy(num_kv_cache=5, num_sink=2, sink_threshold=-1), "upstream", [3, 4], [10, 11, 12, 170, 180]),
+    (CachePolicy(num_kv_cache=5, num_sink=2, sink_threshold=-1), "clean", [2, 3, 4], [10, 11, 180, 160, 170]),
+    (CachePolicy(num_kv_cache=4, num_sink=1, sink_threshold=-1), "upstream", [3], [10, 11, 12, 180]),
+    (CachePolicy(num_kv_cache=4, num_sink=1, sink_threshold=-1), "clean", [1, 2, 3], [10, 180, 160, 170]),
+]
+
+
+@pytest.mark.parametrize(("policy", "compat", "ring_when_full", "final"), FEW_SINKS)
+def test_fewer_sinks_upstream_never_evicts_the_slots_its_ring_skips(policy, compat, ring_when_full, final):
+    cache = make_cache(compat, policy=policy)
+    push(cache, frames(10, 11))
+    if compat == "upstream":
+        assert cache.ring_order(0, 0) == [3]  # registered one chunk ahead, before it is written
+    fid = 12
+    while cache.num_cached_frames(0) < policy.num_kv_cache:
+        push(cache, frames(fid))
+        fid += 1
+    assert cache.ring_order(0, 0) == ring_when_full and cache.ring_order(1, 0) == ring_when_full
+    for fid in (150, 160, 170, 180):  # four full-cache writes
+        push(cache, frames(fid))
+    assert slot_ids(cache) == final and slot_ids(cache, layer=1) == final
+
+
+def test_upstream_needs_four_cache_frames():
+    """3 frames / 1 sink: upstream's ring never holds slots 1-2, so after chunk 0 (slots 0-1) and chunk 1 (slot 2) the
+    first full-cache write has nothing to overwrite (upstream: IndexError on evict_idx[0]). sdlive says why, and
+    refuses the pair up front (``check_compat_policy``); clean streams on."""
+    policy = CachePolicy(num_kv_cache=3, num_sink=1, sink_threshold=-1)
+    with pytest.raises(ValueError, match="compat='upstream'.*num_kv_cache >= 4"):
+        check_compat_policy("upstream", policy)
+    check_compat_policy("clean", policy)
+    check_compat_policy("upstream", CachePolicy(num_kv_cache=4, num_sink=1))
+    cache = make_cache("upstream", policy=policy)
+    push(cache, frames(10, 11))
+    push(cache, frames(12))
+    with pytest.raises(ValueError, match="num_kv_cache >= 4"):
+        push(cache, frames(13))
+    clean = make_cache("clean", policy=policy)
+    for chunk in ([10, 11], [12], [13], [14]):
+        push(clean, frames(*chunk))
+    assert slot_ids(clean) == [10, 13, 14]
