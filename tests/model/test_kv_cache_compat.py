@@ -221,3 +221,86 @@ def test_upstream_needs_four_cache_frames():
     for chunk in ([10, 11], [12], [13], [14]):
         push(clean, frames(*chunk))
     assert slot_ids(clean) == [10, 13, 14]
+
+
+def upstream_reference(policy: CachePolicy, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A line-by-line port of upstream's cache bookkeeping (``CausalWanSelfAttention.forward`` at c5a0f20, one batch
+    slot, one step per chunk): the cache after each chunk. ``chunks``: [1, F*T, H, D] keys (= values)."""
+    k_cache = torch.zeros(1, policy.num_kv_cache * T, H, D)
+    v_cache = torch.zeros_like(k_cache)
+    kv_cache_size, sink_size, frame_seqlen = policy.num_kv_cache * T, policy.num_sink, T
+    evict_idx: list[int] = []
+    global_end = local_end = 0
+    c_start = 0
+    out = []
+    for chunk in chunks:
+        roped_key = v = chunk
+        num_new_tokens = chunk.shape[1]
+        current_end = c_start + num_new_tokens
+        sink_tokens = sink_size * frame_seqlen
+        if sink_tokens > 0 and policy.sink_threshold > -1 and v.shape[1] <= frame_seqlen:
+            k_sink_mean = k_cache[0:1, :sink_tokens].reshape(sink_size, frame_seqlen, -1).mean(1)
+            k_new_mean = roped_key[0:1].reshape(1, frame_seqlen, -1).mean(1)
+            k_cos_sim = torch.cosine_similarity(k_sink_mean, k_new_mean, dim=-1)
+            v_sink_mean = v_cache[0:1, :sink_tokens].reshape(sink_size, frame_seqlen, -1).mean(1)
+            v_new_mean = v[0:1].reshape(1, frame_seqlen, -1).mean(1)
+            v_cos_sim = torch.cosine_similarity(v_sink_mean, v_new_mean, dim=-1)
+            avg_cos_sim = (k_cos_sim + v_cos_sim) / 2
+            if avg_cos_sim.min() < policy.sink_threshold:
+                evict_idx.insert(0, (torch.argmin(avg_cos_sim).item() + 1) * frame_seqlen)
+        if current_end > kv_cache_size or local_end >= kv_cache_size:
+            global_end, local_end = c_start, kv_cache_size
+            target_end = evict_idx[0]
+            popped = evict_idx.pop(0)
+            if popped > sink_tokens:
+                evict_idx.append(popped)
+            k_cache[0:1, target_end - num_new_tokens : target_end] = roped_key
+            v_cache[0:1, target_end - num_new_tokens : target_end] = v
+        else:
+            local_end = local_end + current_end - global_end
+            rolling_end = current_end + num_new_tokens
+            if sink_tokens < rolling_end <= kv_cache_size and (not evict_idx or evict_idx[-1] != rolling_end):
+                evict_idx.append(rolling_end)
+            k_cache[0:1, local_end - num_new_tokens : local_end] = roped_key
+            v_cache[0:1, local_end - num_new_tokens : local_end] = v
+        global_end = current_end
+        c_start = current_end
+        out.append(k_cache.clone())
+    return out
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        CachePolicy(),
+        CachePolicy(sink_threshold=0.5),
+        CachePolicy(num_kv_cache=5, num_sink=2),
+        CachePolicy(num_kv_cache=8, num_sink=1, sink_threshold=0.0),
+        CachePolicy(num_kv_cache=4, num_sink=2, sink_threshold=-1),
+        CachePolicy(num_kv_cache=7, num_sink=0),
+    ],
+    ids=["default", "threshold-0.5", "5-frames-2-sinks", "8-frames-1-sink", "4-frames-2-sinks-off", "no-sinks"],
+)
+def test_upstream_mode_equals_a_port_of_upstreams_code_chunk_by_chunk(policy):
+    """Random frames in a shared half-space (cosines spread over about [-0.3, 1]: the sink check fires now and then,
+    in the fill and the full phase), 30 chunks (no RoPE refresh in upstream's attention code): the cache after every
+    chunk is the port's, bitwise."""
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(1, (2 if i == 0 else 1) * T, H, D, generator=g) + 0.3 for i in range(30)]
+    expected = upstream_reference(policy, chunks)
+    cache = KVCache(
+        num_layers=1, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D, policy=policy, compat="upstream"
+    )
+    sinks = policy.num_sink * T
+    queued = refreshed = 0
+    for i, (chunk, want) in enumerate(zip(chunks, expected, strict=True)):
+        was_full = cache.num_cached_frames(0) == policy.num_kv_cache
+        queue_before, sinks_before = cache.sink_queue(0, 0), cache.key[0][:, :sinks].clone()
+        cache.write(0, chunk, chunk)
+        cache.commit()
+        assert torch.equal(cache.key[0], want), i
+        assert torch.equal(cache.value[0], want), i
+        queued += not was_full and len(cache.sink_queue(0, 0)) > len(queue_before)
+        refreshed += was_full and not torch.equal(cache.key[0][:, :sinks], sinks_before)
+    if policy.num_sink and policy.sink_threshold > -1:  # both phases' checks were exercised
+        assert queued and refreshed, (queued, refreshed)
