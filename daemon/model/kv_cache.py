@@ -28,7 +28,9 @@ Life of one chunk of ``F`` latent frames (``F`` = 2 for the first chunk, 1 after
      a single-frame write into a full cache takes the front of that queue if there is one, else the oldest non-sink
      frame. So with the defaults (6 frames, 3 sinks, threshold 0.2; chunk 0 fills frames 0–1) chunk 1 finds sink
      frame 2 empty, queues it and writes it (fill); chunks 2–4 fill frames 3–5; chunk 5, the first full-cache
-     write, overwrites sink frame 2 again; chunks 6, 7, 8, 9 … then overwrite 3, 4, 5, 3 …
+     write, overwrites sink frame 2 again; chunks 6, 7, 8, 9 … then overwrite 3, 4, 5, 3 … The round robin is
+     upstream's too: each fill write registers the slot one chunk ahead, so after the 2-frame first chunk slots 1
+     and 2 never join it (with 3 sinks they are sinks anyway; with fewer they are never overwritten).
    * ``"clean"``: only in the full phase (a fill-phase sink is never chosen for being still empty); chunk 5 then
      overwrites frame 3.
 
@@ -41,9 +43,8 @@ Design choices (see also ``docs/architecture.md``):
 
 * All bookkeeping is host ints (per slot; the ring order per block and slot). The only device→host read in the hot
   path is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's
-  own keys/values), **once per chunk** and slot: on the first ``write`` after a commit, and only in the full phase
-  with a single new frame and the refresh enabled (and, with ``compat="clean"``, only in the full phase). The
-  decisions of all slots of a block are read back together (one small ``.tolist()`` per block). The decision is
+  own keys/values), **once per chunk** and slot: on the first ``write`` after a commit, with a single new frame and
+  the refresh enabled (with ``compat="clean"`` only in the full phase). The decisions of all slots of a block are read back together (one small ``.tolist()`` per block). The decision is
   then remembered until the commit, so the uncommitted repeats of a chunk (no-batch mode) write the same slot.
   Upstream re-evaluates it at every step of such a chunk; that we do not reproduce (its first step's decision is
   the one kept, which is upstream's whenever the later steps' checks do not trigger).
