@@ -44,8 +44,9 @@ Design choices (see also ``docs/architecture.md``):
 * All bookkeeping is host ints (per slot; the ring order per block and slot). The only device→host read in the hot
   path is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's
   own keys/values), **once per chunk** and slot: on the first ``write`` after a commit, with a single new frame and
-  the refresh enabled (with ``compat="clean"`` only in the full phase). The decisions of all slots of a block are read back together (one small ``.tolist()`` per block). The decision is
-  then remembered until the commit, so the uncommitted repeats of a chunk (no-batch mode) write the same slot.
+  the refresh enabled (with ``compat="clean"`` only in the full phase). The decisions of all slots of a block are
+  read back together (one small ``.tolist()`` per block). The decision is then remembered until the commit, so the
+  uncommitted repeats of a chunk (no-batch mode) write the same slot.
   Upstream re-evaluates it at every step of such a chunk; that we do not reproduce (its first step's decision is
   the one kept, which is upstream's whenever the later steps' checks do not trigger).
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
