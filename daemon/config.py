@@ -57,6 +57,9 @@ class DaemonConfig(BaseSettings):
     """``cpu``, ``cuda``, ``cuda:1`` …; default: CUDA when available."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Model dtype; default: bfloat16 on CUDA, float32 on CPU."""
+    compat: Literal["upstream", "clean"] = "upstream"
+    """upstream: reproduce upstream StreamDiffusionV2's quirks (the adaptive sink check while the cache fills, bf16
+    rounding of the decoder's input), which its distilled weights were tuned with; clean: sdlive's own rule."""
     allow_base_model: bool = False
     """Run a base Wan transformer when no StreamDiffusionV2 generator is found (it is not distilled for few-step
     streaming: blurry, slow to settle); without it that is an error naming what is missing."""
@@ -141,12 +144,12 @@ class DaemonConfig(BaseSettings):
     def _cache_settings(self) -> DaemonConfig:
         """The cache settings together with the model's defaults make a valid ``CachePolicy`` (checked here, before
         anything loads; a name the registry does not know is left for the model load to report)."""
-        from .model.configs import MODEL_SPECS
+        from .model.configs import MODEL_SPECS, check_compat_policy
 
         spec = MODEL_SPECS.get(self.model)
         if spec is not None:
             try:
-                spec.kv_cache.with_overrides(**self.cache_overrides())
+                check_compat_policy(self.compat, spec.kv_cache.with_overrides(**self.cache_overrides()))
             except ValueError as exc:  # said in this config's names (the flags'), with the model's defaults
                 msg = str(exc).replace("num_kv_cache", "kv_cache_frames").replace("num_sink", "sink_frames")
                 raise ValueError(f"{msg} (the settings not given are {self.model}'s defaults)") from None

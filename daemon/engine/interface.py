@@ -101,6 +101,10 @@ class Engine(Protocol):
         """Where the model runs (a stand-in may say it as a string)."""
 
     @property
+    def compat(self) -> str:
+        """``"upstream"`` (upstream StreamDiffusionV2's quirks, the default) or ``"clean"``: ``configs.check_compat``."""
+
+    @property
     def cache_policy(self) -> CachePolicy | None:
         """The KV cache settings every session gets (``None``: a stand-in without one); ``hello`` and ``status``
         show them."""

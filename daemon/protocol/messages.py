@@ -263,6 +263,9 @@ class HelloReply(_Reply):
     device: str
     capabilities: Capabilities
     cache: CacheInfo | None = Field(None, description="the model's KV cache settings (None: not known)")
+    compat: str | None = Field(
+        None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
+    )
     auth_required: bool = False
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
@@ -386,6 +389,9 @@ class StatusReply(_Reply):
     pub_address: str | None = None
     presets: int = 0
     cache: CacheInfo | None = Field(None, description="the model's KV cache settings (None: not known)")
+    compat: str | None = Field(
+        None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
+    )
     memory: dict[str, float | None] = Field(default_factory=dict, description="device and host memory, MiB")
     requests: dict[str, int] = Field(default_factory=dict, description="control requests seen / rejected")
     sessions: list[SessionStats] = Field(default_factory=list)

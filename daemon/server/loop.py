@@ -96,6 +96,8 @@ class ComputeLoop:
         self.device = config.device or "cpu"
         self.model_name = config.model
         self.cache: CacheInfo | None = None
+        self.compat: str | None = None
+        """``"upstream"`` or ``"clean"`` (``model.configs.check_compat``); known once the engine is attached."""
         """The engine's KV cache settings (``hello``, ``status``); known once the engine is attached."""
         self._engine: Engine | None = None
         self._warmer: PromptWarmer | None = None
@@ -129,6 +131,7 @@ class ComputeLoop:
         self.device = str(engine.device)
         self.model_name = str(engine.model_name)
         self.cache = cache_info(engine.cache_policy)
+        self.compat = str(engine.compat)
         self._warmer = PromptWarmer(engine)
         self._changes = ChangeQueue(
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
@@ -144,6 +147,7 @@ class ComputeLoop:
             heartbeat_liveness=self.config.heartbeat_liveness,
             pub_address=self.io.bound_pub,
             cache=self.cache,
+            compat=self.compat,
         )
         self.io.open_desk(FrontDesk(hello=hello, presets=self.presets, directory=self.directory, submit=self.inbox.put))
 

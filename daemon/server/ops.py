@@ -278,6 +278,7 @@ class LoopOps:
             pub_address=loop.io.bound_pub,
             presets=len(loop.presets),
             cache=loop.cache,
+            compat=loop.compat,
             memory=device_memory_mb(loop.device),
             requests=dict(loop.io.counters),
             sessions=stats,
@@ -297,7 +298,8 @@ def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
 
 
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
-                heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None) -> HelloReply:  # fmt: skip
+                heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None,
+                compat: str | None = None) -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
@@ -305,6 +307,7 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         device=device,
         capabilities=Capabilities(max_sessions=max_sessions),
         cache=cache,
+        compat=compat,
         auth_required=config_token,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_liveness=heartbeat_liveness,

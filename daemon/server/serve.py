@@ -210,6 +210,7 @@ def load_engine(config: DaemonConfig, view: StatsView | None) -> StreamEngine:
             dtype=dtype,
             cache_policy=config.cache_overrides(),
             base_only=config.allow_base_model,
+            compat=config.compat,
         )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
     if config.warmup:

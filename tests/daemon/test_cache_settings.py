@@ -4,11 +4,14 @@ from __future__ import annotations
 
 
 def test_serve_cache_flags_are_shown_by_hello_and_status(daemon_factory):
-    proc = daemon_factory("--kv-cache-frames", "8", "--sink-frames", "2", "--sink-threshold", "-1", "--no-warmup")
+    proc = daemon_factory(
+        "--kv-cache-frames", "8", "--sink-frames", "2", "--sink-threshold", "-1", "--compat", "clean", "--no-warmup"
+    )  # fmt: skip
     want = {"num_kv_cache": 8, "num_sink": 2, "sink_threshold": -1.0, "rope_refresh_frames": 50}
     with proc.client() as client:
         assert client.hello().cache.model_dump() == want
         assert client.status().cache.model_dump() == want
+        assert client.hello().compat == client.status().compat == "clean"  # the flag reached the engine
 
 
 def test_a_bad_cache_combination_stops_serve_before_loading(capsys):

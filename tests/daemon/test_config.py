@@ -108,3 +108,19 @@ def test_cache_settings_default_to_the_model_and_are_flags(monkeypatch):
 def test_bad_cache_settings_are_config_errors(settings, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(**settings)
+
+
+def test_compat_defaults_to_upstream_is_a_flag_and_is_checked_with_the_cache(monkeypatch):
+    from sdlive.daemon.server.serve import build_parser
+
+    assert load_config().compat == "upstream"  # the distilled weights' behaviour is the default
+    args = vars(build_parser().parse_args(["--compat", "clean"]))
+    args.pop("config")
+    assert load_config(**args).compat == "clean"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--compat", "sideways"])
+    with pytest.raises(ConfigError, match="compat='upstream'"):  # upstream's ring needs 4 cache frames
+        load_config(kv_cache_frames=3, sink_frames=1)
+    assert load_config(kv_cache_frames=3, sink_frames=1, compat="clean").kv_cache_frames == 3
+    monkeypatch.setenv("SDLIVE_COMPAT", "clean")
+    assert load_config().compat == "clean"

@@ -70,6 +70,7 @@ class StandInSession:
 class StandInEngine:
     model_name = "stand-in"
     device = "cpu"
+    compat = "clean"
     cache_policy = CachePolicy(num_kv_cache=8, num_sink=2, sink_threshold=-1.0, rope_refresh_frames=0)
 
     def __init__(self) -> None:
@@ -161,6 +162,7 @@ def test_hello_and_status_show_the_engines_cache_settings(harness):
     want = {"num_kv_cache": 8, "num_sink": 2, "sink_threshold": -1.0, "rope_refresh_frames": 0}
     assert harness.request(HelloRequest()).cache.model_dump() == want
     assert harness.request(StatusRequest()).cache.model_dump() == want
+    assert harness.request(HelloRequest()).compat == harness.request(StatusRequest()).compat == "clean"
 
 
 def test_a_prompt_that_fails_to_encode_is_reported_and_changes_nothing(harness):
