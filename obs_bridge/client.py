@@ -50,7 +50,6 @@ from sdlive.daemon.protocol.constants import (
     PROTOCOL_VERSION,
     RECONNECT_INTERVAL_INIT_S,
     RECONNECT_INTERVAL_MAX_S,
-    STYLE_FIELDS,
     host_of,
     is_loopback_address,
 )
@@ -79,8 +78,8 @@ from sdlive.daemon.protocol.messages import (
     StatusRequest,
     Transport,
     decode_reply,
+    describe_validation_error,
     encode_request,
-    summarize_validation_error,
 )
 from sdlive.daemon.protocol.ring import FrameRing, RingError
 
@@ -149,10 +148,8 @@ def build_request(model: type[_ModelT], **fields: Any) -> _ModelT:
     try:
         return model(**fields)
     except ValidationError as exc:
-        op = model.model_fields["op"].default if "op" in model.model_fields else model.__name__
-        about_params = any(err["loc"] and err["loc"][0] in ("params", *STYLE_FIELDS) for err in exc.errors())
-        code = ErrorCode.BAD_PARAMS if about_params else ErrorCode.BAD_REQUEST
-        raise InvalidRequest(code.value, f"{op}: {summarize_validation_error(exc)}") from None
+        code, message = describe_validation_error(exc, model.model_fields["op"].default)
+        raise InvalidRequest(code.value, message) from None
 
 
 def _same_host(control: str, endpoint: str) -> str:

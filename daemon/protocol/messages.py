@@ -88,6 +88,7 @@ __all__ = [
     "decode_pub",
     "decode_reply",
     "decode_request",
+    "describe_validation_error",
     "encode_message",
     "encode_pub",
     "encode_request",
@@ -518,8 +519,9 @@ def _recover_id(obj: dict) -> Any:
     return None
 
 
-def _describe(exc: ValidationError, op: str) -> tuple[ErrorCode, str]:
-    """A short, exact message from a ValidationError, and whether it is about generation parameters."""
+def describe_validation_error(exc: ValidationError, op: str) -> tuple[ErrorCode, str]:
+    """A request that failed its model, as the error code and short, exact message the daemon answers with
+    (``bad_params`` when a generation parameter is at fault). Clients use it to refuse before sending."""
     errors = exc.errors(include_url=False)
     code = ErrorCode.BAD_REQUEST
     parts = []
@@ -574,7 +576,7 @@ def decode_request(raw: bytes | bytearray | memoryview | str) -> Request:
     try:
         return cast(Request, model.model_validate(obj))
     except ValidationError as exc:
-        code, message = _describe(exc, op)
+        code, message = describe_validation_error(exc, op)
         raise ProtocolError(code, message, id=msg_id) from None
     except (ValueError, TypeError, RecursionError) as exc:  # defensive: validation must never escape as another type
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{op}: {exc}", id=msg_id) from None

@@ -29,11 +29,8 @@ from ..protocol import netframe
 from ..protocol.constants import host_of
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import (
-    CloseSessionRequest,
     NetEndpoints,
-    OpenSessionRequest,
     Request,
-    StatusRequest,
     authorize,
     decode_request,
     encode_pub,
@@ -42,6 +39,7 @@ from ..protocol.messages import (
 )
 from .directory import SessionDirectory
 from .items import (
+    LOOP_REQUEST_TYPES,
     InboundItem,
     IOFailed,
     LoopRequest,
@@ -302,7 +300,6 @@ class IOThread(threading.Thread):
         try:
             reply = self._desk.answer(message)
         except ProtocolError as exc:
-            exc.id = message.id
             self._send(router, envelope, error_reply(exc.code, exc.message, id=message.id))
             return
         except Exception as exc:  # noqa: BLE001 - answer, log, keep serving
@@ -311,7 +308,7 @@ class IOThread(threading.Thread):
             return
         if reply is not None:
             self._send(router, envelope, ok_reply(reply, id=message.id))
-        elif isinstance(message, (OpenSessionRequest, CloseSessionRequest, StatusRequest)):
+        elif isinstance(message, LOOP_REQUEST_TYPES):
             self.inbox.put(LoopRequest(envelope, message, received_ns))
         else:
             self._send(router, envelope, error_reply(ErrorCode.UNKNOWN_OP, f"op {message.op!r} is not served", id=message.id))

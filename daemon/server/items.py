@@ -20,6 +20,8 @@ from ..protocol.messages import CloseSessionRequest, NetEndpoints, OpenSessionRe
 LoopRequestMessage = OpenSessionRequest | CloseSessionRequest | StatusRequest
 """The ops the compute loop answers (they need the engine or the sessions' live figures); the IO thread answers
 the others itself (``ops.FrontDesk``)."""
+LOOP_REQUEST_TYPES = (OpenSessionRequest, CloseSessionRequest, StatusRequest)
+"""The same, for ``isinstance``."""
 
 # ------------------------------------------------------------------------------------------------------ inbound
 

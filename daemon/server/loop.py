@@ -225,7 +225,6 @@ class ComputeLoop:
         elif isinstance(item, NetInput):
             session = self.sessions.get(item.session_id)
             if session is not None and isinstance(session.transport, NetTransport):
-                session.seen(item.received_ns)
                 session.transport.received(InputFrame(item.pixels, item.timestamp_ns, item.received_ns))
         elif isinstance(item, NetInputError):
             session = self.sessions.get(item.session_id)
@@ -242,9 +241,6 @@ class ComputeLoop:
 
     def _answer(self, request: LoopRequest) -> None:
         msg = request.message
-        session = self.sessions.get(getattr(msg, "session_id", None) or "")
-        if session is not None:
-            session.seen(request.received_ns)
         try:
             body = self.ops.answer(msg)
         except ProtocolError as exc:
@@ -310,17 +306,18 @@ class ComputeLoop:
 
     # ------------------------------------------------------------------ periodic
 
-    def session_stats(self, session: Session, now_ns: int) -> SessionStats:
-        memory = device_memory_mb(self.device)
+    def session_stats(self, sessions: list[Session], now_ns: int, memory: dict[str, float | None]) -> list[SessionStats]:
+        """The figures of ``sessions``, with ``memory`` (``device_memory_mb``, read once for all of them)."""
         device_mb = memory["allocated_mb"] if memory["allocated_mb"] is not None else memory["rss_mb"]
-        pending = self._changes.pending(session) if self._changes is not None else 0
-        return session.stats(now_ns, device_memory_mb=device_mb, pending_changes=pending)
+        return [
+            s.stats(now_ns, device_memory_mb=device_mb, pending_changes=self._changes.pending(s) if self._changes else 0)
+            for s in sessions
+        ]
 
     def _tick(self, now: int) -> None:
         timeout = self.config.heartbeat_timeout_s
         for session in list(self.sessions.values()):
-            session.seen(self.directory.last_seen_ns(session.session_id))
-            age = session.client_age_s(time.monotonic_ns())
+            age = session.client_age_s(time.monotonic_ns(), self.directory.last_seen_ns(session.session_id))
             if age > timeout:
                 self.close_session(
                     session, f"client silent for {age:.1f} s (heartbeat timeout {timeout:g} s)", event="client_lost"
@@ -332,12 +329,13 @@ class ComputeLoop:
                 self.close_session(session, exc.reason, code=exc.code)
             except Exception as exc:  # noqa: BLE001 - an unreadable transport is that session's problem only
                 self.close_session(session, f"ring check failed: {type(exc).__name__}: {exc}", code="internal")
-        stats = [self.session_stats(s, now) for s in self.sessions.values()]
+        memory = device_memory_mb(self.device)
+        stats = self.session_stats(list(self.sessions.values()), now, memory)
         for entry in stats:
             self.outbox.put(Publish(TOPIC_STATS, entry))
         if self.on_stats is not None:
             try:
-                self.on_stats(self.ops.status_reply(stats))
+                self.on_stats(self.ops.status_reply(stats, memory))
             except Exception:  # noqa: BLE001 - the UI must never stop the daemon
                 log.exception("stats view failed; disabling it")
                 self.on_stats = None

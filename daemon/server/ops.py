@@ -47,7 +47,7 @@ from ..protocol.messages import (
 from ..protocol.params import GenerationParams
 from ..protocol.ring import RingError
 from .directory import SessionDirectory
-from .items import InboundItem, NetAttach, NetCounters, ParamsChange, Shutdown
+from .items import InboundItem, LoopRequestMessage, NetAttach, NetCounters, ParamsChange, Shutdown
 from .session import Session, new_session_id
 from .stats import device_memory_mb
 from .transports import FrameTransport, NetTransport, ShmTransport
@@ -154,7 +154,7 @@ class LoopOps:
     def __init__(self, loop: ComputeLoop) -> None:
         self.loop = loop
 
-    def answer(self, message: OpenSessionRequest | CloseSessionRequest | StatusRequest) -> BaseModel:
+    def answer(self, message: LoopRequestMessage) -> BaseModel:
         if isinstance(message, OpenSessionRequest):
             return self.open_session(message)
         if isinstance(message, CloseSessionRequest):
@@ -264,9 +264,10 @@ class LoopOps:
         loop = self.loop
         now = time.monotonic_ns()
         sessions = [self.session(msg.session_id)] if msg.session_id is not None else list(loop.sessions.values())
-        return self.status_reply([loop.session_stats(s, now) for s in sessions])
+        memory = device_memory_mb(loop.device)
+        return self.status_reply(loop.session_stats(sessions, now, memory), memory)
 
-    def status_reply(self, stats: list[SessionStats]) -> StatusReply:
+    def status_reply(self, stats: list[SessionStats], memory: dict[str, float | None]) -> StatusReply:
         loop = self.loop
         return StatusReply(
             daemon_version=DAEMON_VERSION,
@@ -279,7 +280,7 @@ class LoopOps:
             presets=len(loop.presets),
             cache=loop.cache,
             compat=loop.compat,
-            memory=device_memory_mb(loop.device),
+            memory=memory,
             requests=dict(loop.io.counters),
             sessions=stats,
         )

@@ -20,7 +20,7 @@ from ..protocol.params import GenerationParams
 from .pacing import Pacer
 from .slo import SloGuard
 from .stats import SessionCounters
-from .transports import FrameTransport, InputFrame, ShmTransport, TransportError
+from .transports import FrameTransport, InputFrame, TransportError
 
 if TYPE_CHECKING:
     from ..engine.interface import EngineSession
@@ -75,7 +75,6 @@ class Session:
         self.transport = transport
         self.preset = preset
         self.opened_ns = time.monotonic_ns()
-        self.last_seen_ns = self.opened_ns
         self.prefers_stream_batch = bool(engine_session.params.stream_batch)
         self.slo = SloGuard()
         self.counters = SessionCounters(fps_target=fps)
@@ -95,12 +94,10 @@ class Session:
     def params(self) -> GenerationParams:
         return self.engine_session.params
 
-    def seen(self, now_ns: int) -> None:
-        self.last_seen_ns = max(self.last_seen_ns, now_ns)
-
-    def client_age_s(self, now_ns: int) -> float:
-        """Seconds since the client's last sign of life (control message, network frame or ring heartbeat)."""
-        newest = max(self.last_seen_ns, self.transport.client_heartbeat_ns())
+    def client_age_s(self, now_ns: int, last_message_ns: int) -> float:
+        """Seconds since the client's last sign of life: ``last_message_ns`` (its last control message or network
+        frame, as the session directory recorded it) or a heartbeat it left in the transport (the rings)."""
+        newest = max(last_message_ns, self.transport.client_heartbeat_ns())
         return max(0.0, (now_ns - newest) / 1e9)
 
     # ------------------------------------------------------------------ engine (compute loop)
@@ -168,7 +165,7 @@ class Session:
 
     def info(self) -> SessionInfo:
         """The session's identity and geometry (``open_session`` replies)."""
-        rings = self.transport if isinstance(self.transport, ShmTransport) else None
+        input_ring, output_ring = self.transport.ring_names()
         return SessionInfo(
             session_id=self.session_id,
             transport=self.kind,
@@ -176,8 +173,8 @@ class Session:
             height=self.height,
             fps=self.fps,
             pixel_format=self.pixel_format,
-            input_ring=rings.in_ring.name if rings else None,
-            output_ring=rings.out_ring.name if rings else None,
+            input_ring=input_ring,
+            output_ring=output_ring,
             latency_frames=int(self.engine_session.latency_frames),
             preset=self.preset,
             params=self.params.model_copy(),

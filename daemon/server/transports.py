@@ -72,6 +72,9 @@ class FrameTransport(Protocol):
     def client_heartbeat_ns(self) -> int:
         """The newest sign of life the client left in the transport itself (0: none)."""
 
+    def ring_names(self) -> tuple[str | None, str | None]:
+        """The shared-memory rings the client writes and reads (``None, None``: no rings)."""
+
     def dropped_in(self) -> int: ...
 
     def dropped_out(self) -> int: ...
@@ -165,6 +168,9 @@ class ShmTransport:
                 )
             if ring.closed_flag:
                 raise SessionClosed("the client closed the session in the ring")
+
+    def ring_names(self) -> tuple[str | None, str | None]:
+        return self.in_ring.name, self.out_ring.name
 
     def client_heartbeat_ns(self) -> int:
         try:
@@ -311,6 +317,9 @@ class NetTransport:
 
     def client_heartbeat_ns(self) -> int:
         return 0  # frames and control messages count, through the session directory
+
+    def ring_names(self) -> tuple[str | None, str | None]:
+        return None, None
 
     def dropped_in(self) -> int:
         return self._dropped_in
