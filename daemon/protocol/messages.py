@@ -107,6 +107,7 @@ TOPIC_DAEMON = "daemon"
 PixelFormat = Literal["bgra", "rgba", "rgb24", "bgr24"]
 Transport = Literal["shm", "net"]
 Encoding = Literal["raw", "jpeg"]
+Pacing = Literal["live", "offline"]
 assert set(get_args(PixelFormat)) == set(PIXEL_FORMATS)  # the ring and the messages agree on formats
 
 RequestId = Annotated[StrictStr, Field(max_length=128)] | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
@@ -164,6 +165,11 @@ class OpenSessionRequest(_Request):
     params: ParamsUpdate | None = None
     transport: Transport = "shm"
     encoding: Encoding = Field("raw", description="net transport only: how frames travel")
+    pacing: Pacing = Field(
+        "live",
+        description="live: outputs leave at the source rate, newest input wins; offline: every input in order, "
+        "outputs as soon as ready (the client paces itself, see docs/protocol.md)",
+    )
     client: Annotated[StrictStr, Field(max_length=128)] | None = None
 
 
@@ -297,6 +303,7 @@ class SessionInfo(_Lenient):
     input_ring: str | None = Field(None, description="shm: ring the client writes (FrameRing.open)")
     output_ring: str | None = Field(None, description="shm: ring the client reads")
     latency_frames: int = Field(description="frames between an input and its restyled output")
+    pacing: str = Field("live", description="live or offline (open_session's pacing)")
     preset: str | None = None
     params: GenerationParams | None = Field(None, description="the parameters the session runs with")
 
