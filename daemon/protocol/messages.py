@@ -494,7 +494,13 @@ PUB_MODELS: dict[str, type[BaseModel]] = {TOPIC_STATS: SessionStats, TOPIC_EVENT
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    """Compact UTF-8 JSON. Never raises on text: a string that UTF-8 cannot hold (a lone surrogate, which decoding
+    refuses but a reply could still carry from elsewhere) falls back to ASCII escapes, which is the same JSON."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def _reject_constant(name: str) -> Any:
@@ -502,19 +508,55 @@ def _reject_constant(name: str) -> Any:
 
 
 def _loads(raw: bytes | bytearray | memoryview | str) -> Any:
-    """Strict JSON: UTF-8 only, no NaN/Infinity. Raises ProtocolError(bad_json)."""
+    """Strict JSON: UTF-8 only, no NaN/Infinity, no lone surrogates. Raises ProtocolError(bad_json)."""
     try:
         text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"message is not JSON: {exc.msg} at char {exc.pos}") from None
     except ValueError as exc:  # NaN / Infinity
         raise ProtocolError(ErrorCode.BAD_JSON, f"message is not JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError(ErrorCode.BAD_JSON, "message is not JSON this daemon accepts: nested too deeply") from None
+    where = _unencodable_text(obj)
+    if where is not None:
+        raise ProtocolError(
+            ErrorCode.BAD_JSON,
+            f"message is not Unicode text: {where} holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape not "
+            "in a valid pair); send the character itself or a valid surrogate pair",
+        )
+    return obj
+
+
+def _unencodable_text(obj: Any) -> str | None:
+    """Where ``obj`` (parsed JSON) holds a string UTF-8 cannot encode (``"id"``, ``"params.prompt"``, ``"a key"``),
+    or None. JSON's ``\\ud800`` escapes decode to such strings, and nothing downstream (replies, logs, the text
+    encoder) can carry them. Iterative: a deep message cannot overflow the stack here."""
+    stack: list[tuple[str, Any]] = [("the message", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_utf8(key):
+                    return f"a key of {path}"
+                stack.append((key if path == "the message" else f"{path}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _recover_id(obj: dict) -> Any:
@@ -556,7 +598,7 @@ def decode_request(raw: bytes | bytearray | memoryview | str) -> Request:
     """Parse one control message. Every fault raises ``ProtocolError`` (``too_large``, ``bad_json``,
     ``bad_request``, ``unknown_op``, ``bad_params``) carrying the request's id when it could be read."""
     try:
-        size = len(raw.encode("utf-8")) if isinstance(raw, str) else memoryview(raw).nbytes
+        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else memoryview(raw).nbytes
     except TypeError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"message must be bytes, got {type(raw).__name__}") from None
     if size > MAX_MESSAGE_BYTES:

@@ -247,7 +247,7 @@ class IOThread(threading.Thread):
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
-                    self._on_control(router, frames)
+                    self._on_control_safely(router, frames)
             for sock, ev in events.items():
                 session_id = self._pull_index.get(sock)
                 if session_id is not None and ev & zmq.POLLIN:
@@ -257,6 +257,15 @@ class IOThread(threading.Thread):
                 return
 
     # ------------------------------------------------------------------ control in
+
+    def _on_control_safely(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        """One request's unexpected failure is that request's: answered ``internal``, logged, never fatal."""
+        try:
+            self._on_control(router, frames)
+        except Exception as exc:  # noqa: BLE001 - a bug reached by one message must not stop the daemon
+            log.exception("control request failed")
+            envelope = frames[:1] if len(frames) == 2 else frames[:2]
+            self._send(router, envelope, error_reply(ErrorCode.INTERNAL, f"request failed: {type(exc).__name__}: {exc}"))
 
     def _on_control(self, router: zmq.Socket, frames: list[bytes]) -> None:
         now = time.monotonic_ns()
@@ -299,6 +308,7 @@ class IOThread(threading.Thread):
         assert self._desk is not None
         try:
             reply = self._desk.answer(message)
+            payload = ok_reply(reply, id=message.id) if reply is not None else None
         except ProtocolError as exc:
             self._send(router, envelope, error_reply(exc.code, exc.message, id=message.id))
             return
@@ -306,8 +316,8 @@ class IOThread(threading.Thread):
             log.exception("op %s failed", message.op)
             self._send(router, envelope, error_reply(ErrorCode.INTERNAL, f"{message.op} failed: {exc}", id=message.id))
             return
-        if reply is not None:
-            self._send(router, envelope, ok_reply(reply, id=message.id))
+        if payload is not None:
+            self._send(router, envelope, payload)
         elif isinstance(message, LOOP_REQUEST_TYPES):
             self.inbox.put(LoopRequest(envelope, message, received_ns))
         else:

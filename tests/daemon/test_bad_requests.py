@@ -118,6 +118,35 @@ def test_bad_request_gets_error_reply_with_stable_code(raw, streamer, payload, c
     assert streamer.error is None
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"op": "hello", "id": "%s"}',
+        '{"op": "hello", "client": "%s"}',
+        '{"op": "list_presets", "token": "%s"}',
+        '{"op": "set_preset", "id": 7, "session_id": "SESSION", "name": "%s"}',
+        '{"op": "set_params", "session_id": "SESSION", "prompt": "a cat %s"}',
+        '{"op": "open_session", "width": 64, "height": 64, "fps": 30, "client": "%s"}',
+        '{"op": "status", "%s": 1}',
+    ],
+)
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "\\udc00\\ud800"])
+def test_lone_surrogates_get_bad_json_and_the_daemon_lives(daemon, raw, streamer, template, escape):
+    """A JSON \\uD800-style escape decodes to text UTF-8 cannot hold; it once killed the IO thread while encoding
+    the reply (the id or the prompt echoed back). It is refused at decoding, with the field named."""
+    payload = template.replace("SESSION", streamer.session.session_id) % escape
+    reply = raw.ask(payload.encode())
+    assert_error(reply, "bad_json")
+    assert "surrogate" in reply["error"]["message"]
+    assert daemon.alive
+    assert raw.ask(b'{"op": "hello", "id": "after"}')["id"] == "after"
+
+
+def test_a_valid_surrogate_pair_is_just_text(raw):
+    reply = raw.ask(b'{"op": "hello", "id": "\\ud83d\\ude00"}')
+    assert reply["ok"] and reply["id"] == "\U0001f600"
+
+
 def test_oversized_message_gets_too_large(raw, streamer):
     big = json.dumps({"op": "hello", "client": "x" * (70 * 1024)}).encode()
     assert_error(raw.ask(big), "too_large")

@@ -272,6 +272,35 @@ def test_bad_input_maps_to_its_error_code(raw, code, fragment):
     assert fragment in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [
+        (b'{"op": "hello", "id": "\\ud800"}', "id holds"),
+        (b'{"op": "hello", "client": "ok \\udfff"}', "client holds"),
+        (b'{"op": "open_session", "width": 64, "height": 64, "fps": 30, "params": {"prompt": "\\udc00\\ud83d"}}',
+         "params.prompt holds"),
+        (b'{"op": "hello", "\\ud800": 1}', "a key of the message"),
+        (b'{"op": "hello", "x": [1, ["\\ud800"]]}', "x[1][0] holds"),
+        ('{"op": "hello", "id": "\ud800"}', "id holds"),  # a str that already holds one
+    ],
+)  # fmt: skip
+def test_lone_surrogates_are_bad_json_naming_the_field(raw, where):
+    with pytest.raises(ProtocolError) as info:
+        decode_request(raw)
+    assert info.value.code is ErrorCode.BAD_JSON
+    assert where in info.value.message and "surrogate" in info.value.message
+
+
+def test_replies_encode_any_text_as_valid_json():
+    """Replies never raise on text: one that UTF-8 cannot hold goes out as JSON escapes (the same JSON value)."""
+    payload = error_reply("bad_request", "bad \ud800", id="\udfff")
+    assert payload.isascii() and json.loads(payload) == {"ok": False, "id": "\udfff",
+                                                          "error": {"code": "bad_request", "message": "bad \ud800"}}
+    payload = ok_reply(HeartbeatReply(session_id="\ud800"))
+    assert payload.isascii() and json.loads(payload)["session_id"] == "\ud800"
+    assert ok_reply(HeartbeatReply(session_id="Grüße 😀")).decode("utf-8").count("😀") == 1  # UTF-8 as usual
+
+
 def test_a_message_exactly_at_the_limit_is_decoded_and_one_byte_more_is_too_large():
     raw = b'{"op":"hello"' + b" " * (MAX_MESSAGE_BYTES - len(b'{"op":"hello"}')) + b"}"  # whitespace: valid JSON
     assert len(raw) == MAX_MESSAGE_BYTES
