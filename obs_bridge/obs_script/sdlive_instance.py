@@ -99,19 +99,18 @@ class FilterInstance:
             captured = frame_time != self.last_frame_time
             if captured:  # once per output frame, whatever the number of views
                 self.last_frame_time = frame_time
-                if frames.capture(target, w, h, sess.rin):
+                if frames.capture(self.source, w, h, sess.rin):
                     self.frames_in += 1
                 stamp = frames.fetch_output(sess.rout)
                 if stamp is not None:
                     self.frames_out += 1
                     if stamp:
                         self.e2e_ns.append(time.monotonic_ns() - stamp)
-            if frames.have_output:
-                frames.draw_output(w, h)
-            else:
-                frames.draw_source(w, h)
             if captured:
                 self.render_ns.append(time.perf_counter_ns() - t0)
+            if not frames.have_output:
+                return False  # no styled frame back yet: the source itself, drawn by libobs
+            frames.draw_output(w, h)
             return True
         except Exception as exc:  # noqa: BLE001 - never let an exception reach libobs; pass through instead
             self.render_error = f"{type(exc).__name__}: {exc}"

@@ -68,9 +68,10 @@ class FrameBridge:
         self.have_output = False
         self._pack_buf = None
 
-    def capture(self, target: int, width: int, height: int, ring: Any) -> bool:
-        """Render the target (width×height) into the session-sized texrender (scaled when the sizes differ), stage
-        it, and copy the frame staged one frame earlier into the input ``ring``. True when a frame went out."""
+    def capture(self, filter_source: int, width: int, height: int, ring: Any) -> bool:
+        """Render what the filter receives (its target, width×height) into the session-sized texrender (scaled when
+        the sizes differ), stage it, and copy the frame staged one frame earlier into the input ``ring``. True when
+        a frame went out."""
         tr = self.texrender
         sw, sh = self.size
         lib.gs_texrender_reset(tr)
@@ -78,9 +79,14 @@ class FrameBridge:
             clear = Vec4(0.0, 0.0, 0.0, 0.0)
             lib.gs_clear(obs.GS_CLEAR_COLOR, ctypes.byref(clear), 0.0, 0)
             lib.gs_ortho(0.0, float(width), 0.0, float(height), -100.0, 100.0)
+            # As obs_source_process_filter_begin does: its blend, then the target drawn the way libobs draws a
+            # skipped filter's target (the default effect's loop for a plain source, its own render for async and
+            # custom-draw ones, the previous filter otherwise). A bare obs_source_video_render of a filtered image
+            # source runs outside any effect and draws nothing.
             lib.gs_blend_state_push()
-            lib.gs_blend_function(obs.GS_BLEND_ONE, obs.GS_BLEND_ZERO)
-            lib.obs_source_video_render(target)
+            lib.gs_blend_function_separate(obs.GS_BLEND_SRCALPHA, obs.GS_BLEND_INVSRCALPHA, obs.GS_BLEND_ONE,
+                                           obs.GS_BLEND_INVSRCALPHA)
+            lib.obs_source_skip_video_filter(filter_source)
             lib.gs_blend_state_pop()
             lib.gs_texrender_end(tr)
         cur = self.stage_idx
@@ -128,15 +134,9 @@ class FrameBridge:
         self.have_output = True
         return int(frame.timestamp_ns)
 
-    def draw(self, texture: int | None, width: int, height: int) -> None:
-        """Draw ``texture`` over the filter's width×height area (stretched when the session size was rounded)."""
+    def draw_output(self, width: int, height: int) -> None:
+        """Draw the newest styled frame over the filter's width×height area (stretched when the session size was
+        rounded)."""
         effect = lib.obs_get_base_effect(obs.OBS_EFFECT_DEFAULT)
         while lib.gs_effect_loop(effect, b"Draw"):
-            lib.obs_source_draw(texture, 0, 0, width, height, False)
-
-    def draw_output(self, width: int, height: int) -> None:
-        self.draw(self.out_tex, width, height)
-
-    def draw_source(self, width: int, height: int) -> None:
-        """The source as just captured (a session is open but its first styled frame is not back yet)."""
-        self.draw(lib.gs_texrender_get_texture(self.texrender), width, height)
+            lib.obs_source_draw(self.out_tex, 0, 0, width, height, False)
