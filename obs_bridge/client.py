@@ -55,9 +55,14 @@ from sdlive.daemon.protocol.constants import (
 )
 from sdlive.daemon.protocol.errors import ErrorCode, ProtocolError
 from sdlive.daemon.protocol.messages import (
+    TOPIC_DAEMON,
+    TOPIC_EVENT,
+    TOPIC_STATS,
     CloseSessionReply,
     CloseSessionRequest,
+    DaemonBeat,
     ErrorReply,
+    Event,
     HeartbeatReply,
     HeartbeatRequest,
     HelloReply,
@@ -77,10 +82,12 @@ from sdlive.daemon.protocol.messages import (
     StatusReply,
     StatusRequest,
     Transport,
+    decode_pub,
     decode_reply,
     describe_validation_error,
     encode_request,
 )
+from sdlive.daemon.protocol.params import GenerationParams
 from sdlive.daemon.protocol.ring import FrameRing, RingError
 
 from .frames import check_frame
@@ -91,9 +98,12 @@ __all__ = [
     "DaemonClient",
     "DaemonError",
     "DaemonUnavailable",
+    "InvalidAddress",
     "InvalidRequest",
     "RestyledFrame",
     "SessionClient",
+    "SessionLost",
+    "check_address",
 ]
 
 CLOSE_TIMEOUT_S = 2.0
@@ -124,6 +134,21 @@ class DaemonUnavailable(DaemonError, ConnectionError):
         super().__init__("unavailable", message)
 
 
+class InvalidAddress(DaemonError, ValueError):
+    """A daemon address that is not a ZeroMQ endpoint this client can connect to; the message shows a right one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_address", message)
+
+
+class SessionLost(DaemonError):
+    """The session is gone: the daemon closed it, stopped, died (its dead sentinel on PUB) or restarted without it.
+    ``code`` is ``unknown_session``; open a new session (once a daemon answers again) to go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNKNOWN_SESSION.value, message)
+
+
 class InvalidRequest(DaemonError, ValueError):
     """Refused before sending: a field the request model rejects, with the code the daemon would answer
     (``bad_params`` for a generation parameter out of range, ``bad_request`` for anything else)."""
@@ -150,6 +175,29 @@ def build_request(model: type[_ModelT], **fields: Any) -> _ModelT:
     except ValidationError as exc:
         code, message = describe_validation_error(exc, model.model_fields["op"].default)
         raise InvalidRequest(code.value, message) from None
+
+
+def check_address(address: object) -> str:
+    """``address`` if it is a ZeroMQ endpoint a client can connect to (``tcp://HOST:PORT``, ``ipc://PATH``,
+    ``inproc://NAME``); else :class:`InvalidAddress` saying what is wrong and showing a right one."""
+    example = f"e.g. {DEFAULT_CONTROL_ADDRESS}"
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidAddress(f"daemon address {address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT, {example}")
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc"):
+        hint = f"did you mean tcp://{address}?" if not sep and ":" in address else example
+        raise InvalidAddress(f"daemon address {address!r} is not a ZeroMQ endpoint: write tcp://HOST:PORT ({hint})")
+    if not rest:
+        raise InvalidAddress(f"daemon address {address!r} names nothing after {scheme}://, {example}")
+    if scheme != "tcp":
+        return address
+    host = host_of(address)
+    port = rest.rsplit("]:", 1)[1] if rest.startswith("[") and "]:" in rest else rest.rpartition(":")[2]
+    if not host or ":" not in rest or (rest.startswith("[") and "]:" not in rest):
+        raise InvalidAddress(f"daemon address {address!r} has no port: write tcp://HOST:PORT, {example}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidAddress(f"daemon address {address!r}: port {port!r} is not a number from 1 to 65535, {example}")
+    return address
 
 
 def _same_host(control: str, endpoint: str) -> str:
@@ -253,8 +301,7 @@ class DaemonClient:
     def __init__(
         self, address: str = DEFAULT_CONTROL_ADDRESS, *, token: str | None = None, timeout_s: float = 5.0
     ) -> None:
-        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"daemon address {address!r} is not a ZeroMQ endpoint like {DEFAULT_CONTROL_ADDRESS}")
+        check_address(address)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.address = address
@@ -263,6 +310,8 @@ class DaemonClient:
         self._ctx: _Context = zmq.Context.instance()
         self._channel = _Channel(self._ctx, address, token=self.token, timeout_s=timeout_s)
         self._closed = False
+        self.last_hello: HelloReply | None = None
+        """The last ``hello`` reply (sessions learn the daemon's PUB address and pid from it)."""
 
     # ------------------------------------------------------------------ requests
 
@@ -279,6 +328,7 @@ class DaemonClient:
                 "bad_request",
                 f"daemon speaks {reply.protocol!r}, this client {PROTOCOL_VERSION!r}: upgrade sdlive on both sides",
             )
+        self.last_hello = reply
         return reply
 
     def list_presets(self) -> ListPresetsReply:
@@ -355,7 +405,10 @@ class DaemonClient:
         chosen = transport
         if transport == "auto":
             chosen = "shm" if is_loopback_address(self.address) and jpeg_quality is None else "net"
-        reply = self._call(request(chosen), OpenSessionReply)
+        checked = request(chosen)  # refused here, before anything is sent
+        if self.last_hello is None:  # a session watches the daemon's PUB beats: learn where they are
+            self.hello()
+        reply = self._call(checked, OpenSessionReply)
         try:
             return SessionClient(self, reply, jpeg_quality=jpeg_quality)
         except _ShmUnavailable as exc:
@@ -390,39 +443,109 @@ class _ShmUnavailable(Exception):
 
 
 class _Heartbeat(threading.Thread):
-    """Paranoid Pirate heartbeats for one session, on a DEALER socket of its own.
+    """Paranoid Pirate heartbeats for one session, on a DEALER socket of its own, and a watch on the daemon's PUB.
 
     One heartbeat per interval; any reply counts as life. After ``liveness`` silent intervals the daemon is presumed
-    gone: the socket is replaced (LINGER 0) and retried with a doubling backoff from ``RECONNECT_INTERVAL_INIT_S``
+    gone (``daemon_alive`` False: the session's ``send``/``recv`` raise :class:`DaemonUnavailable` until it answers
+    again): the socket is replaced (LINGER 0) and retried with a doubling backoff from ``RECONNECT_INTERVAL_INIT_S``
     capped at ``RECONNECT_INTERVAL_MAX_S``. The socket is kept across slow replies (a busy machine), never reset
     per request.
+
+    The PUB watch (a SUB on ``pub_address``, when the daemon said where it is) follows what the daemon says about
+    this session: ``stats`` (``SessionClient.daemon_stats``), ``preset_changed``/``params_changed`` events from any
+    client, ``session_closed``/``client_lost``, and the ``daemon`` beat's ``stopping``/``dead`` sentinel, which
+    ends the session at once (:class:`SessionLost`) instead of after the liveness window.
     """
 
-    def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float, liveness: int) -> None:
+    def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float, liveness: int,
+                 pub_address: str | None = None, daemon_pid: int | None = None) -> None:
         super().__init__(name=f"sdlive-heartbeat-{session.session_id}", daemon=True)
         self._session = session
         self._address = address
         self._interval_s = interval_s
         self._liveness = liveness
+        self._pub_address = pub_address
+        self._daemon_pid = daemon_pid
         self._payload = encode_request(build_request(HeartbeatRequest, session_id=session.session_id, token=token))
         self._halt = threading.Event()
         self.daemon_alive = True
+        self.last_heard = time.monotonic()
 
     def _socket(self) -> _Socket:
         return _dealer(zmq.Context.instance(), self._address, immediate=False)
 
-    def _listen(self, sock: _Socket) -> bool | None:
+    def _subscriber(self) -> _Socket | None:
+        if not self._pub_address:
+            return None
+        sub: _Socket = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 64)
+        for topic in (TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS):
+            sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        try:
+            sub.connect(_same_host(self._address, self._pub_address))
+        except zmq.ZMQError as exc:
+            log.debug("cannot watch the daemon's PUB at %s: %s", self._pub_address, exc)
+            sub.close(linger=0)
+            return None
+        return sub
+
+    def _on_pub(self, frames: list[bytes]) -> bool:
+        """Handle one PUB message; False when it ends the session."""
+        session = self._session
+        try:
+            topic, message = decode_pub(frames)
+        except (ProtocolError, ValueError, IndexError):
+            return True
+        if isinstance(message, DaemonBeat):
+            if self._daemon_pid is not None and message.pid != self._daemon_pid:
+                return True  # another daemon process on the same PUB address (a restart): the heartbeat decides
+            if message.state in ("stopping", "dead"):
+                why = "stopped" if message.state == "stopping" else "died"
+                reason = f": {message.message}" if message.message else ""
+                session._mark_lost(f"the daemon at {self._address} {why}{reason} (session {session.session_id} "
+                                   f"is gone; open a new one once a daemon answers again)")
+                return False
+        elif isinstance(message, Event) and message.session_id == session.session_id:
+            if message.event == "preset_changed" and message.preset:
+                session.preset = message.preset
+            elif message.event == "params_changed":
+                session.preset = message.preset or session.preset
+                session.params = message.params or session.params
+            elif message.event in ("session_closed", "client_lost"):
+                why = message.message or message.event.replace("_", " ")
+                session._mark_lost(f"session {session.session_id} was closed by the daemon at {self._address}: {why}")
+                return False
+        elif isinstance(message, SessionStats) and message.session_id == session.session_id:
+            session.daemon_stats = message
+        return True
+
+    def _listen(self, sock: _Socket, sub: _Socket | None) -> bool | None:
         """Wait one interval for replies: True if any came, False if none, None when the session is gone."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if sub is not None:
+            poller.register(sub, zmq.POLLIN)
         deadline = time.monotonic() + self._interval_s
         heard = False
         while (remaining := deadline - time.monotonic()) > 0 and not self._halt.is_set():
-            if not sock.poll(int(remaining * 1000) + 1):
+            ready = dict(poller.poll(int(remaining * 1000) + 1))
+            if sub is not None and sub in ready:
+                while True:
+                    try:
+                        frames = sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if not self._on_pub(frames):
+                        return None
+            if sock not in ready:
                 continue
             try:
                 reply = decode_reply(sock.recv_multipart()[-1], "heartbeat")
             except ProtocolError:
                 continue
             heard = True
+            self.last_heard = time.monotonic()
             if isinstance(reply, ErrorReply) and reply.error.code == ErrorCode.UNKNOWN_SESSION.value:
                 self._session._mark_lost(
                     f"session {self._session.session_id} was closed by the daemon: {reply.error.message}"
@@ -432,6 +555,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         sock = self._socket()
+        sub = self._subscriber()
         liveness = self._liveness
         backoff = RECONNECT_INTERVAL_INIT_S
         try:
@@ -440,7 +564,7 @@ class _Heartbeat(threading.Thread):
                     sock.send(self._payload, zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # not connected yet: this interval counts as silent
-                heard = self._listen(sock)
+                heard = self._listen(sock, sub)
                 if heard is None:
                     return
                 if heard:
@@ -459,9 +583,11 @@ class _Heartbeat(threading.Thread):
                     return
                 backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
                 sock = self._socket()
-                liveness = self._liveness
+                liveness = 1  # silent already: one more silent interval per reconnect attempt
         finally:
             sock.close(linger=0)
+            if sub is not None:
+                sub.close(linger=0)
 
     def stop(self) -> None:
         self._halt.set()
@@ -487,6 +613,10 @@ class SessionClient:
         self.latency_frames: int = info.latency_frames
         self.transport: str = info.transport
         self.preset: str | None = info.preset
+        """The session's preset: as opened, then as switched by this client or (seen on PUB) by any other."""
+        self.params: GenerationParams | None = info.params
+        self.daemon_stats: SessionStats | None = None
+        """The daemon's latest figures for this session (PUB ``stats``, once a second): its drop counts etc."""
         self.jpeg_quality = jpeg_quality
         self.encoding: str = info.net.encoding if info.net is not None else "raw"
         self._shape = (self.height, self.width, self.channels)
@@ -505,8 +635,10 @@ class SessionClient:
             self._open_rings(info)
         else:
             self._open_data(info)
+        hello = daemon.last_hello
         self._heartbeat = _Heartbeat(self, daemon.address, daemon.token, info.heartbeat_interval_s,
-                                     info.heartbeat_liveness)
+                                     info.heartbeat_liveness, pub_address=hello.pub_address if hello else None,
+                                     daemon_pid=hello.pid if hello else None)
         self._heartbeat.start()
 
     def _open_rings(self, info: OpenSessionReply) -> None:
@@ -540,13 +672,19 @@ class SessionClient:
     # ------------------------------------------------------------------ frames
 
     def _check_live(self) -> None:
+        """Raise instead of sending into the void: :class:`SessionLost` once the session is gone for good,
+        :class:`DaemonUnavailable` while the daemon is silent (its heartbeats stopped; it may come back)."""
         if self._closed:
             raise DaemonError("closed", f"session {self.session_id} is closed")
         if self._lost is not None:
-            raise DaemonError("unknown_session", self._lost)
+            raise SessionLost(self._lost)
         if self._in_ring is not None and self._in_ring.closed_flag:
             self._mark_lost(f"session {self.session_id} was closed by the daemon")
-            raise DaemonError("unknown_session", self._lost or "")
+            raise SessionLost(self._lost or "")
+        if not self._heartbeat.daemon_alive:
+            silent = time.monotonic() - self._heartbeat.last_heard
+            raise DaemonUnavailable(f"the daemon at {self._daemon.address} has not answered for {silent:.0f} s "
+                                    f"(stopped, stalled or unreachable); session {self.session_id} waits for it")
 
     def send(self, frame: np.ndarray, timestamp_ns: int | None = None) -> int:
         """Hand one input frame to the daemon (never blocks); returns its sequence number (1, 2, …)."""
@@ -626,7 +764,10 @@ class SessionClient:
     def set_params(self, **changes: Any) -> SetParamsReply:
         """Queue a change of style fields (see :meth:`DaemonClient.set_params`)."""
         self._check_live()
-        return self._daemon.set_params(self.session_id, **changes)
+        reply = self._daemon.set_params(self.session_id, **changes)
+        if reply.params is not None:
+            self.params = reply.params
+        return reply
 
     def status(self) -> SessionStats:
         """This session's figures from the daemon's ``status``."""
@@ -672,7 +813,7 @@ class SessionClient:
         return self._heartbeat.daemon_alive
 
     def _mark_lost(self, why: str) -> None:
-        if self._lost is None:
+        if self._lost is None and not self._closed:
             self._lost = why
             log.warning("%s", why)
 

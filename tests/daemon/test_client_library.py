@@ -76,3 +76,69 @@ def test_frame_checks_idle_heartbeats_and_idempotent_close(daemon):
             session.send(np.zeros((48, 64, 4), np.uint8))
         assert err.value.code == "closed"
         assert session.session_id not in {s.session_id for s in client.status().sessions}
+
+
+def _raises_within(session, error, timeout_s: float) -> DaemonError:
+    """Send frames until ``session.send`` raises ``error``; fail if it keeps sending into the void."""
+    frame = np.zeros((session.height, session.width, 3), np.uint8)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            session.send(frame)
+        except error as exc:
+            return exc
+        except DaemonError:
+            pass  # on the way (silent before lost): keep trying
+        time.sleep(0.05)
+    raise AssertionError(f"send() went on for {timeout_s} s without raising {error.__name__}")
+
+
+def test_a_killed_daemon_makes_send_raise_and_a_restarted_one_ends_the_session(daemon_factory):
+    import signal
+
+    from sdlive.obs_bridge.client import SessionLost
+
+    proc = daemon_factory()
+    with proc.client() as client:
+        session = client.open_session(width=64, height=64, fps=10, pixel_format="bgr24")
+        session.send(np.zeros((64, 64, 3), np.uint8))
+        proc.process.send_signal(signal.SIGKILL)  # no sentinel, no closed rings: only the silence tells
+        proc.process.wait(10)
+        err = _raises_within(session, DaemonUnavailable, 8.0)
+        assert "has not answered" in err.message and client.address in err.message
+        with pytest.raises(DaemonUnavailable):
+            session.recv(timeout_s=0.01)
+        # a daemon on the same address again: it answers the heartbeat with unknown_session, for good
+        daemon_factory(control=proc.control_address, pub=proc.pub_address)
+        lost = _raises_within(session, SessionLost, 20.0)
+        assert session.session_id in lost.message and lost.code == "unknown_session"
+        session.close()
+
+
+def test_a_stopping_daemon_ends_a_network_session_at_once_through_its_pub_sentinel(daemon_factory):
+    from sdlive.obs_bridge.client import SessionLost
+
+    proc = daemon_factory()
+    with proc.client() as client:
+        session = client.open_session(width=64, height=64, fps=10, pixel_format="bgr24", transport="net")
+        session.send(np.zeros((64, 64, 3), np.uint8))
+        time.sleep(0.3)  # the SUB is connected (a PUB drops what it sends before a subscriber joins)
+        stopped = time.monotonic()
+        proc.stop()
+        err = _raises_within(session, SessionLost, 2.5)  # well inside the 3 s heartbeat window
+        assert time.monotonic() - stopped < 2.5
+        assert err.code == "unknown_session" and "stopping" in err.message, err.message
+        session.close()
+
+
+def test_a_session_follows_preset_changes_made_elsewhere_and_the_daemons_figures(daemon, wait_for):
+    with daemon.client() as client, daemon.client() as other:
+        names = [p.name for p in client.list_presets().presets]
+        session = client.open_session(width=64, height=64, fps=10, pixel_format="bgr24", preset=names[0])
+        try:
+            other.set_preset(session.session_id, names[1])  # another client (OBS hotkey, `sdlive preset`)
+            assert wait_for(lambda: session.preset == names[1], 15), session.preset
+            assert wait_for(lambda: session.daemon_stats is not None, 10)
+            assert session.daemon_stats.session_id == session.session_id
+        finally:
+            session.close()
