@@ -61,6 +61,7 @@ from __future__ import annotations
 # No dataclasses here: they look their module up in sys.modules, which fails when a host (the OBS script) loads
 # this file by path without registering it. NamedTuple has no such need.
 import ctypes
+import errno
 import importlib.util
 import math
 import mmap
@@ -91,6 +92,8 @@ SLOT_HEADER_SIZE = 64
 SLOT_ALIGN = 64
 MAX_SLOTS = 256
 MAX_DIMENSION = 16384
+MAX_FRAME_JUMP = 2**32
+"""More frames than this published since the last read (200 days at 240 fps) is a corrupt header, not a writer."""
 
 if __package__:
     from .constants import PIXEL_FORMATS
@@ -114,6 +117,8 @@ _STATIC = struct.Struct("<8sIIIIIIIIQQ")  # magic .. frame_size, offsets 0..55
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _SLOT_HEAD = struct.Struct("<QQQ")  # seq, timestamp_ns, size
+_COUNTERS = struct.Struct("<QQQ")  # write_count, read_count, dropped (offset 56)
+_CONTROL = struct.Struct("<IIQQ")  # flags, closed, producer_heartbeat_ns, consumer_heartbeat_ns (offset 152)
 
 OFF_WRITE_COUNT = 56
 OFF_READ_COUNT = 64
@@ -225,13 +230,21 @@ class FrameRing:
     The producer calls ``write``; the consumer calls ``read_next`` (every frame, in order) or ``read_latest``
     (newest wins). Neither ever blocks on the other; ``wait`` is a short sleeping poll for consumers that have no
     ZeroMQ notification.
+
+    ``safe=True`` (POSIX; the daemon uses it) reaches the memory only through ``pread``/``pwrite`` on a kept file
+    descriptor, never through the mapping: a file that another process truncates then gives short reads (a
+    :class:`RingError`), where a load from the mapping would kill the process with SIGBUS. The mapping is still
+    made, for the futex address only (the kernel answers a futex on a vanished page with EFAULT, not a signal).
     """
 
-    def __init__(self, name: str, mm: mmap.mmap, *, owner: bool, observer: bool = False) -> None:
+    def __init__(
+        self, name: str, mm: mmap.mmap, *, owner: bool, observer: bool = False, fd: int | None = None
+    ) -> None:
         # Use create()/open(); this only wraps an already validated mapping.
         self.name = name
         self._mm = mm
         self._buf = memoryview(mm)
+        self._fd = fd
         self._owner = owner
         self._observer = observer
         self._closed = False
@@ -247,25 +260,95 @@ class FrameRing:
             self.creator_pid,
             self.slot_size,
             self.frame_size,
-        ) = _STATIC.unpack_from(mm, 0)
+        ) = _STATIC.unpack_from(self._read_bytes(0, _STATIC.size), 0)
         self.pixel_format = _FORMAT_BY_CODE[code]
         self.channels = PIXEL_FORMATS[self.pixel_format].bytes_per_pixel
+        self.total_size = HEADER_SIZE + self.slots * self.slot_size
+        # The file this ring lives in (safe mode): a name that points elsewhere later was deleted or replaced.
+        self._identity = None
+        if fd is not None:
+            st = os.fstat(fd)
+            self._identity = (st.st_dev, st.st_ino)
         # The producer's next sequence number and the consumer's cursor are kept locally: the header copies are
         # for the other side and for monitoring. Opening an existing ring resumes from its counters.
-        self._written = _U64.unpack_from(mm, OFF_WRITE_COUNT)[0]
-        self._cursor = _U64.unpack_from(mm, OFF_READ_COUNT)[0]
-        self._dropped = _U64.unpack_from(mm, OFF_DROPPED)[0]
+        self._written = self._u64(OFF_WRITE_COUNT)
+        self._cursor = self._u64(OFF_READ_COUNT)
+        self._dropped = self._u64(OFF_DROPPED)
         # The mapping's address in this process. The temporary ctypes view is dropped at once (no export is held),
         # so close() can still unmap; the address is valid until then.
         self._base_addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         self._futex_addr = self._base_addr + OFF_WRITE_COUNT if _FUTEX else None
         self._wake_flag_set = False
 
+    # ------------------------------------------------------------------ memory access (mapping or fd)
+
+    def _read_bytes(self, offset: int, size: int) -> bytes:
+        if self._fd is None:
+            return bytes(self._buf[offset : offset + size])
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise self._truncated()
+        return data
+
+    def _write_bytes(self, offset: int, data) -> None:
+        if self._fd is None:
+            self._buf[offset : offset + len(data)] = data
+            return
+        view = memoryview(data)
+        if os.pwrite(self._fd, view, offset) != view.nbytes:
+            raise self._truncated()
+
+    def _u64(self, offset: int) -> int:
+        if self._fd is None:
+            return _U64.unpack_from(self._buf, offset)[0]
+        return _U64.unpack(self._read_bytes(offset, 8))[0]
+
+    def _set_u64(self, offset: int, value: int) -> None:
+        if self._fd is None:
+            _U64.pack_into(self._buf, offset, value)
+        else:
+            self._write_bytes(offset, _U64.pack(value))
+
+    def _u32(self, offset: int) -> int:
+        if self._fd is None:
+            return _U32.unpack_from(self._buf, offset)[0]
+        return _U32.unpack(self._read_bytes(offset, 4))[0]
+
+    def _set_u32(self, offset: int, value: int) -> None:
+        if self._fd is None:
+            _U32.pack_into(self._buf, offset, value)
+        else:
+            self._write_bytes(offset, _U32.pack(value))
+
+    def _slot_head(self, base: int) -> tuple[int, int, int]:
+        if self._fd is None:
+            return _SLOT_HEAD.unpack_from(self._buf, base)
+        return _SLOT_HEAD.unpack_from(self._read_bytes(base, _SLOT_HEAD.size), 0)
+
+    def _truncated(self) -> RingError:
+        size = self._file_size()
+        return RingError(
+            f"ring {self.name!r} was truncated to {size} bytes, it needs {self.total_size}: another process shrank "
+            "its file (only the daemon may size a ring); open a new session"
+        )
+
+    def _file_size(self) -> int:
+        return os.fstat(self._fd).st_size if self._fd is not None else len(self._mm)
+
+    def _check_size(self) -> None:
+        """Safe mode, before each access window: a shrunk file is named as such (short reads would say less)."""
+        if self._fd is not None and os.fstat(self._fd).st_size < self.total_size:
+            raise self._truncated()
+
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def create(cls, name: str, *, width: int, height: int, pixel_format: str = "bgra", slots: int = 4) -> FrameRing:
-        """Create a new ring (the daemon does this). Fails if a ring of that name exists."""
+    def create(
+        cls, name: str, *, width: int, height: int, pixel_format: str = "bgra", slots: int = 4, safe: bool = False
+    ) -> FrameRing:
+        """Create a new ring (the daemon does this). Fails if a ring of that name exists, and, with a clear
+        :class:`RingError`, when the ring folder cannot hold it: the memory is allocated for real here, never
+        left sparse to fail (with SIGBUS) on first use."""
         _check_name(name)
         info = PIXEL_FORMATS.get(pixel_format)
         if info is None:
@@ -281,6 +364,7 @@ class FrameRing:
         slot_size = _round_up(SLOT_HEADER_SIZE + frame_size, SLOT_ALIGN)
         total = HEADER_SIZE + slots * slot_size
 
+        kept_fd: int | None = None
         if _IS_WINDOWS:
             mm = mmap.mmap(-1, total, tagname=name)  # type: ignore[call-arg]  # Windows-only argument
             if any(mm[:8]):  # a named mapping that already exists is opened, not created
@@ -299,17 +383,19 @@ class FrameRing:
             try:
                 os.fchmod(fd, 0o600)  # owner only, whatever the umask
                 os.ftruncate(fd, total)
+                _allocate(fd, total, name, directory)
                 mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)
                 raise
-            os.close(fd)  # the mapping keeps the memory; the name stays until unlink()
+            if safe:
+                kept_fd = fd
+            else:
+                os.close(fd)  # the mapping keeps the memory; the name stays until unlink()
 
         # Everything but the magic first, the magic last: a client that opens a half-built ring sees no magic.
-        _STATIC.pack_into(
-            mm,
-            0,
+        static = _STATIC.pack(
             b"\x00" * 8,
             RING_VERSION,
             HEADER_SIZE,
@@ -322,14 +408,21 @@ class FrameRing:
             slot_size,
             frame_size,
         )
-        mm[0:8] = RING_MAGIC
-        return cls(name, mm, owner=True)
+        if kept_fd is None:
+            mm[0 : len(static)] = static
+            mm[0:8] = RING_MAGIC
+        else:
+            os.pwrite(kept_fd, static, 0)
+            os.pwrite(kept_fd, RING_MAGIC, 0)
+        return cls(name, mm, owner=True, fd=kept_fd)
 
     @classmethod
-    def open(cls, name: str, *, observer: bool = False) -> FrameRing:
+    def open(cls, name: str, *, observer: bool = False, safe: bool = False) -> FrameRing:
         """Open a ring another process created. ``observer=True`` reads without updating the consumer counters
-        (a second watcher, e.g. a virtual camera mirroring an OBS filter's output)."""
+        (a second watcher, e.g. a virtual camera mirroring an OBS filter's output). ``safe=True``: see the class
+        docstring (POSIX only; ignored on Windows, whose named mappings cannot shrink)."""
         _check_name(name)
+        kept_fd: int | None = None
         if _IS_WINDOWS:
             probe = mmap.mmap(-1, HEADER_SIZE, tagname=name)  # type: ignore[call-arg]  # Windows-only argument
             try:
@@ -353,15 +446,18 @@ class FrameRing:
                     raise RingError(
                         f"ring {name!r} is corrupt: {size} bytes is smaller than the {HEADER_SIZE}-byte header"
                     )
+                # The header is read through the descriptor: the file may shrink between fstat and a mapped load.
+                header = os.pread(fd, HEADER_SIZE, 0)
+                _validate_header(name, header, size)
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
-            try:
-                _validate_header(name, mm[:HEADER_SIZE], size)
-            except RingError:
-                mm.close()
                 raise
-        return cls(name, mm, owner=False, observer=observer)
+            if safe:
+                kept_fd = fd
+            else:
+                os.close(fd)
+        return cls(name, mm, owner=False, observer=observer, fd=kept_fd)
 
     # ------------------------------------------------------------------ producer
 
@@ -381,20 +477,19 @@ class FrameRing:
             view = view.cast("B")
         if timestamp_ns is None:
             timestamp_ns = time.monotonic_ns()
+        self._check_size()
         n = self._written + 1
         base = HEADER_SIZE + ((n - 1) % self.slots) * self.slot_size
-        buf = self._buf
-        _U64.pack_into(buf, base, 2 * n - 1)  # odd: slot n is being written
-        buf[base + SLOT_HEADER_SIZE : base + SLOT_HEADER_SIZE + self.frame_size] = view
-        _U64.pack_into(buf, base + 8, timestamp_ns)
-        _U64.pack_into(buf, base + 16, self.frame_size)
-        _U64.pack_into(buf, base, 2 * n)  # even: frame n complete (published after the pixels)
-        _U64.pack_into(buf, OFF_WRITE_COUNT, n)
-        _U64.pack_into(buf, OFF_PRODUCER_HB, time.monotonic_ns())
+        self._set_u64(base, 2 * n - 1)  # odd: slot n is being written
+        self._write_bytes(base + SLOT_HEADER_SIZE, view)
+        self._write_bytes(base + 8, _U64.pack(timestamp_ns) + _U64.pack(self.frame_size))
+        self._set_u64(base, 2 * n)  # even: frame n complete (published after the pixels)
+        self._set_u64(OFF_WRITE_COUNT, n)
+        self._set_u64(OFF_PRODUCER_HB, time.monotonic_ns())
         self._written = n
         if self._futex_addr is not None:
             if not self._wake_flag_set:
-                _U32.pack_into(buf, OFF_WAKE_FLAGS, _U32.unpack_from(buf, OFF_WAKE_FLAGS)[0] | WAKE_FUTEX)
+                self._set_u32(OFF_WAKE_FLAGS, self._u32(OFF_WAKE_FLAGS) | WAKE_FUTEX)
                 self._wake_flag_set = True
             # ~1 us with nobody waiting; wakes every waiter of the word (the consumer and any observer)
             _FUTEX[1](_FUTEX[0], self._futex_addr, _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
@@ -402,12 +497,23 @@ class FrameRing:
 
     # ------------------------------------------------------------------ consumer
 
+    def _newest(self) -> int:
+        """write_count, checked: a jump no producer can make (2**32 frames since the last read) is corruption."""
+        newest = self._u64(OFF_WRITE_COUNT)
+        if newest > self._cursor + MAX_FRAME_JUMP:
+            raise RingError(
+                f"ring {self.name!r} is corrupt: write_count jumped from {self._cursor} to {newest} "
+                "(something other than its producer wrote the header); open a new session"
+            )
+        return newest
+
     def read_next(self, *, copy: bool = True, out=None) -> RingFrame | None:
         """The next frame in order, or None when there is none yet. When the writer has lapped the reader, skip
         to the oldest frame still in the ring and count the skipped ones as dropped."""
         self._check_open()
+        self._check_size()
         while True:
-            newest = _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+            newest = self._newest()
             if newest <= self._cursor:
                 self._beat_consumer()
                 return None
@@ -426,8 +532,9 @@ class FrameRing:
     def read_latest(self, *, copy: bool = True, out=None) -> RingFrame | None:
         """The newest frame not read yet, or None. Older unread frames are skipped and counted as dropped."""
         self._check_open()
+        self._check_size()
         for _attempt in range(self.slots + 2):
-            newest = _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+            newest = self._newest()
             if newest <= self._cursor:
                 self._beat_consumer()
                 return None
@@ -441,13 +548,15 @@ class FrameRing:
     def still_valid(self, frame: RingFrame) -> bool:
         """After using a ``copy=False`` frame: True when the writer has not touched its slot since it was read."""
         base = HEADER_SIZE + ((frame.seq - 1) % self.slots) * self.slot_size
-        return _U64.unpack_from(self._buf, base)[0] == 2 * frame.seq
+        return self._u64(base) == 2 * frame.seq
 
     def pixels_address(self, seq: int) -> int:
         """Address, in this process, of the pixels of the slot that holds frame ``seq``: for C APIs that upload
         straight from shared memory (``gs_texture_set_image``). Valid while the ring is open; as with a
-        ``copy=False`` read, ask ``still_valid`` after use."""
+        ``copy=False`` read, ask ``still_valid`` after use. Not in safe mode (it hands out the mapping)."""
         self._check_open()
+        if self._fd is not None:
+            raise RingError(f"ring {self.name!r} was opened safe=True: it hands out no addresses into the mapping")
         return self._base_addr + HEADER_SIZE + ((seq - 1) % self.slots) * self.slot_size + SLOT_HEADER_SIZE
 
     def wait(self, timeout_s: float, *, poll_s: float = 0.0005, futex: bool = True) -> bool:
@@ -456,17 +565,16 @@ class FrameRing:
         Never a busy spin: a futex wait on Linux when the producer wakes it (see the module docstring), else
         sleeps of ``poll_s``. ``futex=False`` forces the sleeping poll."""
         self._check_open()
-        buf = self._buf
         deadline = time.monotonic() + timeout_s
         use_futex = futex and self._futex_addr is not None
         while True:
-            newest = _U64.unpack_from(buf, OFF_WRITE_COUNT)[0]
+            newest = self._u64(OFF_WRITE_COUNT)
             if newest > self._cursor:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if use_futex and _U32.unpack_from(buf, OFF_WAKE_FLAGS)[0] & WAKE_FUTEX:
+            if use_futex and self._u32(OFF_WAKE_FLAGS) & WAKE_FUTEX:
                 slice_s = min(remaining, FUTEX_WAIT_SLICE_S)
                 spec = _Timespec(int(slice_s), int((slice_s % 1.0) * 1e9))
                 # Sleeps only while the word still equals what we just read: no lost wake-up (EAGAIN otherwise).
@@ -476,22 +584,27 @@ class FrameRing:
 
     def _take(self, n: int, *, copy: bool, out) -> RingFrame | None:
         base = HEADER_SIZE + ((n - 1) % self.slots) * self.slot_size
-        buf = self._buf
-        s1, timestamp_ns, size = _SLOT_HEAD.unpack_from(buf, base)
+        s1, timestamp_ns, size = self._slot_head(base)
         if s1 != 2 * n or size != self.frame_size:
             return None  # mid-write, or already overwritten by a newer frame
         start = base + SLOT_HEADER_SIZE
+        data: bytes | bytearray | memoryview
         if out is not None:
             target = memoryview(out).cast("B")  # flat bytes, whatever the out buffer's shape (H×W×C arrays too)
             if target.nbytes != self.frame_size:
                 raise ValueError(f"out buffer is {target.nbytes} bytes, ring frames are {self.frame_size}")
-            target[:] = buf[start : start + self.frame_size]
+            if self._fd is None:
+                target[:] = self._buf[start : start + self.frame_size]
+            elif os.preadv(self._fd, [target], start) != self.frame_size:
+                raise self._truncated()
             data = out
-        elif copy:
-            data = self._mm[start : start + self.frame_size]  # one memcpy into a new bytes object
+        elif copy or self._fd is not None:
+            data = self._read_bytes(start, self.frame_size) if self._fd is not None else self._mm[
+                start : start + self.frame_size
+            ]  # one memcpy into a new bytes object
         else:
-            data = buf[start : start + self.frame_size].toreadonly()
-        if _U64.unpack_from(buf, base)[0] != s1:
+            data = self._buf[start : start + self.frame_size].toreadonly()
+        if self._u64(base) != s1:
             return None  # torn: the writer came back to this slot during the copy
         return RingFrame(n, timestamp_ns, data)
 
@@ -501,24 +614,24 @@ class FrameRing:
             self._dropped += n - 1 - self._cursor
             self._cursor = n - 1
             if not self._observer:
-                _U64.pack_into(self._buf, OFF_DROPPED, self._dropped)
+                self._set_u64(OFF_DROPPED, self._dropped)
 
     def _consumed(self, n: int) -> None:
         self._cursor = n
         if not self._observer:
-            _U64.pack_into(self._buf, OFF_READ_COUNT, n)
-            _U64.pack_into(self._buf, OFF_CONSUMER_HB, time.monotonic_ns())
+            self._set_u64(OFF_READ_COUNT, n)
+            self._set_u64(OFF_CONSUMER_HB, time.monotonic_ns())
 
     def _beat_consumer(self) -> None:
         if not self._observer:
-            _U64.pack_into(self._buf, OFF_CONSUMER_HB, time.monotonic_ns())
+            self._set_u64(OFF_CONSUMER_HB, time.monotonic_ns())
 
     # ------------------------------------------------------------------ counters
 
     @property
     def written(self) -> int:
         """Frames published so far (the newest frame's sequence number)."""
-        return _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0]
+        return self._u64(OFF_WRITE_COUNT)
 
     @property
     def read(self) -> int:
@@ -537,52 +650,83 @@ class FrameRing:
 
     def header_counters(self) -> tuple[int, int, int]:
         """(write_count, read_count, dropped) as stored in the header, whoever wrote them."""
-        return (
-            _U64.unpack_from(self._buf, OFF_WRITE_COUNT)[0],
-            _U64.unpack_from(self._buf, OFF_READ_COUNT)[0],
-            _U64.unpack_from(self._buf, OFF_DROPPED)[0],
-        )
+        return _COUNTERS.unpack(self._read_bytes(OFF_WRITE_COUNT, _COUNTERS.size))
 
     # ------------------------------------------------------------------ control block
 
     def control(self) -> ControlBlock:
         """A snapshot of the control block (each field is one aligned word: no seqlock needed)."""
         self._check_open()
-        buf = self._buf
+        flags, closed, producer_hb, consumer_hb = _CONTROL.unpack(self._read_bytes(OFF_FLAGS, _CONTROL.size))
         return ControlBlock(
-            flags=_U32.unpack_from(buf, OFF_FLAGS)[0],
-            closed=bool(_U32.unpack_from(buf, OFF_CLOSED)[0]),
-            producer_heartbeat_ns=_U64.unpack_from(buf, OFF_PRODUCER_HB)[0],
-            consumer_heartbeat_ns=_U64.unpack_from(buf, OFF_CONSUMER_HB)[0],
+            flags=flags, closed=bool(closed), producer_heartbeat_ns=producer_hb, consumer_heartbeat_ns=consumer_hb
         )
 
     @property
     def flags(self) -> int:
-        return _U32.unpack_from(self._buf, OFF_FLAGS)[0]
+        return self._u32(OFF_FLAGS)
 
     @flags.setter
     def flags(self, value: int) -> None:
-        _U32.pack_into(self._buf, OFF_FLAGS, value & 0xFFFFFFFF)
+        self._set_u32(OFF_FLAGS, value & 0xFFFFFFFF)
 
     def beat(self, role: str) -> None:
         """Record a sign of life for ``role`` ("producer" or "consumer") without moving a frame."""
         if role not in ("producer", "consumer"):
             raise ValueError(f"role must be 'producer' or 'consumer', got {role!r}")
-        _U64.pack_into(self._buf, OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB, time.monotonic_ns())
+        self._set_u64(OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB, time.monotonic_ns())
 
     def heartbeat_age_s(self, role: str) -> float:
         """Seconds since ``role``'s last sign of life (inf if it never showed one)."""
-        offset = OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB
-        stamp = _U64.unpack_from(self._buf, offset)[0]
+        stamp = self._u64(OFF_PRODUCER_HB if role == "producer" else OFF_CONSUMER_HB)
         return math.inf if stamp == 0 else max(0.0, (time.monotonic_ns() - stamp) / 1e9)
 
     @property
     def closed_flag(self) -> bool:
         """True once either side called ``mark_closed``: the session is over, let go of the ring."""
-        return bool(_U32.unpack_from(self._buf, OFF_CLOSED)[0])
+        return bool(self._u32(OFF_CLOSED))
 
     def mark_closed(self) -> None:
-        _U32.pack_into(self._buf, OFF_CLOSED, 1)
+        self._set_u32(OFF_CLOSED, 1)
+
+    # ------------------------------------------------------------------ integrity (safe mode)
+
+    def verify(self) -> None:
+        """Raise :class:`RingError` naming the fault when the ring's file was truncated, deleted or replaced
+        (:meth:`verify_file`) or its header no longer describes this ring (:meth:`verify_header`). Safe mode only:
+        it reads through the descriptor."""
+        self.verify_file()
+        self.verify_header()
+
+    def verify_file(self) -> None:
+        """The ring's name still points at this ring's file, and the file still has its size (safe mode)."""
+        self._check_open()
+        if self._fd is None:
+            raise RingError(f"ring {self.name!r}: verify() needs a ring created or opened with safe=True")
+        self._check_size()
+        path = ring_path(self.name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise RingError(
+                f"ring {self.name!r} was deleted from {os.path.dirname(path)} while in use: another process removed "
+                "it (only the daemon unlinks rings); open a new session"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise RingError(f"ring {self.name!r} at {path} was replaced by another file while in use; open a new session")
+
+    def verify_header(self) -> None:
+        """The header still passes every check and still describes this ring (safe mode)."""
+        self._check_open()
+        if self._fd is None:
+            raise RingError(f"ring {self.name!r}: verify() needs a ring created or opened with safe=True")
+        header = self._read_bytes(0, HEADER_SIZE)
+        _validate_header(self.name, header, self._file_size())
+        geometry = _STATIC.unpack_from(header, 0)[3:]
+        expected = (self.width, self.height, PIXEL_FORMATS[self.pixel_format].code, self.stride, self.slots,
+                    self.creator_pid, self.slot_size, self.frame_size)  # fmt: skip
+        if geometry != expected:
+            raise RingError(f"ring {self.name!r} is corrupt: its header changed from {expected} to {geometry}")
 
     # ------------------------------------------------------------------ teardown
 
@@ -601,15 +745,24 @@ class FrameRing:
         except BufferError:
             # A copy=False frame is still held somewhere; the mapping goes when it is garbage collected.
             pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def unlink(self) -> None:
-        """Remove the ring's name (``/dev/shm/<name>``); mapped views stay valid until closed. Windows frees a
-        named mapping when its last handle closes, so there this only closes."""
+        """Remove the ring's name (``/dev/shm/<name>``); mapped views stay valid until closed. In safe mode a name
+        that now points at another file is left alone (it is not this ring). Windows frees a named mapping when
+        its last handle closes, so there this only closes."""
         if _IS_WINDOWS:
             self.close()
             return
+        path = ring_path(self.name)
         try:
-            os.unlink(ring_path(self.name))
+            if self._identity is not None:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) != self._identity:
+                    return
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
@@ -620,12 +773,37 @@ class FrameRing:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"written={self.written} read={self._cursor} dropped={self._dropped}"
+        state = "closed" if self._closed else f"written={self._written} read={self._cursor} dropped={self._dropped}"
         return f"FrameRing({self.name!r}, {self.width}x{self.height} {self.pixel_format}, slots={self.slots}, {state})"
 
     def _check_open(self) -> None:
         if self._closed:
             raise RingError(f"ring {self.name!r} is closed")
+
+
+def _allocate(fd: int, size: int, name: str, directory: str) -> None:
+    """Give the ring's file real memory now (tmpfs files are sparse: a page that cannot be found on first touch
+    is a SIGBUS). A folder too small for it is a RingError naming the folder and the fix."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # macOS: write the zeros (no posix_fallocate in os there)
+            chunk = bytes(1 << 20)
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk[: min(len(chunk), size - offset)], offset)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        try:
+            vfs = os.statvfs(directory)
+            room = f"{vfs.f_bavail * vfs.f_frsize / 2**20:.1f} MiB free of {vfs.f_blocks * vfs.f_frsize / 2**20:.0f} MiB"
+        except OSError:
+            room = "its free space unknown"
+        raise RingError(
+            f"the ring folder {directory} cannot hold ring {name!r} ({size / 2**20:.1f} MiB; {room}): give it more "
+            "room (Docker: docker run --shm-size=1g), set SDLIVE_SHM_DIR to a larger tmpfs, or open a smaller or "
+            "slower session (fewer pixels, --ring-slots)"
+        ) from None
 
 
 def _validate_header(name: str, header: bytes, size: int | None) -> int:

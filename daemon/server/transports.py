@@ -86,7 +86,12 @@ class FrameTransport(Protocol):
 
 
 class ShmTransport:
-    """Two shared-memory rings (``ring.py``): the client writes the input ring, the daemon writes the output ring."""
+    """Two shared-memory rings (``ring.py``): the client writes the input ring, the daemon writes the output ring.
+
+    The daemon opens both ``safe=True``: it touches their memory only through ``pread``/``pwrite``, so a client
+    that truncates, deletes or scribbles over a ring makes that session close with a clear reason (``take``,
+    ``deliver`` and the periodic ``check`` raise), never a SIGBUS that would take every session down.
+    """
 
     kind: Literal["shm", "net"] = "shm"
 
@@ -99,11 +104,12 @@ class ShmTransport:
     def create(cls, session_id: str, *, width: int, height: int, pixel_format: str, slots: int) -> ShmTransport:
         """Create the session's rings (raises RingError / OSError)."""
         in_ring = FrameRing.create(
-            ring_name(session_id, "in"), width=width, height=height, pixel_format=pixel_format, slots=slots
+            ring_name(session_id, "in"), width=width, height=height, pixel_format=pixel_format, slots=slots, safe=True
         )
         try:
             out_ring = FrameRing.create(
-                ring_name(session_id, "out"), width=width, height=height, pixel_format=pixel_format, slots=slots
+                ring_name(session_id, "out"), width=width, height=height, pixel_format=pixel_format, slots=slots,
+                safe=True,
             )
         except BaseException:
             in_ring.unlink()
@@ -131,7 +137,7 @@ class ShmTransport:
     def has_input(self) -> bool:
         try:
             return self.in_ring.pending > 0
-        except (RingError, ValueError):
+        except (RingError, ValueError, OSError):
             return True  # let take() report it
 
     def polled(self) -> bool:
@@ -144,29 +150,25 @@ class ShmTransport:
             raise TransportError(f"output ring unusable: {exc}") from exc
 
     def check(self) -> None:
-        """The headers are re-validated by opening each ring afresh (``FrameRing.open`` checks magic, version,
-        geometry and sizes) and comparing with ours; counters that went backwards are corruption too."""
+        """Each ring's file must still be the one the daemon made, at its size, with its header intact
+        (``FrameRing.verify``); counters that went backwards are corruption too."""
         for ring, direction in ((self.in_ring, "input"), (self.out_ring, "output")):
             try:
-                probe = FrameRing.open(ring.name, observer=True)
+                ring.verify_file()
+            except (RingError, OSError) as exc:
+                raise SessionClosed(f"{direction} ring unusable: {exc}", "internal") from exc
+            try:
+                ring.verify_header()
+                written = ring.written
+                closed = ring.closed_flag
             except (RingError, OSError) as exc:
                 raise SessionClosed(f"{direction} ring header is corrupt: {exc}", "internal") from exc
-            try:
-                geometry = (probe.width, probe.height, probe.pixel_format, probe.slots, probe.frame_size)
-                expected = (ring.width, ring.height, ring.pixel_format, ring.slots, ring.frame_size)
-                written = probe.written
-            finally:
-                probe.close()
-            if geometry != expected:
-                raise SessionClosed(
-                    f"{direction} ring header is corrupt: geometry changed from {expected} to {geometry}", "internal"
-                )
             if direction == "input" and written < ring.read:
                 raise SessionClosed(
                     f"input ring header is corrupt: write_count {written} went below frames already read {ring.read}",
                     "internal",
                 )
-            if ring.closed_flag:
+            if closed:
                 raise SessionClosed("the client closed the session in the ring")
 
     def ring_names(self) -> tuple[str | None, str | None]:
@@ -175,7 +177,7 @@ class ShmTransport:
     def client_heartbeat_ns(self) -> int:
         try:
             return max(self.in_ring.control().producer_heartbeat_ns, self.out_ring.control().consumer_heartbeat_ns)
-        except (RingError, ValueError):
+        except (RingError, ValueError, OSError):
             return 0
 
     def dropped_in(self) -> int:
@@ -184,7 +186,7 @@ class ShmTransport:
     def dropped_out(self) -> int:
         try:
             return self.out_ring.header_counters()[2]
-        except (RingError, ValueError):
+        except (RingError, ValueError, OSError):
             return 0
 
     def close(self) -> None:
@@ -225,16 +227,20 @@ def sweep_stale_rings(*, min_age_s: float = 10.0) -> list[str]:
                 continue
             pid: int | None
             try:
-                ring = FrameRing.open(name, observer=True)
+                ring = FrameRing.open(name, observer=True, safe=True)  # another process's file: never mapped loads
             except RingError:
                 if now - st.st_mtime < min_age_s:
                     continue
                 pid = None
             else:
                 pid = ring.creator_pid
-                # A creator in another PID namespace looks dead from here: its rings still show life.
-                quiet = min(ring.heartbeat_age_s("producer"), ring.heartbeat_age_s("consumer")) > min_age_s
-                ring.close()
+                try:
+                    # A creator in another PID namespace looks dead from here: its rings still show life.
+                    quiet = min(ring.heartbeat_age_s("producer"), ring.heartbeat_age_s("consumer")) > min_age_s
+                except RingError:
+                    quiet = now - st.st_mtime >= min_age_s  # shrank since it was opened: judge it by its age
+                finally:
+                    ring.close()
                 if not quiet:
                     continue
             if pid == os.getpid() or (pid is not None and _pid_alive(pid)):

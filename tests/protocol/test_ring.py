@@ -8,6 +8,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import signal
 import stat
 import struct
 import subprocess
@@ -525,3 +526,152 @@ def test_read_into_a_shaped_out_buffer(tmp_path):
     finally:
         ring.close()
         ring.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- faults (issue 13)
+
+SIGBUS_CHILD = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+    spec = importlib.util.spec_from_file_location("ring_by_path", sys.argv[1])
+    ring_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ring_mod)
+    name, mode = sys.argv[2], sys.argv[3]
+    ring = ring_mod.FrameRing.create(name, width=64, height=64, pixel_format="bgra", slots=2, safe=mode == "safe")
+    reader = ring_mod.FrameRing.open(name, safe=mode == "safe")
+    ring.write(bytes(ring.frame_size), timestamp_ns=1)
+    os.truncate(ring_mod.ring_path(name), 0)  # another process shrinks the file under both mappings
+    faults = []
+    for what, call in (("write", lambda: ring.write(bytes(ring.frame_size))), ("read_next", reader.read_next),
+                       ("read_latest", reader.read_latest), ("control", ring.control), ("written", lambda: ring.written),
+                       ("verify", ring.verify)):
+        try:
+            call()
+            faults.append(what + ": no error")
+        except ring_mod.RingError as exc:
+            faults.append(what + ": " + str(exc))
+    ring.unlink()
+    print("\\n".join(faults))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tmpfs files under /dev/shm")
+def test_a_truncated_ring_kills_a_mapped_reader_with_sigbus_but_a_safe_one_gets_ring_errors(name):
+    """The hazard is real (a mapped load of a vanished page is SIGBUS), and safe mode (the daemon's) survives it:
+    every access names the truncation instead."""
+    mapped = subprocess.run([sys.executable, "-I", "-c", SIGBUS_CHILD, str(RING_FILE), name, "mapped"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert mapped.returncode == -signal.SIGBUS, (mapped.returncode, mapped.stderr)
+    try:
+        os.unlink(ring_path(name))
+    except FileNotFoundError:
+        pass
+    safe = subprocess.run([sys.executable, "-I", "-c", SIGBUS_CHILD, str(RING_FILE), name, "safe"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert safe.returncode == 0, safe.stderr
+    lines = safe.stdout.splitlines()
+    assert len(lines) == 6 and all("was truncated to 0 bytes, it needs" in line for line in lines), lines
+
+
+@pytest.mark.skipif(not POSIX, reason="files in the ring folder")
+def test_rings_are_allocated_for_real_at_creation(name):
+    ring = FrameRing.create(name, width=320, height=240, pixel_format="bgra", slots=4, safe=True)
+    try:
+        st = os.stat(ring_path(name))
+        assert st.st_size == ring.total_size
+        assert st.st_blocks * 512 >= ring.total_size, "the ring file is sparse: its first touch could be a SIGBUS"
+    finally:
+        ring.unlink()
+        ring.close()
+
+
+@pytest.fixture
+def small_ring_folder(tmp_path, monkeypatch):
+    """An 8 MiB tmpfs as the ring folder, like Docker's small /dev/shm (root only: it mounts one)."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    monkeypatch.setenv("SDLIVE_SHM_DIR", str(folder))
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_ring_folder_too_small_fails_creation_naming_the_folder_and_the_fix(small_ring_folder):
+    fits = FrameRing.create("sdlive-test-fits", width=640, height=360, pixel_format="bgra", slots=4, safe=True)
+    try:
+        with pytest.raises(RingError) as err:  # 1280x720 bgra x 4 slots = 14 MiB > what is left of 8 MiB
+            FrameRing.create("sdlive-test-toobig", width=1280, height=720, pixel_format="bgra", slots=4, safe=True)
+        message = str(err.value)
+        assert str(small_ring_folder) in message and "--shm-size" in message and "SDLIVE_SHM_DIR" in message
+        assert "MiB free" in message
+        assert sorted(os.listdir(small_ring_folder)) == ["sdlive-test-fits"], "a failed ring must leave no file"
+        fits.write(bytes(fits.frame_size), timestamp_ns=1)  # the ring that fit is whole: no SIGBUS on its pages
+    finally:
+        fits.unlink()
+        fits.close()
+
+
+@pytest.mark.skipif(not POSIX, reason="files in the ring folder")
+def test_verify_names_a_deleted_a_replaced_and_a_scribbled_ring(name):
+    ring = FrameRing.create(name, width=8, height=4, slots=2, safe=True)
+    try:
+        ring.verify()
+        os.unlink(ring_path(name))
+        with pytest.raises(RingError, match="was deleted from"):
+            ring.verify()
+        Path(ring_path(name)).write_bytes(b"\0" * ring.total_size)
+        with pytest.raises(RingError, match="replaced by another file"):
+            ring.verify()
+        ring.unlink()
+        assert Path(ring_path(name)).exists(), "unlink must not remove a file that is not this ring"
+        os.unlink(ring_path(name))
+    finally:
+        ring.close()
+    ring = FrameRing.create(name, width=8, height=4, slots=2, safe=True)
+    try:
+        with open(ring_path(name), "r+b") as fh:
+            fh.seek(16)
+            fh.write(struct.pack("<I", 9))  # width 8 -> 9: the header no longer describes this ring
+        with pytest.raises(RingError, match="stride"):
+            ring.verify_header()
+    finally:
+        ring.unlink()
+        ring.close()
+
+
+def test_a_write_count_no_producer_could_reach_is_corruption(pair):
+    producer, consumer = pair
+    producer.write(frame(8, 4, 4, 1), timestamp_ns=1)
+    struct.pack_into("<Q", producer._buf, 56, 2**40)
+    with pytest.raises(RingError, match="write_count jumped from 0 to"):
+        consumer.read_next()
+
+
+def test_a_safe_ring_moves_frames_like_a_mapped_one(name):
+    producer = FrameRing.create(name, width=8, height=4, slots=4, safe=True)
+    consumer = FrameRing.open(name, safe=True)
+    mapped = FrameRing.open(name, observer=True)
+    try:
+        for i in range(6):
+            producer.write(frame(8, 4, 4, i), timestamp_ns=100 + i)
+        got = consumer.read_next()
+        assert (got.seq, got.timestamp_ns, bytes(got.data)) == (3, 102, frame(8, 4, 4, 2)) and consumer.dropped == 2
+        out = bytearray(8 * 4 * 4)
+        assert consumer.read_latest(out=out).seq == 6 and bytes(out) == frame(8, 4, 4, 5)
+        assert consumer.header_counters() == (6, 6, 4) == mapped.header_counters()
+        consumer.beat("consumer")
+        assert mapped.control().consumer_heartbeat_ns == consumer.control().consumer_heartbeat_ns > 0
+        with pytest.raises(RingError, match="safe=True"):
+            consumer.pixels_address(6)
+    finally:
+        mapped.close()
+        consumer.close()
+        producer.unlink()
+        producer.close()
