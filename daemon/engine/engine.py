@@ -97,10 +97,10 @@ class StreamEngine:
         change on the spec's (``{"num_kv_cache": 8}``; ``None`` values keep the default), validated before
         anything loads (``ValueError``). ``base_only=True`` accepts a base Wan transformer when no
         StreamDiffusionV2 generator is found (otherwise a ``CheckpointError``).
-        ``compat``: ``"upstream"`` (default) reproduces two quirks of upstream StreamDiffusionV2 that its distilled
-        weights were tuned and evaluated with (the adaptive sink check also runs while the KV cache fills; the
-        decoder's input latent is rounded to bf16); ``"clean"`` runs sdlive's own rules (the sink check only on a
-        full cache; float32 latents into the decoder). Validated before anything loads (``ValueError``), with the
+        ``compat``: ``"upstream"`` (default) reproduces upstream StreamDiffusionV2's behaviour, quirks included, that
+        its distilled weights were tuned and evaluated with (its KV-cache bookkeeping and sink checks, its
+        stream-batch warm-up, its bf16 decoder input: ``configs.check_compat``); ``"clean"`` runs sdlive's own rules.
+        Validated before anything loads (``ValueError``), with the
         cache settings too (``"upstream"`` needs ``num_kv_cache >= 4``: ``configs.check_compat_policy``).
         """
         from ..model.bundle import load_model_bundle

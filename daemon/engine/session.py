@@ -47,7 +47,7 @@ class _InFlight:
 
     latent: torch.Tensor  # x_t at `step`, [1, 16, F, h, w]
     step: int
-    first_index: int
+    first_index: int | None  # None: a warm-up filler (compat="upstream"), never decoded
 
 
 class _Denoised(NamedTuple):
@@ -320,6 +320,7 @@ class StreamSession:
         """All steps of one chunk back to back on the batch-1 cache (no-batch mode and the first chunk)."""
         if self._seq_cache is None:
             self._seq_cache = self._new_cache(batch_size=1)
+            self._seq_cache.steps_per_chunk = len(steps)
         seq_cache = self._seq_cache
         x = noisy
         x0 = noisy
@@ -346,23 +347,33 @@ class StreamSession:
         cross: CrossAttentionCache,
         first_index: int,
     ) -> list[_Denoised]:
-        """One batched forward: slot 0 takes the new chunk, slot i the chunk that is at step i."""
+        """One batched forward: slot 0 takes the new chunk, slot i the chunk that is at step i.
+
+        While the pipeline fills (fewer chunks than slots), ``compat="upstream"`` runs every slot as upstream does,
+        the empty ones on a filler (zeros at first, as upstream's zeroed hidden states, then what the filler became),
+        uncommitted so that the real chunk rewrites the same cache frames next call; their sink checks count, as
+        upstream's do. ``"clean"`` runs only the occupied slots, so the empty slots' caches stay untouched.
+        """
         n = len(steps)
         if n == 1:
             return [_Denoised(self._denoise_sequential(noisy, first_step, steps, cross), first_index)]
         slots = [_InFlight(noisy, 0, first_index), *self._inflight]
-        k = len(slots)  # < n while the pipeline fills: empty slots are not run, so their caches stay clean
+        if self.engine.compat == "upstream":
+            slots += [_InFlight(torch.zeros_like(noisy), i, None) for i in range(len(slots), n)]
+        k = len(slots)
         x = torch.cat([s.latent for s in slots], dim=0)
         labels = [first_step] + [steps[s.step] for s in slots[1:]]
         t = torch.tensor(labels, device=self._device, dtype=torch.float32)
+        real = [s.first_index is not None for s in slots]
         with self._level_caches().subset(0, k) as cache:
-            flow = self.engine.transformer.forward_stream(x, t, cross, cache, commit=True)
+            flow = self.engine.transformer.forward_stream(x, t, cross, cache, commit=True if all(real) else real)
         x0 = flow_to_x0(x, flow.to(x.dtype), labels)
         finished: list[_Denoised] = []
         inflight: list[_InFlight] = []
         for i, slot in enumerate(slots):
             if i == n - 1:
-                finished.append(_Denoised(x0[i : i + 1], slot.first_index))
+                if slot.first_index is not None:
+                    finished.append(_Denoised(x0[i : i + 1], slot.first_index))
             else:
                 renoised = add_noise(x0[i : i + 1], self._noise(tuple(x0[i : i + 1].shape)), [steps[i + 1]])
                 inflight.append(_InFlight(renoised, i + 1, slot.first_index))
@@ -375,6 +386,8 @@ class StreamSession:
         out: list[OutputFrame] = []
         steps = timesteps_for(self._cache_steps) if self._cache_steps else ()
         for chunk in reversed(self._inflight):
+            if chunk.first_index is None:
+                continue  # a filler: the real chunks behind it rewrite its cache frames on their way through
             x, j = chunk.latent, chunk.step
             while True:
                 t = torch.tensor([steps[j]], device=self._device, dtype=torch.float32)
@@ -396,7 +409,9 @@ class StreamSession:
             return
         base = self._seq_cache
         if self._batch_cache is not None:
-            base = self._batch_cache.select(self._batch_cache.batch_size - 1)  # the most denoised level
+            # upstream's SLO fallback keeps slot 0's cache (its auto mode slices [:1]); clean the most denoised level
+            level = 0 if self.engine.compat == "upstream" else self._batch_cache.batch_size - 1
+            base = self._batch_cache.select(level)
         if base is None:
             raise RuntimeError("a session that ran a chunk has a KV cache")
         n = self._params.steps
@@ -404,6 +419,7 @@ class StreamSession:
             self._batch_cache, self._seq_cache = base.repeat(n), None
         else:
             self._batch_cache, self._seq_cache = None, base
+            base.steps_per_chunk = n
         self._cache_steps = n
 
     def _decode(self, x0: torch.Tensor, first_index: int) -> list[OutputFrame]:

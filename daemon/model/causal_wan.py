@@ -399,8 +399,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             `torch.Tensor` of shape `(batch_size, out_channels, num_frames, height, width)`, float32.
 
         Runs without autograd (the cache is written in place). Host syncs: none, except the adaptive sink refresh
-        decision (one small read per block, once per chunk; with ``compat="clean"`` only in the cache's full
-        phase; see ``KVCache``).
+        decision (one small read per block; ``compat="upstream"``: on every call, as upstream; ``"clean"``: once
+        per chunk, in the cache's full phase only; see ``KVCache``).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config["patch_size"]

@@ -117,14 +117,18 @@ def check_compat(value: object) -> Compat:
     generators (``wan_causal_dmd_v2v``, ``…_14b``) were tuned and evaluated with upstream's behaviour, so its output
     is what they are known to give:
 
-    * the adaptive sink check also runs while the KV cache is still filling: a sink frame that is still empty has
-      similarity 0, below the threshold, so it is queued and overwritten by the first full-cache write (``KVCache``);
-    * the ring of non-sink frames registers each slot one chunk ahead, which after the 2-frame first chunk skips
-      frame slots 1 and 2: non-sinks among them (``num_sink <= 2``) are never overwritten (``KVCache.commit``; this
-      needs ``num_kv_cache >= 4``, :func:`check_compat_policy`);
-    * the decoder's input latent is rounded to bf16, even in an fp32 run, before un-normalising (``StreamingVAE``).
+    * the KV cache's bookkeeping is upstream's own (``KVCache``): the adaptive sink check runs on every write (the
+      fill phase, no-batch mode's repeated steps and stream-batch warm-up fillers included, in the cache dtype); a
+      sink frame that is still empty has similarity 0, so it is queued and overwritten by the first full-cache
+      write; the ring registers each slot one chunk ahead, which after the 2-frame first chunk skips frame slots 1
+      and 2 (non-sinks among them, ``num_sink <= 2``, are never overwritten; this needs ``num_kv_cache >= 4``,
+      :func:`check_compat_policy`); a batch-1 cache's full-phase writes pop the queue every ``steps`` writes;
+    * the stream batch runs every slot from its first call, the empty ones on zeroed fillers (``StreamSession``);
+    * the decoder's input latent is rounded to bf16, even in an fp32 run, and un-normalised as z / (1/std) + mean
+      (``StreamingVAE.unnormalize``).
 
-    ``"clean"`` is sdlive's own rule: the sink check only once the cache is full, and fp32 latents into the decoder.
+    ``"clean"`` is sdlive's own rule: one sink decision per chunk and only once the cache is full, every non-sink
+    frame in the round robin, only occupied stream-batch slots run, fp32 latents into the decoder (z·std+mean).
     See "Where sdlive differs from upstream" in ``docs/architecture.md``.
     """
     if isinstance(value, str) and value in COMPAT_MODES:

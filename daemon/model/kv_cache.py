@@ -12,49 +12,47 @@ Life of one chunk of ``F`` latent frames (``F`` = 2 for the first chunk, 1 after
 2. For every block, :meth:`KVCache.write` decides where the chunk's frames go, writes its keys/values there and
    returns the keys/values to attend over: the valid cache frames, which now include the chunk itself
    (attention over [cache ∪ chunk], no mask inside the chunk).
-
-   * **Fill phase** (fewer than ``num_kv_cache`` frames cached): append.
-   * **Full phase**: the new frame overwrites the oldest non-sink frame (round-robin over the non-sink slots);
-     sink slots never rotate out, except by the **adaptive sink refresh**: when a single new frame arrives, for each
-     sink frame ``j``: ``avg_j = (cos(mean K_sink_j, mean K_new) + cos(mean V_sink_j, mean V_new)) / 2`` (means over
-     the frame's tokens, cosine over heads·head_dim); if ``min_j avg_j < sink_threshold`` the new frame replaces the
-     least similar sink instead, and the round-robin order of the non-sink slots is left as it was.
-
-   When the check runs depends on ``compat`` (:func:`~.configs.check_compat`):
-
-   * ``"upstream"`` (default, = StreamDiffusionV2's ``CausalWanSelfAttention``): on **every** single-frame write,
-     the fill phase included, where a sink frame not written yet counts as a zero vector (similarity 0). A sink
-     chosen by the check is put at the front of a per-block, per-slot queue (upstream's ``evict_idx.insert(0, …)``);
-     a single-frame write into a full cache takes the front of that queue if there is one, else the oldest non-sink
-     frame. So with the defaults (6 frames, 3 sinks, threshold 0.2; chunk 0 fills frames 0–1) chunk 1 finds sink
-     frame 2 empty, queues it and writes it (fill); chunks 2–4 fill frames 3–5; chunk 5, the first full-cache
-     write, overwrites sink frame 2 again; chunks 6, 7, 8, 9 … then overwrite 3, 4, 5, 3 … The round robin is
-     upstream's too: each fill write registers the slot one chunk ahead, so after the 2-frame first chunk slots 1
-     and 2 never join it (with 3 sinks they are sinks anyway; with fewer they are never overwritten).
-   * ``"clean"``: only in the full phase (a fill-phase sink is never chosen for being still empty); chunk 5 then
-     overwrites frame 3.
-
-3. :meth:`KVCache.commit` ends the chunk: the slot's frame count and position advance and the ring rotates.
-   Without a commit, the next call for the same slot rewrites **the same** frame slots (no-batch mode runs the
-   ``n`` denoising steps of one chunk on one cache and rotates only after the last step). Once the position reaches
+3. :meth:`KVCache.commit` ends the forward: slots flagged True advance their position (the chunk is done); the
+   others keep it, so the next write is the same chunk again (no-batch mode runs the ``n`` denoising steps of one
+   chunk on one cache; a stream-batch slot without a real chunk yet runs a filler). Once a position reaches
    ``rope_refresh_frames`` it is reset to ``num_kv_cache - 1`` (**RoPE refresh**, upstream's ``t_refresh``).
+
+The cache fills (append), then each new frame overwrites an old non-sink frame in round robin; sink frames stay,
+except by the **adaptive sink refresh**: when a single new frame arrives, for each sink frame ``j``:
+``avg_j = (cos(mean K_sink_j, mean K_new) + cos(mean V_sink_j, mean V_new)) / 2`` (means over the frame's tokens,
+cosine over heads·head_dim); if ``min_j avg_j < sink_threshold`` the new frame replaces the least similar sink. How
+exactly is the ``compat`` setting (:func:`~.configs.check_compat`):
+
+* ``"upstream"`` (default): StreamDiffusionV2's ``CausalWanSelfAttention.forward`` bookkeeping, ported as it is
+  (the distilled weights were tuned with it). Per block and slot one queue of frame-slot ends (upstream's
+  ``evict_idx``) and per slot its ``local_end``/``global_end``; on **every** write:
+
+  - the sink check (in the cache dtype: bf16 on GPU), the fill phase and repeated writes of a chunk included; a
+    sink not written yet counts as zeros (similarity 0); a chosen sink goes to the queue's front;
+  - fill phase (``local_end`` below the cache size): write at ``local_end + end − global_end`` (a repeat of the
+    same chunk: the same frames) and register the slot one chunk ahead on the queue's tail (so after the 2-frame
+    first chunk frame slots 1 and 2 never join the round robin: with fewer than 3 sinks they are never evicted);
+  - full phase: write the frames ending at the queue's front; pop it (a non-sink slot goes back to the tail), except
+    that a batch-1 cache pops only every ``steps_per_chunk``-th write (upstream's ``current_step`` counter, so the
+    ``n`` steps of a no-batch chunk aim at one slot; the counter runs across chunks as upstream's does).
+
+  With the defaults (6 frames, 3 sinks, threshold 0.2; chunk 0 fills frames 0–1) chunk 1 finds sink frame 2 empty,
+  queues it and fills it; chunks 2–4 fill frames 3–5; chunk 5, the first full-cache write, overwrites sink frame 2
+  again; chunks 6, 7, 8, 9 … overwrite 3, 4, 5, 3 …
+* ``"clean"``: sdlive's own rule. The check runs once per chunk, on its first write, and only once the cache is full;
+  the chosen sink or the oldest non-sink frame is overwritten, and every write of the chunk in flight goes there
+  (decided once per chunk; a chunk's repeats never move). Chunk 5 then overwrites frame 3.
 
 Design choices (see also ``docs/architecture.md``):
 
-* All bookkeeping is host ints (per slot; the ring order per block and slot). The only device→host read in the hot
-  path is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's
-  own keys/values), **once per chunk** and slot: on the first ``write`` after a commit, with a single new frame and
-  the refresh enabled (with ``compat="clean"`` only in the full phase). The decisions of all slots of a block are
-  read back together (one small ``.tolist()`` per block). The decision is then remembered until the commit, so the
-  uncommitted repeats of a chunk (no-batch mode) write the same slot.
-  Upstream re-evaluates it at every step of such a chunk; that we do not reproduce (its first step's decision is
-  the one kept, which is upstream's whenever the later steps' checks do not trigger).
+* All bookkeeping is host ints (per slot; the queues per block and slot). The only device→host read in the hot path
+  is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's own
+  keys/values); the decisions of all slots of a block are read back together (one small ``.tolist()`` per block).
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
   ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
   mask, so every attention backend works, flash-attn included). ``commit`` takes one flag per slot, and
-  :meth:`KVCache.subset` runs part of the slots on shared storage, so a slot holding no real chunk yet
-  (stream-batch warm-up) is never written or advanced.
+  :meth:`KVCache.subset` runs part of the slots on shared storage.
 """
 
 from __future__ import annotations
@@ -112,8 +110,10 @@ class KVCache(PerBlockKV):
             (:class:`~.configs.CachePolicy`, validated there); its fields are also attributes of the cache.
         device: where the tensors live.
         dtype: tensor dtype (the transformer's dtype: bf16 on CUDA, fp32 on CPU).
-        compat: ``"upstream"`` (default): the sink check also runs in the fill phase, as upstream's does (the
-            distilled weights were tuned with it); ``"clean"``: only once the cache is full (module docstring).
+        compat: ``"upstream"`` (default): upstream's bookkeeping, quirks included (the distilled weights were tuned
+            with it); ``"clean"``: sdlive's own rule (module docstring).
+        steps_per_chunk: denoising steps per chunk of a batch-1 cache in no-batch mode (upstream's
+            ``total_steps``: its full-phase writes pop the queue only every that many writes); also an attribute.
     """
 
     def __init__(
@@ -128,6 +128,7 @@ class KVCache(PerBlockKV):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         compat: Compat = DEFAULT_COMPAT,
+        steps_per_chunk: int = 1,
     ) -> None:
         if num_layers < 1 or batch_size < 1 or tokens_per_frame < 1 or num_heads < 1 or head_dim < 1:
             raise ValueError(
@@ -145,6 +146,9 @@ class KVCache(PerBlockKV):
         self.num_sink = policy.num_sink
         self.sink_threshold = float(policy.sink_threshold)
         self.rope_refresh_frames = policy.rope_refresh_frames
+        self.steps_per_chunk = steps_per_chunk
+        # The batch upstream's attention would see (its ``cache_bs``): a subset of a stream batch is still one.
+        self._upstream_batch = batch_size
 
         shape = (batch_size, self.num_kv_cache * tokens_per_frame, num_heads, head_dim)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -154,21 +158,35 @@ class KVCache(PerBlockKV):
         """Per block: values, same shape as :attr:`key`."""
         self.reset()
 
+    @property
+    def steps_per_chunk(self) -> int:
+        return self._steps_per_chunk
+
+    @steps_per_chunk.setter
+    def steps_per_chunk(self, steps: int) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps_per_chunk must be a positive int, got {steps!r}")
+        self._steps_per_chunk = steps
+        self._countdown = steps  # upstream's current_step, restarted
+
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
         """Forget every cached frame; positions restart at 0. The tensors are kept (stale data is never read)."""
-        self._num_frames: list[int] = [0] * self.batch_size
-        self._position: list[int] = [0] * self.batch_size
-        # Non-sink frame slots per block and batch slot, oldest first: the round-robin eviction order.
-        self._ring: list[list[list[int]]] = [[[] for _ in range(self.batch_size)] for _ in range(self.num_layers)]
-        # Frame slots chosen for the uncommitted chunk, per block and batch slot (None: nothing in flight).
-        self._pending: list[list[list[int] | None]] = [[None] * self.batch_size for _ in range(self.num_layers)]
-        self._pending_frames: list[int | None] = [None] * self.batch_size
-        # compat="upstream": sink frames the sink check chose, not overwritten yet (front first), per block and slot;
-        # and that queue as the uncommitted chunk leaves it (None: unchanged).
-        self._sink_queue: list[list[list[int]]] = [[[] for _ in range(self.batch_size)] for _ in range(self.num_layers)]
-        self._pending_queue: list[list[list[int] | None]] = [[None] * self.batch_size for _ in range(self.num_layers)]
+        n, layers = self.batch_size, self.num_layers
+        self._num_frames: list[int] = [0] * n  # frames held (upstream: its local_end, in frames)
+        self._position: list[int] = [0] * n
+        self._pending_frames: list[int | None] = [None] * n  # frames of the chunk in flight per slot (None: none)
+        self._layers_written = [False] * layers  # by the forward in flight
+        # clean: non-sink frame slots, oldest first (the round robin). upstream: its evict_idx, frame-slot *ends*.
+        self._queue: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(layers)]
+        # clean: the chunk in flight's decision per block and slot, kept until its commit.
+        self._decided: list[list[list[int] | None]] = [[None] * n for _ in range(layers)]
+        # upstream: per slot its global_end (frames), and both ends as the forward in flight leaves them.
+        self._global_end: list[int] = [0] * n
+        self._ends_after: list[tuple[int, int] | None] = [None] * n
+        self._countdown = self._steps_per_chunk
+        self._countdown_after: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -183,21 +201,25 @@ class KVCache(PerBlockKV):
         return list(self._position)
 
     def num_cached_frames(self, b: int) -> int:
-        """Committed frames held by slot ``b`` (at most ``num_kv_cache``)."""
+        """Frames held by slot ``b`` (at most ``num_kv_cache``)."""
         return self._num_frames[b]
 
     def ring_order(self, layer: int, b: int) -> list[int]:
-        """Non-sink frame slots of block ``layer``, slot ``b``, oldest first (the next one overwritten first).
+        """Non-sink frame slots of block ``layer``, slot ``b``, in the order they will be overwritten.
 
         With ``compat="upstream"`` the fill phase registers each slot one chunk ahead, as upstream does (so it may
         name a slot not written yet, and frame slots 1 and 2 are never in it)."""
-        return list(self._ring[layer][b])
+        if self.compat == "clean":
+            return list(self._queue[layer][b])
+        return [end - 1 for end in self._queue[layer][b] if end > self.num_sink]
 
     def sink_queue(self, layer: int, b: int) -> list[int]:
         """Sink frame slots of block ``layer``, slot ``b`` that the sink check chose and that are still to be
         overwritten, the next first (``compat="upstream"``: fill-phase choices wait for the cache to be full;
-        always empty with ``"clean"``)."""
-        return list(self._sink_queue[layer][b])
+        always empty with ``"clean"``, which overwrites a chosen sink at once)."""
+        if self.compat == "clean":
+            return []
+        return [end - 1 for end in self._queue[layer][b] if end <= self.num_sink]
 
     def frame_tokens(self, frame_slot: int) -> slice:
         """Token range of frame slot ``frame_slot`` inside :attr:`key` / :attr:`value`."""
@@ -206,18 +228,20 @@ class KVCache(PerBlockKV):
 
     # ------------------------------------------------------------------ copies
 
+    _PER_SLOT = ("_num_frames", "_position", "_pending_frames", "_global_end", "_ends_after")
+    _PER_BLOCK_SLOT = ("_queue", "_decided")
+
     def _copy_with(self, key: list[torch.Tensor], value: list[torch.Tensor], slots: Sequence[int]) -> KVCache:
         new = object.__new__(KVCache)
         new.__dict__.update(self.__dict__)
         new.batch_size = len(slots)
         new.key, new.value = key, value
-        new._num_frames = [self._num_frames[i] for i in slots]
-        new._position = [self._position[i] for i in slots]
-        new._ring = [[list(ring[i]) for i in slots] for ring in self._ring]
-        new._pending = [[None] * len(slots) for _ in range(self.num_layers)]
-        new._pending_frames = [None] * len(slots)
-        new._sink_queue = [[list(queue[i]) for i in slots] for queue in self._sink_queue]
-        new._pending_queue = [[None] * len(slots) for _ in range(self.num_layers)]
+        new._layers_written = [False] * self.num_layers
+        for name in self._PER_SLOT:
+            values = getattr(self, name)
+            setattr(new, name, [values[i] for i in slots])
+        for name in self._PER_BLOCK_SLOT:
+            setattr(new, name, [[_copy(per_slot[i]) for i in slots] for per_slot in getattr(self, name)])
         return new
 
     def _check_no_pending(self, what: str) -> None:
@@ -233,7 +257,9 @@ class KVCache(PerBlockKV):
         self._check_no_pending("repeat")
         key = [k.repeat(n, 1, 1, 1) for k in self.key]
         value = [v.repeat(n, 1, 1, 1) for v in self.value]
-        return self._copy_with(key, value, [0] * n)
+        new = self._copy_with(key, value, [0] * n)
+        new._upstream_batch = n
+        return new
 
     def select(self, i: int) -> KVCache:
         """A new batch-1 cache holding a copy of slot ``i`` (no-batch mode)."""
@@ -242,16 +268,17 @@ class KVCache(PerBlockKV):
         self._check_no_pending("select from")
         key = [k[i : i + 1].clone() for k in self.key]
         value = [v[i : i + 1].clone() for v in self.value]
-        return self._copy_with(key, value, [i])
+        new = self._copy_with(key, value, [i])
+        new._upstream_batch = 1
+        return new
 
     @contextmanager
     def subset(self, start: int, stop: int) -> Iterator[KVCache]:
         """Slots ``[start, stop)`` as a cache of their own that shares this cache's tensors.
 
-        Writes land in this cache's storage and the bookkeeping (frame counts, positions, ring order, a chunk in
-        flight) is copied back on exit. The stream batch runs the pipeline's filling calls (fewer chunks than slots)
-        and its drain (one slot at a time) this way, without copying a tensor and without writing anything into
-        the slots that hold no chunk.
+        Writes land in this cache's storage and the bookkeeping (frame counts, positions, queues, a chunk in flight)
+        is copied back on exit. The stream batch runs the pipeline's drain (one slot at a time) and, with
+        ``compat="clean"``, its filling calls (fewer chunks than slots) this way, without copying a tensor.
         """
         if not 0 <= start < stop <= self.batch_size:
             raise IndexError(f"slots [{start}, {stop}) out of range for a cache of {self.batch_size} slots")
@@ -260,23 +287,16 @@ class KVCache(PerBlockKV):
             return
         slots = range(start, stop)
         view = self._copy_with([k[start:stop] for k in self.key], [v[start:stop] for v in self.value], slots)
-        for j, b in enumerate(slots):
-            view._pending_frames[j] = self._pending_frames[b]
-            for layer in range(self.num_layers):
-                view._pending[layer][j] = self._pending[layer][b]
-                view._pending_queue[layer][j] = self._pending_queue[layer][b]
         try:
             yield view
         finally:
             for j, b in enumerate(slots):
-                self._num_frames[b] = view._num_frames[j]
-                self._position[b] = view._position[j]
-                self._pending_frames[b] = view._pending_frames[j]
-                for layer in range(self.num_layers):
-                    self._ring[layer][b] = view._ring[layer][j]
-                    self._pending[layer][b] = view._pending[layer][j]
-                    self._sink_queue[layer][b] = view._sink_queue[layer][j]
-                    self._pending_queue[layer][b] = view._pending_queue[layer][j]
+                for name in self._PER_SLOT:
+                    getattr(self, name)[b] = getattr(view, name)[j]
+                for name in self._PER_BLOCK_SLOT:
+                    for mine, theirs in zip(getattr(self, name), getattr(view, name), strict=True):
+                        mine[b] = theirs[j]
+            self._countdown, self._countdown_after = view._countdown, view._countdown_after
 
     # ------------------------------------------------------------------ one chunk
 
@@ -294,24 +314,6 @@ class KVCache(PerBlockKV):
             )
         return num_frames
 
-    def _plan(self, layer: int, b: int, num_frames: int) -> list[int]:
-        """Frame slots for a new chunk of ``num_frames`` frames in slot ``b`` (without the sink refresh)."""
-        cached, ring = self._num_frames[b], self._ring[layer][b]
-        targets: list[int] = []
-        overflow = 0
-        for f in range(num_frames):
-            if cached + f < self.num_kv_cache:
-                targets.append(cached + f)
-            else:
-                # Frames appended by this same chunk join the ring's tail after the ones already there.
-                candidates = ring + [s for s in targets if s >= self.num_sink]
-                if overflow >= len(candidates):
-                    check_compat_policy(self.compat, self.policy)  # the known case, with its own message
-                    raise RuntimeError(f"no non-sink frame slot left to overwrite in {self!r}")
-                targets.append(candidates[overflow])
-                overflow += 1
-        return targets
-
     def _sink_refresh(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> list[int]:
         """Per slot in ``slots``: the least similar sink frame if its similarity is below the threshold, else -1.
 
@@ -319,12 +321,14 @@ class KVCache(PerBlockKV):
         """
         t, s = self.tokens_per_frame, self.num_sink
         index = torch.tensor(slots, device=key.device) if len(slots) != self.batch_size else None
+        # upstream takes the means and cosines in the cache dtype (bf16 on GPU); clean in float32.
+        dtype = self.key[layer].dtype if self.compat == "upstream" else torch.float32
 
         def mean_cos(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             sinks = cache[:, : s * t] if index is None else cache.index_select(0, index)[:, : s * t]
             new = new if index is None else new.index_select(0, index)
-            sink_mean = sinks.unflatten(1, (s, t)).float().mean(2).flatten(2)  # [n, S, heads*head_dim]
-            new_mean = new.float().mean(1).flatten(1)  # [n, heads*head_dim]
+            sink_mean = sinks.unflatten(1, (s, t)).to(dtype).mean(2).flatten(2)  # [n, S, heads*head_dim]
+            new_mean = new.to(dtype).mean(1).flatten(1)  # [n, heads*head_dim]
             return F.cosine_similarity(sink_mean, new_mean[:, None], dim=-1)  # [n, S]
 
         avg = (mean_cos(self.key[layer], key) + mean_cos(self.value[layer], value)) / 2
@@ -337,6 +341,71 @@ class KVCache(PerBlockKV):
         choice = torch.where(min_sim < self.sink_threshold, least_similar, torch.full_like(least_similar, -1))
         # The one device->host read of the hot path: which sink (if any) each slot refreshes, for this block.
         return choice.tolist()
+
+    def _checks_sinks(self, num_frames: int) -> bool:
+        return num_frames == 1 and self.num_sink > 0 and self.sink_threshold > -1.0
+
+    def _plan_upstream(self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> list[list[int]]:
+        """``compat="upstream"``: the frame slots of this write per slot, by upstream's rules (module docstring);
+        updates the block's queues at once and leaves the slots' ends and the countdown for :meth:`commit`."""
+        size, sinks = self.num_kv_cache, self.num_sink
+        queues = self._queue[layer]
+        if self._checks_sinks(num_frames):
+            for b, sink in enumerate(self._sink_refresh(layer, list(range(self.batch_size)), key, value)):
+                if sink >= 0:
+                    queues[b].insert(0, sink + 1)
+        targets: list[list[int]] = []
+        countdown = self._countdown
+        for b in range(self.batch_size):
+            queue, local_end = queues[b], self._num_frames[b]
+            end = self._position[b] + num_frames
+            if end > size or local_end >= size:
+                if not queue:
+                    check_compat_policy(self.compat, self.policy)  # the known case, with its own message
+                    raise RuntimeError(f"no frame slot left to overwrite in {self!r}")
+                target_end = queue[0]
+                if self._upstream_batch == 1 and self._countdown > 1:
+                    countdown = self._countdown - 1  # a no-batch chunk's earlier step: the same slot next time
+                else:
+                    popped = queue.pop(0)
+                    if popped > sinks:
+                        queue.append(popped)
+                    countdown = self._steps_per_chunk
+                new_local_end = size
+            else:
+                new_local_end = local_end + end - self._global_end[b]
+                target_end = new_local_end
+                registered = end + num_frames  # upstream's rolling_end: the slot one chunk ahead
+                if sinks < registered <= size and (not queue or queue[-1] != registered):
+                    queue.append(registered)
+            targets.append(list(range(target_end - num_frames, target_end)))
+            self._ends_after[b] = (new_local_end, end)
+        self._countdown_after = countdown
+        return targets
+
+    def _plan_clean(self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> list[list[int]]:
+        """``compat="clean"``: the frame slots of the chunk in flight per slot, decided on its first write."""
+        decided = self._decided[layer]
+        fresh = [b for b in range(self.batch_size) if decided[b] is None]
+        for b in fresh:
+            cached, ring = self._num_frames[b], self._queue[layer][b]
+            planned: list[int] = []
+            for f in range(num_frames):
+                if cached + f < self.num_kv_cache:
+                    planned.append(cached + f)
+                else:
+                    # Frames appended by this same chunk join the ring's tail after the ones already there.
+                    candidates = ring + [s for s in planned if s >= self.num_sink]
+                    if f - (self.num_kv_cache - cached) >= len(candidates):
+                        raise RuntimeError(f"no non-sink frame slot left to overwrite in {self!r}")
+                    planned.append(candidates[f - (self.num_kv_cache - cached)])
+            decided[b] = planned
+        checked = [b for b in fresh if self._num_frames[b] == self.num_kv_cache]
+        if checked and self._checks_sinks(num_frames):
+            for b, sink in zip(checked, self._sink_refresh(layer, checked, key, value), strict=True):
+                if sink >= 0:
+                    decided[b] = [sink]
+        return [list(d) for d in decided if d is not None]
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> CacheWindow:
         """Store a chunk's keys/values for block ``layer`` and return what the chunk attends to.
@@ -360,36 +429,17 @@ class KVCache(PerBlockKV):
                 raise ValueError(
                     f"slot {b} has an uncommitted chunk of {in_flight} frames; got one of {num_frames} frames"
                 )
-
-        # 1. Frame slots per batch slot: reuse an uncommitted decision, otherwise plan (fill / round-robin).
-        pending = self._pending[layer]
-        targets: list[list[int]] = []
-        fresh: list[int] = []
-        for b in range(batch_size):
-            planned = pending[b]
-            if planned is None:
-                planned = pending[b] = self._plan(layer, b, num_frames)
-                fresh.append(b)
-            targets.append(planned)
-        # 2. Adaptive sink refresh: a single new frame into a full cache may replace the least similar sink.
-        if fresh and num_frames == 1 and self.num_sink > 0 and self.sink_threshold > -1.0:
-            upstream = self.compat == "upstream"
-            checked = [b for b in fresh if upstream or self._num_frames[b] == self.num_kv_cache]
-            if checked:
-                for b, sink in zip(checked, self._sink_refresh(layer, checked, key, value), strict=True):
-                    if not upstream:
-                        if sink >= 0:
-                            pending[b] = targets[b] = [sink]
-                        continue
-                    # upstream: the choice joins the queue's front; a write into a full cache takes the front.
-                    queue = ([sink] if sink >= 0 else []) + self._sink_queue[layer][b]
-                    if queue and self._num_frames[b] == self.num_kv_cache:
-                        pending[b] = targets[b] = [queue.pop(0)]
-                    self._pending_queue[layer][b] = queue
+        if self.compat == "upstream":
+            targets = self._plan_upstream(layer, key, value, num_frames)
+            valid = [ends[0] for ends in self._ends_after if ends is not None]
+        else:
+            targets = self._plan_clean(layer, key, value, num_frames)
+            valid = [min(self.num_kv_cache, n + num_frames) for n in self._num_frames]
+        self._layers_written[layer] = True
         for b in range(batch_size):
             self._pending_frames[b] = num_frames
 
-        # 3. Write the chunk: one slice copy per frame when every slot uses the same frame slots.
+        # Write the chunk: one slice copy per frame when every slot uses the same frame slots.
         cache_k, cache_v, t = self.key[layer], self.value[layer], self.tokens_per_frame
         key, value = key.to(cache_k.dtype), value.to(cache_v.dtype)
         if all(p == targets[0] for p in targets):
@@ -402,57 +452,51 @@ class KVCache(PerBlockKV):
                     cache_k[b, slot * t : (slot + 1) * t] = key[b, f * t : (f + 1) * t]
                     cache_v[b, slot * t : (slot + 1) * t] = value[b, f * t : (f + 1) * t]
 
-        # 4. Attend over the valid frames (fill phase: a prefix of the buffer).
-        valid = [min(self.num_kv_cache, n + num_frames) for n in self._num_frames]
+        # Attend over the valid frames (fill phase: a prefix of the buffer).
         longest = max(valid)
         lengths = None if min(valid) == longest else [v * t for v in valid]
         return CacheWindow(cache_k[:, : longest * t], cache_v[:, : longest * t], lengths)
 
     def commit(self, slots: bool | Sequence[bool] = True) -> None:
-        """End the chunk in flight for the slots flagged True: count its frames, advance the position (with the
-        RoPE refresh) and rotate the ring. Slots flagged False keep their chunk in flight: the next ``write``
-        rewrites the same frame slots."""
+        """End the forward in flight. Slots flagged True end their chunk: their position advances (with the RoPE
+        refresh), and with ``compat="clean"`` the frame count and the ring. Slots flagged False keep their chunk in
+        flight: the next ``write`` is the same chunk again (``"clean"``: the same frame slots; ``"upstream"``: where
+        upstream's bookkeeping puts a repeat)."""
         flags = [bool(slots)] * self.batch_size if isinstance(slots, bool) else [bool(s) for s in slots]
         if len(flags) != self.batch_size:
             raise ValueError(f"commit() got {len(flags)} flags for {self.batch_size} slots")
+        if any(self._pending_frames) and any(self._layers_written) and not all(self._layers_written):
+            missing = self._layers_written.index(False)
+            raise RuntimeError(f"block {missing} never wrote the chunk in flight; cannot commit")
+        upstream = self.compat == "upstream"
+        if upstream:
+            for b, ends in enumerate(self._ends_after):
+                if ends is not None:
+                    self._num_frames[b], self._global_end[b] = ends
+                    self._ends_after[b] = None
+            if self._countdown_after is not None:
+                self._countdown, self._countdown_after = self._countdown_after, None
         for b, flag in enumerate(flags):
             num_frames = self._pending_frames[b]
             if not flag or num_frames is None:
                 continue
-            cached = self._num_frames[b]
-            # compat="upstream", fill phase: upstream's ring (evict_idx) gets the slot *after* the chunk, as if the
-            # next chunk were as long as this one (rolling_end = current_end + chunk length), if it is a non-sink
-            # slot and not the ring's newest already. That skips frame slots 1 and 2 (the 2-frame first chunk's
-            # second frame, the next chunk's): upstream never evicts those that are not sinks (num_sink <= 2). With
-            # 3 sinks the full ring is the same as sdlive's own.
-            upstream_fill = self.compat == "upstream" and cached + num_frames <= self.num_kv_cache
-            registered = cached + 2 * num_frames  # the end of the slot upstream registers, in frames
-            for layer in range(self.num_layers):
-                targets = self._pending[layer][b]
-                if targets is None:
-                    raise RuntimeError(f"block {layer} never wrote the chunk of slot {b}; cannot commit")
-                ring = self._ring[layer][b]
-                if upstream_fill:
-                    if self.num_sink < registered <= self.num_kv_cache and (not ring or ring[-1] != registered - 1):
-                        ring.append(registered - 1)
-                else:
-                    for slot in targets:
+            if not upstream:
+                for layer in range(self.num_layers):
+                    ring = self._queue[layer][b]
+                    for slot in self._decided[layer][b] or ():
                         if slot < self.num_sink:
                             continue  # fill of a sink frame, or a sink refresh: the ring is unchanged
                         if slot in ring:
                             ring.remove(slot)  # overwritten: it becomes the newest non-sink frame
                         ring.append(slot)
-                self._pending[layer][b] = None
-                queue = self._pending_queue[layer][b]
-                if queue is not None:
-                    self._sink_queue[layer][b] = queue
-                    self._pending_queue[layer][b] = None
+                    self._decided[layer][b] = None
+                self._num_frames[b] = min(self.num_kv_cache, self._num_frames[b] + num_frames)
             self._pending_frames[b] = None
-            self._num_frames[b] = min(self.num_kv_cache, self._num_frames[b] + num_frames)
             position = self._position[b] + num_frames
             if self.rope_refresh_frames and position >= self.rope_refresh_frames:
                 position = self.num_kv_cache - 1
             self._position[b] = position
+        self._layers_written = [False] * self.num_layers
 
     def __repr__(self) -> str:
         return (
@@ -461,3 +505,7 @@ class KVCache(PerBlockKV):
             f"{self.head_dim}, dtype={self.dtype}, compat={self.compat}, positions={self._position}, "
             f"cached={self._num_frames})"
         )
+
+
+def _copy(value: list[int] | None) -> list[int] | None:
+    return None if value is None else list(value)

@@ -113,9 +113,9 @@ class StreamingVAE:
     ``normalize_latents=False`` reproduces StreamDiffusionV2: ``encode`` returns the raw latent mean μ, while
     ``decode`` always applies z·std+mean first (DESIGN §3, upstream quirk). ``True`` returns (μ−mean)/std.
 
-    ``compat="upstream"`` (default) rounds ``decode``'s input latents to bf16 before z·std+mean, whatever the run's
-    dtype, as upstream's ``stream_decode_to_pixel`` does (the distilled weights were tuned with it: see
-    :func:`~.configs.check_compat`); ``"clean"`` un-normalises the float32 latents as given.
+    ``compat="upstream"`` (default) un-normalises ``decode``'s input latents as upstream's ``stream_decode_to_pixel``
+    does, rounded to bf16 whatever the run's dtype (the distilled weights were tuned with it: see
+    :func:`~.configs.check_compat` and :meth:`unnormalize`); ``"clean"`` un-normalises the float32 latents as given.
     """
 
     def __init__(
@@ -186,11 +186,20 @@ class StreamingVAE:
         return self.vae.encoder(x, feat_cache=self._enc_feat_map, feat_idx=[0])
 
     # ----------------------------------------------------------------- decode
+    def unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoder's input from the DiT's latents: ``"clean"`` z·std+mean in float32; ``"upstream"`` as
+        upstream's ``stream_decode_to_pixel`` does it: z rounded to bf16, then z / (1/std) + mean with the scale in
+        the latents' dtype and torch's type promotion (float32 in an fp32 run, bf16 in a bf16 one)."""
+        if self.compat == "upstream":
+            inverse_std = 1.0 / self._std.to(latents.dtype)
+            return latents.to(torch.bfloat16) / inverse_std + self._mean.to(latents.dtype)
+        return latents.to(torch.float32) * self._std + self._mean
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, 16, F, h, w] latents → [B, 3, T, 8h, 8w] pixels in [-1, 1] (float32).
 
-        Applies z·std+mean first (in float32; with ``compat="upstream"`` on the latents rounded to bf16). The first
+        Un-normalises first (:meth:`unnormalize`). The first
         latent after ``reset`` gives 1 frame, every later latent 4.
         """
         if latents.ndim != 5 or latents.shape[1] != self._z_dim:
@@ -199,10 +208,7 @@ class StreamingVAE:
             )
         if latents.shape[2] == 0:
             raise ValueError("streaming VAE decode needs at least one latent frame")
-        z = latents.to(device=self.device)
-        if self.compat == "upstream":
-            z = z.to(torch.bfloat16)  # upstream: zs.to(torch.bfloat16), then un-normalised in float32
-        z = z.to(torch.float32) * self._std + self._mean
+        z = self.unnormalize(latents.to(device=self.device))
         x = self.vae.post_quant_conv(z.to(self.dtype))
         outs = []
         for i in range(x.shape[2]):

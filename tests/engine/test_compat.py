@@ -113,3 +113,42 @@ def test_upstream_with_a_three_frame_cache_fails_before_loading(monkeypatch):
     monkeypatch.setattr(bundle, "load_model_bundle", lambda *a, **k: pytest.fail("loaded despite a bad setting"))
     with pytest.raises(ValueError, match="compat='upstream'.*num_kv_cache >= 4"):
         StreamEngine.load("tiny", device="cpu", cache_policy={"num_kv_cache": 3, "num_sink": 1})
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_upstream_stream_batch_runs_every_slot_from_the_first_call(engines, steps):
+    """Upstream runs all ``steps`` slots of the stream batch from its first call, the slots without a real chunk on
+    zeroed hidden states: their KV caches take a filler frame at frame slot 2 and their sink check sees sink frame 2
+    empty and queues it. sdlive does the same uncommitted (position unchanged: the real chunk rewrites that frame
+    next call) with ``compat="upstream"``; ``"clean"`` leaves those slots alone. Both give every frame once."""
+    for compat, engine in engines.items():
+        session = engine.open_session(width=W, height=H, params=params(steps=steps, stream_batch=True))
+        frames = iter(clip(FRAMES))
+        out = []
+        for _ in range(5):  # chunk 0: all steps on one cache, then one copy per step level
+            out += session.push(next(frames))
+        cache = session._batch_cache
+        assert cache is not None and cache.batch_size == steps
+        t, layers = cache.tokens_per_frame, range(cache.num_layers)
+        before = [cache.key[layer].clone() for layer in layers]
+        for _ in range(4):  # chunk 1: the first stream-batch call
+            out += session.push(next(frames))
+        assert cache.frame_position(0) == 3
+        for b in range(1, steps):
+            wrote = [not cache.key[layer][b, 2 * t : 3 * t].equal(before[layer][b, 2 * t : 3 * t]) for layer in layers]
+            assert all(wrote) if compat == "upstream" else not any(wrote), (compat, b)
+            assert cache.frame_position(b) == 2
+            queued = [2 in cache.sink_queue(layer, b) for layer in layers]
+            assert all(queued) if compat == "upstream" else not any(queued)
+        out += [f for frame in frames for f in session.push(frame)] + session.flush()
+        assert [f.index for f in out] == list(range(FRAMES))  # no filler ever decoded
+
+
+def test_no_batch_cache_counts_the_steps_as_upstreams_current_step(engines):
+    session = engines["upstream"].open_session(width=W, height=H, params=params(steps=3, stream_batch=False))
+    for frame in clip(9):
+        session.push(frame)
+    assert session._seq_cache is not None and session._seq_cache.steps_per_chunk == 3
+    session.set_params(steps=2)
+    session.push(clip(1)[0])
+    assert session._seq_cache.steps_per_chunk == 2

@@ -198,12 +198,13 @@ def test_streaming_past_eviction_equals_sink_plus_window_mask(model, reference):
 
 
 def test_uncommitted_steps_rewrite_the_same_cache_frames(model):
+    """``compat="clean"``'s rule (upstream's repeats follow its own bookkeeping: ``test_kv_cache_compat.py``)."""
     x, ctx = latents(4, seed=7), text()
     cross = model.cross_attention_cache(ctx)
     t0, t1 = torch.tensor([700.0]), torch.tensor([500.0])
-    committed = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS)
+    committed = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS, compat="clean")
     model.forward_stream(x[:, :, :2], t0, cross, committed)
-    repeated = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS)
+    repeated = model.new_kv_cache(batch_size=1, tokens_per_frame=TOKENS, compat="clean")
     model.forward_stream(x[:, :, :2], t0, cross, repeated)
 
     # No-batch mode: step 1 and step 2 of chunk 2 on one cache, commit after the last.

@@ -85,7 +85,9 @@ def test_full_phase_overwrites_non_sinks_round_robin_and_keeps_sinks():
 
 
 def test_two_frame_chunk_into_almost_full_cache_appends_then_evicts_oldest_non_sink():
-    cache = make_cache()
+    # clean: a 2-frame chunk into a full cache never comes in a stream; upstream's rule would write both frames
+    # ending at its queue's front.
+    cache = make_cache(compat="clean")
     push(cache, tagged(0, 1))
     for fid in (2, 3, 4):
         push(cache, tagged(fid))
@@ -190,7 +192,8 @@ def test_rope_refresh_zero_disables_reset():
 
 
 def test_uncommitted_chunk_rewrites_the_same_slot():
-    cache = make_cache()
+    # clean's rule; upstream's repeats follow its step counter (test_kv_cache_compat.py).
+    cache = make_cache(compat="clean")
     push(cache, tagged(0, 1))
     push(cache, tagged(2), commit=False)  # fill phase
     push(cache, tagged(20), commit=False)
@@ -227,7 +230,8 @@ def test_chunk_size_change_while_uncommitted_is_an_error():
 
 
 def test_per_slot_commit_and_positions_give_per_slot_lengths():
-    cache = make_cache(batch_size=2)
+    # clean: an uncommitted frame is not counted; upstream counts what it wrote (its local_end).
+    cache = make_cache(batch_size=2, compat="clean")
     push(cache, tagged(0, 1, batch=2))
     push(cache, tagged(2, batch=2), commit=[True, False])
     assert cache.frame_positions() == [3, 2] and [cache.num_cached_frames(b) for b in (0, 1)] == [3, 2]

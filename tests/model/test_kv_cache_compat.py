@@ -70,12 +70,16 @@ CLEAN_TRACE = [([0, 1], []), ([2], []), ([3], []), ([4], []), ([5], []),
                ([3], []), ([4], []), ([5], []), ([3], []), ([4], [])]  # fmt: skip
 
 
-@pytest.mark.parametrize("steps", [1, 2], ids=["stream-batch-slot", "no-batch-2-steps"])
-@pytest.mark.parametrize(("compat", "trace"), [("upstream", UPSTREAM_TRACE), ("clean", CLEAN_TRACE)])
+@pytest.mark.parametrize(
+    ("compat", "trace", "steps"),
+    [("upstream", UPSTREAM_TRACE, 1), ("clean", CLEAN_TRACE, 1), ("clean", CLEAN_TRACE, 2)],
+    ids=["upstream", "clean", "clean-no-batch-2-steps"],
+)
 def test_eviction_order_chunk_by_chunk(compat, trace, steps):
     """Which frame slot each chunk writes and when the empty sink frame 2 is queued (upstream: chunk 1) and overwritten
-    (upstream: chunk 5, the first full-cache write), in both modes. With 2 steps per chunk (no-batch mode) the check
-    runs once, on the chunk's first write, and its repeats rewrite the same slot."""
+    (upstream: chunk 5, the first full-cache write), in both modes. Clean with 2 steps per chunk (no-batch mode): the
+    check runs once, on the chunk's first write, and its repeats rewrite the same slot (upstream's repeats: next
+    test)."""
     cache = make_cache(compat)
     expected: list[int | None] = [None] * 6
     for chunk, (written, queue) in enumerate(trace):
@@ -91,6 +95,39 @@ def test_eviction_order_chunk_by_chunk(compat, trace, steps):
     # more (it spent no write on a sink).
     assert cache.ring_order(0, 0) == ([4, 5, 3] if compat == "upstream" else [5, 3, 4])
     assert slot_ids(cache)[2] == (150 if compat == "upstream" else 110)  # the third sink: chunk 5's frame or chunk 1's
+
+
+# Upstream, no-batch mode with 2 steps per chunk (each step writes the same chunk again; the frames never fire the
+# check except on the empty sink 2). Its batch-1 ``current_step`` counter starts at 2. Chunks 0-3 as with 1 step
+# (the repeats of a fill write land on the same slot: local_end + end - global_end is unchanged). Chunk 4: step 0 fills
+# frame 5, which makes local_end the cache size, so step 1 is a full-phase write: evict[0] = sink 2 gets it, and the
+# counter (2 > 1) drops to 1 without a pop. From then on the counter is one write out of step: each chunk's step 0 pops
+# (chunk 5: sink 2, not re-appended; chunk 6: 3, re-appended …) and its step 1 goes to the next slot in the queue,
+# which the next chunk's step 0 overwrites. Per chunk: the frame tag of every slot after the chunk.
+UPSTREAM_NO_BATCH_2_STEPS = [
+    [100, 101, None, None, None, None],
+    [100, 101, 110, None, None, None],
+    [100, 101, 110, 120, None, None],
+    [100, 101, 110, 120, 130, None],
+    [100, 101, 140, 120, 130, 140],
+    [100, 101, 150, 150, 130, 140],
+    [100, 101, 150, 160, 160, 140],
+    [100, 101, 150, 160, 170, 170],
+    [100, 101, 150, 180, 170, 180],
+    [100, 101, 150, 190, 190, 180],
+]
+
+
+def test_upstream_no_batch_repeats_follow_upstreams_step_counter_chunk_by_chunk():
+    cache = make_cache("upstream")
+    cache.steps_per_chunk = 2
+    for chunk, expected in enumerate(UPSTREAM_NO_BATCH_2_STEPS):
+        ids = [100, 101] if chunk == 0 else [100 + chunk * 10]
+        push(cache, frames(*ids), steps=2)
+        for layer in range(cache.num_layers):
+            assert slot_ids(cache, layer) == expected, (chunk, layer)
+        assert cache.sink_queue(0, 0) == ([2] if 1 <= chunk <= 4 else []), chunk
+    assert cache.ring_order(0, 0) == [4, 5, 3]
 
 
 def test_upstream_queues_every_fill_phase_choice_and_serves_them_front_first():
@@ -304,3 +341,147 @@ def test_upstream_mode_equals_a_port_of_upstreams_code_chunk_by_chunk(policy):
         refreshed += was_full and not torch.equal(cache.key[0][:, :sinks], sinks_before)
     if policy.num_sink and policy.sink_threshold > -1:  # both phases' checks were exercised
         assert queued and refreshed, (queued, refreshed)
+
+
+class UpstreamCachePort:
+    """A line-by-line port of upstream's whole cache bookkeeping (``CausalWanSelfAttention.forward`` at c5a0f20) for a
+    batch of slots: the per-slot loop, the sink check on every call (the cache dtype's precision), ``evict_idx`` per
+    slot (copied from slot 0 when the batch grows, as upstream's ``len(self.evict_idx) < cache_bs`` branch does), and
+    the batch-1 ``current_step`` counter that makes no-batch mode's repeated steps pop only at the last step."""
+
+    def __init__(self, policy: CachePolicy, total_steps: int, dtype: torch.dtype = torch.float32) -> None:
+        self.policy, self.total_steps = policy, total_steps
+        self.k = torch.zeros(1, policy.num_kv_cache * T, H, D, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.global_end, self.local_end = [0], [0]
+        self.current_step = total_steps
+        self.evict_idx: list[list[int]] = [[]]
+
+    def repeat(self, n: int) -> None:
+        """``prepare``'s end: the caches and their end indices repeated to the stream batch."""
+        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
+        self.global_end, self.local_end = self.global_end * n, self.local_end * n
+
+    def forward(self, key: torch.Tensor, value: torch.Tensor, starts: list[int]) -> None:
+        kv_cache_size, sink_size, frame_seqlen = self.k.shape[1], self.policy.num_sink, T
+        self.fired = 0  # sink checks that chose a sink in this call (test bookkeeping, not upstream's)
+        cache_bs = self.k.shape[0]
+        if len(self.evict_idx) < cache_bs:
+            self.evict_idx = [self.evict_idx[0].copy() for _ in range(cache_bs)]
+        for i, c_start in enumerate(starts):
+            num_new_tokens = key.shape[1]
+            current_end = c_start + num_new_tokens
+            sink_tokens = sink_size * frame_seqlen
+            if sink_tokens > 0 and self.policy.sink_threshold > -1 and value.shape[1] <= frame_seqlen:
+                k_sink_mean = self.k[i : i + 1, :sink_tokens].reshape(sink_size, frame_seqlen, -1).mean(1)
+                k_new_mean = key[i : i + 1].reshape(1, frame_seqlen, -1).mean(1)
+                k_cos_sim = torch.cosine_similarity(k_sink_mean, k_new_mean, dim=-1)
+                v_sink_mean = self.v[i : i + 1, :sink_tokens].reshape(sink_size, frame_seqlen, -1).mean(1)
+                v_new_mean = value[i : i + 1].reshape(1, frame_seqlen, -1).mean(1)
+                v_cos_sim = torch.cosine_similarity(v_sink_mean, v_new_mean, dim=-1)
+                avg_cos_sim = (k_cos_sim + v_cos_sim) / 2
+                if avg_cos_sim.min() < self.policy.sink_threshold:
+                    self.evict_idx[i].insert(0, (torch.argmin(avg_cos_sim).item() + 1) * frame_seqlen)
+                    self.fired += 1
+            if current_end > kv_cache_size or self.local_end[i] >= kv_cache_size:
+                self.global_end[i], self.local_end[i] = c_start, kv_cache_size
+                target_end = self.evict_idx[i][0]
+                if cache_bs == 1 and self.current_step > 1:
+                    self.current_step -= 1
+                else:
+                    popped = self.evict_idx[i].pop(0)
+                    if popped > sink_tokens:
+                        self.evict_idx[i].append(popped)
+                    self.current_step = self.total_steps
+                self.k[i : i + 1, target_end - num_new_tokens : target_end] = key[i : i + 1]
+                self.v[i : i + 1, target_end - num_new_tokens : target_end] = value[i : i + 1]
+                local_end = self.local_end[i]
+            else:
+                local_end = self.local_end[i] + current_end - self.global_end[i]
+                rolling_end = current_end + num_new_tokens
+                if sink_tokens < rolling_end <= kv_cache_size and (
+                    not self.evict_idx[i] or self.evict_idx[i][-1] != rolling_end
+                ):
+                    self.evict_idx[i].append(rolling_end)
+                self.k[i : i + 1, local_end - num_new_tokens : local_end] = key[i : i + 1]
+                self.v[i : i + 1, local_end - num_new_tokens : local_end] = value[i : i + 1]
+            self.global_end[i], self.local_end[i] = current_end, local_end
+
+
+PORT_POLICIES = [
+    CachePolicy(),
+    CachePolicy(sink_threshold=0.5),
+    CachePolicy(num_kv_cache=5, num_sink=2),
+    CachePolicy(num_kv_cache=8, num_sink=1, sink_threshold=0.0),
+]
+PORT_IDS = ["default", "threshold-0.5", "5-frames-2-sinks", "8-frames-1-sink"]
+
+
+def spread(g: torch.Generator, batch: int, num_frames: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random keys in a shared half-space: cosines over about [-0.3, 1], so the sink check fires now and then."""
+    return (torch.randn(batch, num_frames * T, H, D, generator=g) + 0.3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("steps", [2, 3])
+@pytest.mark.parametrize("policy", PORT_POLICIES, ids=PORT_IDS)
+def test_upstream_no_batch_repeated_steps_equal_the_port_write_by_write(policy, steps, dtype):
+    """No-batch mode: each chunk's ``steps`` writes carry different keys (each step's own), and upstream checks the
+    sinks at every one of them, its batch-1 ``current_step`` counter aiming every step at ``evict_idx[0]`` and popping
+    at the last: the cache after every single write is the port's, bitwise, in fp32 and in bf16 (the check's
+    precision is the cache dtype's, as upstream's)."""
+    g = torch.Generator().manual_seed(1)
+    port = UpstreamCachePort(policy, total_steps=steps, dtype=dtype)
+    cache = KVCache(
+        num_layers=1, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D, policy=policy,
+        compat="upstream", dtype=dtype, steps_per_chunk=steps,
+    )  # fmt: skip
+    start = 0
+    fired_on_a_repeat = 0
+    for chunk in range(24):
+        num_frames = 2 if chunk == 0 else 1
+        for step in range(steps):
+            key, value = spread(g, 1, num_frames, dtype), spread(g, 1, num_frames, dtype)
+            port.forward(key, value, [start * T])
+            cache.write(0, key, value)
+            cache.commit(step == steps - 1)
+            assert torch.equal(cache.key[0], port.k) and torch.equal(cache.value[0], port.v), (chunk, step)
+            fired_on_a_repeat += step > 0 and port.fired > 0
+        start += num_frames
+    assert fired_on_a_repeat  # the later steps' own checks were exercised
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4])
+@pytest.mark.parametrize("policy", PORT_POLICIES, ids=PORT_IDS)
+def test_upstream_stream_batch_with_warm_up_fillers_equals_the_port_call_by_call(policy, steps):
+    """Stream batch as upstream runs it: ``prepare`` fills a batch-1 cache with the 2-frame first chunk (``steps``
+    writes), then every call runs all ``steps`` slots, slot ``i`` one chunk behind slot ``i − 1``; while the pipeline
+    fills, the slots without a real chunk run a filler at the first chunk's end (upstream's zeroed hidden states),
+    writing and checking the sinks there. sdlive runs those fillers uncommitted (``commit`` flag False), so the real
+    chunk rewrites the same frame slot next call: the caches after every call are the port's, bitwise."""
+    g = torch.Generator().manual_seed(2)
+    port = UpstreamCachePort(policy, total_steps=steps)
+    one = KVCache(
+        num_layers=1, batch_size=1, tokens_per_frame=T, num_heads=H, head_dim=D, policy=policy, compat="upstream"
+    )
+    for step in range(steps):  # prepare: the first chunk's steps, fill phase
+        key, value = spread(g, 1, 2), spread(g, 1, 2)
+        port.forward(key, value, [0])
+        one.write(0, key, value)
+        one.commit(step == steps - 1)
+    port.repeat(steps)
+    cache = one.repeat(steps)
+    fired_on_a_filler = 0
+    starts = [2 * T] * steps  # upstream's kv_cache_starts: the first chunk's end, for every slot
+    for call in range(1, 20):
+        starts = [(1 + call) * T] + starts[:-1]
+        key, value = spread(g, steps, 1), spread(g, steps, 1)
+        port.forward(key, value, starts)
+        cache.write(0, key, value)
+        cache.commit([i < call for i in range(steps)])  # slot i holds a real chunk from call i + 1 on
+        assert torch.equal(cache.key[0], port.k) and torch.equal(cache.value[0], port.v), call
+        fired_on_a_filler += call < steps and port.fired > 0
+        for b in range(steps):
+            assert cache.frame_position(b) * T == starts[b] + T if b < call else cache.frame_position(b) == 2
+    if policy.num_sink > 2:  # the fillers' check finds sink frame 2 empty (similarity 0): the queue remembers it
+        assert fired_on_a_filler

@@ -95,24 +95,45 @@ def test_accelerated_streaming_equals_whole_clip(reference, fast_vae, clip):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
+def _upstream_unnormalize(vae: AutoencoderKLWan, latent: torch.Tensor) -> torch.Tensor:
+    """Upstream's own lines (wan_wrapper.stream_decode_to_pixel + WanVAE_.stream_decode at c5a0f20), channels first."""
+    zs = latent.to(dtype=torch.bfloat16)
+    dtype = latent.dtype
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+    scale = [mean.to(dtype=dtype), 1.0 / std.to(dtype=dtype)]
+    return zs / scale[1].view(1, 16, 1, 1, 1) + scale[0].view(1, 16, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-run", "bf16-run"])
+def test_upstream_compat_unnormalizes_as_upstream_bitwise(reference, dtype):
+    """The default ``compat="upstream"`` rounds the decoder's input to bf16 (even in a float32 run) and computes
+    z / (1/std) + mean in the latents' dtype, as upstream does: bitwise its lines; clean's float32 z·std+mean differs."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 16, 3, 4, 6, generator=g).to(dtype)
+    upstream = StreamingVAE(reference, accelerate=False)
+    assert upstream.compat == "upstream"
+    got = upstream.unnormalize(z)
+    want = _upstream_unnormalize(reference, z)
+    assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+    clean = StreamingVAE(reference, accelerate=False, compat="clean").unnormalize(z)
+    assert clean.dtype == torch.float32 and not torch.equal(got.float(), clean)
+
+
 def test_upstream_compat_decodes_bf16_rounded_latents(reference, fast_vae):
-    """The default ``compat="upstream"`` rounds the decoder's input to bf16 (upstream's ``stream_decode_to_pixel``,
-    even in a float32 run): bitwise what the float32 decode gives on bf16-rounded latents, and a little off the
-    float32 decode of the latents as given."""
+    """Decoding with ``compat="upstream"``: what diffusers' whole-clip decode gives on upstream's un-normalised
+    latents, and a little off the clean float32 decode of the latents as given."""
     g = torch.Generator().manual_seed(3)
     z = torch.randn(1, 16, 4, 4, 6, generator=g)
     for vae in (reference, fast_vae):
         upstream = StreamingVAE(vae, accelerate=vae is fast_vae)
-        assert upstream.compat == "upstream"
-        rounded = StreamingVAE(vae, accelerate=vae is fast_vae, compat="clean")
         plain = StreamingVAE(vae, accelerate=vae is fast_vae, compat="clean")
         for i in range(z.shape[2]):
             latent = z[:, :, i : i + 1]
-            got = upstream.decode(latent)
-            torch.testing.assert_close(got, rounded.decode(latent.bfloat16().float()), rtol=0, atol=0)
-            diff = (got - plain.decode(latent)).abs().max().item()
+            diff = (upstream.decode(latent) - plain.decode(latent)).abs().max().item()
             assert 0 < diff < 0.05, diff  # bf16 keeps 8 bits of mantissa: a small, non-zero change
-    whole = _whole_clip_decode(reference, z.bfloat16().float())
+    with torch.no_grad():
+        whole = reference.decode(_upstream_unnormalize(reference, z)).sample
     upstream = StreamingVAE(reference, accelerate=False)
     got = torch.cat([upstream.decode(z[:, :, i : i + 1]) for i in range(z.shape[2])], dim=2)
     torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
