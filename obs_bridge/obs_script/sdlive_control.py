@@ -39,6 +39,10 @@ class DaemonReplyError(Exception):
         self.code = code
 
 
+class RefusedError(ControlError):
+    """Nothing listens at the address: the daemon is not running there (or exited a moment ago)."""
+
+
 class _StaleConnection(ControlError):
     """A connection kept from an earlier request was closed by the daemon before anything came back on it."""
 
@@ -102,6 +106,23 @@ class StdlibControl:
     def close(self) -> None:
         self._reset()
 
+    def abort(self) -> None:
+        """From another thread: cut the connection, so a request waiting on it ends at once (ControlError)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def peer_closed(self) -> bool:
+        """Between requests: True when the daemon closed the kept connection (it exited, or dropped this client);
+        ZMTP PINGs that arrived meanwhile get their PONG."""
+        if self._sock is None:
+            return False
+        self._drain()
+        return self._sock is None
+
     # -- connection ----------------------------------------------------------------------------------------------
     def _reset(self) -> None:
         if self._sock is not None:
@@ -115,6 +136,8 @@ class StdlibControl:
     def _connect(self, timeout_s: float) -> socket.socket:
         try:
             sock = socket.create_connection((self._host, self._port), timeout=timeout_s)
+        except ConnectionRefusedError as exc:
+            raise RefusedError(f"cannot connect to {self.address}: {exc}") from None
         except OSError as exc:
             raise ControlError(f"cannot connect to {self.address}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -35,6 +35,7 @@ for _file in os.listdir(_SCRIPT_DIR):
     if _file.startswith("sdlive_") and _file.endswith(".py") and _module not in (__name__, "sdlive_state"):
         sys.modules.pop(_module, None)
 
+import atexit  # noqa: E402
 import ctypes  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -53,6 +54,7 @@ from sdlive_obs_api import (  # noqa: E402
     GET_DEFAULTS,
     GET_NAME,
     GET_PROPERTIES,
+    SIGNAL_CALLBACK,
     UPDATE,
     VIDEO_RENDER,
     SourceInfo,
@@ -72,25 +74,52 @@ def _cb_get_name(_type_data: int | None) -> int:
 
 
 def _cb_create(settings: int | None, source: int | None) -> int | None:
+    """A new filter: its handle is a small libobs allocation, so that libobs' own ``bfree`` can be the C ``destroy``
+    (no Python involved: libobs may destroy a filter after OBS finalized its Python). The Python side of the destroy
+    runs in the source's "destroy" signal, which libobs emits just before, and which the atexit hook disconnects."""
+    if state.python_exiting or not source:
+        return None
+    handle = lib.bmalloc(8) or 0
     try:
-        handle = next(state.handles)
-        inst = FilterInstance(handle, source or 0)
+        inst = FilterInstance(handle, source)
         with state.instances_lock:
             state.instances[handle] = inst
-        info(f"filter '{inst.name}' created (instance {handle})")
+        lib.signal_handler_connect(lib.obs_source_get_signal_handler(source), b"destroy",
+                                   state.callbacks["destroyed"], handle)
+        info(f"filter '{inst.name}' created (instance {handle:#x})")
         inst.update(settings or 0)  # libobs does not call update() after create()
         return handle
     except Exception as exc:  # noqa: BLE001 - never raise into libobs
         warn(f"create failed: {exc!r}")
+        with state.instances_lock:
+            state.instances.pop(handle, None)
+        lib.bfree(handle)
         return None
 
 
-def _cb_destroy(handle: int | None) -> None:
+def _cb_destroyed(handle: int | None, _calldata: int | None) -> None:
+    """The filter source's "destroy" signal: stop its worker and free its graphics (libobs then bfrees the handle)."""
     with state.instances_lock:
         inst = state.instances.pop(handle or 0, None)
     if inst is not None:
         inst.shutdown()
-        info(f"filter '{inst.name}' destroyed (instance {handle})")
+        info(f"filter '{inst.name}' destroyed (instance {handle:#x})")
+
+
+def _on_python_exit() -> None:
+    """OBS finalizes its Python (at exit, before libobs destroys the last sources): release every filter now, while
+    Python runs, and cut the signal that would call into it later; libobs' destroy is then C alone (bfree)."""
+    state.python_exiting = True
+    live = state.all_instances()
+    for inst in live:
+        lib.signal_handler_disconnect(lib.obs_source_get_signal_handler(inst.source), b"destroy",
+                                      state.callbacks["destroyed"], inst.handle)
+        inst.link.stop()
+    for inst in live:
+        inst.shutdown()
+    with state.instances_lock:
+        state.instances.clear()
+    info(f"Python is finalizing: {len(live)} live filter(s) released; they pass their source through from now on")
 
 
 def _cb_get_defaults(settings: int | None) -> None:
@@ -108,7 +137,7 @@ def _cb_update(handle: int | None, settings: int | None) -> None:
 
 
 def _cb_video_render(handle: int | None, _effect: int | None) -> None:
-    inst = state.instances.get(handle or 0)
+    inst = state.instances.get(handle or 0)  # None after the atexit hook (video is stopped by then anyway)
     if inst is not None and not inst.render():
         lib.obs_source_skip_video_filter(inst.source)
 
@@ -126,7 +155,7 @@ def register_filter() -> None:
     callbacks = {
         "get_name": GET_NAME(lambda d: _impl()._cb_get_name(d)),
         "create": CREATE(lambda s, src: _impl()._cb_create(s, src)),
-        "destroy": DESTROY(lambda h: _impl()._cb_destroy(h)),
+        "destroyed": SIGNAL_CALLBACK(lambda h, cd: _impl()._cb_destroyed(h, cd)),
         "get_defaults": GET_DEFAULTS(lambda s: _impl()._cb_get_defaults(s)),
         "get_properties": GET_PROPERTIES(lambda h: _impl()._cb_get_properties(h)),
         "update": UPDATE(lambda h, s: _impl()._cb_update(h, s)),
@@ -137,8 +166,11 @@ def register_filter() -> None:
     si.type = obs.OBS_SOURCE_TYPE_FILTER
     si.output_flags = obs.OBS_SOURCE_VIDEO
     for field, fn in callbacks.items():
-        setattr(si, field, fn)
+        if field != "destroyed":
+            setattr(si, field, fn)
+    si.destroy = ctypes.cast(lib.bfree, DESTROY)  # C only: see _cb_create
     state.source_info, state.callbacks = si, callbacks  # alive for the whole process
+    atexit.register(lambda: _impl()._on_python_exit())
     lib.obs_register_source_s(ctypes.byref(si), ctypes.sizeof(si))
     state.registered = True
     info(f"registered video filter '{FILTER_ID}' (obs_source_info prefix of {ctypes.sizeof(si)} bytes)")

@@ -129,6 +129,7 @@ def names() -> list[str]:
 
 
 def unregister() -> None:
-    for hk_id in _registered.values():
-        obs.obs_hotkey_unregister(hk_id)
+    """Forget this load's hotkeys. OBS unregisters a script's hotkeys itself when it unloads the script (before
+    ``script_unload``); obspython's ``obs_hotkey_unregister`` takes the callback, not an id, and raises "No active
+    script" outside a script call, so it is not called here."""
     _registered.clear()

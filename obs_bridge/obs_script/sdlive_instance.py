@@ -21,6 +21,8 @@ from sdlive_render import FrameBridge, session_size
 from sdlive_settings import FilterSettings
 from sdlive_stats import TIMING_WINDOW, percentile
 
+STOP_TIMEOUT_S = 2.0  # a worker closes its session within CLOSE_TIMEOUT_S; one stuck in a connect gives up in 1 s
+
 
 class FilterInstance:
     def __init__(self, handle: int, source: int):
@@ -129,7 +131,10 @@ class FilterInstance:
 
     # -- lifetime (UI thread) ------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        """Stop the worker (it closes the session) and wait for it, so no sdlive thread outlives the filter, then
+        free the graphics objects."""
         self.link.stop()
+        self.link.join(STOP_TIMEOUT_S)
         with graphics(), self.lock:
             self.frames.destroy()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import sdlive_state as state
 from sdlive_contract import constants, ring
-from sdlive_control import ControlError, DaemonReplyError, StdlibControl
+from sdlive_control import ControlError, DaemonReplyError, RefusedError, StdlibControl
 from sdlive_obs_api import info, video_fps, warn
 from sdlive_render import PIXEL_FORMAT
 from sdlive_settings import FilterSettings
@@ -74,6 +74,7 @@ class DaemonLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ctl: StdlibControl | None = None  # the worker's connection, for stop() to abort
         self.state = "starting"
         self.last_error = ""
 
@@ -84,8 +85,17 @@ class DaemonLink:
             self._thread.start()
 
     def stop(self) -> None:
+        """Ask the worker to close its session and end; a request it is waiting on is cut short."""
         self._stop.set()
         self._wake.set()
+        ctl = self._ctl
+        if ctl is not None:
+            ctl.abort()
+
+    def join(self, timeout_s: float) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
 
     def wake(self) -> None:
         self._wake.set()
@@ -130,7 +140,9 @@ class DaemonLink:
             sess = None
             reopen = False
             try:
-                ctl = StdlibControl(settings.address, settings.token)
+                ctl = self._ctl = StdlibControl(settings.address, settings.token)
+                if self._stop.is_set():
+                    break
                 beat_s, liveness = self._hello(ctl)
                 sess = self._open(ctl, settings)
                 self._refresh_presets(ctl)
@@ -160,6 +172,7 @@ class DaemonLink:
                     if ctl is not None and (reopen or self._stop.is_set()):
                         self._close_session(ctl, old.session_id)
                 if ctl is not None:
+                    self._ctl = None
                     ctl.close()
             if self._stop.is_set():
                 break
@@ -244,6 +257,8 @@ class DaemonLink:
                 self._keep_preset(preset)
             if params and not self._change(ctl, sess, "set_params", params):
                 self._keep_params(params)
+            if ctl.peer_closed():
+                next_beat = 0.0  # the daemon dropped the connection: learn now whether it is still there
             now = time.monotonic()
             if now < next_beat:
                 continue
@@ -251,6 +266,8 @@ class DaemonLink:
             try:
                 ctl.request("heartbeat", timeout_s=beat_s, session_id=sess.session_id)
                 misses = 0
+            except RefusedError:
+                raise  # nothing listens at the address any more: the daemon is gone, no point in waiting
             except ControlError:
                 misses += 1
                 if misses >= liveness:

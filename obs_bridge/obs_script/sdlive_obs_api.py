@@ -64,6 +64,9 @@ _sig("obs_source_get_name", CP, VP)
 _sig("obs_source_skip_video_filter", None, VP)
 _sig("obs_source_draw", None, VP, ctypes.c_int, ctypes.c_int, U32, U32, ctypes.c_bool)
 _sig("obs_source_get_settings", VP, VP)
+_sig("obs_source_get_signal_handler", VP, VP)
+_sig("bmalloc", VP, ctypes.c_size_t)
+_sig("bfree", None, VP)
 _sig("obs_get_base_effect", VP, ctypes.c_int)
 _sig("obs_get_video_frame_time", ctypes.c_uint64)
 _sig("obs_enter_graphics", None)
@@ -113,6 +116,10 @@ GET_DEFAULTS = ctypes.CFUNCTYPE(None, VP)
 GET_PROPERTIES = ctypes.CFUNCTYPE(VP, VP)
 UPDATE = ctypes.CFUNCTYPE(None, VP, VP)
 VIDEO_RENDER = ctypes.CFUNCTYPE(None, VP, VP)
+SIGNAL_CALLBACK = ctypes.CFUNCTYPE(None, VP, VP)  # signal_callback_t: (void *data, calldata_t *cd)
+
+_sig("signal_handler_connect", None, VP, CP, SIGNAL_CALLBACK, VP)
+_sig("signal_handler_disconnect", None, VP, CP, SIGNAL_CALLBACK, VP)
 
 
 class SourceInfo(ctypes.Structure):

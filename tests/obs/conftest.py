@@ -8,6 +8,7 @@ Each test module shares one daemon and one OBS (starting them costs seconds); te
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -158,3 +159,39 @@ def output_ring_frames(name: str, seconds: float = 1.0) -> dict[int, np.ndarray]
         finally:
             mm.close()
     return frames
+
+
+# ------------------------------------------------------------------------------------------ media files
+
+
+def pattern(seed: int = 0) -> np.ndarray:
+    """A CANVAS-sized RGB test card: eight flat blocks of distinct colours and a grey ramp (blocks survive scaling and 4:2:0
+    chroma; the ramp catches a channel swap or a colour-range change)."""
+    W, H = CANVAS
+    rng = np.random.default_rng(seed)
+    img = np.zeros((H, W, 3), np.uint8)
+    colors = rng.integers(30, 226, size=(8, 3))
+    for i, c in enumerate(colors):
+        x0, y0 = (i % 4) * W // 4, (i // 4) * (H // 2 - 16)
+        img[y0 : y0 + H // 2 - 16, x0 : x0 + W // 4] = c
+    img[H - 32 :, :] = np.linspace(0, 255, W, dtype=np.uint8)[None, :, None]
+    return img
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    import cv2
+
+    assert cv2.imwrite(str(path), rgb[:, :, ::-1])
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media")
+    files = {"image": write_png(d / "card.png", pattern(1)), "slide": write_png(d / "slide.png", pattern(2)),
+             "video_frame": write_png(d / "video.png", pattern(3))}
+    # a lossless, looping video of one test card: what a media source decodes is exactly the card
+    files["video"] = d / "card.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-loop", "1", "-framerate", "30", "-i", str(files["video_frame"]),
+                    "-t", "2", "-c:v", "ffv1", "-pix_fmt", "bgra", str(files["video"])], check=True, timeout=60)
+    return files

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import CANVAS, ObsUnderTest, output_ring_frames
+from .conftest import CANVAS, ObsUnderTest, output_ring_frames, pattern, write_png
 from .harness import SCRIPT
 
 pytestmark = [pytest.mark.obs, pytest.mark.slow]
@@ -24,38 +24,6 @@ W, H = CANVAS  # multiples of 16: the session runs at the source size, pixels co
 SAME = 3.0  # mean |received - expected| (0-255) below this: the source's own pixels
 SCREEN = (640, 480)
 DUMP = Path(os.environ["SDLIVE_TEST_DUMP"]) if os.environ.get("SDLIVE_TEST_DUMP") else None  # images to look at  # the Xvfb screen the display capture sees
-
-
-def pattern(seed: int = 0) -> np.ndarray:
-    """A W×H RGB test card: eight flat blocks of distinct colours and a grey ramp (blocks survive scaling and 4:2:0
-    chroma; the ramp catches a channel swap or a colour-range change)."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((H, W, 3), np.uint8)
-    colors = rng.integers(30, 226, size=(8, 3))
-    for i, c in enumerate(colors):
-        x0, y0 = (i % 4) * W // 4, (i // 4) * (H // 2 - 16)
-        img[y0 : y0 + H // 2 - 16, x0 : x0 + W // 4] = c
-    img[H - 32 :, :] = np.linspace(0, 255, W, dtype=np.uint8)[None, :, None]
-    return img
-
-
-def write_png(path: Path, rgb: np.ndarray) -> Path:
-    import cv2
-
-    assert cv2.imwrite(str(path), rgb[:, :, ::-1])
-    return path
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("media")
-    files = {"image": write_png(d / "card.png", pattern(1)), "slide": write_png(d / "slide.png", pattern(2)),
-             "video_frame": write_png(d / "video.png", pattern(3))}
-    # a lossless, looping video of one test card: what a media source decodes is exactly the card
-    files["video"] = d / "card.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-loop", "1", "-framerate", "30", "-i", str(files["video_frame"]),
-                    "-t", "2", "-c:v", "ffv1", "-pix_fmt", "bgra", str(files["video"])], check=True, timeout=60)
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +139,9 @@ def test_display_capture_reaches_the_daemon(obs, obs_daemon, media, tmp_path):
     finally:
         window.terminate()
         window.wait(10)
+
+
+def test_capturing_every_kind_of_source_left_no_draw_error_in_the_log(obs):
+    """A target drawn outside an effect makes libobs log "No vertex shader specified" for every frame."""
+    log = obs.obs.log_text()
+    assert "No vertex shader specified" not in log and "device_draw (GL) failed" not in log
