@@ -79,7 +79,11 @@ class DaemonConfig(BaseSettings):
     pub: str = DEFAULT_PUB_ADDRESS
     """PUB endpoint for stats, events and the daemon heartbeat."""
     token: str | None = None
-    """Shared secret every request must carry; required when any endpoint is not loopback."""
+    """Shared secret every request must carry; required when any endpoint is not loopback. With a token every
+    socket (control, PUB, network frames) is CurveZMQ with keys derived from it: clients need it to connect."""
+    local_auth: bool = False
+    """Keep other accounts on this machine out: without a token, secure every socket (CurveZMQ) with the per-user
+    secret in your runtime dir (created 0600 if absent), which your own clients read by themselves."""
     max_sessions: int = Field(default=4, ge=1, le=64)
     """Most sessions at once."""
     heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0, le=60)
@@ -167,6 +171,17 @@ class DaemonConfig(BaseSettings):
     @property
     def heartbeat_timeout_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def secret(self) -> str | None:
+        """The secret every socket is secured with: the token, else (``local_auth``) the local secret, created if
+        absent; None: plain sockets. Raises ``protocol.secret.LocalSecretError`` for a secret file that is unusable."""
+        if self.token:
+            return self.token
+        if self.local_auth:
+            from .protocol.secret import ensure_local_secret
+
+            return ensure_local_secret()
+        return None
 
     @property
     def remote(self) -> bool:

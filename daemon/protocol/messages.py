@@ -274,6 +274,9 @@ class HelloReply(_Reply):
         None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
     )
     auth_required: bool = False
+    curve: bool = Field(
+        False, description="every socket is CurveZMQ (a token or local auth): see protocol.secret.secure_client_socket"
+    )
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     pub_address: str | None = Field(None, description="where the daemon's PUB socket is bound")
@@ -401,7 +404,9 @@ class StatusReply(_Reply):
         None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
     )
     memory: dict[str, float | None] = Field(default_factory=dict, description="device and host memory, MiB")
-    requests: dict[str, int] = Field(default_factory=dict, description="control requests seen / rejected")
+    requests: dict[str, int] = Field(
+        default_factory=dict, description="control requests seen / rejected; handshakes refused (wrong key)"
+    )
     sessions: list[SessionStats] = Field(default_factory=list)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "CurveKeys",
     "LocalSecretError",
     "curve_keys",
+    "describe_handshake_failure",
     "ensure_local_secret",
     "local_secret_path",
     "read_local_secret",
@@ -179,6 +180,22 @@ def curve_keys(secret: str) -> CurveKeys:
         pairs.append((zmq.curve_public(private), private))
     (server_public, server_secret), (client_public, client_secret) = pairs
     return CurveKeys(server_public, server_secret, client_public, client_secret)
+
+
+def describe_handshake_failure(event: int) -> str | None:
+    """What a client socket's monitor event (``sock.get_monitor_socket()``) means for the user, or None when it
+    is not a handshake failure: a daemon with CurveZMQ drops a peer without the right keys silently, so without
+    this a wrong or missing token is only a timeout."""
+    import zmq
+
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (
+            "the daemon and this client disagree on security: the daemon has a token or local auth and this client "
+            "has no secret (pass --token / SDLIVE_TOKEN, or run as the daemon's user), or the other way round"
+        )
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+        return "the daemon refused this client's key: its token (or local secret) differs from this client's"
+    return None
 
 
 def secure_client_socket(sock: Any, secret: str) -> None:

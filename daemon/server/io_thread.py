@@ -18,6 +18,7 @@ bind error (address in use, bad interface) with the fix.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,6 +30,8 @@ from ..protocol import netframe
 from ..protocol.constants import host_of
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import (
+    TOPIC_DAEMON,
+    DaemonBeat,
     NetEndpoints,
     Request,
     authorize,
@@ -37,6 +40,7 @@ from ..protocol.messages import (
     error_reply,
     ok_reply,
 )
+from .auth import SocketAuth
 from .directory import SessionDirectory
 from .items import (
     LOOP_REQUEST_TYPES,
@@ -138,12 +142,16 @@ class IOThread(threading.Thread):
         token: str | None,
         inbox: queue.Queue[InboundItem],
         directory: SessionDirectory,
+        secret: str | None = None,
     ) -> None:
         super().__init__(name="sdlive-io", daemon=True)
         self.ctx = ctx
         self.control_address = control
         self.pub_address = pub
         self.token = token
+        self.secret = secret
+        """CurveZMQ on every socket when set (``auth.SocketAuth``): the token, or the local secret."""
+        self.auth: SocketAuth | None = None
         self.inbox = inbox
         self.directory = directory
         self._wake_address = f"inproc://sdlive-io-{id(self)}"
@@ -156,7 +164,13 @@ class IOThread(threading.Thread):
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
         self._desk: FrontDesk | None = None
+        self._started_ns = time.monotonic_ns()
         self._waiting: list[tuple[list[bytes], Request, int]] = []
+
+    def request_counters(self) -> dict[str, int]:
+        """Control requests seen and rejected, and (with CurveZMQ) handshakes refused for a wrong key."""
+        refused = self.auth.refused if self.auth is not None else 0
+        return {**self.counters, "refused_handshakes": refused}
 
     def open_desk(self, desk: FrontDesk) -> None:
         """Start answering requests (the model is loaded); requests that waited meanwhile are answered now."""
@@ -183,6 +197,7 @@ class IOThread(threading.Thread):
 
     def run(self) -> None:
         try:
+            self.auth = SocketAuth(self.ctx, self.secret)
             wake = self.ctx.socket(zmq.PAIR)
             wake.setsockopt(zmq.LINGER, 0)
             wake.bind(self._wake_address)
@@ -193,6 +208,8 @@ class IOThread(threading.Thread):
             pub = self.ctx.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 1000)  # let the last "stopping"/"dead" beat leave
             pub.setsockopt(zmq.SNDHWM, 1000)
+            self.auth.secure(router)
+            self.auth.secure(pub)
             for sock, address, what in ((router, self.control_address, "control"), (pub, self.pub_address, "pub")):
                 try:
                     sock.bind(address)
@@ -204,14 +221,18 @@ class IOThread(threading.Thread):
             self.bound_control = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.bound_pub = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            if self.auth is not None:
+                self.auth.stop()
             self._ready.put(exc)
             return
         self._ready.put(None)
         try:
             self._loop(wake, router, pub)
         except Exception as exc:  # noqa: BLE001 - a dead IO thread must stop the daemon, loudly
+            reason = f"IO thread failed: {type(exc).__name__}: {exc}"
             log.exception("IO thread failed")
-            self.inbox.put(IOFailed(f"IO thread failed: {type(exc).__name__}: {exc}"))
+            self._publish_dead(pub, reason)
+            self.inbox.put(IOFailed(reason))
         finally:
             for net in self._net.values():
                 net.pull.close(linger=0)
@@ -220,6 +241,22 @@ class IOThread(threading.Thread):
             router.close(linger=0)
             pub.close()  # LINGER above: flush what is queued
             wake.close(linger=0)
+            self.auth.stop()
+
+    def _publish_dead(self, pub: zmq.Socket, reason: str) -> None:
+        """The dead sentinel, sent by this thread itself: the compute loop's would go through the outbox, which no
+        one drains once this thread is gone."""
+        beat = DaemonBeat(
+            state="dead",
+            pid=os.getpid(),
+            uptime_s=round((time.monotonic_ns() - self._started_ns) / 1e9, 2),
+            sessions=len(self.directory.ids()),
+            message=reason,
+        )
+        try:
+            pub.send_multipart(encode_pub(TOPIC_DAEMON, beat), zmq.NOBLOCK)
+        except Exception:  # noqa: BLE001 - best effort: the process exits non-zero and logs the reason anyway
+            log.exception("could not publish the dead sentinel")
 
     def _loop(self, wake: zmq.Socket, router: zmq.Socket, pub: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -402,6 +439,8 @@ class IOThread(threading.Thread):
         push = self.ctx.socket(zmq.PUSH)
         for sock in (pull, push):
             sock.setsockopt(zmq.LINGER, 0)
+            assert self.auth is not None
+            self.auth.secure(sock)  # the frame sockets need the daemon's secret too (docs/security.md)
         pull.setsockopt(zmq.RCVHWM, item.queue_frames)
         pull.setsockopt(zmq.MAXMSGSIZE, item.width * item.height * 4 + 65536)
         push.setsockopt(zmq.SNDHWM, item.queue_frames)

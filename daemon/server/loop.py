@@ -77,6 +77,7 @@ class ComputeLoop:
         presets: PresetLibrary,
         *,
         on_stats: Callable[[StatusReply], None] | None = None,
+        secret: str | None = None,
     ) -> None:
         self.config = config
         self.presets = presets
@@ -86,7 +87,7 @@ class ComputeLoop:
         self.directory = SessionDirectory()
         self.io = IOThread(
             self.ctx, control=config.control, pub=config.pub, token=config.token, inbox=self.inbox,
-            directory=self.directory,
+            directory=self.directory, secret=secret if secret is not None else config.token,
         )  # fmt: skip
         self.outbox = self.io.outbox
         self.sessions: dict[str, Session] = {}
@@ -148,6 +149,7 @@ class ComputeLoop:
             pub_address=self.io.bound_pub,
             cache=self.cache,
             compat=self.compat,
+            curve=self.io.auth is not None and self.io.auth.enabled,
         )
         self.io.open_desk(FrontDesk(hello=hello, presets=self.presets, directory=self.directory, submit=self.inbox.put))
 

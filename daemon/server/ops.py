@@ -281,7 +281,7 @@ class LoopOps:
             cache=loop.cache,
             compat=loop.compat,
             memory=memory,
-            requests=dict(loop.io.counters),
+            requests=loop.io.request_counters(),
             sessions=stats,
         )
 
@@ -300,7 +300,7 @@ def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
 
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
                 heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None,
-                compat: str | None = None) -> HelloReply:  # fmt: skip
+                compat: str | None = None, curve: bool = False) -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
@@ -310,6 +310,7 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         cache=cache,
         compat=compat,
         auth_required=config_token,
+        curve=curve,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_liveness=heartbeat_liveness,
         pub_address=pub_address,

@@ -133,7 +133,14 @@ def serve(config: DaemonConfig) -> int:
     stale = sweep_stale_rings()
     if stale:
         log.info("removed %d shared-memory ring(s) left by a daemon that is gone: %s", len(stale), ", ".join(stale))
-    loop = ComputeLoop(config, presets)
+    try:
+        secret = config.secret()
+    except OSError as exc:  # LocalSecretError names the path and the fix
+        log.error("%s", exc)
+        return 2
+    if secret is not None:
+        log.info("every socket is CurveZMQ with keys from the %s", "token" if config.token else "local secret")
+    loop = ComputeLoop(config, presets, secret=secret)
     try:
         loop.start()
     except (OSError, RuntimeError) as exc:
