@@ -17,7 +17,7 @@ import numpy as np
 
 from ..protocol.messages import SessionInfo, SessionStats
 from ..protocol.params import GenerationParams
-from .pacing import Pacer
+from .pacing import DEFAULT_QUEUE_LIMIT, Pacer
 from .slo import SloGuard
 from .stats import SessionCounters
 from .transports import FrameTransport, InputFrame, TransportError
@@ -38,7 +38,8 @@ def new_session_id() -> str:
 
 @dataclass(frozen=True)
 class Output:
-    """One restyled frame scheduled to leave at ``due_ns``."""
+    """One restyled frame scheduled to leave at ``due_ns``; ``gap_ns`` and ``queue_limit`` are its session's lane
+    settings in the output thread (``pacing.OutputThread``), which calls :meth:`dropped` if it never leaves."""
 
     session: Session
     index: int
@@ -47,6 +48,12 @@ class Output:
     arrival_ns: int
     due_ns: int
     late: bool
+    gap_ns: int = 0
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+
+    def dropped(self) -> None:
+        """The output thread dropped this output (its session's lane was full: newest wins)."""
+        self.session.paced_dropped += 1
 
 
 class Session:
@@ -64,8 +71,11 @@ class Session:
         engine_session: EngineSession,
         transport: FrameTransport,
         preset: str | None,
+        pacing: Literal["live", "offline"] = "live",
     ) -> None:
         self.session_id = session_id
+        self.pacing = pacing
+        """live: outputs leave paced at the source rate; offline: as soon as ready, every input in order."""
         self.width = width
         self.height = height
         self.fps = fps
@@ -79,6 +89,8 @@ class Session:
         self.slo = SloGuard()
         self.counters = SessionCounters(fps_target=fps)
         self.pacer = Pacer(fps)
+        self.paced_dropped = 0
+        """Outputs the output thread dropped because this session's lane was full (part of ``dropped_out``)."""
         self.failed: str | None = None
         """Set by the output thread when an output cannot be delivered; the compute loop closes the session."""
         self.closed = False
@@ -109,7 +121,8 @@ class Session:
         """Push one input frame; returns the outputs that became ready, each with its due time.
         Raises ValueError for a frame the engine refuses (the caller counts it as bad)."""
         index = self._pushed
-        self._guard_slo(frame.arrival_ns)
+        if self.pacing == "live":
+            self._guard_slo(frame.arrival_ns)  # offline, waiting is expected: keep the stream batch
         started = time.perf_counter()
         outputs = self.engine_session.push(frame.pixels)
         push_ms = (time.perf_counter() - started) * 1e3
@@ -119,10 +132,12 @@ class Session:
         ready_ns = time.monotonic_ns()
         self.counters.engine_step(push_ms, self.engine_session.stage_ms, len(outputs))
         scheduled = []
+        live = self.pacing == "live"
+        gap = self.pacer.gap_ns if live else 0
         for out in outputs:
             capture, arrival = self._captures.pop(out.index, (frame.capture_ns, frame.arrival_ns))
-            due, late = self.pacer.schedule(arrival_ns=arrival, ready_ns=ready_ns)
-            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late))
+            due, late = self.pacer.schedule(arrival_ns=arrival, ready_ns=ready_ns) if live else (ready_ns, False)
+            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late, gap))
         if len(self._captures) > _MAX_TRACKED_CAPTURES:  # outputs the engine will never give: stay bounded anyway
             for stale in sorted(self._captures)[: -_MAX_TRACKED_CAPTURES // 4]:
                 del self._captures[stale]
@@ -176,6 +191,7 @@ class Session:
             input_ring=input_ring,
             output_ring=output_ring,
             latency_frames=int(self.engine_session.latency_frames),
+            pacing=self.pacing,
             preset=self.preset,
             params=self.params.model_copy(),
         )
@@ -190,7 +206,7 @@ class Session:
             client=self.client,
             uptime_s=round((now_ns - self.opened_ns) / 1e9, 2),
             dropped_in=self.transport.dropped_in(),
-            dropped_out=self.transport.dropped_out(),
+            dropped_out=self.transport.dropped_out() + self.paced_dropped,
             step_ms=round(snap.stage_ms["dit"] / max(1, steps), 3) if "dit" in snap.stage_ms else None,
             target_latency_ms=round(self.pacer.target_latency_ms, 2),
             device_memory_mb=device_memory_mb,
