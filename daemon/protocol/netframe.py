@@ -1,13 +1,16 @@
 """Frames across machines: a fixed 40-byte header frame, then the pixels (raw or JPEG), over ZeroMQ.
 
 The same semantics as the ring (sequence numbers, capture timestamps, pixel formats) for dual-PC setups where
-shared memory cannot reach. Raw frames travel zero-copy (``copy=False``); JPEG uses OpenCV, imported only when a
-JPEG frame is encoded or decoded. Layout (little-endian)::
+shared memory cannot reach. Raw frames travel zero-copy (``copy=False``); JPEG and PNG use OpenCV, imported only
+when such a frame is encoded or decoded. A receiver checks a compressed frame before decoding it
+(:func:`check_frame`): the image size is read from the JPEG/PNG header itself and must be what the frame header
+says, so a tiny payload that declares a huge image costs a few header bytes, never a decode. Layout
+(little-endian)::
 
      0  4s  magic         b"SDLF"
      4  u8  version       1
      5  u8  pixel_format  1 bgra, 2 rgba, 3 rgb24, 4 bgr24 (the ring's codes)
-     6  u8  encoding      0 raw, 1 jpeg
+     6  u8  encoding      0 raw, 1 jpeg, 2 png
      7  u8  flags         0 (reserved)
      8  u64 seq           the sender's frame sequence number (1, 2, ...)
     16  u64 timestamp_ns  capture time on the capturing machine's monotonic clock (echoed back on outputs)
@@ -34,7 +37,10 @@ __all__ = [
     "NETFRAME_MAGIC",
     "NetFrameError",
     "NetFrameHeader",
+    "check_frame",
+    "compressed_size",
     "decode_frame",
+    "decode_payload",
     "encode_frame",
     "recv_frame",
     "send_frame",
@@ -44,7 +50,7 @@ NETFRAME_MAGIC = b"SDLF"
 NETFRAME_VERSION = 1
 _HEADER = struct.Struct("<4sBBBBQQIIQ")
 NETFRAME_HEADER_SIZE = _HEADER.size  # 40
-ENCODINGS: dict[str, int] = {"raw": 0, "jpeg": 1}
+ENCODINGS: dict[str, int] = {"raw": 0, "jpeg": 1, "png": 2}
 _ENCODING_BY_CODE = {code: name for name, code in ENCODINGS.items()}
 _FORMAT_BY_CODE = {info.code: name for name, info in PIXEL_FORMATS.items()}
 MAX_NET_DIMENSION = 16384
@@ -157,6 +163,14 @@ def encode_frame(
         if not ok:
             raise ValueError(f"OpenCV could not JPEG-encode a {pixels.shape} frame")
         payload = encoded.tobytes()
+    elif encoding == "png":
+        cv2 = _cv2()
+        conversion = _TO_BGR[pixel_format]
+        bgr = pixels if conversion is None else cv2.cvtColor(pixels, getattr(cv2, conversion))
+        ok, encoded = cv2.imencode(".png", bgr, [int(cv2.IMWRITE_PNG_COMPRESSION), 1])
+        if not ok:
+            raise ValueError(f"OpenCV could not PNG-encode a {pixels.shape} frame")
+        payload = encoded.tobytes()
     else:
         raise ValueError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
     height, width = pixels.shape[:2]
@@ -164,25 +178,105 @@ def encode_frame(
     return header.pack(), payload
 
 
-def decode_frame(header: Any, payload: Any) -> tuple[NetFrameHeader, np.ndarray]:
-    """(header, HxWxC uint8 frame). A raw frame is a read-only view of ``payload`` (no copy); a JPEG frame is
-    decoded and converted to the header's pixel format (alpha 255)."""
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def compressed_size(data: Any, encoding: str) -> tuple[int, int]:
+    """(width, height) of a JPEG or PNG image, read from its own header (the JPEG frame marker, the PNG IHDR
+    chunk) without decoding it. Raises :class:`NetFrameError` when the payload is not a well-formed image of that
+    kind: whatever OpenCV would decode must be what was declared (it sniffs formats, so a "jpeg" frame holding a
+    PNG, TIFF or anything else is refused here)."""
+    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+    if encoding == "png":
+        head = bytes(view[:24])
+        if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+            raise NetFrameError("png payload does not start with a PNG signature and IHDR chunk")
+        width, height = struct.unpack(">II", head[16:24])
+        return width, height
+    if encoding != "jpeg":
+        raise NetFrameError(f"encoding {encoding!r} has no image header to read")
+    size = view.nbytes
+    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        raise NetFrameError("jpeg payload does not start with a JPEG SOI marker (FF D8)")
+    pos = 2
+    while pos + 4 <= size:  # bounded: every step moves forward by at least 2 bytes
+        if view[pos] != 0xFF:
+            raise NetFrameError(f"jpeg payload: no marker at byte {pos} before the frame header")
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+            break
+        length = (view[pos + 2] << 8) | view[pos + 3]
+        if length < 2:
+            raise NetFrameError(f"jpeg payload: marker FF {marker:02X} at byte {pos} has length {length}")
+        if marker in _JPEG_SOF:
+            if pos + 9 > size:
+                break
+            height = (view[pos + 5] << 8) | view[pos + 6]
+            width = (view[pos + 7] << 8) | view[pos + 8]
+            return width, height
+        pos += 2 + length
+    raise NetFrameError("jpeg payload has no frame header (SOF) before its scan data")
+
+
+def check_frame(
+    header: Any, payload: Any, *, width: int, height: int, pixel_format: str
+) -> tuple[NetFrameHeader, memoryview]:
+    """Check one received ``[header, payload]`` against the session's geometry *before any decoding*: the header
+    (:meth:`NetFrameHeader.unpack`), its size and format, the payload's length and, for JPEG/PNG, the image size
+    its own header declares (:func:`compressed_size`). Returns the header and the payload as bytes; raises
+    :class:`NetFrameError` naming the first mismatch. Cost: a few dozen header bytes whatever the payload says."""
     info = NetFrameHeader.unpack(header)
+    if (info.width, info.height) != (width, height) or info.pixel_format != pixel_format:
+        raise NetFrameError(
+            f"frame is {info.width}x{info.height} {info.pixel_format}, the session is {width}x{height} {pixel_format}"
+        )
     data = memoryview(payload).cast("B") if memoryview(payload).format != "B" else memoryview(payload)
     if data.nbytes != info.size:
         raise NetFrameError(f"frame payload is {data.nbytes} bytes, its header says {info.size}")
+    if info.encoding != "raw":
+        raw_size = width * height * info.channels
+        if data.nbytes > raw_size + 65536:
+            raise NetFrameError(f"{info.encoding} payload of {data.nbytes} bytes is larger than the raw frame")
+        declared = compressed_size(data, info.encoding)
+        if declared != (width, height):
+            raise NetFrameError(
+                f"{info.encoding} image is {declared[0]}x{declared[1]}, its frame header says {width}x{height}"
+            )
+    return info, data
+
+
+def decode_payload(info: NetFrameHeader, data: Any) -> np.ndarray:
+    """The HxWxC uint8 frame of a payload already checked by :func:`check_frame` (raw: a read-only view, no copy;
+    JPEG/PNG: decoded and converted to the header's pixel format, alpha 255)."""
+    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
     if info.encoding == "raw":
-        pixels = np.frombuffer(data, dtype=np.uint8).reshape(info.height, info.width, info.channels)
-        return info, pixels
+        return np.frombuffer(view, dtype=np.uint8).reshape(info.height, info.width, info.channels)
     cv2 = _cv2()
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    bgr = cv2.imdecode(np.frombuffer(view, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise NetFrameError("JPEG payload could not be decoded")
+        raise NetFrameError(f"{info.encoding} payload could not be decoded")
     if bgr.shape[:2] != (info.height, info.width):
-        raise NetFrameError(f"JPEG is {bgr.shape[1]}x{bgr.shape[0]}, its header says {info.width}x{info.height}")
+        raise NetFrameError(
+            f"{info.encoding} decoded to {bgr.shape[1]}x{bgr.shape[0]}, its header says {info.width}x{info.height}"
+        )
     conversion = _FROM_BGR[info.pixel_format]
-    pixels = bgr if conversion is None else cv2.cvtColor(bgr, getattr(cv2, conversion))
-    return info, pixels
+    return bgr if conversion is None else cv2.cvtColor(bgr, getattr(cv2, conversion))
+
+
+def decode_frame(header: Any, payload: Any) -> tuple[NetFrameHeader, np.ndarray]:
+    """(header, HxWxC uint8 frame). A raw frame is a read-only view of ``payload`` (no copy); a JPEG/PNG frame is
+    checked (its image header must declare the frame header's size) before it is decoded."""
+    info = NetFrameHeader.unpack(header)
+    checked, data = check_frame(header, payload, width=info.width, height=info.height, pixel_format=info.pixel_format)
+    return checked, decode_payload(checked, data)
 
 
 def send_frame(

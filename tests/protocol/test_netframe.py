@@ -5,6 +5,7 @@ them."""
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from sdlive.daemon.protocol.netframe import (
     NETFRAME_HEADER_SIZE,
     NetFrameError,
     NetFrameHeader,
+    check_frame,
+    compressed_size,
     decode_frame,
     encode_frame,
     recv_frame,
@@ -131,10 +134,77 @@ def test_a_short_header_or_a_wrong_payload_size_is_refused():
         decode_frame(_good_header(), bytes(47))
 
 
-def test_a_corrupt_jpeg_payload_is_refused():
+def test_a_payload_that_is_not_a_jpeg_is_refused_before_decoding():
     header = _good_header(encoding="jpeg", size=20)
-    with pytest.raises(NetFrameError, match="could not be decoded"):
+    with pytest.raises(NetFrameError, match="does not start with a JPEG SOI marker"):
         decode_frame(header, bytes(20))
+
+
+def _jpeg(width: int, height: int, **params: int) -> bytes:
+    import cv2
+
+    options = [x for name, value in params.items() for x in (int(getattr(cv2, name)), value)]
+    ok, data = cv2.imencode(".jpg", np.full((height, width, 3), 90, np.uint8), options)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize("params", [{}, {"IMWRITE_JPEG_PROGRESSIVE": 1}], ids=["baseline", "progressive"])
+def test_jpeg_and_png_sizes_are_read_from_their_own_headers(params):
+    import cv2
+
+    assert compressed_size(_jpeg(37, 21, **params), "jpeg") == (37, 21)
+    ok, png = cv2.imencode(".png", np.zeros((9, 13, 3), np.uint8))
+    assert ok and compressed_size(png.tobytes(), "png") == (13, 9)
+
+
+def _lying_jpeg(width: int, height: int) -> bytes:
+    """A real 16x16 JPEG whose frame header (SOF0) is patched to declare ``width`` x ``height``."""
+    data = bytearray(_jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def test_a_tiny_jpeg_declaring_a_huge_image_is_refused_without_decoding_it():
+    payload = _lying_jpeg(30000, 30000)
+    header = NetFrameHeader(1, 0, 64, 64, "bgr24", "jpeg", len(payload)).pack()
+    started = time.perf_counter()
+    with pytest.raises(NetFrameError, match="jpeg image is 30000x30000, its frame header says 64x64"):
+        check_frame(header, payload, width=64, height=64, pixel_format="bgr24")
+    assert time.perf_counter() - started < 0.01, "refusing must cost header bytes, not a decode"
+
+
+def test_a_frame_that_is_not_the_sessions_size_is_refused_before_its_payload_is_read():
+    payload = _jpeg(64, 64)
+    header = NetFrameHeader(1, 0, 64, 64, "bgr24", "jpeg", len(payload)).pack()
+    with pytest.raises(NetFrameError, match="frame is 64x64 bgr24, the session is 32x32 bgr24"):
+        check_frame(header, payload, width=32, height=32, pixel_format="bgr24")
+
+
+def test_a_png_inside_a_jpeg_frame_is_refused():
+    import cv2
+
+    ok, png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))
+    header = NetFrameHeader(1, 0, 64, 64, "bgr24", "jpeg", len(png)).pack()
+    with pytest.raises(NetFrameError, match="does not start with a JPEG SOI"):
+        check_frame(header, png.tobytes(), width=64, height=64, pixel_format="bgr24")
+
+
+def test_a_jpeg_with_a_frame_header_but_no_image_data_is_refused():
+    head = _jpeg(16, 16)
+    payload = head[: head.index(b"\xff\xda")] + b"\xff\xd9"  # every header segment, then EOI: no scan
+    header = NetFrameHeader(1, 0, 16, 16, "bgr24", "jpeg", len(payload)).pack()
+    with pytest.raises(NetFrameError, match="could not be decoded"):
+        decode_frame(header, payload)
+
+
+def test_png_frames_round_trip_losslessly():
+    pixels = np.random.default_rng(1).integers(0, 256, (24, 40, 4), np.uint8)
+    pixels[..., 3] = 255
+    head, payload = encode_frame(pixels, seq=3, timestamp_ns=9, pixel_format="rgba", encoding="png")
+    info, back = decode_frame(head, payload)
+    assert info.encoding == "png" and np.array_equal(back, pixels)
 
 
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
