@@ -35,7 +35,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_args
 
@@ -330,6 +330,25 @@ class DaemonClient:
             )
         self.last_hello = reply
         return reply
+
+    def wait_ready(self, timeout_s: float, *, on_loading: Callable[[HelloReply], None] | None = None,
+                   poll_s: float = 0.25) -> HelloReply:
+        """``hello`` until the daemon says ``state: "ready"`` (a daemon loading a large model answers ``loading``
+        with its progress for minutes); ``on_loading`` sees each loading reply. :class:`DaemonUnavailable` when it
+        is not ready within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = self.hello()
+            if getattr(reply, "state", "ready") == "ready":
+                return reply
+            if on_loading is not None:
+                on_loading(reply)
+            if time.monotonic() + poll_s > deadline:
+                loading = getattr(reply, "loading", None)
+                stage = f" ({loading.stage})" if loading is not None else ""
+                raise DaemonUnavailable(f"the daemon at {self.address} is still loading {reply.model}{stage} after "
+                                        f"{timeout_s:g} s: wait for it (`sdlive status --wait`)")
+            time.sleep(poll_s)
 
     def list_presets(self) -> ListPresetsReply:
         """The presets (``.presets``, sorted by name) and the preset files the daemon skipped (``.problems``)."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..protocol.messages import StatusReply
+from ..protocol.messages import SessionStats, StatusReply
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -31,8 +33,64 @@ def _cache_text(status: StatusReply) -> str:
     return f" · KV cache {cache.num_kv_cache} frames ({cache.num_sink} sinks)"
 
 
+LEGEND = (
+    "fps in/set: frames arriving / the session's rate · lat: capture → restyled frame out, percentiles · "
+    "drops in/out: inputs never restyled (daemon behind) / outputs the client never read · "
+    "late: outputs released after their pacing deadline · step ms: one model step (one DiT forward) · "
+    "via: shm = shared memory (same machine), net = network"
+)
+_IDENTITY = (("session", "left"), ("client", "left"), ("size", "right"), ("preset", "left"), ("via", "left"),
+             ("frames\nin/out", "right"))
+_FIGURES = (("fps\nin/set", "right"), ("out\nfps", "right"), ("lat ms\np50/95/99", "right"), ("jitter\nms", "right"),
+            ("drops\nin/out", "right"), ("late", "right"), ("step\nms", "right"))
+
+
+def _identity(s: SessionStats) -> list[str]:
+    return [s.session_id, s.client or "–", f"{s.width}x{s.height}", s.preset or "–", s.transport,
+            f"{s.frames_in}/{s.frames_out}"]
+
+
+def _figures(s: SessionStats) -> list[str]:
+    return [
+        f"{_fmt(s.fps_in)}/{_fmt(s.fps, '.0f')}",
+        _fmt(s.fps_out),
+        "/".join(_fmt(v, ".0f") for v in (s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99)),
+        _fmt(s.jitter_ms),
+        f"{s.dropped_in}/{s.dropped_out}",
+        str(s.deadline_misses),
+        _fmt(s.step_ms),
+    ]
+
+
+def _table(columns: tuple[tuple[str, str], ...], rows: list[list[str]]) -> Table:
+    table = Table(expand=False, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class _Sessions:
+    """The per-session figures, laid out for the width they are drawn at: one table when it fits, else the sessions
+    table and the figures table one above the other, so no column is cut to "…" (100 columns fit both)."""
+
+    def __init__(self, sessions: list[SessionStats]) -> None:
+        self.sessions = sessions
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = _table(_IDENTITY + _FIGURES, [_identity(s) + _figures(s) for s in self.sessions])
+        if Measurement.get(console, options.update(max_width=10_000), wide).maximum <= options.max_width:
+            yield wide
+        else:
+            yield _table(_IDENTITY, [_identity(s) for s in self.sessions])
+            yield _table((_IDENTITY[0],) + _FIGURES, [[s.session_id, *_figures(s)] for s in self.sessions])
+        yield Text(LEGEND, style="dim")
+
+
 def status_table(status: StatusReply) -> Group:
-    """A header line and one row per session, from a ``status`` reply."""
+    """A header line, the sessions and their figures (one table when the terminal is wide enough, else two) and
+    a legend, from a ``status`` reply."""
     memory = status.memory
     mem = memory.get("allocated_mb") if memory.get("allocated_mb") is not None else memory.get("rss_mb")
     head = Text.assemble(
@@ -43,32 +101,16 @@ def status_table(status: StatusReply) -> Group:
         f"memory {_fmt(mem, '.0f')} MB · control {status.control_address or '?'}",
         _cache_text(status),
     )
+    loading = getattr(status, "loading", None)
+    if getattr(status, "state", "ready") == "loading":
+        what = (f"{loading.stage} ({loading.stages_done} steps done, {loading.elapsed_s:.0f} s)"
+                if loading is not None else "…")
+        line = Text(f"loading {status.model}: {what}; sessions open once it is ready (`sdlive status --wait` follows it)",
+                    style="yellow")
+        return Group(head, line)
     if not status.sessions:
         return Group(head, Text("no sessions open: connect OBS, `sdlive cam`, or any client", style="dim"))
-    table = Table(expand=False, header_style="bold")
-    for column, justify in (
-        ("session", "left"), ("client", "left"), ("size", "right"), ("preset", "left"), ("in fps", "right"),
-        ("out fps", "right"), ("lat p50/p95/p99 ms", "right"), ("jitter ms", "right"), ("drops in/out", "right"),
-        ("late", "right"), ("step ms", "right"), ("frames in/out", "right"), ("via", "left"),
-    ):  # fmt: skip
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for s in status.sessions:
-        table.add_row(
-            s.session_id,
-            s.client or "–",
-            f"{s.width}x{s.height}",
-            s.preset or "–",
-            f"{_fmt(s.fps_in)}/{_fmt(s.fps, '.0f')}",
-            _fmt(s.fps_out),
-            "/".join(_fmt(v, ".0f") for v in (s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99)),
-            _fmt(s.jitter_ms),
-            f"{s.dropped_in}/{s.dropped_out}",
-            str(s.deadline_misses),
-            _fmt(s.step_ms),
-            f"{s.frames_in}/{s.frames_out}",
-            s.transport,
-        )
-    return Group(head, table)
+    return Group(head, _Sessions(status.sessions))
 
 
 class StatsView:

@@ -6,6 +6,8 @@ imports torch: commands that need the daemon side (``serve``, ``models pull``) i
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from . import daemon, media, models, obs
@@ -15,7 +17,33 @@ app = typer.Typer(
     help="Real-time generative video for live streamers: a local GPU daemon, an OBS filter and a virtual webcam.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdlive")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from sdlive.daemon.protocol.constants import PROTOCOL_VERSION
+
+        typer.echo(f"sdlive {_version()} (protocol {PROTOCOL_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_show_version,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Real-time generative video for live streamers: a local GPU daemon, an OBS filter and a virtual webcam."""
 
 for _module in (daemon, models, obs, media):
     _module.register(app)

@@ -15,28 +15,27 @@ import contextlib
 import os
 import queue
 import select
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sdlive.daemon.protocol.constants import (
-    DEFAULT_CONTROL_ADDRESS,
-    DEFAULT_PUB_ADDRESS,
+    RECONNECT_INTERVAL_INIT_S,
+    RECONNECT_INTERVAL_MAX_S,
     STEPS_MAX,
     STEPS_MIN,
-    host_of,
     is_loopback_address,
 )
+
+from .autostart import AutoStartError, DaemonInUse, daemon_for
+from .checks import CheckError, check_params, check_preset_on_disk, session_size, size_note
+from .connect import Target, resolve_target
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -44,13 +43,13 @@ if TYPE_CHECKING:
     from sdlive.daemon.protocol.messages import HelloReply, SessionStats
 
     from ..client import DaemonClient, SessionClient
-    from ..media.pump import PumpStats
+    from ..media.capture import FrameSource
+    from ..media.pump import PresetSwitcher, PumpStats
     from ..media.sinks import FrameSink
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line is one line, in a pipe too
 out_console = Console(highlight=False)
 
-DAEMON_START_TIMEOUT_S = 180.0
 DEMO_PRESETS = ("anime", "van-gogh", "cyberpunk")
 
 
@@ -61,138 +60,6 @@ class CommandError(Exception):
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
-
-
-# ------------------------------------------------------------------------------------------------------ local daemon
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tcp_host_port(address: str) -> tuple[str, int]:
-    """(host, port) of a ``tcp://HOST:PORT`` endpoint; ValueError for anything else."""
-    if not address.startswith("tcp://"):
-        raise ValueError(f"not a TCP endpoint: {address!r}")
-    return host_of(address), int(address.rsplit(":", 1)[1])
-
-
-def _port_free(address: str) -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(_tcp_host_port(address))
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-class LocalDaemon:
-    """An ``sdlive serve`` process this command starts, waits for (``hello``) and stops again (SIGTERM, then kill)."""
-
-    def __init__(self, *, model: str | None = None, device: str | None = None, token: str | None = None,
-                 control: str | None = None, pub: str | None = None) -> None:
-        self.model = model
-        self.device = device
-        self.token = token
-        self.control = control or f"tcp://127.0.0.1:{_free_port()}"
-        self.pub = pub or f"tcp://127.0.0.1:{_free_port()}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
-        self._log: IO[bytes] | None = None
-
-    def start(self, *, timeout_s: float = DAEMON_START_TIMEOUT_S) -> str:
-        from ..client import DaemonClient, DaemonUnavailable
-
-        cmd = [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", "serve", "--no-ui",
-               "--control", self.control, "--pub", self.pub]
-        if self.model:
-            cmd += ["--model", self.model]
-        if self.device:
-            cmd += ["--device", self.device]
-        if self.token:
-            cmd += ["--token", self.token]
-        fd, name = tempfile.mkstemp(prefix="sdlive-daemon-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(name)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        process = self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        with DaemonClient(self.control, token=self.token, timeout_s=1.0) as dc:
-            while True:
-                if process.poll() is not None:
-                    tail = self.log_tail()
-                    self.stop()
-                    raise CommandError(f"the local daemon exited with code {process.returncode} while starting"
-                                       f"{': ' + tail if tail else ''}")
-                try:
-                    dc.hello()
-                    return self.control
-                except DaemonUnavailable:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise CommandError(f"the local daemon did not answer within {timeout_s:g} s "
-                                           f"(log: {self.log_path})") from None
-
-    def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace") if self.log_path else ""
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        p = self.process
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> LocalDaemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def daemon_address(daemon: str | None, *, token: str | None, model: str | None, device: str | None,
-                   purpose: str, always_start: bool = False) -> Iterator[str]:
-    """Yield the control address to use: ``daemon`` as given, else the default one if a daemon answers there, else a
-    daemon started for this command (on the default ports when they are free) and stopped afterwards."""
-    from ..client import DaemonClient, DaemonUnavailable
-
-    if daemon:
-        yield daemon
-        return
-    if not always_start:
-        try:
-            with DaemonClient(DEFAULT_CONTROL_ADDRESS, token=token, timeout_s=1.0) as dc:
-                dc.hello()
-            yield DEFAULT_CONTROL_ADDRESS
-            return
-        except DaemonUnavailable:
-            pass
-    defaults_free = not always_start and _port_free(DEFAULT_CONTROL_ADDRESS) and _port_free(DEFAULT_PUB_ADDRESS)
-    local = LocalDaemon(model=model, device=device, token=token,
-                        control=DEFAULT_CONTROL_ADDRESS if defaults_free else None,
-                        pub=DEFAULT_PUB_ADDRESS if defaults_free else None)
-    label = f"model {model}" if model else "its default model"
-    with err_console.status(f"starting a local sdlive daemon for {purpose} ({label}) at {local.control} …"):
-        address = local.start()
-    err_console.print(f"[dim]local daemon at {address} (stops when this command ends; log: {local.log_path})[/]")
-    try:
-        yield address
-    finally:
-        local.stop()
 
 
 # ------------------------------------------------------------------------------------------------------ keys
@@ -316,20 +183,9 @@ CONTROL_TIMEOUT_S = 20.0
 
 
 def _connect(address: str, token: str | None) -> DaemonClient:
-    """A DaemonClient for ``address``; fails at once (instead of after the timeout) when nothing listens on a TCP
-    port of this machine."""
+    """The command's control client of the daemon at ``address`` (already known to answer)."""
     from ..client import DaemonClient
 
-    if address.startswith("tcp://") and is_loopback_address(address):
-        try:
-            host, port = _tcp_host_port(address)
-            with socket.create_connection(("127.0.0.1" if host == "localhost" else host, port), timeout=1.0):
-                pass
-        except ConnectionRefusedError:
-            raise CommandError(f"no sdlive daemon is listening at {address}: start one with `sdlive serve` "
-                               f"(or leave out --daemon to have this command start one)") from None
-        except (OSError, ValueError):
-            pass  # let the client's own timeout decide
     return DaemonClient(address, token=token, timeout_s=CONTROL_TIMEOUT_S)
 
 
@@ -342,33 +198,68 @@ def _check_preset(names: list[str], preset: str | None, address: str) -> None:
         raise CommandError(f"unknown preset {preset!r} on the daemon at {address}: use one of {', '.join(names)}")
 
 
+def _switcher(dc: DaemonClient, current: str | None) -> PresetSwitcher:
+    """Number keys → presets, numbered as `sdlive preset` lists them (a preset's hotkey digit, then name order)."""
+    from ..media.pump import PresetSwitcher, preset_numbers
+
+    presets = dc.list_presets().presets
+    numbers = preset_numbers((p.name, p.hotkey) for p in presets)
+    return PresetSwitcher([p.name for p in presets], current, numbers)
+
+
+def _target(daemon: str | None, token: str | None) -> Target:
+    try:
+        return resolve_target(daemon, token, what="--daemon")
+    except Exception as exc:  # TargetError: one line
+        raise CommandError(str(exc)) from None
+
+
+def _checked_size(source: FrameSource) -> tuple[int, int]:
+    """The session size for ``source`` (rounded as the OBS filter does; said in one line when it is)."""
+    size = session_size(source.width, source.height)
+    note = size_note(source.width, source.height)
+    if note:
+        err_console.print(f"[dim]{note}[/]")
+    return size
+
+
+def _prechecks(target: Target, preset: str | None) -> None:
+    """What can be checked before a daemon is started for this command: the preset against the preset files."""
+    from .autostart import port_free
+
+    if not target.explicit and is_loopback_address(target.control) and port_free(target.control):
+        check_preset_on_disk(preset)  # nothing listens there: a daemon will be started, with these presets
+
+
 # ------------------------------------------------------------------------------------------------------ commands
 
 
 def cam(
     input: Annotated[str, typer.Option("--input", "-i", help="webcam:N | webcam:NAME | FILE | DIR | screen[:x,y,w,h] | synthetic[:N] | attach:SESSION")] = "webcam:0",
-    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset to start with (see `sdlive status`).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset to start with (`sdlive preset` lists them).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Restyle with this prompt (over the preset's).")] = None,
     output: Annotated[list[str] | None, typer.Option("--output", "-o", help="vcam[:BACKEND] | window | file:PATH | none (repeatable; default vcam).")] = None,
-    daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address; default: a local daemon, started if none answers.")] = None,
+    daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address (default: SDLIVE_CONTROL, config.toml, tcp://127.0.0.1:5557); a local daemon is started if none answers there.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN", help="Auth token of a remote daemon.")] = None,
     attach: Annotated[str | None, typer.Option("--attach", help="Mirror an existing session's output (e.g. an OBS filter's) instead of capturing.")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Frame width (default: the input's).")] = None,
-    height: Annotated[int | None, typer.Option("--height", help="Frame height (default: the input's).")] = None,
-    fps: Annotated[float | None, typer.Option("--fps", help="Frame rate (default: the input's).")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=1, help="Frame width (default: the input's; alone: keeps the aspect ratio).")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=1, help="Frame height (default: the input's; alone: keeps the aspect ratio).")] = None,
+    fps: Annotated[float | None, typer.Option("--fps", min=0.1, help="Frame rate (default: the input's).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=STEPS_MIN, max=STEPS_MAX, help=_STEPS_HELP)] = None,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Output input | restyled, twice as wide.")] = False,
     vcam_device: Annotated[str | None, typer.Option("--vcam-device", help="Virtual camera device (e.g. /dev/video10).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after this many output frames.")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="Stop after this many seconds.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: the daemon's).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
     no_keys: Annotated[bool, typer.Option("--no-keys", help="Don't read preset keys from the terminal.")] = False,
 ) -> None:
     """Restyle a webcam (or any input) live into a virtual webcam for Zoom/Discord/Meet, a window or a file.
 
-    Keys while it runs: 1–9 pick a preset, n/p the next/previous one, q quits.
+    Keys while it runs: the preset numbers (`sdlive preset` lists them) pick a preset, n/p the next/previous one,
+    q quits. When the daemon stops or restarts, the camera holds its last frame and reconnects.
     """
     from ..media.capture import open_source
-    from ..media.pump import PresetSwitcher, PumpStats, run_live
+    from ..media.pump import PumpStats
 
     output = output or ["vcam"]
     if attach and input != "webcam:0":
@@ -378,40 +269,130 @@ def cam(
             _mirror(attach or input.split(":", 1)[1], output=output, daemon=daemon, token=token, width=width,
                     height=height, fps=fps, vcam_device=vcam_device, frames=frames, duration=duration)
             return
+        params = check_params(prompt=prompt, steps=steps)
+        target = _target(daemon, token)
+        _prechecks(target, preset)
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(input, width=width, height=height, fps=fps, loop=True))
+            size = _checked_size(source)
             sink_w = source.width * (2 if side_by_side else 1)
-            sinks = [stack.enter_context(_open_sink(o, sink_w, source.height, source.fps, vcam_device)) for o in output]
-            address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="cam"))
-            dc = stack.enter_context(_connect(address, token))
-            names = _preset_names(dc)
-            _check_preset(names, preset, address)
-            session = stack.enter_context(dc.open_session(
-                width=source.width, height=source.height, fps=source.fps, pixel_format="bgr24", preset=preset,
-                params={"steps": steps} if steps else None, client="sdlive-cam"))
-            switcher = PresetSwitcher(names, session.preset or preset)
-            stats = PumpStats(preset=switcher.current or session.preset or preset)
+            sinks = [stack.enter_context(_open_sink(o, sink_w, source.height, source.fps, vcam_device, timed=True))
+                     for o in output]
+            use = stack.enter_context(daemon_for(target, model=model, device=None, purpose="cam"))
+            dc = stack.enter_context(_connect(use.address, target.token))
+            _check_preset(_preset_names(dc), preset, use.address)
+
+            def open_session() -> SessionClient:
+                return dc.open_session(width=size[0], height=size[1], fps=source.fps, pixel_format="bgr24",
+                                       preset=preset, params=params, client="sdlive-cam")
+
+            session = open_session()
+            stack.callback(lambda: session.close())
+            switcher = _switcher(dc, session.preset or preset)
+            stats = PumpStats(preset=session.preset or preset)
             described = ", ".join(_describe_sink(s) for s in sinks)
             err_console.print(f"[bold]sdlive cam[/]: {source.description} {source.width}x{source.height}@{source.fps:g} "
-                              f"→ session {session.session_id} ({session.transport}) → {described}")
-            if names and not no_keys:
-                keys_help = "  ".join(f"{i + 1}:{n}" for i, n in enumerate(names[:9]))
-                err_console.print(f"[dim]keys: {keys_help}  n/p: next/previous  q: quit[/]")
+                              f"→ session {session.session_id} ({session.transport}, model {use.model}) → {described}")
+            if switcher.names and not no_keys:
+                err_console.print(f"[dim]keys: {switcher.help()}  n/p: next/previous  q: quit[/]")
             keys = None if no_keys else stack.enter_context(KeyReader()).keys
             with StatsLine() as line:
-                stats = run_live(source, session, sinks, side_by_side_view=side_by_side, max_frames=frames,
-                                 duration_s=duration, keys=keys, switcher=switcher, on_stats=line, stats=stats)
+                while True:
+                    stats = _live_until_lost(source, session, sinks, side_by_side=side_by_side, frames=frames,
+                                             duration=duration, keys=keys, switcher=switcher, line=line, stats=stats)
+                    if stats.lost is None:
+                        break
+                    session.close()
+                    fresh = _reconnect(use, target, open_session, sinks, stats, keys)
+                    if fresh is None:
+                        break
+                    session = fresh
+                    switcher.follow(session.preset)
+            final = _final_daemon_stats(session)
+            if final is not None:
+                stats.daemon = final
         err_console.print(f"done: {stats.frames_out} frames out of {stats.frames_in} in {stats.elapsed_s:.1f} s, "
-                          f"{stats.dropped} dropped")
+                          f"{stats.drops()}{f', {stats.reconnects} reconnects' if stats.reconnects else ''}")
     except BaseException as exc:
         _reraise_as_exit(exc)
 
 
+def _live_until_lost(source: FrameSource, session: SessionClient, sinks: list[FrameSink], *, side_by_side: bool,
+                     frames: int | None, duration: float | None, keys: Any, switcher: PresetSwitcher,
+                     line: StatsLine, stats: PumpStats) -> PumpStats:
+    """``run_live`` until it ends (``stats.lost`` None) or the daemon goes away (``stats.lost``: why)."""
+    from ..client import DaemonUnavailable, SessionLost
+    from ..media.pump import run_live
+
+    remaining = None if frames is None else max(1, frames - stats.frames_out + stats.held)
+    left = None if duration is None else max(0.1, duration - stats.elapsed_s)
+    stats.lost = None
+    try:
+        return run_live(source, session, sinks, side_by_side_view=side_by_side, max_frames=remaining,
+                        duration_s=left, keys=keys, switcher=switcher, on_stats=line, stats=stats)
+    except (DaemonUnavailable, SessionLost) as exc:
+        stats.lost = exc.message
+        return stats
+
+
+def _reconnect(use: DaemonInUse, target: Target, open_session: Any, sinks: list[FrameSink], stats: PumpStats,
+               keys: Any) -> SessionClient | None:
+    """The daemon went away: hold the last frame on the sinks (a virtual camera keeps showing it) and open a new
+    session as soon as a daemon answers again (the backoff every client uses); a daemon this command started and
+    that exited is started again. None when the user quits (q) meanwhile."""
+    from ..client import DaemonClient, DaemonError
+
+    err_console.print(f"[yellow]{stats.lost}[/]")
+    err_console.print(f"[yellow]holding the last frame; reconnecting to {use.address} … (q quits)[/]")
+    backoff = RECONNECT_INTERVAL_INIT_S
+    period = 1.0 / sinks[0].fps if sinks and sinks[0].fps > 0 else 1.0 / 30
+    while True:
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline:  # hold: the last frame at the camera's rate
+            if stats.last_output is not None:
+                for sink in sinks:
+                    sink.write(stats.last_output, timestamp_ns=time.monotonic_ns())
+                stats.held += 1
+            while keys is not None and not keys.empty():
+                if keys.get_nowait() in ("q", "\x1b", "\x03"):
+                    return None
+            if any(s.closed for s in sinks):
+                return None
+            time.sleep(period)
+        if use.started is not None and not use.started.running:
+            err_console.print(f"[yellow]the local daemon exited ({use.started.log_tail(2)}); starting it again[/]")
+            try:
+                use.started.start()
+            except Exception as exc:  # noqa: BLE001 - AutoStartError: keep holding, try again later
+                err_console.print(f"[yellow]{exc}[/]")
+        try:
+            with DaemonClient(use.address, token=target.token, timeout_s=max(backoff, 0.5)) as probe:
+                probe.hello()
+            session = open_session()
+        except DaemonError:
+            backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
+            continue
+        stats.reconnects += 1
+        err_console.print(f"[green]reconnected: session {session.session_id} on {use.address}[/]")
+        return session
+
+
+def _final_daemon_stats(session: SessionClient) -> SessionStats | None:
+    """The daemon's own figures for the session before it closes (its drop counts), or None when it is gone."""
+    from ..client import DaemonError
+
+    try:
+        return session.status() if not session.closed else session.daemon_stats
+    except DaemonError:
+        return session.daemon_stats
+
+
 def _open_sink(spec: str, width: int, height: int, fps: float, vcam_device: str | None,
-               audio_from: str | None = None) -> FrameSink:
+               audio_from: str | None = None, timed: bool = False) -> FrameSink:
     from ..media.sinks import open_sink
 
-    return open_sink(spec, width=width, height=height, fps=fps, vcam_device=vcam_device, audio_from=audio_from)
+    return open_sink(spec, width=width, height=height, fps=fps, vcam_device=vcam_device, audio_from=audio_from,
+                     timed=timed)
 
 
 def _describe_sink(sink: FrameSink) -> str:
@@ -431,10 +412,10 @@ def _mirror(session_id: str, *, output: list[str], daemon: str | None, token: st
     from ..media.capture import open_source
     from ..media.pump import PumpStats
 
-    address = daemon or DEFAULT_CONTROL_ADDRESS
+    target = _target(daemon, token)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(f"attach:{session_id}", width=width, height=height, fps=fps,
-                                                 daemon=address, token=token))
+                                                 daemon=target.control, token=target.token))
         sinks = [stack.enter_context(_open_sink(o, source.width, source.height, source.fps, vcam_device)) for o in output]
         err_console.print(f"[bold]sdlive cam[/]: mirroring session {session_id} → {', '.join(_describe_sink(s) for s in sinks)}")
         stats = PumpStats(preset=f"attach {session_id}")
@@ -442,7 +423,7 @@ def _mirror(session_id: str, *, output: list[str], daemon: str | None, token: st
         with StatsLine() as line:
             for frame in source:
                 for s in sinks:
-                    s.write(frame.pixels)
+                    s.write(frame.pixels, timestamp_ns=frame.timestamp_ns)
                 stats.note_in()
                 stats.note_out(None)
                 line(stats)
@@ -455,26 +436,31 @@ def _mirror(session_id: str, *, output: list[str], daemon: str | None, token: st
 def render(
     input: Annotated[str, typer.Argument(help="Input video file (or an image folder, or synthetic:N).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4 .mkv .mov .webm .avi).")],
-    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset (see `sdlive status`).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset (`sdlive preset` lists them).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Restyle with this prompt (over the preset's).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=STEPS_MIN, max=STEPS_MAX, help=_STEPS_HELP)] = None,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input | restyled, twice as wide.")] = False,
-    daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address; default: a local daemon, started if none answers.")] = None,
+    daemon: Annotated[str | None, typer.Option("--daemon", help="Daemon control address (default: SDLIVE_CONTROL, config.toml, tcp://127.0.0.1:5557); a local daemon is started if none answers there.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Restyle at this width (default: the input's).")] = None,
-    height: Annotated[int | None, typer.Option("--height", help="Restyle at this height (default: the input's).")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=1, help="Restyle at this width (default: the input's; alone: keeps the aspect ratio).")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=1, help="Restyle at this height (default: the input's; alone: keeps the aspect ratio).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
 ) -> None:
     """Restyle a video file to a new file: every frame, the input's fps, its audio kept.
 
     The output has exactly as many frames as the input: the daemon answers a few frames late (its latency), so
     after the last frame the renderer repeats it until every real frame is back and drops those padding outputs.
+    A size that is not a multiple of 16 is restyled at the size rounded down and scaled back.
     """
     from ..media.capture import open_source
     from ..media.pump import run_offline
 
     existed = output.exists()
     try:
+        params = check_params(prompt=prompt, steps=steps)
+        target = _target(daemon, token)
+        _prechecks(target, preset)
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(input, width=width, height=height))
             if source.frame_count is None and frames is None:
@@ -482,24 +468,25 @@ def render(
                                    f"synthetic:N, or --frames N")
             if Path(input).resolve() == output.resolve():
                 raise CommandError("the output would overwrite the input: choose another --output")
+            size = _checked_size(source)
             fps = getattr(source, "native_fps", None) or source.fps
             audio = input if Path(input).is_file() else None
             sink = stack.enter_context(_open_sink(f"file:{output}",
                                                   source.width * (2 if side_by_side else 1), source.height, fps,
                                                   None, audio_from=audio))
-            address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=None, purpose="render"))
-            dc = stack.enter_context(_connect(address, token))
-            _check_preset(_preset_names(dc), preset, address)
+            use = stack.enter_context(daemon_for(target, model=model, device=None, purpose="render"))
+            dc = stack.enter_context(_connect(use.address, target.token))
+            _check_preset(_preset_names(dc), preset, use.address)
             session = stack.enter_context(dc.open_session(
-                width=source.width, height=source.height, fps=fps, pixel_format="bgr24", preset=preset,
-                params={"steps": steps} if steps else None, client="sdlive-render"))
+                width=size[0], height=size[1], fps=fps, pixel_format="bgr24", preset=preset,
+                params=params, client="sdlive-render"))
             total = min(x for x in (source.frame_count, frames) if x is not None)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.fields[fps]:>5.1f} fps"), TimeRemainingColumn(), console=err_console) as bar:
-                task = bar.add_task(f"rendering {Path(input).name} ({session.preset or preset or 'default'})",
-                                    total=total, fps=0.0)
+                style = "prompt" if prompt else (session.preset or preset or "default")
+                task = bar.add_task(f"rendering {Path(input).name} ({style}, model {use.model})", total=total, fps=0.0)
                 stats = run_offline(source, session, [sink], side_by_side_view=side_by_side, max_frames=frames,
                                     on_frame=lambda i: bar.update(task, completed=i + 1),
                                     on_stats=lambda s: bar.update(task, fps=s.mean_fps_out))
@@ -512,79 +499,61 @@ def render(
         _reraise_as_exit(exc)
 
 
-
-
-def _pick_demo_model(device: str | None) -> tuple[str, str]:
-    """The model the demo runs: a real one whose weights are on disk (and a GPU to run it, unless ``--device`` says
-    otherwise), else ``tiny`` (random weights, nothing to download, real-time on a CPU).
-
-    Asked of a separate interpreter: the daemon side (torch) is never imported into this client process."""
-    import json
-
-    try:
-        probe = subprocess.run([sys.executable, "-m", "sdlive.daemon.model.probe"], capture_output=True, text=True, timeout=120,
-                               stdin=subprocess.DEVNULL)
-        found = json.loads(probe.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return "tiny", "could not look for downloaded models"
-    if "error" in found:
-        return "tiny", f"no daemon-side model code ({found['error']})"
-    real = found.get("downloaded") or []
-    if not real:
-        return "tiny", "no downloaded weights: `sdlive models pull wan2.1-1.3b` for the real model"
-    gpu = device == "cuda" or (device is None and found.get("cuda"))
-    if not gpu:
-        return "tiny", f"{real[0]} is downloaded but there is no GPU to run it in real time (--model {real[0]} forces it)"
-    return real[0], "downloaded weights found"
-
-
 def demo(
     frames: Annotated[int, typer.Option("--frames", min=8, help="Length of the generated clip in frames.")] = 90,
-    size: Annotated[int, typer.Option("--size", min=32, help="Frame width and height of the clip.")] = 256,
-    fps: Annotated[float, typer.Option("--fps", min=1.0, help="Frame rate of the clip.")] = 15.0,
+    size: Annotated[int, typer.Option("--size", min=32, help="Frame width and height of the generated clip.")] = 256,
+    fps: Annotated[float, typer.Option("--fps", min=1.0, help="Frame rate of the generated clip.")] = 15.0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Side-by-side video to write.")] = Path("sdlive-demo.mp4"),
     presets: Annotated[str | None, typer.Option("--presets", help=f"Comma-separated presets to switch through (default: {', '.join(DEMO_PRESETS)}).")] = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="Use this clip instead of the generated one.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model for the demo's daemon (default: real weights if downloaded, else tiny).")] = None,
+    width: Annotated[int | None, typer.Option("--width", min=1, help="With --input: restyle at this width (alone: keeps the aspect ratio).")] = None,
+    height: Annotated[int | None, typer.Option("--height", min=1, help="With --input: restyle at this height (alone: keeps the aspect ratio).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model for the demo's daemon (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda for the demo's daemon.")] = None,
     daemon: Annotated[str | None, typer.Option("--daemon", help="Use this running daemon instead of starting one.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN")] = None,
 ) -> None:
-    """The out-of-the-box demo: start a daemon, stream a clip through it switching presets mid-stream, write a
-    side-by-side video (input | restyled) and print the stats. Runs offline, no GPU needed (``tiny`` model)."""
+    """The out-of-the-box demo: a clip restyled with preset switches mid-stream, as a side-by-side video.
+
+    Starts a daemon of its own (real weights if downloaded and a GPU is there, else `tiny`: no GPU needed),
+    streams a generated clip (or --input) through it, writes input | restyled and prints the stats.
+    """
     from ..client import DaemonError
     from ..media.capture import open_source
     from ..media.pump import run_offline
 
-    why = "given"
-    if model is None and daemon is None:
-        model, why = _pick_demo_model(device)
+    if (width or height) and not input:
+        raise _fail("--width/--height go with --input (the generated clip takes --size)", 2)
     existed = output.exists()
     try:
+        target = _target(daemon, token)
+        wanted_given = [p.strip() for p in presets.split(",") if p.strip()] if presets else []
+        if not target.explicit:
+            for p in wanted_given:
+                check_preset_on_disk(p)
         with contextlib.ExitStack() as stack:
             spec = input or f"synthetic:{frames}"
-            source = stack.enter_context(open_source(spec, width=size if not input else None,
-                                                     height=size if not input else None, fps=fps if not input else None))
+            source = stack.enter_context(open_source(spec, width=width if input else size,
+                                                     height=height if input else size, fps=fps if not input else None))
+            clip_size = _checked_size(source)
             n = min(x for x in (source.frame_count, frames) if x is not None) if source.frame_count else frames
             clip_fps = getattr(source, "native_fps", None) or source.fps
             sink = stack.enter_context(_open_sink(f"file:{output}", source.width * 2, source.height, clip_fps, None,
                                                   audio_from=input if input and Path(input).is_file() else None))
             err_console.print(f"[bold]sdlive demo[/]: {source.description} {source.width}x{source.height}, {n} frames "
-                              f"at {clip_fps:g} fps; model {model or 'of the daemon'} ({why})")
-            address = stack.enter_context(daemon_address(daemon, token=token, model=model, device=device,
-                                                         purpose="the demo", always_start=daemon is None))
-            dc = stack.enter_context(_connect(address, token))
+                              f"at {clip_fps:g} fps")
+            use = stack.enter_context(daemon_for(target, model=model, device=device, purpose="the demo", own=True))
+            dc = stack.enter_context(_connect(use.address, target.token))
             hello = dc.hello()
             available = _preset_names(dc)
-            wanted = [p.strip() for p in presets.split(",") if p.strip()] if presets else \
-                [p for p in DEMO_PRESETS if p in available] or available[:3]
+            wanted = wanted_given or [p for p in DEMO_PRESETS if p in available] or available[:3]
             for p in wanted:
-                _check_preset(available, p, address)
+                _check_preset(available, p, use.address)
             if not wanted:
-                raise CommandError(f"the daemon at {address} has no presets to switch through")
+                raise CommandError(f"the daemon at {use.address} has no presets to switch through")
             # switch at equal intervals: frame 0 gets the first preset, then each next one a segment later
             schedule = {round(i * n / len(wanted)): name for i, name in enumerate(wanted)}
-            session = stack.enter_context(dc.open_session(width=source.width, height=source.height, fps=clip_fps,
+            session = stack.enter_context(dc.open_session(width=clip_size[0], height=clip_size[1], fps=clip_fps,
                                                           pixel_format="bgr24", preset=wanted[0], client="sdlive-demo"))
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -623,7 +592,9 @@ def _reraise_as_exit(exc: BaseException) -> NoReturn:
 
     if isinstance(exc, KeyboardInterrupt):
         raise typer.Exit(130) from None
-    if isinstance(exc, (SourceError, SinkError, DaemonUnavailable, InvalidRequest, PumpError, CommandError)):
+    if isinstance(exc, DaemonUnavailable):
+        raise _fail(exc.message) from None
+    if isinstance(exc, (SourceError, SinkError, InvalidRequest, PumpError, CommandError, CheckError, AutoStartError)):
         raise _fail(str(exc)) from None
     if isinstance(exc, DaemonError):
         raise _fail(f"the daemon refused: {exc}") from None

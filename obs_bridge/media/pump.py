@@ -31,9 +31,11 @@ from .capture import CapturedFrame, FrameSource
 from .sinks import FrameSink
 
 if TYPE_CHECKING:
+    from sdlive.daemon.protocol.messages import SessionStats
+
     from ..client import RestyledFrame, SessionClient
 
-__all__ = ["PumpStats", "PresetSwitcher", "run_live", "run_offline", "side_by_side", "label", "PumpError"]
+__all__ = ["PumpStats", "PresetSwitcher", "preset_numbers", "run_live", "run_offline", "side_by_side", "label", "PumpError", "fit"]
 
 log = logging.getLogger("sdlive.media")
 
@@ -68,6 +70,15 @@ class PumpStats:
     _in_times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     _out_times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     all_latencies_ms: list[float] = field(default_factory=list)
+    daemon: SessionStats | None = field(default=None, repr=False)
+    """The daemon's own figures for the session (PUB stats, or a final ``status``): its drop counts."""
+    last_output: np.ndarray | None = field(default=None, repr=False)
+    """The last frame written to the sinks (held there while ``cam`` reconnects)."""
+    reconnects: int = 0
+    held: int = 0
+    """Frames of ``last_output`` repeated on the sinks while reconnecting."""
+    lost: str | None = None
+    """Why the daemon went away (``sdlive cam`` reconnects), or None."""
 
     def note_in(self) -> None:
         self.frames_in += 1
@@ -105,10 +116,17 @@ class PumpStats:
         """Median over the recent outputs."""
         return float(np.median(np.asarray(self.latencies_ms))) if self.latencies_ms else None
 
+    def drops(self) -> str:
+        """``dropped 3 here, daemon 12 in / 52 out``: this process's drops and the daemon's own counts."""
+        text = f"dropped {self.dropped} here"
+        if self.daemon is not None:
+            text += f", daemon {self.daemon.dropped_in} in / {self.daemon.dropped_out} out"
+        return text
+
     def line(self) -> str:
         lat = f"{self.latency_ms:.0f} ms" if self.latency_ms is not None else "–"
         return (f"{self.preset or 'default'} │ in {self.fps_in:5.1f} fps │ out {self.fps_out:5.1f} fps │ "
-                f"latency {lat} │ frames {self.frames_out}/{self.frames_in} │ dropped {self.dropped}")
+                f"latency {lat} │ frames {self.frames_out}/{self.frames_in} │ {self.drops()}")
 
 
 # ------------------------------------------------------------------------------------------------------------ frames
@@ -145,26 +163,58 @@ def label(frame: np.ndarray, text: str, *, corner: str = "top-left") -> np.ndarr
 # ------------------------------------------------------------------------------------------------------------ presets
 
 
-class PresetSwitcher:
-    """Maps keys to presets: ``1``–``9`` pick the n-th preset, ``n``/``p`` (or ``+``/``-``) the next/previous one."""
+def preset_numbers(presets: Iterable[tuple[str, str | None]]) -> dict[str, int]:
+    """One numbering of the presets for every place that shows or takes a number (``sdlive preset``, ``cam``'s keys):
+    a preset whose ``hotkey`` ends in a digit (``ctrl+shift+3``, its OBS default binding) has that number; the
+    others take the free numbers after them, in name order. ``presets`` are ``(name, hotkey)`` pairs."""
+    pairs = sorted(presets)
+    numbers: dict[str, int] = {}
+    taken: set[int] = set()
+    for name, hotkey in pairs:
+        digit = hotkey.strip()[-1:] if hotkey else ""
+        if digit.isdigit() and digit != "0" and int(digit) not in taken:
+            numbers[name] = int(digit)
+            taken.add(int(digit))
+    n = 1
+    for name, _ in pairs:
+        if name in numbers:
+            continue
+        while n in taken:
+            n += 1
+        numbers[name] = n
+        taken.add(n)
+    return numbers
 
-    def __init__(self, names: Sequence[str], current: str | None = None) -> None:
-        self.names = list(names)
+
+class PresetSwitcher:
+    """Maps keys to presets: ``1``–``9`` pick the preset of that number (:func:`preset_numbers`; by default the
+    n-th name), ``n``/``p`` (or ``+``/``-``) the next/previous one in number order."""
+
+    def __init__(self, names: Sequence[str], current: str | None = None,
+                 numbers: dict[str, int] | None = None) -> None:
+        numbers = numbers or {name: i + 1 for i, name in enumerate(names)}
+        self.numbers = {name: numbers.get(name, 1000 + i) for i, name in enumerate(names)}
+        self.names = sorted(names, key=lambda name: self.numbers[name])
         self.index = self.names.index(current) if current in self.names else -1
 
     @property
     def current(self) -> str | None:
         return self.names[self.index] if 0 <= self.index < len(self.names) else None
 
+    def follow(self, name: str | None) -> None:
+        """The preset changed elsewhere (another client, an OBS hotkey): next/previous go on from there."""
+        if name in self.names:
+            self.index = self.names.index(name)
+
     def key(self, key: str) -> str | None:
         """The preset to switch to for ``key``, or None when the key means nothing (or there are no presets)."""
         if not self.names or not key:
             return None
         if key.isdigit() and key != "0":
-            i = int(key) - 1
-            if i >= len(self.names):
+            by_number = [name for name in self.names if self.numbers[name] == int(key)]
+            if not by_number:
                 return None
-            self.index = i
+            self.index = self.names.index(by_number[0])
         elif key in ("n", "+", "]", "\t"):
             self.index = (self.index + 1) % len(self.names)
         elif key in ("p", "-", "["):
@@ -172,6 +222,10 @@ class PresetSwitcher:
         else:
             return None
         return self.names[self.index]
+
+    def help(self) -> str:
+        """``1:anime  2:watercolor …`` for the keys 1–9."""
+        return "  ".join(f"{self.numbers[n]}:{n}" for n in self.names if self.numbers[n] <= 9)
 
 
 def _latency_ms(frame: RestyledFrame) -> float | None:
@@ -182,6 +236,18 @@ def _latency_ms(frame: RestyledFrame) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------------------ live
+
+
+def fit(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``pixels`` at ``width``×``height`` (unchanged when they are): frames go to a session at its rounded size
+    and come back to the size asked for (``sdlive.obs_bridge.cli.checks``)."""
+    if pixels.shape[1] == width and pixels.shape[0] == height:
+        return pixels
+    import cv2
+
+    shrinking = pixels.shape[0] * pixels.shape[1] > width * height
+    return np.ascontiguousarray(cv2.resize(pixels, (width, height),
+                                           interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR))
 
 
 def run_live(
@@ -199,47 +265,77 @@ def run_live(
     stats: PumpStats | None = None,
     idle_timeout_s: float = 10.0,
     steady_output: bool = True,
+    flush_timeout_s: float = 10.0,
 ) -> PumpStats:
     """Stream ``source`` through ``session`` (a :class:`~sdlive.obs_bridge.client.SessionClient`) into ``sinks``.
 
     Runs until the source ends (and its last outputs are back), ``max_frames`` outputs were written,
     ``duration_s`` passed, ``stop`` is set, a key ``q``/Esc arrives on ``keys`` or a sink window is closed. Keys are
-    handled on this thread (control calls are not made from two threads at once).
+    handled on this thread (control calls are not made from two threads at once). The session may run at another
+    size than the source (rounded to the daemon's multiple): frames are scaled to it and back.
+
+    A source that is not self-paced (a file, a folder, a generated clip) is sent at its fps. A finite one is
+    **flushed** at its end: its last frame is repeated until the output of the last real frame is back (the engine
+    holds a few frames), those padding outputs are dropped, then it stops (after ``flush_timeout_s`` at most).
 
     ``steady_output`` writes at most one frame per source period (the daemon's frames come in bursts when its engine
     step holds its loop; a virtual camera wants a steady rate): up to ``JITTER_FRAMES`` wait their turn, older ones
-    are dropped (newest wins) and counted.
+    are dropped (newest wins) and counted. Each sink gets the capture timestamp of the frame it is written, so a
+    timed file sink plays at real speed.
+
+    The preset shown follows the session's (switched here, or elsewhere: the client library watches the daemon's
+    events), and ``stats.daemon`` holds the daemon's own figures for the session (its drop counts). A daemon that
+    goes silent or loses the session raises the client's ``DaemonUnavailable`` / ``SessionLost`` from here, with
+    ``stats.last_output`` the last frame written (``sdlive cam`` holds it and reconnects).
     """
     sinks = list(sinks)
     stop = stop or threading.Event()
     stats = stats or PumpStats(preset=switcher.current if switcher else None)
+    if session.preset:
+        stats.preset = session.preset
     sent_frames: OrderedDict[int, np.ndarray] = OrderedDict()  # timestamp_ns -> input pixels, for side by side
     sent_lock = threading.Lock()
     sender_done = threading.Event()
+    flushed = threading.Event()
     sender_error: list[BaseException] = []
+    last_real_ts: list[int] = []  # the last real frame's timestamp, once a finite source ended
+    sw, sh = session.width, session.height
 
     def sender() -> None:
         period = 1.0 / source.fps if source.fps > 0 else 0.0
         t0 = time.perf_counter()
         n = 0
+        padding = 0
+        last: CapturedFrame | None = None
         try:
             while not stop.is_set():
-                if not source.self_paced and period:
+                if (not source.self_paced or last_real_ts) and period:
                     delay = t0 + n * period - time.perf_counter()
                     if delay > 0:
                         stop.wait(delay)
                     elif delay < -1.0:  # fell more than a second behind (suspend, slow disk): don't burst
                         t0, n = time.perf_counter(), 0
+                if last_real_ts:  # flushing: repeat the last frame until its output is back
+                    if flushed.is_set() or last is None or padding >= 2 * (session.latency_frames + CHUNK_FRAMES):
+                        return
+                    padding += 1
+                    n += 1
+                    session.send(fit(last.pixels, sw, sh), timestamp_ns=max(time.monotonic_ns(), last_real_ts[0] + 1))
+                    continue
                 frame: CapturedFrame | None = source.read()
                 if frame is None:
-                    break
+                    if last is None:
+                        return
+                    last_real_ts.append(last.timestamp_ns)
+                    continue
+                last = frame
                 n += 1
                 if side_by_side_view:
                     with sent_lock:
                         sent_frames[frame.timestamp_ns] = frame.pixels
                         while len(sent_frames) > 256:
                             sent_frames.popitem(last=False)
-                session.send(frame.pixels, timestamp_ns=frame.timestamp_ns)
+                session.send(fit(frame.pixels, sw, sh), timestamp_ns=frame.timestamp_ns)
                 stats.note_in()
         except BaseException as exc:  # reported on the main thread
             sender_error.append(exc)
@@ -248,7 +344,7 @@ def run_live(
 
     thread = threading.Thread(target=sender, name="sdlive-capture", daemon=True)
     period = 1.0 / source.fps if steady_output and source.fps > 0 else 0.0
-    ready: deque[tuple[np.ndarray, float | None]] = deque()
+    ready: deque[tuple[np.ndarray, float | None, int]] = deque()
     next_tick = 0.0
     started = time.monotonic()
     last_stats = 0.0
@@ -278,9 +374,13 @@ def run_live(
                 name = switcher.key(key) if switcher else None
                 if name:
                     session.set_preset(name)
-                    stats.preset = name
                     stats.preset_switches += 1
                     log.info("preset → %s", name)
+            if session.preset and session.preset != stats.preset:  # switched here or elsewhere (PUB events)
+                stats.preset = session.preset
+                if switcher:
+                    switcher.follow(session.preset)
+            stats.daemon = session.daemon_stats or stats.daemon
             if stop.is_set() or any(s.closed for s in sinks):
                 break
 
@@ -288,20 +388,27 @@ def run_live(
             #    when its engine step blocks, virtual cameras want a steady rate)
             now = time.monotonic()
             if ready and (period == 0.0 or now >= next_tick):
-                pixels, latency = ready.popleft()
+                pixels, latency, ts = ready.popleft()
                 for sink in sinks:
-                    sink.write(pixels)
+                    sink.write(pixels, timestamp_ns=ts)
+                stats.last_output = pixels
                 stats.note_out(latency)
                 next_tick = next_tick + period if now - next_tick < period else now + period
                 if max_frames is not None and stats.frames_out >= max_frames:
                     break
+            if flushed.is_set() and not ready:
+                break  # a finite source: every output is written
             wait = RECV_POLL_S if not ready else max(0.0, min(RECV_POLL_S, next_tick - now))
             # 2. collect
             out = session.recv(timeout_s=wait)
             now = time.monotonic()
             if out is not None:
                 last_output = now
-                pixels = out.pixels
+                if last_real_ts and out.timestamp_ns >= last_real_ts[0]:
+                    flushed.set()
+                    if out.timestamp_ns > last_real_ts[0]:
+                        continue  # a padding frame's output (the last real one was dropped)
+                pixels = fit(out.pixels, source.width, source.height)
                 if side_by_side_view:
                     with sent_lock:
                         inp = sent_frames.get(out.timestamp_ns)
@@ -313,16 +420,14 @@ def run_live(
                         inp = last_input if last_input is not None else np.zeros_like(pixels)
                     last_input = inp
                     pixels = side_by_side(inp, pixels)
-                ready.append((pixels, _latency_ms(out)))
+                ready.append((pixels, _latency_ms(out), out.timestamp_ns))
                 if len(ready) > JITTER_FRAMES:  # more than a burst behind: newest wins
                     ready.popleft()
                     stats.dropped += 1
             elif ready:
                 pass  # delivered on the next tick
-            elif sender_done.is_set():
-                # the source ended: wait out the pipeline's latency, then stop
-                if now - last_output > max(1.0, 3 * session.latency_frames / max(source.fps, 1.0)):
-                    break
+            elif sender_done.is_set() and (not last_real_ts or now - last_output > flush_timeout_s):
+                break  # the source ended (and the flush gave up waiting)
             elif now - last_output > idle_timeout_s and stats.frames_in > 0:
                 raise PumpError(f"the daemon returned no frame for {idle_timeout_s:g} s (is it still running? "
                                 f"see `sdlive status`)")
@@ -445,7 +550,7 @@ def run_offline(
             ts = max(time.monotonic_ns(), last_ts + 1)  # unique per frame: outputs are matched by timestamp
             last_ts = ts
             ts_index[ts] = sent
-            session.send(pixels, timestamp_ns=ts)
+            session.send(fit(pixels, session.width, session.height), timestamp_ns=ts)
             sent += 1
 
         # 2. collect what came back (briefly when only the daemon's input ring was full: it empties fast)
@@ -456,16 +561,17 @@ def run_offline(
             if index is None or index < next_out:
                 continue  # a frame we no longer wait for (or a daemon that doesn't echo timestamps: see below)
             last_progress = now
+            out_pixels = fit(out.pixels, source.width, source.height)
             if total is not None and index >= total:
                 index = total  # padding output: everything real before it is either written or lost
             while next_out < index:  # outputs the daemon dropped: hold the previous one
                 if last_pixels is None:
-                    last_pixels = np.zeros_like(out.pixels)
+                    last_pixels = np.zeros_like(out_pixels)
                 stats.dropped += 1
                 emit(next_out, last_pixels)
             if total is None or index < total:
-                last_pixels = out.pixels
-                emit(index, out.pixels)
+                last_pixels = out_pixels
+                emit(index, out_pixels)
                 stats.note_out(_latency_ms(out))
         elif now - last_progress > timeout_s:
             raise PumpError(

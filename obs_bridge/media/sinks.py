@@ -112,15 +112,17 @@ class FrameSink(ABC):
     def closed(self) -> bool:
         return self._closed
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, timestamp_ns: int | None = None) -> None:
+        """Show/write one frame. ``timestamp_ns`` is its capture time (``time.monotonic_ns()`` clock): a timed
+        file sink places the frame by it; the other sinks show frames as they come."""
         if self._closed:
             raise SinkError(f"{self.kind} sink: write() after close()")
-        self._write(check_frame(frame, (self.height, self.width, 3)))
+        self._write(check_frame(frame, (self.height, self.width, 3)), timestamp_ns)
         self._frames_sent += 1
         self._times.append(time.perf_counter())
 
     @abstractmethod
-    def _write(self, frame: np.ndarray) -> None: ...
+    def _write(self, frame: np.ndarray, timestamp_ns: int | None) -> None: ...
 
     def _release(self) -> None:  # noqa: B027 - optional hook
         """Free the device or finish the file."""
@@ -181,7 +183,7 @@ class VirtualCameraSink(FrameSink):
     def device(self) -> str:
         return self._cam.device
 
-    def _write(self, frame: np.ndarray) -> None:
+    def _write(self, frame: np.ndarray, timestamp_ns: int | None) -> None:
         self._cam.send(frame)
 
     def _release(self) -> None:
@@ -196,14 +198,23 @@ class VideoFileSink(FrameSink):
 
     ``audio_from`` copies the first audio stream of that file into the output (re-encoded only when the container
     can't hold its codec), interleaved with the video and cut at the video's end.
+
+    ``timed`` (a live recording, ``sdlive cam --output file:…``): each frame is placed at its capture timestamp
+    (frames a live stream dropped leave the previous frame on screen for longer; two frames in one frame slot keep
+    the first), so the file plays at real speed. Untimed (``render``): frame n is at n / fps.
     """
 
     kind = "file"
 
     def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: float,
-                 audio_from: str | os.PathLike | None = None, codec: str | None = None, crf: int = 18) -> None:
+                 audio_from: str | os.PathLike | None = None, codec: str | None = None, crf: int = 18,
+                 timed: bool = False) -> None:
         super().__init__(width=width, height=height, fps=fps)
         import av
+
+        self.timed = timed
+        self._t0_ns: int | None = None
+        self._next_pts = 0  # the first free frame slot
 
         self.path = Path(path)
         ext = self.path.suffix.lower()
@@ -238,20 +249,33 @@ class VideoFileSink(FrameSink):
     def _mux_audio_until(self, seconds: float | None) -> None:
         """Write the input's audio up to ``seconds`` of output time (None: up to the video's end)."""
         if self._audio is not None:
-            end = self._frames_sent / float(self._rate)  # written so far (write() counts after _write)
+            end = self._next_pts / float(self._rate)  # written so far
             self._audio.mux_until(end if seconds is None else seconds)
 
-    def _write(self, frame: np.ndarray) -> None:
+    def _slot(self, timestamp_ns: int | None) -> int | None:
+        """The frame slot (pts) of the next frame; None when a timed frame falls in a slot already written."""
+        if not self.timed or timestamp_ns is None:
+            return self._next_pts
+        if self._t0_ns is None:
+            self._t0_ns = timestamp_ns
+        pts = round((timestamp_ns - self._t0_ns) / 1e9 * float(self._rate))
+        return pts if pts >= self._next_pts else None
+
+    def _write(self, frame: np.ndarray, timestamp_ns: int | None) -> None:
         import av
 
+        pts = self._slot(timestamp_ns)
+        if pts is None:
+            return
         if (self._enc_w, self._enc_h) != (self.width, self.height):
             frame = np.pad(frame, ((0, self._enc_h - self.height), (0, self._enc_w - self.width), (0, 0)), mode="edge")
         vf = av.VideoFrame.from_ndarray(frame, format="bgr24")
-        vf.pts = self._frames_sent
+        vf.pts = pts
         vf.time_base = 1 / self._rate
         for pkt in self._video.encode(vf):
             self._container.mux(pkt)
-        self._mux_audio_until((self._frames_sent + 1) / float(self._rate))  # interleave as we go
+        self._next_pts = pts + 1
+        self._mux_audio_until(self._next_pts / float(self._rate))  # interleave as we go
 
     def _release(self) -> None:
         try:
@@ -397,7 +421,7 @@ class WindowSink(FrameSink):
     def _on_close(self) -> None:
         self.close()
 
-    def _write(self, frame: np.ndarray) -> None:
+    def _write(self, frame: np.ndarray, timestamp_ns: int | None) -> None:
         if self._backend == "opencv":
             self._cv2.imshow(self.title, frame)
             key = self._cv2.waitKey(1)
@@ -443,13 +467,14 @@ class NullSink(FrameSink):
 
     kind = "none"
 
-    def _write(self, frame: np.ndarray) -> None:
+    def _write(self, frame: np.ndarray, timestamp_ns: int | None) -> None:
         pass
 
 
 def open_sink(spec: str, *, width: int, height: int, fps: float, audio_from: str | os.PathLike | None = None,
-              vcam_device: str | None = None) -> FrameSink:
-    """Open the sink ``spec`` names (see the module doc). Raises :class:`SinkError` naming the problem and the fix."""
+              vcam_device: str | None = None, timed: bool = False) -> FrameSink:
+    """Open the sink ``spec`` names (see the module doc); ``timed`` files place frames by their capture timestamps
+    (live recordings). Raises :class:`SinkError` naming the problem and the fix."""
     spec = spec.strip()
     kind, sep, arg = spec.partition(":")
     kind_l = kind.lower()
@@ -462,7 +487,7 @@ def open_sink(spec: str, *, width: int, height: int, fps: float, audio_from: str
     if kind_l == "file":
         if not arg:
             raise SinkError("file output needs a path: --output file:out.mp4")
-        return VideoFileSink(arg, width=width, height=height, fps=fps, audio_from=audio_from)
+        return VideoFileSink(arg, width=width, height=height, fps=fps, audio_from=audio_from, timed=timed)
     if Path(spec).suffix.lower() in VIDEO_EXTENSIONS:
-        return VideoFileSink(spec, width=width, height=height, fps=fps, audio_from=audio_from)
+        return VideoFileSink(spec, width=width, height=height, fps=fps, audio_from=audio_from, timed=timed)
     raise SinkError(f"unknown output {spec!r}: use vcam[:BACKEND], window, file:PATH (or a .mp4/.mkv/.webm path) or none")

@@ -94,7 +94,7 @@ def test_client_media_modules_never_import_torch():
 
     code = ("import sys; import sdlive.obs_bridge.cli, sdlive.obs_bridge.media.capture, sdlive.obs_bridge.media.sinks, "
             "sdlive.obs_bridge.media.pump, sdlive.obs_bridge.media.vcam, sdlive.obs_bridge.cli.media; "
-            "from sdlive.obs_bridge.cli.media import _pick_demo_model; _pick_demo_model('cpu'); "
+            "from sdlive.obs_bridge.cli.autostart import pick_model; pick_model('cpu'); "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
