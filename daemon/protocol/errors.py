@@ -25,6 +25,7 @@ class ErrorCode(str, Enum):
     BAD_PARAMS = "bad_params"  # a generation parameter is out of range or rejected by the engine
     CAPACITY = "capacity"  # the daemon cannot take another session (max sessions, memory)
     INTERNAL = "internal"  # the daemon failed; the message says what, the daemon keeps running
+    LOADING = "loading"  # the daemon is still loading its model: retry when hello/status say state "ready"
 
     def __str__(self) -> str:
         return self.value

@@ -64,6 +64,7 @@ __all__ = [
     "HeartbeatRequest",
     "HelloReply",
     "HelloRequest",
+    "LoadingInfo",
     "ListPresetsReply",
     "ListPresetsRequest",
     "NetEndpoints",
@@ -263,12 +264,26 @@ class CacheInfo(_Lenient):
     rope_refresh_frames: int = Field(description="frame position at which RoPE restarts; 0: never")
 
 
+DaemonState = Literal["loading", "ready"]
+
+
+class LoadingInfo(_Lenient):
+    """What a daemon that is still loading is doing (``hello`` / ``status`` with ``state: "loading"``)."""
+
+    model: str
+    stage: str = Field(description="the loader's latest step, e.g. 'loading the tiny transformer from …', 'warming up'")
+    stages_done: int = Field(0, description="loader steps finished so far")
+    elapsed_s: float = Field(description="seconds since the load started")
+
+
 class HelloReply(_Reply):
     protocol: str = PROTOCOL_VERSION
     daemon_version: str
     model: str
     device: str
     capabilities: Capabilities
+    state: DaemonState = Field("ready", description="'loading': only hello, status, list_presets, heartbeat, shutdown")
+    loading: LoadingInfo | None = Field(None, description="while state is 'loading': what and how far")
     cache: CacheInfo | None = Field(None, description="the model's KV cache settings (None: not known)")
     compat: str | None = Field(
         None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
@@ -396,6 +411,8 @@ class StatusReply(_Reply):
     device: str
     uptime_s: float
     max_sessions: int
+    state: DaemonState = Field("ready", description="'loading' until the model is loaded and warmed up")
+    loading: LoadingInfo | None = Field(None, description="while state is 'loading': what and how far")
     control_address: str | None = None
     pub_address: str | None = None
     presets: int = 0

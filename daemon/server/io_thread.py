@@ -5,7 +5,8 @@ unauthorised message is answered at once with an error reply, even while the com
 and never reaches it. It then answers what it can on its own (``ops.FrontDesk``: hello, list_presets, heartbeat,
 shutdown, and set_preset / set_params, acknowledged and queued) and hands the rest (open_session, close_session,
 status) to the compute loop as :class:`~.items.LoopRequest` items, with network frames as
-:class:`~.items.NetInput`. Until the model is loaded (no front desk yet) requests wait here, bounded.
+:class:`~.items.NetInput`. While the model loads, a ``loading.LoadingDesk`` answers instead (state "loading" and
+progress, a ``loading`` error for what needs the model).
 
 Outbound, the compute loop and the output thread put replies, PUB messages, network frames and network-session
 binds/drops on the :class:`Outbox`, which wakes this thread through an inproc PAIR socket; the same PAIR carries
@@ -40,6 +41,7 @@ from ..protocol.messages import (
     error_reply,
     ok_reply,
 )
+from . import faults
 from .auth import SocketAuth
 from .directory import SessionDirectory
 from .items import (
@@ -57,7 +59,9 @@ from .items import (
     Publish,
     Reply,
 )
+from .loading import LoadingDesk
 from .ops import FrontDesk
+from .transports import NET_WAKE, NetLink
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +167,7 @@ class IOThread(threading.Thread):
         self.bound_control = control
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
-        self._desk: FrontDesk | None = None
+        self._desk: FrontDesk | LoadingDesk | None = None
         self._started_ns = time.monotonic_ns()
         self._waiting: list[tuple[list[bytes], Request, int]] = []
 
@@ -172,8 +176,9 @@ class IOThread(threading.Thread):
         refused = self.auth.refused if self.auth is not None else 0
         return {**self.counters, "refused_handshakes": refused}
 
-    def open_desk(self, desk: FrontDesk) -> None:
-        """Start answering requests (the model is loaded); requests that waited meanwhile are answered now."""
+    def open_desk(self, desk: FrontDesk | LoadingDesk) -> None:
+        """Answer requests through ``desk`` from now on (the loading desk while the model loads, then the front
+        desk); requests that waited for a desk are answered now."""
         self._desk = desk
         self.outbox.wake()
 
@@ -279,6 +284,7 @@ class IOThread(threading.Thread):
                 for envelope, message, received_ns in waiting:
                     self._dispatch(router, envelope, message, received_ns)
             if router in events:
+                faults.check("io")
                 for _ in range(256):  # bounded: a flood cannot starve the outbox
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -334,7 +340,7 @@ class IOThread(threading.Thread):
         if self._desk is None:
             if len(self._waiting) >= MAX_WAITING_REQUESTS:
                 self._reject(router, envelope, ProtocolError(
-                    ErrorCode.CAPACITY, "the daemon is still loading its model: retry in a few seconds", id=message.id
+                    ErrorCode.LOADING, "the daemon is starting: retry in a few seconds", id=message.id
                 ))  # fmt: skip
                 return
             self._waiting.append((envelope, message, now))
@@ -463,7 +469,14 @@ class IOThread(threading.Thread):
     # ------------------------------------------------------------------ network frames in
 
     def _on_net_input(self, session_id: str, sock: zmq.Socket) -> None:
+        """Check each received frame against the session (``netframe.check_frame``: header fields and, for JPEG or
+        PNG, the image size their own header declares) and queue it in the session's ``NetLink``, bounded, newest
+        wins. Nothing is decoded here: this thread answers every client, and a frame declaring a huge image costs
+        its header bytes only. The compute loop decodes (``NetTransport.take``) and is woken only when the link
+        was empty, so frames never pile up on its inbox."""
         net = self._net[session_id]
+        link = net.counters
+        assert isinstance(link, NetLink), "network sessions are opened by transports.open_transport"
         for _ in range(64):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -474,16 +487,14 @@ class IOThread(threading.Thread):
             try:
                 if len(parts) != 2:
                     raise ValueError(f"a frame message has 2 parts [header, pixels], got {len(parts)}")
-                header, pixels = netframe.decode_frame(parts[0].buffer, parts[1].buffer)
-                if pixels.shape[:2] != (net.height, net.width) or header.pixel_format != net.pixel_format:
-                    raise ValueError(
-                        f"frame is {pixels.shape[1]}x{pixels.shape[0]} {header.pixel_format}, the session is "
-                        f"{net.width}x{net.height} {net.pixel_format}"
-                    )
+                header, payload = netframe.check_frame(
+                    parts[0].buffer, parts[1].buffer, width=net.width, height=net.height, pixel_format=net.pixel_format
+                )
             except Exception as exc:  # noqa: BLE001 - a bad frame is the client's fault, never ours to die of
                 self.inbox.put(NetInputError(session_id, f"bad network frame: {exc}"))
                 continue
-            self.inbox.put(NetInput(session_id, int(header.seq), int(header.timestamp_ns), pixels, now))
+            if link.put(header, payload, now):
+                self.inbox.put(NetInput(session_id, int(header.seq), int(header.timestamp_ns), NET_WAKE, now))
 
 
 def _net_host(control: str) -> str:

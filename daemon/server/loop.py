@@ -34,9 +34,11 @@ from ..protocol.messages import (
     CacheInfo,
     DaemonBeat,
     Event,
+    HelloReply,
     SessionStats,
     StatusReply,
 )
+from . import faults
 from .changes import ChangeQueue
 from .directory import SessionDirectory
 from .io_thread import IOThread
@@ -51,7 +53,8 @@ from .items import (
     Reply,
     Shutdown,
 )
-from .ops import FrontDesk, LoopOps, cache_info, hello_reply
+from .loading import LoadingDesk, LoadProgress
+from .ops import FrontDesk, LoopOps, cache_info, hello_reply, preset_infos
 from .pacing import OutputThread
 from .prompts import PromptWarmer
 from .session import Output, Session
@@ -104,6 +107,12 @@ class ComputeLoop:
         self._warmer: PromptWarmer | None = None
         self._changes: ChangeQueue | None = None
         self._stopping: str | None = None
+        self._fatal = False
+        """The stop is a failure (a dead thread): the dead sentinel, exit code 1."""
+        self.loading = LoadProgress(config.model)
+        """The model load's progress, answered by the IO thread until :meth:`attach_engine`."""
+        self.interrupt_load: Callable[[], None] | None = None
+        """Set by ``serve`` while it loads: stops the load (a ``shutdown`` request meanwhile)."""
         self._next_tick_ns = 0
         self._next_beat_ns = 0
 
@@ -124,6 +133,30 @@ class ComputeLoop:
         self.io.start_and_wait()
         self.output.start()
         log.info("control on %s, pub on %s", self.io.bound_control, self.io.bound_pub)
+        self.io.open_desk(
+            LoadingDesk(
+                progress=self.loading,
+                hello=self._hello(),
+                status=lambda: self.ops.status_reply([], device_memory_mb(None)),  # no torch import off the loader
+                presets=preset_infos(self.presets),
+                submit=self.inbox.put,
+                interrupt=lambda: self.interrupt_load() if self.interrupt_load is not None else None,
+            )
+        )
+
+    def _hello(self) -> HelloReply:
+        return hello_reply(
+            config_token=bool(self.config.token),
+            model=self.model_name,
+            device=self.device if self._engine is not None else (self.config.device or "auto"),
+            max_sessions=self.config.max_sessions,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            heartbeat_liveness=self.config.heartbeat_liveness,
+            pub_address=self.io.bound_pub,
+            cache=self.cache,
+            compat=self.compat,
+            curve=self.io.auth is not None and self.io.auth.enabled,
+        )
 
     def attach_engine(self, engine: Engine) -> None:
         """Use ``engine`` (loaded after the sockets were bound), start encoding the presets' prompts and open the
@@ -139,19 +172,7 @@ class ComputeLoop:
         )
         for name in self.presets.names():
             self._warmer.request(self.presets.presets[name].prompt)
-        hello = hello_reply(
-            config_token=bool(self.config.token),
-            model=self.model_name,
-            device=self.device,
-            max_sessions=self.config.max_sessions,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            heartbeat_liveness=self.config.heartbeat_liveness,
-            pub_address=self.io.bound_pub,
-            cache=self.cache,
-            compat=self.compat,
-            curve=self.io.auth is not None and self.io.auth.enabled,
-        )
-        self.io.open_desk(FrontDesk(hello=hello, presets=self.presets, directory=self.directory, submit=self.inbox.put))
+        self.io.open_desk(FrontDesk(hello=self._hello(), presets=self.presets, directory=self.directory, submit=self.inbox.put))
 
     def install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -173,9 +194,8 @@ class ComputeLoop:
             log.exception("fatal error in the compute loop")
             self.shutdown(f"fatal: {type(exc).__name__}: {exc}", dead=True)
             return 1
-        dead = self._stopping.startswith("IO thread failed")
-        self.shutdown(self._stopping, dead=dead)
-        return 1 if dead else 0
+        self.shutdown(self._stopping, dead=self._fatal)
+        return 1 if self._fatal else 0
 
     def _turn(self) -> None:
         now = time.monotonic_ns()
@@ -219,6 +239,7 @@ class ComputeLoop:
 
     def _handle(self, item: InboundItem) -> None:
         if isinstance(item, LoopRequest):
+            faults.check("loop")
             self._answer(item)
         elif isinstance(item, ParamsChange):
             session = self.sessions.get(item.session_id)
@@ -237,6 +258,7 @@ class ComputeLoop:
             log.info("shutting down: %s", item.reason)
             self._stopping = item.reason
         elif isinstance(item, IOFailed):
+            self._fatal = True
             self._stopping = item.reason
         else:
             log.error("unknown inbound item %r", item)
@@ -287,8 +309,14 @@ class ComputeLoop:
                 break  # nothing moved, or answer requests between frames
 
     def _release_output(self, out: Output) -> None:
-        """Output thread: one output is due."""
-        out.session.emit(out)
+        """Output thread: one output is due. An unexpected failure is that session's: it is marked failed, and the
+        compute loop closes it with the reason (the output thread itself keeps serving the others)."""
+        try:
+            faults.check("output")
+            out.session.emit(out)
+        except Exception as exc:  # noqa: BLE001 - confined to the session whose output failed
+            log.exception("output of session %s failed", out.session.session_id)
+            out.session.failed = f"output failed: {type(exc).__name__}: {exc}"
 
     # ------------------------------------------------------------------ changes
 
@@ -317,6 +345,12 @@ class ComputeLoop:
         ]
 
     def _tick(self, now: int) -> None:
+        for thread in (self.io, self.output):  # a thread that died without saying so must still stop the daemon
+            if not thread.is_alive() and self._stopping is None:
+                log.error("the %s thread died", thread.name)
+                self._fatal = True
+                self._stopping = f"the {thread.name} thread died"
+                return
         timeout = self.config.heartbeat_timeout_s
         for session in list(self.sessions.values()):
             age = session.client_age_s(time.monotonic_ns(), self.directory.last_seen_ns(session.session_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from pydantic.fields import FieldInfo
 
 from ..config import ConfigError, DaemonConfig, load_config
 from ..presets import load_presets
+from .loading import STAGE_WARMUP, LoadProgress
 from .loop import ComputeLoop
 from .transports import sweep_stale_rings
 
@@ -155,8 +157,9 @@ def serve(config: DaemonConfig) -> int:
     if threading.current_thread() is threading.main_thread():  # a signal during the (long) load stops it at once
         signal.signal(signal.SIGTERM, _interrupt_load)
         signal.signal(signal.SIGINT, _interrupt_load)
+        loop.interrupt_load = lambda: os.kill(os.getpid(), signal.SIGTERM)  # a `shutdown` request while loading
     try:
-        engine = load_engine(config, view)
+        engine = load_engine(config, view, progress=loop.loading)
     except _Interrupted as exc:
         log.info("interrupted by %s while loading the model", exc)
         loop.shutdown(f"signal {exc} during model load", dead=False)
@@ -165,6 +168,7 @@ def serve(config: DaemonConfig) -> int:
         log.error("cannot load model %r: %s", config.model, exc)
         loop.shutdown(f"model load failed: {exc}", dead=True)
         return 1
+    loop.interrupt_load = None
     loop.install_signal_handlers()  # from here on a signal is a Shutdown on the compute loop's inbox
     loop.attach_engine(engine)
     log.info("sdlive daemon ready: model %s on %s, control %s", loop.model_name, loop.device, loop.io.bound_control)
@@ -198,8 +202,9 @@ def setup_logging(config: DaemonConfig, *, console: Console | None = None) -> No
     root.setLevel(config.log_level)
 
 
-def load_engine(config: DaemonConfig, view: StatsView | None) -> StreamEngine:
-    """Load the model (with a spinner on the stats view), then warm it up unless ``--no-warmup``."""
+def load_engine(config: DaemonConfig, view: StatsView | None, progress: LoadProgress | None = None) -> StreamEngine:
+    """Load the model (with a spinner on the stats view), then warm it up unless ``--no-warmup``; ``progress``
+    follows the loader's stages (``hello`` / ``status`` answer with them meanwhile)."""
     import contextlib
 
     import torch
@@ -218,9 +223,12 @@ def load_engine(config: DaemonConfig, view: StatsView | None) -> StreamEngine:
             cache_policy=config.cache_overrides(),
             base_only=config.allow_base_model,
             compat=config.compat,
+            progress=progress.update if progress is not None else None,
         )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
     if config.warmup:
+        if progress is not None:
+            progress.update(STAGE_WARMUP)
         warm_up(engine)
     return engine
 

@@ -218,7 +218,7 @@ def test_error_reply_refuses_a_code_outside_the_contract():
 
 def test_the_stable_error_codes_are_exactly_the_contract():
     assert ERROR_CODES == {"bad_json", "bad_request", "unknown_op", "too_large", "unauthorized", "unknown_session",
-                           "unknown_preset", "bad_params", "capacity", "internal"}  # fmt: skip
+                           "unknown_preset", "bad_params", "capacity", "internal", "loading"}  # fmt: skip
 
 
 def test_protocol_error_becomes_the_documented_reply():
