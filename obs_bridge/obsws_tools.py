@@ -76,6 +76,15 @@ def hotkey_names(client: Any) -> list[str]:
     return list(client.get_hotkey_list().hotkeys)
 
 
+STEP_NAMES = (_NAMES.HOTKEY_NEXT[len(HOTKEY_PREFIX) :], _NAMES.HOTKEY_PREV[len(HOTKEY_PREFIX) :])  # next, prev
+
+
+def preset_names(client: Any) -> list[str]:
+    """The presets the script has a hotkey for (sorted), without the next / prev hotkeys."""
+    return sorted(n[len(HOTKEY_PREFIX) :] for n in hotkey_names(client)
+                  if n.startswith(HOTKEY_PREFIX) and n[len(HOTKEY_PREFIX) :] not in STEP_NAMES)
+
+
 def script_loaded(client: Any) -> bool:
     """The sdlive script registers its preset hotkeys when it loads: their presence proves it runs."""
     return any(n.startswith(HOTKEY_PREFIX) for n in hotkey_names(client))
@@ -124,11 +133,10 @@ def add_filter(client: Any, source: str, *, name: str = DEFAULT_FILTER_NAME,
 def trigger_preset(client: Any, name: str) -> str:
     """Press the script's hotkey for a preset name, or ``next`` / ``prev``."""
     hotkey = HOTKEY_PREFIX + name
-    names = hotkey_names(client)
-    if hotkey not in names:
-        known = sorted(n[len(HOTKEY_PREFIX) :] for n in names if n.startswith(HOTKEY_PREFIX))
+    if hotkey not in hotkey_names(client):
+        known = preset_names(client)
         if not known:
             raise ValueError("the sdlive script is not loaded in OBS (no sdlive hotkeys): run `sdlive obs setup`")
-        raise ValueError(f"no hotkey for preset {name!r}; OBS knows: {', '.join(known)}")
+        raise ValueError(f"no hotkey for preset {name!r}; OBS has presets {', '.join(known)} (and next, prev)")
     client.trigger_hotkey_by_name(hotkey)
     return hotkey

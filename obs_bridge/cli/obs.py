@@ -151,18 +151,18 @@ def status(
     client = _conn(host, port, password)
     try:
         versions = obsws_tools.check_versions(client)
-        hotkeys = obsws_tools.hotkey_names(client)
-        presets = sorted(h[len(obsws_tools.HOTKEY_PREFIX) :] for h in hotkeys if h.startswith(obsws_tools.HOTKEY_PREFIX))
+        loaded = obsws_tools.script_loaded(client)
+        presets = obsws_tools.preset_names(client)
         filters = obsws_tools.sdlive_filters(client)
     finally:
         _disconnect(client)
-    report = {"versions": versions, "script_loaded": bool(presets), "preset_hotkeys": presets, "filters": filters}
+    report = {"versions": versions, "script_loaded": loaded, "presets": presets, "filters": filters}
     lines = [
         f"OBS {versions['obs_version']}, obs-websocket {versions['websocket_version']}",
-        "sdlive script: " + ("loaded" if presets else "NOT loaded: " + SCRIPT_MISSING_HELP.format(script=_script_path())),
+        "sdlive script: " + ("loaded" if loaded else "NOT loaded: " + SCRIPT_MISSING_HELP.format(script=_script_path())),
     ]
-    if presets:
-        lines.append("preset hotkeys: " + ", ".join(presets))
+    if loaded:
+        lines.append("preset hotkeys: " + (", ".join(presets) or "none yet") + "; and next / prev")
     if not filters:
         lines.append("no sdlive filter yet: `sdlive obs setup --source NAME`")
     for f in filters:

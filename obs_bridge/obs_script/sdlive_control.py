@@ -60,6 +60,7 @@ class StdlibControl:
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._aborted = False
 
     # -- requests ------------------------------------------------------------------------------------------------
     def request(self, op: str, timeout_s: float = REQUEST_TIMEOUT_S, **fields: Any) -> dict[str, Any]:
@@ -71,9 +72,12 @@ class StdlibControl:
             msg["token"] = self.token
         data = json.dumps(msg).encode("utf-8")
         deadline = time.monotonic() + timeout_s
+        self._aborted = False
         try:
             return self._exchange(op, msg_id, data, deadline, timeout_s)
-        except _StaleConnection:  # the daemon closed an idle connection just now (restart, heartbeat timeout)
+        except _StaleConnection as exc:  # the daemon closed an idle connection just now (restart, heartbeat timeout)
+            if self._aborted:
+                raise ControlError(f"{op!r} to {self.address} aborted") from exc
             return self._exchange(op, msg_id, data, deadline, timeout_s)  # once more, on a fresh connection
 
     def _exchange(self, op: str, msg_id: int, data: bytes, deadline: float, timeout_s: float) -> dict[str, Any]:
@@ -108,6 +112,7 @@ class StdlibControl:
 
     def abort(self) -> None:
         """From another thread: cut the connection, so a request waiting on it ends at once (ControlError)."""
+        self._aborted = True  # no second try on a fresh connection for the request in flight
         sock = self._sock
         if sock is not None:
             try:

@@ -32,6 +32,25 @@ CLOSE_TIMEOUT_S = 0.5  # close_session on the way out: the daemon reaps silent s
 POLL_S = 0.05  # the worker's idle wake-up: commands and size changes are noticed this fast without a wake()
 
 
+def failure_kind(exc: BaseException) -> str:
+    """What a failure is, without its details (an OS error number, a resolver's changing words): the filter logs a
+    failure once per kind."""
+    return f"{type(exc).__name__}: {str(exc).split(': ')[0]}"
+
+
+def explain(exc: BaseException) -> str:
+    """The log line for a failure to reach the daemon: what happened and the fix."""
+    if isinstance(exc, ValueError):
+        return f"{exc}; fix the daemon address in the filter's properties (default {constants.DEFAULT_CONTROL_ADDRESS})"
+    if isinstance(exc, DaemonReplyError) and exc.code == "capacity":
+        return (f"the daemon has no free session ({exc}); each sdlive filter takes one session, at most "
+                "max_sessions at once (4 unless the daemon's config.toml or SDLIVE_MAX_SESSIONS says otherwise): "
+                "remove or disable a filter, or raise max_sessions and restart the daemon")
+    if isinstance(exc, RefusedError):
+        return f"{exc}: is the daemon running? Start it with `sdlive serve` (or check the address)"
+    return f"daemon unavailable ({type(exc).__name__}: {exc})"
+
+
 class Session:
     """An open daemon session: its id, the two rings, the size it runs at and the preset the daemon applied."""
 
@@ -77,6 +96,7 @@ class DaemonLink:
         self._ctl: StdlibControl | None = None  # the worker's connection, for stop() to abort
         self.state = "starting"
         self.last_error = ""
+        self._failure = ""  # the kind of the failure logged last (failure_kind), "" while connected
 
     # -- called from OBS's threads ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +168,7 @@ class DaemonLink:
                 self._refresh_presets(ctl)
                 self._install(sess)
                 self.state = "connected"
+                self._failure = ""
                 info(f"filter '{self.name}': session {sess.session_id} open at {sess.width}x{sess.height} "
                      f"({settings.address})")
                 backoff = constants.RECONNECT_INTERVAL_INIT_S
@@ -156,10 +177,11 @@ class DaemonLink:
                 info(f"filter '{self.name}': {exc}; reopening")
                 reopen = True
             except (ControlError, DaemonReplyError, OSError, ValueError, KeyError) as exc:
-                msg = f"{type(exc).__name__}: {exc}"
-                if msg != self.last_error:
-                    warn(f"filter '{self.name}': daemon unavailable ({msg}); passing the source through")
-                self.last_error = msg
+                kind = failure_kind(exc)
+                if kind != self._failure:  # one line per kind of failure, then quiet until it changes or recovers
+                    warn(f"filter '{self.name}': {explain(exc)}; passing the source through")
+                self._failure = kind
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 self.state = "disconnected"
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the thread silently
                 self.last_error = f"{type(exc).__name__}: {exc}"

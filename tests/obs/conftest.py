@@ -92,9 +92,16 @@ class ObsUnderTest:
                 return f
         return {}
 
-    def wait_for(self, predicate, timeout: float, what: str):
-        return wait_until(predicate, timeout, what,
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 0.2):
+        return wait_until(predicate, timeout, what, interval_s=interval,
                           context=lambda: f"; stats: {self.stats()}\nOBS log (sdlive lines):\n{self.sdlive_log()}")
+
+    def sdlive_log_lines(self) -> list[str]:
+        """Every sdlive line of OBS's log files (each once: not the copy OBS also prints to stdout)."""
+        lines = []
+        for p in sorted(self.obs.log_dir.glob("*.txt")) if self.obs.log_dir.is_dir() else []:
+            lines += [ln for ln in p.read_text(errors="replace").splitlines() if "[sdlive]" in ln]
+        return lines
 
     def sdlive_log(self) -> str:
         return "\n".join(line for line in self.obs.log_text().splitlines() if "sdlive" in line)[-4000:]

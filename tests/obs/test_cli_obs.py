@@ -60,7 +60,9 @@ def test_status_reports_versions_script_and_filters_as_json(obs):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["script_loaded"] is True
-    assert "anime" in doc["preset_hotkeys"] and "next" in doc["preset_hotkeys"]
+    assert "anime" in doc["presets"] and "next" not in doc["presets"] and "prev" not in doc["presets"]
+    text = sdlive(obs, "status").output
+    assert "preset hotkeys: anime" in text and "; and next / prev" in text
     assert [(f["source"], f["filter"]) for f in doc["filters"]] == [(SOURCE_NAME, "sdlive")]
     assert doc["versions"]["obs_version"].startswith(("29", "3"))
 
@@ -81,6 +83,8 @@ def test_unknown_preset_lists_the_known_ones(obs):
     r = sdlive(obs, "preset", "no-such-style")
     assert r.exit_code == 1
     assert "no hotkey for preset 'no-such-style'" in r.output and "watercolor" in r.output
+    listed = r.output.split("OBS has presets", 1)[1].split("(and next, prev)")[0]
+    assert "next" not in listed and "prev" not in listed
 
 
 def test_obs_not_running_is_a_clear_error():

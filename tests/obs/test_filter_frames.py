@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.obs, pytest.mark.slow]
 
 STYLED = 12.0  # mean |screenshot - source colour| above this: not the source
 PASSTHROUGH = 3.0  # below this: the source itself
+PASSTHROUGH_AFTER_DEATH_S = 0.5  # measured: 0.06 s; heartbeats alone took up to 1.2 s
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_killed_daemon_passes_the_source_through_and_a_restart_restyles(obs, obs
     obs_daemon.kill()
     t0 = time.monotonic()
     obs.wait_for(lambda: distance_to_source(obs.screenshot()) < PASSTHROUGH, 15,
-                 "the source to pass through after the daemon died")
+                 "the source to pass through after the daemon died", interval=0.02)
     passthrough_after = time.monotonic() - t0
     for _ in range(5):  # OBS keeps rendering: screenshots keep coming, all of them the source
         assert distance_to_source(obs.screenshot()) < PASSTHROUGH
@@ -105,4 +106,6 @@ def test_killed_daemon_passes_the_source_through_and_a_restart_restyles(obs, obs
     f = obs.wait_for(lambda: _connected(obs), 60, "the filter to reconnect to the restarted daemon")
     assert f["session_id"] != old_session
     obs.wait_for(lambda: distance_to_source(obs.screenshot()) > STYLED, 30, "styled output after the restart")
-    assert passthrough_after < 10
+    # the kernel closes the dead daemon's sockets: the filter sees its connection drop, finds nothing listening
+    # and passes the source through at once, instead of showing the last styled frame for the heartbeats' 3 s
+    assert passthrough_after < PASSTHROUGH_AFTER_DEATH_S, f"a frozen styled frame for {passthrough_after:.2f} s"

@@ -91,6 +91,49 @@ def test_a_source_size_the_daemon_refuses_is_scaled_to_multiples_of_16(obs, obs_
     obs.wait_for(lambda: not obs.filter_stats("sdlive-odd"), 10, "the removed source's filter to be destroyed")
 
 
+BAD_ADDRESSES = {"typo": "localhost:7557", "nohost": "tcp://no-such-host.invalid:5557",
+                 "refused": "tcp://127.0.0.1:1"}
+
+
+def test_a_bad_address_is_one_clear_log_line_then_quiet_and_the_source_passes_through(obs):
+    bad = {**BAD_ADDRESSES, "notdaemon": f"tcp://127.0.0.1:{obs.obs.ws_port}"}  # OBS's websocket: not ZMTP
+    for name, address in bad.items():
+        obs.add_color_source(name)
+        obs.add_filter(address, name, f"sdlive-{name}")
+    try:
+        time.sleep(7.0)  # several reconnect intervals (2 s at most between tries)
+        lines = obs.sdlive_log_lines()
+        for name, address in bad.items():
+            said = [ln for ln in lines if f"filter 'sdlive-{name}'" in ln and "address=" not in ln
+                    and "created" not in ln]
+            assert len(said) == 1, f"{address!r}: expected one line, got {len(said)}:\n" + "\n".join(said)
+            assert distance_to_source(obs.screenshot(name)) < PASSTHROUGH
+        typo = next(ln for ln in lines if "filter 'sdlive-typo'" in ln and "tcp://HOST:PORT" in ln)
+        assert "localhost:7557" in typo
+    finally:
+        for name in bad:
+            obs.client.remove_input(name)
+
+
+def test_a_full_daemon_is_one_line_naming_max_sessions(obs, tmp_path, launch_daemon):
+    small = launch_daemon(tmp_path / "small", env={"SDLIVE_MAX_SESSIONS": "1"})
+    try:
+        for name in ("one", "two"):
+            obs.add_color_source(name)
+            obs.add_filter(small.control_address, name, f"sdlive-{name}")
+        obs.wait_for(lambda: any("filter 'sdlive-two': the daemon has no free session" in ln
+                                 for ln in obs.sdlive_log_lines()), 30,
+                     "the second filter to report the full daemon")
+        time.sleep(3.0)  # a few retries
+        lines = [ln for ln in obs.sdlive_log_lines() if "filter 'sdlive-two': the daemon has no free" in ln]
+        assert len(lines) == 1 and "max_sessions" in lines[0], lines
+        assert obs.filter_stats("sdlive-one").get("state") == "connected"
+    finally:
+        for name in ("one", "two"):
+            obs.client.remove_input(name)
+        small.stop()
+
+
 def test_last_output_is_held_while_the_daemon_is_away(obs, obs_daemon):
     obs.wait_for(lambda: _connected(obs), 30, "a connected filter")
     obs.client.set_source_filter_settings(SOURCE_NAME, "sdlive", {"when_away": "last_output"}, True)

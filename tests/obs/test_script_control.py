@@ -163,8 +163,36 @@ def test_error_reply_raises_with_the_code_and_timeout_raises_control_error(scrip
 def test_refused_connection_is_a_control_error_naming_the_address(script):
     addr = f"tcp://127.0.0.1:{free_port()}"
     c = script.control.StdlibControl(addr, None)
-    with pytest.raises(script.control.ControlError, match="cannot connect to " + addr):
+    with pytest.raises(script.control.RefusedError, match="cannot connect to " + addr):  # a ControlError
         c.request("hello", timeout_s=0.5)
+
+
+def test_a_closed_peer_is_noticed_between_requests_and_abort_cuts_a_waiting_request(script):
+    r = Router(silent_ops={"wait"})
+    try:
+        c = script.control.StdlibControl(r.address, None)
+        c.request("hello")
+        assert not c.peer_closed()
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("t", _timed(lambda: c.request("wait", timeout_s=5))))
+        t.start()
+        time.sleep(0.2)
+        c.abort()
+        t.join(5)
+        assert done["t"][1] < 1.0 and isinstance(done["t"][0], script.control.ControlError)
+        c.request("hello")  # a fresh connection
+    finally:
+        r.close()
+    assert wait_until(c.peer_closed, 5, "the closed router to be noticed")
+
+
+def _timed(fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+        return None, time.monotonic() - t0
+    except Exception as exc:  # noqa: BLE001
+        return exc, time.monotonic() - t0
 
 
 def test_non_tcp_address_is_refused_with_the_form_it_takes(script):
