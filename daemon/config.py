@@ -92,6 +92,9 @@ class DaemonConfig(BaseSettings):
     """A session whose client is silent for liveness × interval seconds is closed."""
     ring_slots: int = Field(default=4, ge=2, le=64)
     """Frames each shared-memory ring holds."""
+    frame_memory_mb: int | None = Field(default=None, ge=16)
+    """Most memory the open sessions' frames may hold at worst, all together (rings, network queues, outputs
+    waiting for release), checked at open_session; default: half of this machine's (or container's) memory."""
     preset_dirs: list[Path] = Field(default_factory=list)
     """Extra preset folders (after the shipped and user presets; later folders override earlier ones)."""
     user_presets: bool = True

@@ -80,6 +80,7 @@ __all__ = [
     "ControlBlock",
     "FrameRing",
     "RingError",
+    "RingSpaceError",
     "RingFrame",
     "bytes_per_pixel",
     "ring_path",
@@ -165,6 +166,10 @@ _FUTEX_WAKE = 1
 
 class RingError(Exception):
     """The ring cannot be created, opened or used; the message names the problem and the fix."""
+
+
+class RingSpaceError(RingError):
+    """The ring folder cannot hold a new ring (a capacity problem: the fix is more room or a smaller ring)."""
 
 
 class RingFrame(NamedTuple):
@@ -799,7 +804,7 @@ def _allocate(fd: int, size: int, name: str, directory: str) -> None:
             room = f"{vfs.f_bavail * vfs.f_frsize / 2**20:.1f} MiB free of {vfs.f_blocks * vfs.f_frsize / 2**20:.0f} MiB"
         except OSError:
             room = "its free space unknown"
-        raise RingError(
+        raise RingSpaceError(
             f"the ring folder {directory} cannot hold ring {name!r} ({size / 2**20:.1f} MiB; {room}): give it more "
             "room (Docker: docker run --shm-size=1g), set SDLIVE_SHM_DIR to a larger tmpfs, or open a smaller or "
             "slower session (fewer pixels, --ring-slots)"

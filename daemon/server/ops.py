@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
@@ -45,12 +44,11 @@ from ..protocol.messages import (
     summarize_validation_error,
 )
 from ..protocol.params import GenerationParams
-from ..protocol.ring import RingError
 from .directory import SessionDirectory
-from .items import InboundItem, LoopRequestMessage, NetAttach, NetCounters, ParamsChange, Shutdown
+from .items import InboundItem, LoopRequestMessage, ParamsChange, Shutdown
 from .session import Session, new_session_id
 from .stats import device_memory_mb
-from .transports import FrameTransport, NetTransport, ShmTransport
+from .transports import FrameTransport, NetTransport, ShmTransport, check_frame_memory, open_transport
 
 if TYPE_CHECKING:
     from ..model.configs import CachePolicy
@@ -177,6 +175,10 @@ class LoopOps:
                 f"the daemon already serves {len(loop.sessions)} sessions (max_sessions={config.max_sessions}): "
                 "close one, or start the daemon with a higher --max-sessions",
             )
+        frame_memory = check_frame_memory(  # before any work: a session memory cannot hold is refused at once
+            msg, slots=config.ring_slots, held=[s.frame_memory for s in loop.sessions.values()],
+            limit_mb=config.frame_memory_mb,
+        )  # fmt: skip
         names = loop.presets.names()
         preset_name = msg.preset or config.default_preset or (names[0] if names else None)
         values: dict[str, object] = {}
@@ -211,6 +213,8 @@ class LoopOps:
             engine_session=engine_session,
             transport=transport,
             preset=preset_name,
+            pacing=msg.pacing,
+            frame_memory=frame_memory,
         )
         loop.sessions[session_id] = session
         loop.directory.add(session_id, session.params, preset_name)
@@ -228,31 +232,8 @@ class LoopOps:
         )
 
     def _transport(self, session_id: str, msg: OpenSessionRequest) -> FrameTransport:
-        loop, slots = self.loop, self.loop.config.ring_slots
-        if msg.transport == "shm":
-            try:
-                return ShmTransport.create(
-                    session_id, width=msg.width, height=msg.height, pixel_format=msg.pixel_format, slots=slots
-                )
-            except (RingError, OSError) as exc:
-                raise ProtocolError(ErrorCode.INTERNAL, f"cannot create the session's shared memory: {exc}") from None
-        counters = NetCounters()
-        attach = NetAttach(session_id, msg.width, msg.height, msg.pixel_format, 4 * slots, counters)
-        loop.outbox.put(attach)
-        try:
-            endpoints = attach.bound.result(timeout=NET_BIND_TIMEOUT_S)
-        except FutureTimeout:
-            raise ProtocolError(ErrorCode.INTERNAL, "the IO thread did not bind the network frame sockets") from None
-        except OSError as exc:
-            raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
-        return NetTransport(
-            session_id,
-            endpoints.model_copy(update={"encoding": msg.encoding}),
-            pixel_format=msg.pixel_format,
-            slots=slots,
-            counters=counters,
-            send=loop.outbox.put,
-        )
+        return open_transport(session_id, msg, slots=self.loop.config.ring_slots, outbox_put=self.loop.outbox.put,
+                              bind_timeout_s=NET_BIND_TIMEOUT_S)  # fmt: skip
 
     # ------------------------------------------------------------------ close, status
 

@@ -20,7 +20,7 @@ from ..protocol.params import GenerationParams
 from .pacing import DEFAULT_QUEUE_LIMIT, Pacer
 from .slo import SloGuard
 from .stats import SessionCounters
-from .transports import FrameTransport, InputFrame, TransportError
+from .transports import BadInput, FrameTransport, InputFrame, TransportError
 
 if TYPE_CHECKING:
     from ..engine.interface import EngineSession
@@ -72,10 +72,13 @@ class Session:
         transport: FrameTransport,
         preset: str | None,
         pacing: Literal["live", "offline"] = "live",
+        frame_memory: int = 0,
     ) -> None:
         self.session_id = session_id
         self.pacing = pacing
         """live: outputs leave paced at the source rate; offline: as soon as ready, every input in order."""
+        self.frame_memory = frame_memory
+        """Bytes this session's frames may hold at worst (``transports.frame_memory_bytes``), for the budget."""
         self.width = width
         self.height = height
         self.fps = fps
@@ -115,7 +118,12 @@ class Session:
     # ------------------------------------------------------------------ engine (compute loop)
 
     def take_input(self) -> InputFrame | None:
-        return self.transport.take()
+        """The next input frame, or None; a frame the transport refuses is counted as bad and skipped."""
+        try:
+            return self.transport.take()
+        except BadInput:
+            self.counters.bad_frames += 1
+            return None
 
     def push(self, frame: InputFrame) -> list[Output]:
         """Push one input frame; returns the outputs that became ready, each with its due time.

@@ -11,17 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
 from ..protocol.constants import PIXEL_FORMATS
-from ..protocol.messages import NetEndpoints, ring_name
-from ..protocol.ring import FrameRing, RingError, ring_path
-from .items import NetCounters, NetDetach, NetOutput, OutboundItem
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.messages import TOPIC_EVENT, Event, NetEndpoints, OpenSessionRequest, ring_name
+from ..protocol.netframe import NetFrameError, NetFrameHeader, decode_payload
+from ..protocol.ring import FrameRing, RingError, RingSpaceError, ring_path
+from .items import NetAttach, NetCounters, NetDetach, NetOutput, OutboundItem, Publish
+from .pacing import DEFAULT_QUEUE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +270,71 @@ def _pid_alive(pid: int) -> bool:
 # ====================================================================================================== net
 
 
+class BadInput(Exception):
+    """One input frame the transport refuses (it could not be decoded); the session counts it and goes on."""
+
+
+class _Pending(NamedTuple):
+    header: NetFrameHeader
+    payload: memoryview
+    received_ns: int
+
+
+class NetLink(NetCounters):
+    """What the IO thread and the compute loop share for one network session: the frames the IO thread received
+    and checked (``netframe.check_frame``: nothing decoded yet), at most ``capacity`` of them, newest wins (the
+    oldest waiting frame is dropped and counted in ``dropped_in``), and the counters both sides report.
+
+    The IO thread calls :meth:`put`; when it returns True the compute loop may be asleep and is woken with a
+    :data:`NET_WAKE` item. The compute loop calls :meth:`take`. Frames never pile up on the loop's inbox, however
+    long the model runs.
+    """
+
+    def __init__(self, *, width: int, height: int, pixel_format: str, capacity: int) -> None:
+        super().__init__()
+        self.width = width
+        self.height = height
+        self.pixel_format = pixel_format
+        self.capacity = max(1, capacity)
+        self.received = 0
+        """Frames accepted (checked and queued); IO thread."""
+        self.dropped_in = 0
+        """Frames dropped because ``capacity`` were already waiting (newest wins)."""
+        self._waiting: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+
+    def put(self, header: NetFrameHeader, payload: memoryview, received_ns: int) -> bool:
+        """Queue one checked frame (IO thread); True when the queue was empty (wake the compute loop)."""
+        with self._lock:
+            was_empty = not self._waiting
+            if len(self._waiting) >= self.capacity:
+                self._waiting.popleft()
+                self.dropped_in += 1
+            self._waiting.append(_Pending(header, payload, received_ns))
+            self.received += 1
+            return was_empty
+
+    def take(self) -> _Pending | None:
+        with self._lock:
+            return self._waiting.popleft() if self._waiting else None
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._waiting.clear()
+
+
+NET_WAKE = np.empty((0, 0, 0), np.uint8)
+"""The pixels of a ``NetInput`` that only wakes the compute loop: the frames themselves wait in the NetLink."""
+
+
 class NetTransport:
-    """ZeroMQ PULL/PUSH sockets the IO thread owns: it puts received frames in :meth:`received`, and sends what
-    :meth:`deliver` hands it. The inbox holds ``slots`` frames like a ring: a client faster than the engine loses
-    its oldest frames, counted as drops."""
+    """ZeroMQ PULL/PUSH sockets the IO thread owns: it checks received frames and queues them in the session's
+    :class:`NetLink` (bounded, newest wins); :meth:`take` decodes them here, on the compute loop, never on the IO
+    thread that answers every client. :meth:`deliver` hands outputs to the IO thread to send."""
 
     kind: Literal["shm", "net"] = "net"
 
@@ -279,7 +345,7 @@ class NetTransport:
         *,
         pixel_format: str,
         slots: int,
-        counters: NetCounters,
+        counters: NetLink,
         send: Callable[[OutboundItem], None],
         jpeg_quality: int = 85,
     ) -> None:
@@ -292,21 +358,27 @@ class NetTransport:
         self.counters = counters
         self.jpeg_quality = jpeg_quality
         self._send = send
-        self._inbox: deque[InputFrame] = deque()
-        self._dropped_in = 0
 
     def received(self, frame: InputFrame) -> None:
-        """A frame from the IO thread (compute loop side)."""
-        if len(self._inbox) >= self.slots:
-            self._inbox.popleft()
-            self._dropped_in += 1
-        self._inbox.append(frame)
+        """A ``NetInput`` reached the compute loop: only a wake-up (:data:`NET_WAKE`); the frame is in the link."""
+        if frame.pixels.size:
+            raise ValueError("network frames travel in the session's NetLink, not on the inbox")
 
     def take(self) -> InputFrame | None:
-        return self._inbox.popleft() if self._inbox else None
+        pending = self.counters.take()
+        if pending is None:
+            return None
+        try:
+            pixels = decode_payload(pending.header, pending.payload)
+        except (NetFrameError, ValueError) as exc:
+            message = f"bad network frame {pending.header.seq}: {exc}"
+            self._send(Publish(TOPIC_EVENT, Event(event="error", session_id=self.session_id, code="bad_request",
+                                                  message=message)))  # fmt: skip
+            raise BadInput(message) from exc
+        return InputFrame(pixels, int(pending.header.timestamp_ns), pending.received_ns)
 
     def has_input(self) -> bool:
-        return bool(self._inbox)
+        return self.counters.waiting() > 0
 
     def polled(self) -> bool:
         return False
@@ -328,11 +400,97 @@ class NetTransport:
         return None, None
 
     def dropped_in(self) -> int:
-        return self._dropped_in
+        return self.counters.dropped_in
 
     def dropped_out(self) -> int:
         return self.counters.sent_dropped
 
     def close(self) -> None:
-        self._inbox.clear()
+        self.counters.clear()
         self._send(NetDetach(self.session_id))
+
+
+# ================================================================================================ opening
+
+
+NET_QUEUE_FACTOR = 4
+"""A network session's ZeroMQ queues (receive and send high-water marks) hold this many times its slots."""
+
+
+def frame_memory_bytes(*, width: int, height: int, pixel_format: str, transport: str, slots: int) -> int:
+    """The most memory one session's frames can hold at once: its two rings (allocated for real), or its
+    network queues (the NetLink, ZeroMQ's receive and send queues), plus outputs waiting in the output thread."""
+    frame = width * height * PIXEL_FORMATS[pixel_format].bytes_per_pixel
+    waiting_outputs = DEFAULT_QUEUE_LIMIT * frame
+    if transport == "shm":
+        return 2 * (256 + slots * (frame + 128)) + waiting_outputs
+    per_message = frame + 65536  # the MAXMSGSIZE of the input socket
+    return (slots + NET_QUEUE_FACTOR * slots) * per_message + NET_QUEUE_FACTOR * slots * frame + waiting_outputs
+
+
+def machine_memory_bytes() -> int:
+    """This machine's memory, or its container's limit (cgroup v2 ``memory.max``) when that is lower."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30  # a platform without sysconf (Windows): assume a modest machine
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_frame_memory(msg: OpenSessionRequest, *, slots: int, held: list[int], limit_mb: int | None) -> int:
+    """The session's worst-case frame memory (:func:`frame_memory_bytes`), or a ``capacity`` ProtocolError when it,
+    with what the open sessions may ``held``, is more than the daemon gives frames (``--frame-memory-mb``,
+    default half of :func:`machine_memory_bytes`)."""
+    need = frame_memory_bytes(width=msg.width, height=msg.height, pixel_format=msg.pixel_format,
+                              transport=msg.transport, slots=slots)  # fmt: skip
+    limit = limit_mb * 2**20 if limit_mb is not None else machine_memory_bytes() // 2
+    others = sum(held)
+    if need + others > limit:
+        mib = 2**20
+        raise ProtocolError(
+            ErrorCode.CAPACITY,
+            f"a {msg.width}x{msg.height} {msg.pixel_format} {msg.transport} session may hold up to {need / mib:.0f} "
+            f"MiB of frames; the {len(held)} open session(s) may hold {others / mib:.0f} MiB of the {limit / mib:.0f} "
+            "MiB the daemon gives frames: open a smaller session, close one, or start the daemon with a larger "
+            "--frame-memory-mb (or fewer --ring-slots)",
+        )
+    return need
+
+
+def open_transport(session_id: str, msg: OpenSessionRequest, *, slots: int, outbox_put: Callable[[OutboundItem], None],
+                   bind_timeout_s: float) -> FrameTransport:  # fmt: skip
+    """The session's transport, as ``open_session`` asked: raises ProtocolError (``capacity`` when the ring folder
+    is too small, ``internal`` when the memory or the sockets cannot be had)."""
+    if msg.transport == "shm":
+        try:
+            return ShmTransport.create(
+                session_id, width=msg.width, height=msg.height, pixel_format=msg.pixel_format, slots=slots
+            )
+        except RingSpaceError as exc:
+            raise ProtocolError(ErrorCode.CAPACITY, f"cannot create the session's shared memory: {exc}") from None
+        except (RingError, OSError) as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, f"cannot create the session's shared memory: {exc}") from None
+    link = NetLink(width=msg.width, height=msg.height, pixel_format=msg.pixel_format, capacity=slots)
+    attach = NetAttach(session_id, msg.width, msg.height, msg.pixel_format, NET_QUEUE_FACTOR * slots, link)
+    outbox_put(attach)
+    try:
+        endpoints = attach.bound.result(timeout=bind_timeout_s)
+    except FutureTimeout:
+        raise ProtocolError(ErrorCode.INTERNAL, "the IO thread did not bind the network frame sockets") from None
+    except OSError as exc:
+        raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
+    return NetTransport(
+        session_id,
+        endpoints.model_copy(update={"encoding": msg.encoding}),
+        pixel_format=msg.pixel_format,
+        slots=slots,
+        counters=link,
+        send=outbox_put,
+    )
