@@ -68,7 +68,7 @@ def _config_values() -> tuple[dict[str, Any], Path | None]:
         raise TargetError(f"config file {path}: {exc}") from None
 
 
-def check_reachable_name(address: str) -> None:
+def check_reachable_name(address: str, where: str = "") -> None:
     """A TCP address whose host name does not resolve fails here at once (instead of a silent connect timeout)."""
     if not address.startswith("tcp://"):
         return
@@ -78,8 +78,9 @@ def check_reachable_name(address: str) -> None:
     try:
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
-        raise TargetError(f"daemon address {address}: host {host!r} does not resolve (check the name, or use "
-                          f"the GPU box's IP address, e.g. tcp://192.168.1.20:5557)") from None
+        origin = f" (from {where})" if where else ""
+        raise TargetError(f"daemon address {address}{origin}: host {host!r} does not resolve (check the name, or "
+                          f"use the GPU box's IP address, e.g. tcp://192.168.1.20:5557)") from None
 
 
 def resolve_target(address: str | None = None, token: str | None = None, *, what: str = "--address") -> Target:
@@ -106,7 +107,7 @@ def resolve_target(address: str | None = None, token: str | None = None, *, what
         check_address(control)
     except InvalidAddress as exc:
         raise TargetError(f"{exc.message} (from {where})") from None
-    check_reachable_name(control)
+    check_reachable_name(control, where)
     try:
         check_address(pub)
     except InvalidAddress as exc:

@@ -99,9 +99,12 @@ class PumpStats:
     def fps_out(self) -> float:
         return _rate(self._out_times)
 
+    finished: float | None = None
+    """When the pump returned (``elapsed_s`` stops there: closing the session is not streaming time)."""
+
     @property
     def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
+        return (self.finished or time.perf_counter()) - self.started
 
     @property
     def mean_fps_out(self) -> float:
@@ -291,6 +294,7 @@ def run_live(
     sinks = list(sinks)
     stop = stop or threading.Event()
     stats = stats or PumpStats(preset=switcher.current if switcher else None)
+    stats.finished = None
     if session.preset:
         stats.preset = session.preset
     sent_frames: OrderedDict[int, np.ndarray] = OrderedDict()  # timestamp_ns -> input pixels, for side by side
@@ -328,6 +332,8 @@ def run_live(
                         return
                     last_real_ts.append(last.timestamp_ns)
                     continue
+                if last is None:  # the clock starts at the first frame (opening a source can take a while)
+                    t0 = time.perf_counter()
                 last = frame
                 n += 1
                 if side_by_side_view:
@@ -437,6 +443,7 @@ def run_live(
     finally:
         stop.set()
         thread.join(timeout=2.0)
+        stats.finished = time.perf_counter()
         if on_stats:
             on_stats(stats)
     if sender_error:
