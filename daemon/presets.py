@@ -12,7 +12,9 @@ A preset is one TOML file (``presets/<name>.toml``)::
     description = "..."
 
 A later folder overrides an earlier one by preset name (user presets override shipped ones). A broken file is
-reported by file and line and skipped; it never stops the daemon. Presets are indexed by their position in the sorted
+reported by file and line and skipped; it never stops the daemon. A running daemon sees new, edited and deleted
+files without a restart (:meth:`PresetLibrary.refresh`, called when a client asks for presets: a stat of each file,
+at most once a second); a file that breaks in an edit keeps its last good preset, with the problem reported. Presets are indexed by their position in the sorted
 name list (:meth:`PresetLibrary.names`), as ``list_presets`` reports them.
 
 No torch here (the CLI and OBS side import this module).
@@ -23,7 +25,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,10 @@ else:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 PRESET_SUFFIX = ".toml"
+MAX_PRESET_FILES = 512
+"""Preset files read per folder (a folder of thousands must not make every refresh slow)."""
+REFRESH_INTERVAL_S = 1.0
+"""``refresh`` looks at the folders at most this often."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -88,13 +96,62 @@ class PresetProblem:
         return f"{where}: {self.message}"
 
 
+_Stamp = tuple[tuple[str, bool, tuple[tuple[str, int, int], ...]], ...]
+
+
 @dataclass
 class PresetLibrary:
-    """The presets in effect, by name, plus the problems found while loading."""
+    """The presets in effect, by name, plus the problems found while loading.
+
+    Thread-safe to read while another thread refreshes it: :meth:`refresh` swaps whole new ``presets`` and
+    ``problems`` objects in, it never mutates the ones a reader may hold."""
 
     presets: dict[str, Preset] = field(default_factory=dict)
     problems: list[PresetProblem] = field(default_factory=list)
     dirs: list[Path] = field(default_factory=list)
+    extra_dirs: list[Path] = field(default_factory=list)
+    """The folders asked for explicitly (a missing one is a problem; a missing shipped/user folder is not)."""
+    version: int = 0
+    """Grows by one each time a refresh changed what is loaded."""
+    _stamp: _Stamp | None = field(default=None, repr=False)
+    _checked: float = field(default=0.0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def refresh(self, *, min_interval_s: float = REFRESH_INTERVAL_S) -> bool:
+        """Reload if a preset file was added, edited or removed since the last look (at most once per
+        ``min_interval_s``); True when something changed. A file that fails now but loaded before keeps its
+        last good preset, and its problem says so."""
+        with self._lock:
+            now = time.monotonic()
+            if self._stamp is not None and now - self._checked < min_interval_s:
+                return False
+            self._checked = now
+            stamp = _stamp_of(self.dirs)
+            if stamp == self._stamp:
+                return False
+            fresh = _load_dirs(self.dirs, self.extra_dirs)
+            problems = []
+            for problem in fresh.problems:
+                kept = self._last_good(problem.path, fresh)
+                if kept is not None:
+                    fresh.presets[kept.name] = kept
+                    problem = replace(problem, message=f"{problem.message} (keeping its last good version)")
+                problems.append(problem)
+            changed = self._stamp is not None
+            self.presets, self.problems, self._stamp = fresh.presets, problems, stamp
+            if changed:
+                self.version += 1
+                log.info("presets reloaded: %d preset(s), %d problem(s)", len(self.presets), len(problems))
+            return changed
+
+    def _last_good(self, path: Path, fresh: PresetLibrary) -> Preset | None:
+        """The preset ``path`` gave before, if it still wins its name (no other file now defines it later)."""
+        for old in self.presets.values():
+            if old.source == str(path):
+                now = fresh.presets.get(old.name)
+                if now is None or _folder_rank(self.dirs, now.source) < _folder_rank(self.dirs, old.source):
+                    return old
+        return None
 
     def names(self) -> list[str]:
         """Sorted names; position i is ``list_presets``' ``index`` i."""
@@ -182,13 +239,47 @@ def load_presets(
         dirs.append(user_presets_dir())
     extra = [Path(d).expanduser() for d in extra_dirs]
     dirs.extend(extra)
-    library = PresetLibrary(dirs=dirs)
+    library = _load_dirs(dirs, extra)
+    library._stamp, library._checked = _stamp_of(dirs), time.monotonic()
+    return library
+
+
+def _preset_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*{PRESET_SUFFIX}"))[:MAX_PRESET_FILES]
+
+
+def _stamp_of(dirs: list[Path]) -> _Stamp:
+    """What a refresh compares: each folder's preset files with their mtime and size (a stat each, no reads)."""
+    stamp = []
+    for folder in dirs:
+        files: list[tuple[str, int, int]] = []
+        exists = folder.is_dir()
+        if exists:
+            for path in _preset_files(folder):
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                files.append((path.name, st.st_mtime_ns, st.st_size))
+        stamp.append((str(folder), exists, tuple(files)))
+    return tuple(stamp)
+
+
+def _folder_rank(dirs: list[Path], source: str | None) -> int:
+    if source is None:
+        return -1
+    parent = Path(source).parent
+    return max((i for i, d in enumerate(dirs) if d == parent), default=-1)
+
+
+def _load_dirs(dirs: list[Path], extra: list[Path]) -> PresetLibrary:
+    library = PresetLibrary(dirs=dirs, extra_dirs=extra)
     for folder in dirs:
         if not folder.is_dir():
             if folder in extra:
                 library.problems.append(PresetProblem(folder, None, "preset folder does not exist"))
             continue
-        for path in sorted(folder.glob(f"*{PRESET_SUFFIX}")):
+        for path in _preset_files(folder):
             try:
                 preset = load_preset_file(path)
             except PresetFileError as exc:

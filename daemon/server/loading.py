@@ -61,7 +61,7 @@ class LoadingDesk:
         progress: LoadProgress,
         hello: HelloReply,
         status: Callable[[], StatusReply],
-        presets: BaseModel,
+        presets: Callable[[], BaseModel],
         submit: Callable[[InboundItem], None],
         interrupt: Callable[[], None] | None = None,
     ) -> None:
@@ -80,7 +80,7 @@ class LoadingDesk:
         if message.op == "status" and message.session_id is None:
             return self.status().model_copy(update={"state": "loading", "loading": info})
         if message.op == "list_presets":
-            return self.presets_reply
+            return self.presets_reply()
         if message.op == "heartbeat" and message.session_id is None:
             return HeartbeatReply()
         if message.op == "shutdown":

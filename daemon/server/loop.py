@@ -35,6 +35,7 @@ from ..protocol.messages import (
     DaemonBeat,
     Event,
     HelloReply,
+    ListPresetsReply,
     SessionStats,
     StatusReply,
 )
@@ -108,6 +109,7 @@ class ComputeLoop:
         self._changes: ChangeQueue | None = None
         self._stopping: str | None = None
         self._fatal = False
+        self._warmed_presets = -1
         """The stop is a failure (a dead thread): the dead sentinel, exit code 1."""
         self.loading = LoadProgress(config.model)
         """The model load's progress, answered by the IO thread until :meth:`attach_engine`."""
@@ -138,11 +140,15 @@ class ComputeLoop:
                 progress=self.loading,
                 hello=self._hello(),
                 status=lambda: self.ops.status_reply([], device_memory_mb(None)),  # no torch import off the loader
-                presets=preset_infos(self.presets),
+                presets=self._presets_reply,
                 submit=self.inbox.put,
                 interrupt=lambda: self.interrupt_load() if self.interrupt_load is not None else None,
             )
         )
+
+    def _presets_reply(self) -> ListPresetsReply:
+        self.presets.refresh()
+        return preset_infos(self.presets)
 
     def _hello(self) -> HelloReply:
         return hello_reply(
@@ -170,9 +176,14 @@ class ComputeLoop:
         self._changes = ChangeQueue(
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
         )
-        for name in self.presets.names():
-            self._warmer.request(self.presets.presets[name].prompt)
+        self._warm_presets()
         self.io.open_desk(FrontDesk(hello=self._hello(), presets=self.presets, directory=self.directory, submit=self.inbox.put))
+
+    def _warm_presets(self) -> None:
+        """Encode every preset's prompt in the background (again after the preset files changed)."""
+        self._warmed_presets = self.presets.version
+        for preset in list(self.presets.presets.values()):
+            self.warmer.request(preset.prompt)
 
     def install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -351,6 +362,8 @@ class ComputeLoop:
                 self._fatal = True
                 self._stopping = f"the {thread.name} thread died"
                 return
+        if self._warmer is not None and self.presets.version != self._warmed_presets:
+            self._warm_presets()
         timeout = self.config.heartbeat_timeout_s
         for session in list(self.sessions.values()):
             age = session.client_age_s(time.monotonic_ns(), self.directory.last_seen_ns(session.session_id))

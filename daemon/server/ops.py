@@ -106,7 +106,8 @@ class FrontDesk:
     ) -> None:
         self.hello = hello
         self.presets = presets
-        self.presets_reply = preset_infos(presets)
+        self._presets_reply = preset_infos(presets)
+        self._presets_version = presets.version
         self.directory = directory
         self.submit = submit
 
@@ -115,7 +116,7 @@ class FrontDesk:
         if message.op == "hello":
             return self.hello
         if message.op == "list_presets":
-            return self.presets_reply
+            return self.presets_reply()
         if message.op == "heartbeat":
             if message.session_id is not None and message.session_id not in self.directory:
                 raise unknown_session(message.session_id, self.directory.ids())
@@ -124,6 +125,7 @@ class FrontDesk:
             self.submit(Shutdown("shutdown requested"))
             return ShutdownReply()
         if message.op == "set_preset":
+            self.presets.refresh()  # a preset file added or edited a moment ago is found
             preset = lookup_preset(self.presets, message.name)
             params = self._queue(message.session_id, preset.style(), preset=message.name, what=f"preset {message.name!r}")
             return SetPresetReply(session_id=message.session_id, preset=message.name, params=params)
@@ -134,6 +136,14 @@ class FrontDesk:
             params = self._queue(message.session_id, changes, preset=None, what="set_params")
             return SetParamsReply(session_id=message.session_id, params=params)
         return None
+
+    def presets_reply(self) -> ListPresetsReply:
+        """The ``list_presets`` reply, rebuilt when the preset files changed (``PresetLibrary.refresh``)."""
+        self.presets.refresh()
+        if self.presets.version != self._presets_version:
+            self._presets_version = self.presets.version
+            self._presets_reply = preset_infos(self.presets)
+        return self._presets_reply
 
     def _queue(self, session_id: str, changes: dict[str, object], *, preset: str | None, what: str) -> GenerationParams:
         try:
@@ -179,6 +189,7 @@ class LoopOps:
             msg, slots=config.ring_slots, held=[s.frame_memory for s in loop.sessions.values()],
             limit_mb=config.frame_memory_mb,
         )  # fmt: skip
+        loop.presets.refresh()
         names = loop.presets.names()
         preset_name = msg.preset or config.default_preset or (names[0] if names else None)
         values: dict[str, object] = {}

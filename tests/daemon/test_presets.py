@@ -72,3 +72,73 @@ def test_preset_name_defaults_to_file_name(tmp_path):
     path.write_text('prompt = "neon"\n')
     preset = load_preset_file(path)
     assert isinstance(preset, Preset) and preset.name == "neon-dreams"
+
+
+# ------------------------------------------------------------------------------------------- reload on change
+
+
+def _write(path: Path, prompt: str, **extra: object) -> None:
+    lines = [f'prompt = "{prompt}"', *(f"{k} = {v}" for k, v in extra.items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_refresh_sees_new_edited_and_deleted_files(tmp_path, no_user):
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    library = load_presets([folder], shipped=False)
+    assert library.names() == [] and not library.refresh(min_interval_s=0)
+    _write(folder / "neon.toml", "neon city")
+    assert library.refresh(min_interval_s=0) and library.names() == ["neon"] and library.version == 1
+    _write(folder / "neon.toml", "neon city at night, rain", steps=3)
+    assert library.refresh(min_interval_s=0)
+    assert library.get("neon").prompt == "neon city at night, rain" and library.get("neon").steps == 3
+    (folder / "neon.toml").unlink()
+    assert library.refresh(min_interval_s=0) and library.names() == []
+    assert not library.refresh(min_interval_s=0)  # nothing changed: no reload
+
+
+def test_a_file_broken_by_an_edit_keeps_its_last_good_preset(tmp_path, no_user):
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    _write(folder / "neon.toml", "neon city")
+    library = load_presets([folder], shipped=False)
+    (folder / "neon.toml").write_text('prompt = "neon city\nsteps = 9\n')  # half-saved: an unterminated string
+    assert library.refresh(min_interval_s=0)
+    assert library.get("neon").prompt == "neon city"
+    [problem] = library.problems
+    assert "neon.toml" in str(problem) and "keeping its last good version" in str(problem)
+    _write(folder / "neon.toml", "neon city", steps=9)  # valid TOML, invalid preset
+    library.refresh(min_interval_s=0)
+    assert library.get("neon").steps == 2 and "steps" in str(library.problems[0])
+    _write(folder / "neon.toml", "neon city", steps=4)
+    library.refresh(min_interval_s=0)
+    assert library.get("neon").steps == 4 and library.problems == []
+
+
+def test_refresh_looks_at_most_once_per_interval(tmp_path, no_user):
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    library = load_presets([folder], shipped=False)
+    _write(folder / "a.toml", "a")
+    assert not library.refresh(min_interval_s=60)  # load_presets just looked: bounded work per request
+    assert library.refresh(min_interval_s=0)
+
+
+def test_a_running_daemon_picks_up_new_and_edited_preset_files(tmp_path, daemon_factory, wait_for):
+    folder = tmp_path / "live-presets"
+    folder.mkdir()
+    proc = daemon_factory("--preset-dir", str(folder))
+    with proc.client() as client:
+        assert "neon" not in {p.name for p in client.list_presets().presets}
+        _write(folder / "neon.toml", "neon city", steps=1)
+        assert wait_for(lambda: "neon" in {p.name for p in client.list_presets().presets}, 10)
+        session = client.open_session(width=64, height=64, fps=15, preset="anime")
+        try:
+            assert client.set_preset(session.session_id, "neon").params.steps == 1
+            (folder / "neon.toml").write_text("prompt = [broken\n")
+            assert wait_for(lambda: any("neon.toml" in p for p in client.list_presets().problems), 10)
+            reply = client.list_presets()
+            assert "neon" in {p.name for p in reply.presets} and "keeping its last good version" in reply.problems[0]
+            assert client.set_preset(session.session_id, "neon").preset == "neon"  # the last good one still applies
+        finally:
+            session.close()
