@@ -390,6 +390,7 @@ class DaemonClient:
         transport: str = "auto",
         client: str | None = None,
         jpeg_quality: int | None = None,
+        pacing: str = "live",
     ) -> SessionClient:
         """Open a session and attach to its frame transport.
 
@@ -397,6 +398,8 @@ class DaemonClient:
         ``stream_batch``). ``transport="auto"`` uses shared memory when the daemon address is loopback, the network
         otherwise (and falls back to the network when the shared memory cannot be opened, e.g. from another
         container). ``jpeg_quality`` (network only) sends JPEG at that quality instead of raw pixels, both ways.
+        ``pacing``: ``"live"`` (outputs leave at the source rate, newest input wins) or ``"offline"`` (every input
+        in order, each output as soon as it is ready: a renderer that paces itself, as fast as the model goes).
         """
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
@@ -418,6 +421,7 @@ class DaemonClient:
                 params=dict(params) if params is not None else None,
                 transport=chosen,
                 encoding="jpeg" if jpeg_quality and chosen == "net" else "raw",
+                pacing=pacing,
                 client=client or f"python-{os.getpid()}",
             )
 

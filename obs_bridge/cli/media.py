@@ -446,12 +446,14 @@ def render(
     height: Annotated[int | None, typer.Option("--height", min=1, help="Restyle at this height (default: the input's; alone: keeps the aspect ratio).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
+    live: Annotated[bool, typer.Option("--live", help="Pace the session like a live source (real time) instead of as fast as the model goes.")] = False,
 ) -> None:
     """Restyle a video file to a new file: every frame, the input's fps, its audio kept.
 
-    The output has exactly as many frames as the input: the daemon answers a few frames late (its latency), so
-    after the last frame the renderer repeats it until every real frame is back and drops those padding outputs.
-    A size that is not a multiple of 16 is restyled at the size rounded down and scaled back.
+    As fast as the model goes (an offline session; --live paces it at the file's fps like a live source). The
+    output has exactly as many frames as the input: the daemon answers a few frames late (its latency), so after
+    the last frame the renderer repeats it until every real frame is back and drops those padding outputs. A size
+    that is not a multiple of 16 is restyled at the size rounded down and scaled back.
     """
     from ..media.capture import open_source
     from ..media.pump import run_offline
@@ -479,7 +481,7 @@ def render(
             _check_preset(_preset_names(dc), preset, use.address)
             session = stack.enter_context(dc.open_session(
                 width=size[0], height=size[1], fps=fps, pixel_format="bgr24", preset=preset,
-                params=params, client="sdlive-render"))
+                params=params, client="sdlive-render", pacing="live" if live else "offline"))
             total = min(x for x in (source.frame_count, frames) if x is not None)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -9,7 +9,8 @@ Two ways to run a source through a daemon session:
   at most ``latency_frames + chunk`` frames in flight, so nothing is lapped in the rings, and **pads** the end of
   the stream: after the last input it repeats that frame until the daemon has returned the outputs of every real
   input (those padding outputs are thrown away). The output therefore has as many frames as the input, at the
-  same fps. An output that never arrives (dropped by the daemon) is filled with the previous output and counted.
+  same fps. An output that never arrives (dropped by the daemon) is filled with the previous output (a missing first
+  one with the next) and counted.
 
 Both report :class:`PumpStats` through a callback a few times a second and return the final one.
 """
@@ -571,9 +572,9 @@ def run_offline(
             out_pixels = fit(out.pixels, source.width, source.height)
             if total is not None and index >= total:
                 index = total  # padding output: everything real before it is either written or lost
-            while next_out < index:  # outputs the daemon dropped: hold the previous one
+            while next_out < index:  # outputs the daemon dropped: hold the previous one (the first: the next)
                 if last_pixels is None:
-                    last_pixels = np.zeros_like(out_pixels)
+                    last_pixels = out_pixels
                 stats.dropped += 1
                 emit(next_out, last_pixels)
             if total is None or index < total:

@@ -62,3 +62,26 @@ def test_render_with_an_unknown_preset_names_the_known_ones_and_leaves_no_file(d
     assert code == 1
     assert "unknown preset 'no-such-style'" in text and "anime" in text
     assert not out.exists()  # no half-written file left behind
+
+
+@pytest.mark.slow
+def test_render_runs_as_fast_as_the_model_goes_and_a_prompt_changes_the_frames(daemon, tmp_path, media):
+    """Offline pacing: 15 s of a 2 fps clip render in far less than 15 s; the first output is never black (a daemon
+    that drops it is filled from the next); a 640x360-style size (here 100x60) rounds to 96x48 and back; a typed
+    prompt gives other frames than the preset's alone (the tiny model is deterministic)."""
+    import time
+
+    src = media.make_clip(tmp_path / "in.mp4", frames=30, fps=2, width=100, height=60)
+    started = time.monotonic()
+    code, text = _render(src, "-o", tmp_path / "a.mp4", "--preset", "anime", "--daemon", daemon.control_address)
+    took = time.monotonic() - started
+    assert code == 0, text
+    assert took < 10, f"an offline render of 15 s of video took {took:.1f} s"
+    assert "100x60 is restyled at 96x48" in text and "30 frames at 2 fps, 100x60" in text
+    code, text = _render(src, "-o", tmp_path / "b.mp4", "--preset", "anime", "--prompt", "a pencil sketch",
+                         "--daemon", daemon.control_address)
+    assert code == 0, text
+    plain, prompted = media.read_frames(tmp_path / "a.mp4"), media.read_frames(tmp_path / "b.mp4")
+    assert len(plain) == len(prompted) == 30
+    assert min(float(f.mean()) for f in plain) > 5  # no black padding frame at the start
+    assert np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(plain, prompted, strict=True)]) > 3
