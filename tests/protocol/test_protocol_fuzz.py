@@ -179,3 +179,73 @@ def test_garbage_network_frames_raise_net_frame_error_only(header, payload):
         decode_frame(b"SDLF" + header[4:] if header[:1] == b"S" else header, payload)
     except NetFrameError as exc:
         assert exc.code is ErrorCode.BAD_REQUEST
+
+
+# ------------------------------------------------------------------- all of Unicode and extreme numbers
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=24) | st.text(
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=()), min_size=1, max_size=3
+).map(lambda s: "x" + s)  # lone surrogates: JSON \ud800-style escapes once killed the daemon
+extreme_numbers = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([1e308, -1e308, 5e-324, -0.0, 2**63, -(2**63) - 1, 2**64, 10**400])
+    | st.integers()
+)
+wild_values = st.recursive(
+    st.none() | st.booleans() | extreme_numbers | any_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(any_text, children, max_size=3),
+    max_leaves=8,
+)
+
+
+def wire(obj: object) -> bytes:
+    """JSON as an attacker sends it: NaN/Infinity allowed, lone surrogates as \\uXXXX escapes (ASCII output)."""
+    return json.dumps(obj, ensure_ascii=True, allow_nan=True).encode("ascii")
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.sampled_from(sorted(REQUEST_MODELS)), st.dictionaries(field_names, wild_values, max_size=6))
+def test_every_field_with_any_unicode_or_extreme_number_gives_a_request_or_a_protocol_error(op, fields):
+    result = decode_or_error(wire({**fields, "op": op}))
+    if not isinstance(result, ProtocolError):
+        assert decode_request(encode_request(result)) == result  # accepted: it re-encodes (UTF-8) to itself
+
+
+@pytest.fixture(scope="module")
+def daemon_socket(daemon):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.control_address)
+    yield sock
+    sock.close(0)
+
+
+def ask_daemon(sock, raw: bytes) -> dict:
+    sock.send(raw)
+    assert sock.poll(30_000), "the daemon did not answer"
+    reply = json.loads(sock.recv_multipart()[-1])
+    assert isinstance(reply["ok"], bool)
+    if not reply["ok"]:
+        assert reply["error"]["code"] in ERROR_CODES and reply["error"]["message"]
+    return reply
+
+
+@settings(FUZZ, max_examples=120)
+@given(
+    st.sampled_from(sorted(set(REQUEST_MODELS) - {"shutdown", "open_session"})),
+    st.dictionaries(field_names, wild_values, max_size=5),
+)
+def test_a_real_daemon_answers_any_unicode_and_extreme_numbers_in_every_field(daemon, daemon_socket, op, fields):
+    """The same, over real ZeroMQ: each message gets a reply that is valid JSON with a stable code, and the daemon
+    lives (shutdown and open_session are left out: one stops the shared daemon, the other would hold capacity)."""
+    ask_daemon(daemon_socket, wire({**fields, "op": op}))
+    assert daemon.alive
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.binary(max_size=512) | wild_values.map(wire))
+def test_a_real_daemon_answers_any_raw_bytes(daemon, daemon_socket, raw):
+    ask_daemon(daemon_socket, raw)
+    assert daemon.alive
