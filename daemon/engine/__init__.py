@@ -1,7 +1,7 @@
 """The streaming engine: a loaded model (``StreamEngine``) and the per-stream loop (``StreamSession``); the types a
 caller sees them through are in ``interface`` (``Engine``, ``EngineSession``, ``OutputFrame``, ``StageTimes``)."""
 
-from .engine import StreamEngine
+from .engine import InsufficientMemory, StreamEngine
 from .interface import Engine, EngineSession, OutputFrame, Pixels, StageTimes
 from .params import SessionParams
 from .session import StreamSession
@@ -9,6 +9,7 @@ from .session import StreamSession
 __all__ = [
     "Engine",
     "EngineSession",
+    "InsufficientMemory",
     "OutputFrame",
     "Pixels",
     "SessionParams",

@@ -19,6 +19,7 @@ from ..model.configs import (
     check_compat_policy,
     get_model_spec,
 )
+from ..model.memory import GiB, SessionMemory, session_memory
 from ..protocol.params import GenerationParams
 from .session import NoiseFn, StreamSession
 
@@ -31,6 +32,13 @@ if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with
 logger = logging.getLogger(__name__)
 
 PROMPT_MEMO_SIZE = 16
+
+MEMORY_MARGIN = 1.1
+"""A session opens only when its estimated peak times this fits in the free device memory."""
+
+
+class InsufficientMemory(ValueError):
+    """A session would not fit in the device's free memory; the message names what would."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -153,9 +161,14 @@ class StreamEngine:
         pixel_format: str = "rgb24",
         noise_fn: NoiseFn | None = None,
     ) -> StreamSession:
-        """A new stream at ``width×height`` (multiples of 16); ``params`` default to the model's steps and noise."""
+        """A new stream at ``width×height`` (multiples of 16); ``params`` default to the model's steps and noise.
+
+        On CUDA the session's memory is estimated first (``model.memory``) and compared with what the device has
+        free: :class:`InsufficientMemory` (a ``ValueError``) names what would fit instead of an out-of-memory error
+        halfway through a chunk."""
         if params is None:
             params = GenerationParams(steps=self.spec.default_steps, noise_scale=self.spec.noise_scale)
+        self.check_memory(width=width, height=height, params=params)
         with torch.inference_mode():
             return StreamSession(
                 self, width=width, height=height, params=params, pixel_format=pixel_format, noise_fn=noise_fn
@@ -194,6 +207,46 @@ class StreamEngine:
         """Wait for queued device work (stage timings on CUDA would lie otherwise)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def free_device_bytes(self) -> int | None:
+        """Bytes free on the engine's GPU (what a new session may take), ``None`` on the CPU (not checked)."""
+        if self.device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(free) + int(torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+
+    def session_memory(self, *, width: int, height: int, steps: int, stream_batch: bool) -> SessionMemory:
+        """The estimated bytes of one session of this shape (``model.memory.session_memory``)."""
+        return session_memory(self.spec, width=width, height=height, steps=steps, stream_batch=stream_batch,
+                              dtype=self.dtype, cache_policy=self.spec.kv_cache)  # fmt: skip
+
+    def check_memory(self, *, width: int, height: int, params: GenerationParams) -> None:
+        """Raise :class:`InsufficientMemory` when a session of this shape would not fit in the free device memory
+        (with ``MEMORY_MARGIN`` to spare); nothing on the CPU."""
+        free = self.free_device_bytes()
+        if free is None:
+            return
+        need = self.session_memory(width=width, height=height, steps=params.steps, stream_batch=params.stream_batch)
+        if need.peak * MEMORY_MARGIN <= free:
+            return
+        options = []
+        for label, w, h, steps, batch in (
+            ("no-batch mode", width, height, params.steps, False),
+            ("1 step", width, height, 1, False),
+            ("512x512, 1 step", 512, 512, 1, False),
+            ("576x320, 1 step", 576, 320, 1, False),
+        ):
+            if (w, h, steps, batch) == (width, height, params.steps, params.stream_batch):
+                continue
+            other = self.session_memory(width=w, height=h, steps=steps, stream_batch=batch)
+            if other.peak * MEMORY_MARGIN <= free:
+                options.append(f"{label} (~{other.peak / GiB:.1f} GiB)")
+        mode = "stream batch" if params.stream_batch and params.steps > 1 else "no-batch"
+        fits = "; would fit: " + ", ".join(options) if options else "; nothing smaller fits either: close a session"
+        raise InsufficientMemory(
+            f"not enough GPU memory for a {width}x{height} session at {params.steps} step(s), {mode}: it needs "
+            f"~{need.peak / GiB:.1f} GiB, {free / GiB:.1f} GiB free on {self.device}{fits}"
+        )
 
     def memory_bytes(self) -> int:
         """Device memory in use by torch (CUDA), or the parameter bytes on CPU."""

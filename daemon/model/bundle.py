@@ -234,6 +234,23 @@ def _no_generator(spec: ModelSpec, src: WeightSources, weights: str | Path | Non
     )
 
 
+def text_encoder_device(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.device:
+    """Where the text encoder runs for a cache miss: the model's GPU when its weights fit in the free memory there
+    beside the sessions (with 10 % to spare), else the CPU (slower, but never an out-of-memory error)."""
+    if device.type != "cuda":
+        return device
+    from .memory import model_memory
+
+    need = model_memory(spec, dtype).text_encoder * 1.1
+    free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if free >= need:
+        return device
+    logger.info("the %s text encoder (%.1f GiB) does not fit beside the sessions (%.1f GiB free): encoding on the CPU",
+                spec.name, need / 1024**3, free / 1024**3)  # fmt: skip
+    return torch.device("cpu")
+
+
 def load_model_bundle(
     name: str | ModelSpec,
     *,
@@ -304,12 +321,13 @@ def load_model_bundle(
     t5_file, t5_tokenizer = src.text_encoder, src.tokenizer
 
     def load_text() -> TextEncoder:
+        target = text_encoder_device(spec, torch.device(device), dtype)
         if text_root is not None:
-            say(f"loading the {spec.name} text encoder from {text_root}")
-            return TextEncoder.from_spec(spec, path=text_root, device=device, dtype=dtype)
+            say(f"loading the {spec.name} text encoder from {text_root} onto {target}")
+            return TextEncoder.from_spec(spec, path=text_root, device=target, dtype=dtype)
         if t5_file is not None and t5_tokenizer is not None:
-            say(f"loading the {spec.name} text encoder from {t5_file}")
-            return load_text_encoder(spec, t5_file, t5_tokenizer, device=device, dtype=dtype)
+            say(f"loading the {spec.name} text encoder from {t5_file} onto {target}")
+            return load_text_encoder(spec, t5_file, t5_tokenizer, device=target, dtype=dtype)
         note = " (prompts already in the embedding cache work without it)"
         if t5_file is not None:
             note = f"; found {t5_file} but not its tokenizer folder {t5_file.parent / 'google/umt5-xxl'}{note}"
@@ -327,6 +345,7 @@ def load_model_bundle(
         text_dim=spec.text_dim,
         cache_dir=cache_dir,
         namespace=PromptEncoder.for_spec(spec, cache_dir=cache_dir).namespace,
+        keep_loaded=torch.device(device).type == "cpu",  # on a GPU: loaded per cache miss, then freed
     )
     if not src.has_text_encoder:
         logger.warning("%s: no text encoder found; only prompts already in %s can be used", spec.name, text.cache_dir)

@@ -166,8 +166,17 @@ class PromptEncoder:
         text_dim: int,
         cache_dir: str | Path | None = None,
         namespace: str | None = None,
+        keep_loaded: bool = True,
+        linger_s: float = 3.0,
     ) -> None:
         self.model_name = model_name
+        self.keep_loaded = keep_loaded
+        """False: the text encoder is loaded for cache misses and unloaded ``linger_s`` after the last one (a burst of
+        new prompts, e.g. every preset at startup, loads it once), so it does not stay on the GPU beside the DiT
+        (UMT5-XXL: 11 GB in bf16)."""
+        self.linger_s = linger_s
+        self._warming = False
+        self._unload_timer: threading.Timer | None = None
         self.namespace = namespace or model_name
         """Cache sub-folder and key prefix: the model name plus a fingerprint of what shapes its embeddings."""
         self.text_len = text_len
@@ -216,23 +225,53 @@ class PromptEncoder:
             with self._lock:
                 rows = self._read(path)  # another thread may have written it meanwhile
                 if rows is None:
-                    rows = self._compute(prompt)
-                    self._write(path, prompt, rows)
+                    try:
+                        rows = self._compute(prompt)
+                        self._write(path, prompt, rows)
+                    finally:
+                        if not self.keep_loaded and not self._warming:
+                            self._unload_later()
         out = rows.new_zeros(1, self.text_len, self.text_dim)
         out[0, : rows.shape[0]] = rows
         return out
 
     def warm(self, prompts: list[str]) -> None:
-        """Make sure every prompt is on disk (loads the encoder only if one is missing)."""
-        for prompt in prompts:
-            self.encode(prompt)
+        """Make sure every prompt is on disk (loads the encoder only if one is missing, once for all of them)."""
+        self._warming = True
+        try:
+            for prompt in prompts:
+                self.encode(prompt)
+        finally:
+            self._warming = False
+            if not self.keep_loaded:
+                self.unload()
 
     def unload(self) -> None:
         """Drop the text encoder (cached prompts keep working; a new prompt loads it again)."""
         with self._lock:
-            if self._encoder is not None:
-                logger.info("unloading the %s text encoder", self.model_name)
-            self._encoder = None
+            self._drop_encoder()
+
+    def _unload_later(self) -> None:
+        if self._unload_timer is not None:
+            self._unload_timer.cancel()
+        if self.linger_s <= 0:
+            self._drop_encoder()
+            return
+        self._unload_timer = threading.Timer(self.linger_s, self.unload)
+        self._unload_timer.daemon = True
+        self._unload_timer.start()
+
+    def _drop_encoder(self) -> None:
+        if self._unload_timer is not None:
+            self._unload_timer.cancel()
+            self._unload_timer = None
+        if self._encoder is None:
+            return
+        device = self._encoder.device
+        logger.info("unloading the %s text encoder", self.model_name)
+        self._encoder = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give its blocks back: the sessions' caches and the next load need them
 
     # ------------------------------------------------------------------ internals
     def _compute(self, prompt: str) -> torch.Tensor:

@@ -143,3 +143,20 @@ def test_prompt_cache_dir_env(monkeypatch, tmp_path):
     assert default_prompt_cache_dir() == tmp_path / "pc"
     monkeypatch.delenv("SDLIVE_PROMPT_CACHE")
     assert default_prompt_cache_dir().parts[-2:] == ("sdlive", "prompts")
+
+
+def test_a_transient_encoder_loads_for_a_burst_of_misses_and_then_leaves(tmp_path, wait_for):
+    """``keep_loaded=False`` (the GPU default): misses in a row share one load; ``linger_s`` after the last one the
+    encoder is gone; a cached prompt never loads it; ``warm`` loads it once for all its prompts and unloads."""
+    loader = CountingLoader()
+    text = PromptEncoder("tiny", loader, text_len=TINY.text_len, text_dim=TINY.text_dim, cache_dir=tmp_path,
+                         keep_loaded=False, linger_s=0.3)  # fmt: skip
+    text.encode("a fox")
+    text.encode("a hare")
+    assert loader.calls == 1 and text.loaded
+    assert wait_for(lambda: not text.loaded, timeout_s=5)
+    text.encode("a fox")  # on disk: no load
+    assert loader.calls == 1 and not text.loaded
+    text.warm(["an owl", "a lynx", "a fox"])
+    assert loader.calls == 2 and not text.loaded  # unloaded at once after warm
+    assert text.is_cached("an owl") and text.is_cached("a lynx")
