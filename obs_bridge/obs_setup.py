@@ -4,7 +4,8 @@ Stdlib only, so ``installer/install_obs.py`` can use it with any Python (it impo
 edited, and why:
 
 - ``global.ini`` ``[OBSWebSocket]``: where OBS 29 / obs-websocket 5.1 reads its settings.
-- ``plugin_config/obs-websocket/config.json``: where OBS 30+ / obs-websocket 5.2+ reads them. Both are written.
+- ``plugin_config/obs-websocket/config.json``: where OBS 30+ / obs-websocket 5.2+ reads them. Both are written,
+  never weaker than they were (see the obs-websocket section), and restored by the uninstall.
 - ``basic/scenes/<collection>.json`` ``modules.scripts-tool``: the scripts OBS loads at start (Tools → Scripts).
 
 OBS rewrites these files when it exits: edit them while OBS is closed (``obs_running()`` tells).
@@ -113,27 +114,67 @@ def write_ini(path: Path, cp: configparser.ConfigParser) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------------------------ obs-websocket
+#
+# obs-websocket 5 has no bind-address setting: it listens on every interface (IPv4 and IPv6) on its port, so its
+# password is what keeps other machines out. The installer therefore never turns authentication off or drops a
+# password: it keeps the one the user has (or generates one, as obs-websocket itself does on its first load), keeps the
+# port unless asked for another, records what it changed, and --uninstall puts back what was there before.
+
+WS_INI_KEYS = {"enabled": "ServerEnabled", "port": "ServerPort", "auth": "AuthRequired", "password": "ServerPassword",
+               "first_load": "FirstLoad"}
+WS_JSON_KEYS = {"enabled": "server_enabled", "port": "server_port", "auth": "auth_required",
+                "password": "server_password", "first_load": "first_load"}
+WS_BACKUP_NAME = "websocket-before.json"  # in the install folder: the settings before sdlive, and what it wrote
+PASSWORD_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+PASSWORD_LENGTH = 16  # as obs-websocket's own generated passwords
+
+
+def ws_json_path(config_dir: Path) -> Path:
+    return config_dir / "plugin_config" / "obs-websocket" / "config.json"
+
+
+def _read_ws_json(config_dir: Path) -> dict | None:
+    """config.json as a dict; None when it does not exist (or is not a JSON object)."""
+    path = ws_json_path(config_dir)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_ws_ini(config_dir: Path) -> dict[str, str] | None:
+    """global.ini's [OBSWebSocket] section as raw strings; None when there is no such section."""
+    cp = read_ini(config_dir / "global.ini")
+    return dict(cp.items(WEBSOCKET_SECTION, raw=True)) if cp.has_section(WEBSOCKET_SECTION) else None
+
+
 def websocket_settings(config_dir: Path) -> dict:
     """The websocket settings OBS will use: config.json (OBS 30+) if present, else global.ini (OBS 29)."""
-    js = config_dir / "plugin_config" / "obs-websocket" / "config.json"
-    if js.is_file():
+    data = _read_ws_json(config_dir)
+    if data is not None:
         try:
-            data = json.loads(js.read_text(encoding="utf-8"))
             return {
                 "enabled": bool(data.get("server_enabled")),
                 "port": int(data.get("server_port", DEFAULT_WS_PORT)),
                 "auth_required": bool(data.get("auth_required")),
-                "password": data.get("server_password", ""),
-                "source": str(js),
+                "password": str(data.get("server_password") or ""),
+                "source": str(ws_json_path(config_dir)),
             }
         except (ValueError, TypeError):
             pass
-    cp = read_ini(config_dir / "global.ini")
-    if cp.has_section(WEBSOCKET_SECTION):
-        sec = cp[WEBSOCKET_SECTION]
+    sec = _read_ws_ini(config_dir)
+    if sec is not None:
+        try:
+            port = int(sec.get("ServerPort", DEFAULT_WS_PORT))
+        except ValueError:
+            port = DEFAULT_WS_PORT
         return {
             "enabled": sec.get("ServerEnabled", "false").lower() == "true",
-            "port": int(sec.get("ServerPort", DEFAULT_WS_PORT)),
+            "port": port,
             "auth_required": sec.get("AuthRequired", "false").lower() == "true",
             "password": sec.get("ServerPassword", ""),
             "source": str(config_dir / "global.ini"),
@@ -141,50 +182,174 @@ def websocket_settings(config_dir: Path) -> dict:
     return {"enabled": False, "port": DEFAULT_WS_PORT, "auth_required": False, "password": "", "source": None}
 
 
-def enable_websocket(config_dir: Path, *, port: int = DEFAULT_WS_PORT, password: str = "", dry_run: bool = False
-                     ) -> list[str]:
-    """Turn obs-websocket on in both places (OBS 29 reads global.ini, OBS 30+ config.json). Returns what changed."""
-    actions = []
+def generate_password() -> str:
+    import secrets
+
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+
+
+def write_websocket_settings(config_dir: Path, *, enabled: bool, port: int, auth: bool, password: str) -> None:
+    """Write the websocket settings as given to both places, no questions asked: for test configs and
+    ``enable_websocket``; users' configs go through ``enable_websocket``."""
+    ini, js = _ws_wanted(enabled=enabled, port=port, auth=auth, password=password)
+    _write_ws(config_dir, dict[str, str | None](ini), js)
+
+
+def _ws_wanted(*, enabled: bool, port: int, auth: bool, password: str) -> tuple[dict[str, str], dict]:
+    ini = {WS_INI_KEYS["first_load"]: "false", WS_INI_KEYS["enabled"]: "true" if enabled else "false",
+           WS_INI_KEYS["port"]: str(port), WS_INI_KEYS["auth"]: "true" if auth else "false",
+           WS_INI_KEYS["password"]: password}
+    js = {WS_JSON_KEYS["first_load"]: False, WS_JSON_KEYS["enabled"]: enabled, WS_JSON_KEYS["port"]: port,
+          WS_JSON_KEYS["auth"]: auth, WS_JSON_KEYS["password"]: password}
+    return ini, js
+
+
+def _write_ws(config_dir: Path, ini: dict[str, str | None], js: dict | None, *, drop_json: bool = False,
+              drop_section: bool = False) -> None:
+    """Set (value) or remove (None) the given keys in global.ini's section and in config.json."""
     ini_path = config_dir / "global.ini"
     cp = read_ini(ini_path)
     if not cp.has_section(WEBSOCKET_SECTION):
         cp.add_section(WEBSOCKET_SECTION)
-    want = {
-        "FirstLoad": "false",
-        "ServerEnabled": "true",
-        "ServerPort": str(port),
-        "AlertsEnabled": "false",
-        "AuthRequired": "true" if password else "false",
-        "ServerPassword": password,
-    }
-    sec = cp[WEBSOCKET_SECTION]
-    if any(sec.get(k) != v for k, v in want.items()):
-        for k, v in want.items():
-            sec[k] = v
-        actions.append(f"websocket enabled on port {port} in {ini_path} [{WEBSOCKET_SECTION}] (OBS 29)")
-        if not dry_run:
-            write_ini(ini_path, cp)
-    js_path = config_dir / "plugin_config" / "obs-websocket" / "config.json"
-    data = {}
-    if js_path.is_file():
+    for key, value in ini.items():
+        if value is None:
+            cp.remove_option(WEBSOCKET_SECTION, key)
+        else:
+            cp[WEBSOCKET_SECTION][key] = value
+    if drop_section or not cp.items(WEBSOCKET_SECTION, raw=True):
+        cp.remove_section(WEBSOCKET_SECTION)
+    write_ini(ini_path, cp)
+    path = ws_json_path(config_dir)
+    if drop_json:
+        path.unlink(missing_ok=True)
+        return
+    if js is None:
+        return
+    data = _read_ws_json(config_dir) or {}
+    for key, value in js.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.sdlive-tmp")
+    tmp.write_text(json.dumps(data, indent=4), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _shown(key: str, value: object) -> str:
+    """A setting's value for the report; a password is never printed."""
+    if value is None:
+        return "(unset)"
+    if key in (WS_INI_KEYS["password"], WS_JSON_KEYS["password"]):
+        return "(empty)" if not value else "(a password)"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _diff(label: str, before: dict, after: dict) -> str | None:
+    changed = [f"{k} {_shown(k, before.get(k))} → {_shown(k, v)}" for k, v in after.items() if before.get(k) != v]
+    return f"{label}: " + ", ".join(changed) if changed else None
+
+
+def enable_websocket(config_dir: Path, *, port: int | None = None, password: str | None = None,
+                     dry_run: bool = False, backup_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """Turn obs-websocket on for `sdlive obs …` without weakening it: authentication on, the user's password kept
+    (else ``password``, else a generated one), the port kept unless ``port`` is given; written to global.ini
+    (OBS 29) and config.json (OBS 30+). The settings before are recorded in ``backup_dir`` for ``restore_websocket``.
+    Returns (changes, notes): what changed, setting by setting, and what the user should know."""
+    ini_before = _read_ws_ini(config_dir)
+    js_before = _read_ws_json(config_dir)
+    current = websocket_settings(config_dir)
+    existing = str((js_before or {}).get(WS_JSON_KEYS["password"]) or "") or (ini_before or {}).get(
+        WS_INI_KEYS["password"], "")
+    notes: list[str] = []
+    if password:
+        chosen = password
+        if existing and existing != password:
+            notes.append("the existing websocket password was replaced by the one given with --ws-password")
+    elif existing:
+        chosen = existing
+        notes.append("kept your websocket password")
+    else:
+        chosen = generate_password()
+        notes.append(f"generated a websocket password ({PASSWORD_LENGTH} characters): see it in OBS → Tools → "
+                     "WebSocket Server Settings → Show Connect Info")
+    chosen_port = port or current["port"] or DEFAULT_WS_PORT
+    ini_want, js_want = _ws_wanted(enabled=True, port=chosen_port, auth=True, password=chosen)
+    changes = [c for c in (
+        _diff(f"{config_dir / 'global.ini'} [{WEBSOCKET_SECTION}] (OBS 29)", ini_before or {}, ini_want),
+        _diff(f"{ws_json_path(config_dir)} (OBS 30+)", js_before or {}, js_want),
+    ) if c]
+    notes.append(f"obs-websocket listens on port {chosen_port} of every network interface (it has no bind setting); "
+                 f"its password keeps others out. To keep other machines off it entirely, block TCP {chosen_port} "
+                 "in this computer's firewall")
+    notes.append("`sdlive obs …` reads the websocket port and password from this OBS config by itself")
+    if changes and not dry_run:
+        if backup_dir is not None:
+            _record_ws_backup(backup_dir, ini_before, js_before, ini_want, js_want)
+        _write_ws(config_dir, dict(ini_want), js_want)
+    return changes, notes
+
+
+def _record_ws_backup(backup_dir: Path, ini_before: dict | None, js_before: dict | None, ini_want: dict,
+                      js_want: dict) -> None:
+    """Keep the settings from before the first install (a later install only updates what sdlive wrote)."""
+    path = backup_dir / WS_BACKUP_NAME
+    doc: dict = {}
+    if path.is_file():
         try:
-            data = json.loads(js_path.read_text(encoding="utf-8"))
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            data = {}
-    want_js = {
-        "server_enabled": True,
-        "server_port": port,
-        "auth_required": bool(password),
-        "server_password": password,
-        "first_load": False,
-        "alerts_enabled": False,
-    }
-    if any(data.get(k) != v for k, v in want_js.items()):
-        data.update(want_js)
-        actions.append(f"websocket enabled on port {port} in {js_path} (OBS 30+)")
-        if not dry_run:
-            js_path.parent.mkdir(parents=True, exist_ok=True)
-            js_path.write_text(json.dumps(data, indent=4), encoding="utf-8")
+            doc = {}
+    if "ini_before" not in doc:
+        doc.update(ini_before=ini_before, json_before=js_before)
+    doc.update(ini_written=ini_want, json_written=js_want)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+
+
+def restore_websocket(config_dir: Path, backup_dir: Path, *, dry_run: bool = False) -> list[str]:
+    """Put back the websocket settings from before sdlive, key by key; a key the user changed since is left as they
+    set it. Returns what changed (and what was left)."""
+    path = backup_dir / WS_BACKUP_NAME
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    actions: list[str] = []
+    ini_now, js_now = _read_ws_ini(config_dir) or {}, _read_ws_json(config_dir)
+    ini_before, js_before = doc.get("ini_before"), doc.get("json_before")
+    ini_set: dict[str, str | None] = {}
+    js_set: dict[str, object] = {}
+    kept: list[str] = []
+    for key, written in (doc.get("ini_written") or {}).items():
+        if ini_now.get(key) != written:
+            kept.append(f"global.ini {key}")
+        elif (ini_before or {}).get(key) != written:
+            ini_set[key] = (ini_before or {}).get(key)
+    for key, written in (doc.get("json_written") or {}).items():
+        if (js_now or {}).get(key) != written:
+            kept.append(f"config.json {key}")
+        elif (js_before or {}).get(key) != written:
+            js_set[key] = (js_before or {}).get(key)
+    after_ini = {k: v for k, v in {**ini_now, **ini_set}.items() if v is not None}
+    after_js = {k: v for k, v in {**(js_now or {}), **js_set}.items() if v is not None}
+    drop_json = js_before is None and js_now is not None and not after_js
+    change = _diff(f"{config_dir / 'global.ini'} [{WEBSOCKET_SECTION}]", ini_now, {k: after_ini.get(k) for k in ini_set})
+    if change:
+        actions.append(change + " (as before sdlive)")
+    if drop_json:
+        actions.append(f"removed {ws_json_path(config_dir)} (it did not exist before sdlive)")
+    elif js_set:
+        change = _diff(str(ws_json_path(config_dir)), js_now or {}, {k: after_js.get(k) for k in js_set})
+        if change:
+            actions.append(change + " (as before sdlive)")
+    if kept:
+        actions.append("left as you changed them since the install: " + ", ".join(kept))
+    if not dry_run and (ini_set or js_set or drop_json):
+        _write_ws(config_dir, ini_set, None if drop_json else js_set, drop_json=drop_json,
+                  drop_section=ini_before is None and not after_ini)
     return actions
 
 
@@ -369,8 +534,8 @@ def install(
     *,
     collections: str = "current",
     websocket: bool = False,
-    ws_port: int = DEFAULT_WS_PORT,
-    ws_password: str = "",
+    ws_port: int | None = None,
+    ws_password: str | None = None,
     dry_run: bool = False,
     stage: Stage | None = None,
 ) -> list[str]:
@@ -417,8 +582,14 @@ def install(
         else:
             note("scripts", f"{coll.name} already loads {script}", changed=False)
     if websocket:
-        for action in enable_websocket(config_dir, port=ws_port, password=ws_password, dry_run=dry_run):
+        ws_changes, ws_notes = enable_websocket(config_dir, port=ws_port, password=ws_password, dry_run=dry_run,
+                                                backup_dir=dest)
+        for action in ws_changes:
             note("websocket", action)
+        if not ws_changes:
+            note("websocket", "already enabled with a password; nothing to change", changed=False)
+        for line in ws_notes:
+            note("websocket", line, changed=False)
     return changes
 
 
@@ -433,6 +604,9 @@ def uninstall(config_dir: Path, *, dry_run: bool = False, stage: Stage | None = 
             if action:
                 changes.append(action)
                 report("scripts", ("(dry run) " if dry_run else "") + action)
+    for action in restore_websocket(config_dir, dest, dry_run=dry_run):
+        changes.append(action)
+        report("websocket", ("(dry run) " if dry_run else "") + action)
     if dest.exists():
         changes.append(f"removed {dest}")
         report("files", ("(dry run) " if dry_run else "") + f"removed {dest}")
@@ -453,14 +627,18 @@ def install_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--obs-config", help="OBS config directory (default: found for this OS)")
     ap.add_argument("--collection", default="current", help="scene collection to load the script in: NAME, current, all")
-    ap.add_argument("--websocket", action="store_true", help="enable obs-websocket (for `sdlive obs …`)")
-    ap.add_argument("--ws-port", type=int, default=DEFAULT_WS_PORT)
-    ap.add_argument("--ws-password", default="", help="websocket password (empty: no auth, loopback use)")
+    ap.add_argument("--websocket", action="store_true",
+                    help="enable obs-websocket for `sdlive obs …` (authentication on: your password is kept, or one "
+                         "is generated; --uninstall restores the settings from before)")
+    ap.add_argument("--ws-port", type=int, default=None, help="websocket port (default: the one OBS has, else 4455)")
+    ap.add_argument("--ws-password", default=None, help="websocket password to set (default: keep yours, or generate one)")
     ap.add_argument("--models", metavar="NAME", help="also pull model weights: runs `sdlive models pull NAME`")
     ap.add_argument("--uninstall", action="store_true", help="remove the script from OBS and delete its folder")
     ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     ap.add_argument("--force", action="store_true", help="edit OBS's files even while OBS runs (it may undo them)")
     args = ap.parse_args(argv)
+    if (args.ws_port is not None or args.ws_password is not None) and not args.websocket and not args.uninstall:
+        ap.error("--ws-port and --ws-password go with --websocket")
 
     def stage(name: str, msg: str) -> None:
         print(f"[{name}] {msg}")

@@ -36,8 +36,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def connect(host: str = "localhost", port: int = obs_setup.DEFAULT_WS_PORT, password: str = "",
-            timeout: float = 3.0) -> Any:
-    """An obsws-python ``ReqClient``; raises ObsUnavailable naming the fix when OBS does not answer."""
+            timeout: float = 3.0, hint: str = "") -> Any:
+    """An obsws-python ``ReqClient``; raises ObsUnavailable naming the fix when OBS does not answer or refuses
+    (``hint``: where the password came from)."""
     import obsws_python as obsws
 
     # obsws-python logs every failed request at ERROR level; its exceptions carry the same text.
@@ -51,7 +52,10 @@ def connect(host: str = "localhost", port: int = obs_setup.DEFAULT_WS_PORT, pass
             f"OBS is closed)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - obsws raises plain Exception subclasses for auth failures
-        raise ObsUnavailable(f"OBS websocket at ws://{host}:{port} refused the connection: {exc} (check --password)") from None
+        raise ObsUnavailable(
+            f"OBS websocket at ws://{host}:{port} refused the connection: {exc}{hint}. Pass --password or set "
+            "SDLIVE_OBS_PASSWORD (OBS shows it in Tools → WebSocket Server Settings → Show Connect Info)"
+        ) from None
 
 
 def check_versions(client: Any) -> dict[str, Any]:

@@ -21,21 +21,46 @@ from .. import obs_setup
 obs_app = typer.Typer(name="obs", help="Set up and drive OBS (obs-websocket v5).", no_args_is_help=True)
 
 _Host = Annotated[str, typer.Option("--host", help="OBS websocket host (env SDLIVE_OBS_HOST)")]
-_Port = Annotated[int, typer.Option("--port", help="OBS websocket port (env SDLIVE_OBS_PORT)")]
-_Password = Annotated[
-    str | None, typer.Option("--password", help="OBS websocket password (env SDLIVE_OBS_PASSWORD)")
+_Port = Annotated[
+    int | None,
+    typer.Option("--port", help="OBS websocket port (env SDLIVE_OBS_PORT; default: the one in this user's OBS "
+                                "config, else 4455)"),
 ]
+_Password = Annotated[
+    str | None,
+    typer.Option("--password", help="OBS websocket password (env SDLIVE_OBS_PASSWORD; default: the one in this "
+                                    "user's OBS config, for OBS on this machine)"),
+]
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 _Json = Annotated[bool, typer.Option("--json", help="print a JSON report instead of text")]
 
 
-def _conn(host: str, port: int, password: str | None) -> Any:  # an obsws-python ReqClient (untyped library)
+def _local_obs_websocket() -> dict | None:
+    """The websocket settings in this user's OBS config (where `sdlive obs install --websocket` keeps them)."""
+    try:
+        return obs_setup.websocket_settings(obs_setup.find_obs_config_dir())
+    except (OSError, ValueError):
+        return None
+
+
+def _conn(host: str, port: int | None, password: str | None) -> Any:  # an obsws-python ReqClient (untyped library)
+    """Connect to OBS: flags, then SDLIVE_OBS_* variables, then (OBS on this machine) OBS's own config."""
     from .. import obsws_tools
 
     host = os.environ.get("SDLIVE_OBS_HOST", host) if host == "localhost" else host
-    port = int(os.environ.get("SDLIVE_OBS_PORT", port)) if port == obs_setup.DEFAULT_WS_PORT else port
-    password = password if password is not None else os.environ.get("SDLIVE_OBS_PASSWORD", "")
+    if port is None and os.environ.get("SDLIVE_OBS_PORT"):
+        port = int(os.environ["SDLIVE_OBS_PORT"])
+    if password is None:
+        password = os.environ.get("SDLIVE_OBS_PASSWORD")
+    hint = ""
+    if host in LOCAL_HOSTS and (port is None or password is None):
+        local = _local_obs_websocket()
+        if local is not None and local["source"]:
+            port = port if port is not None else local["port"]
+            if password is None and local["auth_required"]:
+                password, hint = local["password"], f" (the password tried is the one in {local['source']})"
     try:
-        return obsws_tools.connect(host, port, password or "")
+        return obsws_tools.connect(host, port or obs_setup.DEFAULT_WS_PORT, password or "", hint=hint)
     except obsws_tools.ObsUnavailable as exc:
         raise _fail(exc) from None
 
@@ -68,7 +93,7 @@ def setup(
     preset: Annotated[str | None, typer.Option("--preset", help="preset the filter starts with")] = None,
     filter_name: Annotated[str, typer.Option("--filter-name", help="name of the filter in OBS")] = "sdlive",
     host: _Host = "localhost",
-    port: _Port = obs_setup.DEFAULT_WS_PORT,
+    port: _Port = None,
     password: _Password = None,
     as_json: _Json = False,
 ) -> None:
@@ -122,7 +147,7 @@ def _disconnect(client: Any) -> None:
 def preset(
     name: Annotated[str, typer.Argument(help="preset name, or next / prev")],
     host: _Host = "localhost",
-    port: _Port = obs_setup.DEFAULT_WS_PORT,
+    port: _Port = None,
     password: _Password = None,
 ) -> None:
     """Switch every sdlive filter in OBS to a preset (presses the script's hotkey through obs-websocket)."""
@@ -141,7 +166,7 @@ def preset(
 @obs_app.command("status")
 def status(
     host: _Host = "localhost",
-    port: _Port = obs_setup.DEFAULT_WS_PORT,
+    port: _Port = None,
     password: _Password = None,
     as_json: _Json = False,
 ) -> None:

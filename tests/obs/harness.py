@@ -106,7 +106,8 @@ def write_fresh_config(
     }
     cp["Basic"] = {"Profile": name, "ProfileDir": name, "SceneCollection": name, "SceneCollectionFile": name}
     obs_setup.write_ini(config_dir / "global.ini", cp)
-    obs_setup.enable_websocket(config_dir, port=ws_port, password=ws_password)
+    obs_setup.write_websocket_settings(config_dir, enabled=True, port=ws_port, auth=bool(ws_password),
+                                       password=ws_password)
     profile = obs_setup.IniFile()
     profile["General"] = {"Name": name}
     profile["Video"] = {
@@ -149,6 +150,7 @@ class HeadlessOBS:
     minimize: bool = True
     screen: str = "1280x720x24"
     ws_port: int = 0
+    ws_password: str = ""  # what the config's websocket wants (write_config writes none)
     display: int = 0
     proc: subprocess.Popen | None = None
     xvfb: subprocess.Popen | None = None
@@ -204,7 +206,7 @@ class HeadlessOBS:
         return self
 
     def client(self, timeout: float = 5.0):
-        return obsws_tools.connect("127.0.0.1", self.ws_port, "", timeout=timeout)
+        return obsws_tools.connect("127.0.0.1", self.ws_port, self.ws_password, timeout=timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,78 @@ def test_websocket_is_enabled_for_obs_29_and_obs_30(obs_config):
     assert cp["General"]["FirstRun"] == "true"  # the rest of global.ini is kept
 
 
+def _ws(cfg: Path) -> tuple[dict, dict]:
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str
+    cp.read(cfg / "global.ini")
+    js = json.loads((cfg / "plugin_config" / "obs-websocket" / "config.json").read_text())
+    return dict(cp["OBSWebSocket"]), js
+
+
+def _set_ws(cfg: Path, **ini: str) -> None:
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str
+    cp.read(cfg / "global.ini")
+    cp["OBSWebSocket"].update(ini)
+    with open(cfg / "global.ini", "w") as fh:
+        cp.write(fh, space_around_delimiters=False)
+
+
+def test_websocket_keeps_the_users_password_and_port(tmp_path):
+    cfg = tmp_path / "obs-studio"
+    write_fresh_config(cfg, ws_port=4466, ws_password="mine-1234")
+    r = run_installer("--obs-config", str(cfg), "--force", "--websocket")
+    assert r.returncode == 0, r.stderr
+    ini, js = _ws(cfg)
+    assert (ini["AuthRequired"], ini["ServerPassword"], ini["ServerPort"]) == ("true", "mine-1234", "4466")
+    assert (js["auth_required"], js["server_password"], js["server_port"]) == (True, "mine-1234", 4466)
+    assert "kept your websocket password" in r.stdout and "mine-1234" not in r.stdout
+
+
+def test_websocket_without_a_password_gets_a_generated_one_that_is_never_printed(obs_config):
+    before_ini, _ = _ws(obs_config)
+    assert before_ini["AuthRequired"] == "false" and before_ini["ServerPassword"] == ""
+    r = run_installer("--obs-config", str(obs_config), "--force", "--websocket")
+    assert r.returncode == 0, r.stderr
+    ini, js = _ws(obs_config)
+    password = ini["ServerPassword"]
+    assert len(password) == 16 and password.isalnum() and js["server_password"] == password
+    assert ini["AuthRequired"] == "true" and js["auth_required"] is True
+    assert ini["ServerPort"] == "4466"  # kept
+    assert password not in r.stdout + r.stderr
+    # what changed, setting by setting, and what obs-websocket's bind means
+    assert "AuthRequired false → true" in r.stdout and "ServerPassword (empty) → (a password)" in r.stdout
+    assert "every network interface" in r.stdout and "firewall" in r.stdout
+    backup = obs_config / "sdlive" / "websocket-before.json"
+    assert backup.stat().st_mode & 0o077 == 0  # it holds passwords: owner only
+
+
+def test_uninstall_restores_the_websocket_settings_from_before(obs_config):
+    ini_before, js_before = _ws(obs_config)
+    assert run_installer("--obs-config", str(obs_config), "--force", "--websocket").returncode == 0
+    assert _ws(obs_config) != (ini_before, js_before)
+    r = run_installer("--obs-config", str(obs_config), "--force", "--uninstall")
+    assert r.returncode == 0, r.stderr
+    assert _ws(obs_config) == (ini_before, js_before)
+    assert "as before sdlive" in r.stdout
+
+
+def test_uninstall_leaves_a_websocket_setting_the_user_changed_since(obs_config):
+    assert run_installer("--obs-config", str(obs_config), "--force", "--websocket").returncode == 0
+    _set_ws(obs_config, ServerPassword="changed-later")
+    r = run_installer("--obs-config", str(obs_config), "--force", "--uninstall")
+    assert r.returncode == 0, r.stderr
+    ini, js = _ws(obs_config)
+    assert ini["ServerPassword"] == "changed-later" and ini["AuthRequired"] == "false"
+    assert js["server_password"] == "" and js["auth_required"] is False
+    assert "left as you changed them since the install: global.ini ServerPassword" in r.stdout
+
+
+def test_ws_options_without_websocket_are_refused(obs_config):
+    r = run_installer("--obs-config", str(obs_config), "--force", "--ws-password", "x")
+    assert r.returncode == 2 and "go with --websocket" in r.stderr
+
+
 def test_uninstall_reverses_the_install(obs_config):
     assert run_installer("--obs-config", str(obs_config), "--force").returncode == 0
     r = run_installer("--obs-config", str(obs_config), "--uninstall", "--force")
@@ -152,3 +225,33 @@ def test_obs_started_on_the_installed_config_runs_the_installed_script(tmp_path)
     protocol = cfg / "sdlive" / SCRIPT_NAMES.PROTOCOL_DIR_NAME  # the installed contract, not the checkout's
     assert f"from {protocol})" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+@pytest.mark.obs
+@pytest.mark.slow
+def test_sdlive_obs_finds_the_password_the_installer_generated(tmp_path):
+    """After `--websocket`, `sdlive obs status` on the same machine needs no flag: it reads OBS's config."""
+    reason = obs_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "home"
+    cfg = home / ".config" / "obs-studio"
+    port = free_port()
+    write_fresh_config(cfg, ws_port=port)
+    assert run_installer("--obs-config", str(cfg), "--force", "--websocket").returncode == 0
+    password = _ws(cfg)[0]["ServerPassword"]
+    o = HeadlessOBS(home, ws_port=port, ws_password=password)
+    o.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDLIVE_OBS_")}
+        env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+        cli = [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", "obs", "status", "--json"]
+        r = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["script_loaded"] is True
+        r = subprocess.run(cli, capture_output=True, text=True, env={**env, "SDLIVE_OBS_PASSWORD": "wrong"},
+                           timeout=60)
+        assert r.returncode == 1 and "refused the connection" in r.stderr and "Traceback" not in r.stderr
+        assert "SDLIVE_OBS_PASSWORD" in r.stderr
+    finally:
+        assert o.stop() == 0
