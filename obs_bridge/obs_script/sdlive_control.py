@@ -27,6 +27,10 @@ _FLAG_MORE, _FLAG_LONG, _FLAG_COMMAND = 0x01, 0x02, 0x04
 _GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
 
 
+_SECURED = ("it is a daemon started with --token or --local-auth (CurveZMQ), which the OBS filter cannot open: run "
+            "`sdlive relay` on this computer and give the filter the relay's address (docs/obs.md, Dual-PC)")
+
+
 class ControlError(Exception):
     """The daemon did not answer (timeout, refused, connection lost): distinct from an error reply."""
 
@@ -149,7 +153,9 @@ class StdlibControl:
         self._sock, self._buf = sock, b""
         deadline = time.monotonic() + timeout_s
         try:
-            sock.sendall(_GREETING)
+            # The signature and major version first, the rest once the peer's whole greeting is in (as ZMTP
+            # allows): a peer that wants another mechanism shows it before it hangs up on ours.
+            sock.sendall(_GREETING[:11])
             while len(self._buf) < len(_GREETING):
                 self._recv_more(deadline)
             peer, self._buf = self._buf[: len(_GREETING)], self._buf[len(_GREETING) :]
@@ -157,7 +163,9 @@ class StdlibControl:
                 raise ControlError(f"{self.address} does not speak ZMTP 3 (greeting {peer[:12]!r})")
             mechanism = peer[12:32].rstrip(b"\x00")
             if mechanism != b"NULL":
-                raise ControlError(f"{self.address} wants security mechanism {mechanism!r}; the filter speaks NULL")
+                raise ControlError(f"{self.address} wants security mechanism "
+                                   f"{mechanism.decode(errors='replace')}: {_SECURED}")
+            sock.sendall(_GREETING[11:])
             ready = b"\x05READY" + _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
             self._send_frame(ready, command=True)
             while True:  # the peer's READY

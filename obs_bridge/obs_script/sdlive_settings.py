@@ -19,6 +19,12 @@ from sdlive_names import (
 )
 from sdlive_obs_api import get_str, lib
 
+TOKEN_HELP = (
+    "Leave empty. The filter talks to a daemon on this computer over plain ZeroMQ and shared memory; a daemon started "
+    "with --token or --local-auth encrypts its sockets (CurveZMQ), which the filter cannot open. For such a daemon, "
+    "or one on another PC, run `sdlive relay` on this computer (it holds the token) and give the filter the relay's "
+    "address (docs/obs.md, Dual-PC). The filter sends this value with every request; no daemon needs it today."
+)
 STRENGTH_STEP = 0.01  # the slider's resolution; its lowest value is one step above the exclusive bound
 MIN_STRENGTH = constants.NOISE_SCALE_MIN_EXCLUSIVE + STRENGTH_STEP
 MAX_STRENGTH = constants.NOISE_SCALE_MAX
@@ -77,7 +83,9 @@ def properties(preset_names: list[str]) -> int:
     lib.obs_property_set_long_description(
         p, f"ZeroMQ control address of `sdlive serve` (default {constants.DEFAULT_CONTROL_ADDRESS})".encode()
     )
-    lib.obs_properties_add_text(props, SETTING_TOKEN.encode(), b"Token (remote daemons)", obs.OBS_TEXT_PASSWORD)
+    p = lib.obs_properties_add_text(props, SETTING_TOKEN.encode(), b"Token (leave empty)",
+                                    obs.OBS_TEXT_PASSWORD)
+    lib.obs_property_set_long_description(p, TOKEN_HELP.encode())
     p = lib.obs_properties_add_list(
         props, SETTING_PRESET.encode(), b"Preset", obs.OBS_COMBO_TYPE_EDITABLE, obs.OBS_COMBO_FORMAT_STRING
     )

@@ -195,6 +195,22 @@ def _timed(fn):
         return exc, time.monotonic() - t0
 
 
+def test_a_curve_daemon_is_a_clear_error_naming_the_relay(script):
+    """A daemon with --token or --local-auth runs CurveZMQ: the filter's plain ZMTP cannot open it."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        c = script.control.StdlibControl(f"tcp://127.0.0.1:{port}", None)
+        with pytest.raises(script.control.ControlError, match="--token or --local-auth .*sdlive relay"):
+            c.request("hello", timeout_s=1.0)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 def test_non_tcp_address_is_refused_with_the_form_it_takes(script):
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         script.control.StdlibControl("ipc:///tmp/x", None)
