@@ -86,6 +86,10 @@ DEFAULT_QUEUE_LIMIT = 8
 its declared rate can release, and the oldest waiting output is dropped (newest wins) and counted."""
 
 
+BLOCKED_RETRY_NS = 1_000_000
+"""How soon an item whose ``blocked()`` said True is asked again (its reader is copying a frame out: short)."""
+
+
 @dataclass(order=True)
 class _Entry(Generic[T]):
     due_ns: int
@@ -113,7 +117,8 @@ class OutputThread(threading.Thread, Generic[T]):
 
     Each key (session) has a lane: a bounded queue of waiting items and a minimum gap between two releases. An item
     may say, as attributes, ``gap_ns`` (its session's gap: half a frame period live, 0 offline) and
-    ``queue_limit``; and it may have a ``dropped()`` method, called (under the lock) when it is dropped. The gap is
+    ``queue_limit``; it may have a ``dropped()`` method, called (under the lock) when it is dropped, and a
+    ``blocked()`` method: while that says True (an offline session's reader has no room) the lane waits. The gap is
     applied here, at release, not baked into due times: a backlog after a hitch drains at no more than twice the
     source rate, and a source faster than its declared rate fills its lane, whose oldest item is dropped (newest
     wins), instead of pushing every later due time further out (unbounded memory and latency).
@@ -200,6 +205,10 @@ class OutputThread(threading.Thread, Generic[T]):
                     self._cv.wait(wait_ns / 1e9)
                     continue
                 heapq.heappop(self._heap)
+                blocked = getattr(lane.waiting[0].item, "blocked", None)
+                if blocked is not None and blocked():  # the reader has no room yet (offline): ask again shortly
+                    heapq.heappush(self._heap, (time.monotonic_ns() + BLOCKED_RETRY_NS, _order, key, version))
+                    continue
                 entry = lane.waiting.pop(0)
                 lane.last_release_ns = time.monotonic_ns()
                 self._schedule(key, lane)

@@ -55,6 +55,10 @@ class Output:
         """The output thread dropped this output (its session's lane was full: newest wins)."""
         self.session.paced_dropped += 1
 
+    def blocked(self) -> bool:
+        """Offline, the output waits for room at the reader instead of overrunning it (live: newest wins)."""
+        return self.session.pacing == "offline" and not self.session.closed and not self.session.transport.has_room()
+
 
 class Session:
     """One open session (compute thread, except :meth:`emit` on the output thread)."""
@@ -185,6 +189,9 @@ class Session:
         self.closed = True
         self.transport.close()
         self._captures.clear()
+        release = getattr(self.engine_session, "close", None)  # optional (the relay's remote sessions have one)
+        if release is not None:
+            release()
 
     def info(self) -> SessionInfo:
         """The session's identity and geometry (``open_session`` replies)."""

@@ -71,6 +71,9 @@ class FrameTransport(Protocol):
     def deliver(self, seq: int, pixels: np.ndarray, capture_ns: int) -> None:
         """Send one output (``seq`` counts outputs from 1); raises TransportError."""
 
+    def has_room(self) -> bool:
+        """True when an output delivered now would not overrun the reader (offline sessions wait for it)."""
+
     def check(self) -> None:
         """Raise SessionClosed when the transport is corrupt or the client let go of it."""
 
@@ -153,6 +156,13 @@ class ShmTransport:
             self.out_ring.write(np.ascontiguousarray(pixels), timestamp_ns=capture_ns)
         except (RingError, ValueError, OSError) as exc:
             raise TransportError(f"output ring unusable: {exc}") from exc
+
+    def has_room(self) -> bool:
+        try:
+            written, read, _dropped = self.out_ring.header_counters()
+        except (RingError, ValueError, OSError):
+            return True  # let deliver() report it
+        return written - read < self.out_ring.slots
 
     def check(self) -> None:
         """Each ring's file must still be the one the daemon made, at its size, with its header intact
@@ -389,6 +399,9 @@ class NetTransport:
                 self.session_id, seq, capture_ns, pixels, self.pixel_format, self.endpoints.encoding, self.jpeg_quality
             )
         )
+
+    def has_room(self) -> bool:
+        return True  # the output socket's high-water mark is the bound; a full one counts a drop
 
     def check(self) -> None:
         return None

@@ -166,3 +166,28 @@ def test_output_thread_releases_in_due_order_at_due_times():
     finally:
         thread.stop()
     assert not thread.is_alive()
+
+
+def test_an_offline_session_runs_at_the_models_speed_with_every_frame_in_order(daemon):
+    """Declared 1 fps, offline: live pacing would hold each output half a second apart (>= 19.5 s for 40), offline
+    releases each as soon as it is ready and drops none; the client paces itself by the ring (pending_inputs)."""
+    frames, size = 40, 64
+    with daemon.client() as client:
+        with client.open_session(width=size, height=size, fps=1, transport="shm", pacing="offline") as session:
+            assert session.info.pacing == "offline"
+            got, started = [], time.monotonic()
+            for i in range(frames):
+                while (session.pending_inputs or 0) >= 2:  # the client's flow control: never lap the daemon
+                    if (out := session.recv(timeout_s=0.01)) is not None:
+                        got.append(out)
+                session.send(np.full((size, size, 3), (5 * i) % 256, np.uint8), timestamp_ns=1000 + i)
+            expected = frames - session.latency_frames
+            deadline = time.monotonic() + 60
+            while len(got) < expected and time.monotonic() < deadline:
+                if (out := session.recv(timeout_s=0.2)) is not None:
+                    got.append(out)
+            elapsed = time.monotonic() - started
+            stats = session.status()
+    assert [f.timestamp_ns for f in got] == [1000 + i for i in range(len(got))] and len(got) >= expected
+    assert stats.dropped_in == 0 and stats.dropped_out == 0, stats
+    assert elapsed < 15, f"offline took {elapsed:.1f} s for {frames} frames: it is still paced"
