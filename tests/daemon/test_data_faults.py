@@ -320,3 +320,87 @@ def test_a_session_larger_than_the_frame_memory_is_refused_at_open(daemon_factor
         finally:
             first.close()
     assert proc.alive
+
+
+# ------------------------------------------------------------------------------- frame sockets off loopback
+
+
+def _host_address() -> str | None:
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ipv4 = [a for a in out if "." in a and not a.startswith("127.")]
+    return ipv4[0] if ipv4 else None
+
+
+def test_network_frames_off_loopback_reach_and_leave_only_the_token_holder(daemon_factory):
+    """A network session of a daemon bound off loopback with a token: intruders without the token (plain, or
+    CurveZMQ with a wrong token's keys) can push frames at its input port and pull at its output port, and the
+    daemon takes none of theirs and sends them none, while the token holder streams."""
+    import socket as socketlib
+
+    from sdlive.daemon.protocol.netframe import encode_frame
+    from sdlive.daemon.protocol.secret import secure_client_socket
+    from sdlive.obs_bridge.client import DaemonClient
+
+    host = _host_address()
+    if host is None:
+        pytest.skip("this machine has no non-loopback address to bind (hostname -I)")
+
+    def port() -> int:
+        with socketlib.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    token = "frame-socket-token-for-tests"
+    proc = daemon_factory(token=token, control=f"tcp://{host}:{port()}", pub=f"tcp://{host}:{port()}", wait=False)
+    deadline = time.monotonic() + 120
+    with DaemonClient(proc.control_address, token=token, timeout_s=30) as client:
+        while True:  # served (the handshake works) and the model loaded
+            try:
+                if getattr(client.status(), "state", "ready") == "ready":
+                    break
+            except DaemonError:
+                pass
+            assert time.monotonic() < deadline and proc.alive, proc.log()[-2000:]
+            time.sleep(0.5)
+        session = client.open_session(width=SIZE, height=SIZE, fps=15, transport="net")
+        ctx = zmq.Context.instance()
+        intruders = []
+        for secret in (None, "a-wrong-token"):
+            push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+            for sock in (push, pull):
+                sock.setsockopt(zmq.LINGER, 0)
+                if secret is not None:
+                    secure_client_socket(sock, secret)
+            push.connect(session.input_address)
+            pull.connect(session.output_address)
+            intruders.append((push, pull))
+        try:
+            frame = np.full((SIZE, SIZE, 3), 99, np.uint8)
+            got = []
+            for i in range(30):
+                for push, _ in intruders:
+                    try:  # a PUSH whose handshake never completes has nowhere to send: Again is the refusal too
+                        push.send_multipart(list(encode_frame(frame, seq=i + 1, timestamp_ns=777_000 + i,
+                                                              pixel_format="bgr24")), zmq.NOBLOCK)  # fmt: skip
+                    except zmq.Again:
+                        pass
+                session.send(np.full((SIZE, SIZE, 3), (7 * i) % 256, np.uint8), timestamp_ns=1000 + i)
+                if (out := session.recv(timeout_s=0.1)) is not None:
+                    got.append(out)
+            while (out := session.recv(timeout_s=2.0)) is not None:
+                got.append(out)
+            stats = session.status()
+            assert got, "the token holder got no output"
+            assert all(f.timestamp_ns < 777_000 for f in got), "an intruder's frame was delivered"
+            assert stats.frames_in + stats.dropped_in <= 30 and stats.bad_frames == 0, stats
+            for _, pull in intruders:
+                assert not pull.poll(500), "an intruder received an output frame"
+        finally:
+            for push, pull in intruders:
+                push.close(linger=0)
+                pull.close(linger=0)
+            session.close()
+    assert proc.alive
