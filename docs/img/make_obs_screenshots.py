@@ -1,5 +1,6 @@
 """Regenerate the OBS screenshots of docs/obs.md from a real OBS under Xvfb (Linux; needs obs-studio, xvfb, xdotool,
-ffmpeg, and a working `sdlive serve --model tiny`).
+ffmpeg, and a working `sdlive serve --model tiny`). The main window shows a test picture as it is (left) and through
+the sdlive filter (right).
 
     python docs/img/make_obs_screenshots.py [--out docs/img]
 """
@@ -60,12 +61,21 @@ def main() -> int:
     daemon = harness.RestartableDaemon(suite.start_daemon, work)
     obs = harness.HeadlessOBS(work / "home", width=640, height=352, scripts=[harness.SCRIPT],
                               minimize=False, screen=f"{SCREEN[0]}x{SCREEN[1]}x24")
+    obs.write_config()
+    ini = harness.obs_setup.read_ini(obs.config_dir / "global.ini")
+    ini["BasicWindow"] = {"SpacingHelpersEnabled": "false"}  # no distance guides around the selected source
+    harness.obs_setup.write_ini(obs.config_dir / "global.ini", ini)
     try:
         daemon.start()
         obs.start()
         d = obs.display
         cl = obs.client()
+        # the same picture twice, side by side: as it is (left) and through the sdlive filter (right)
+        cl.create_input("Main", "Camera (plain)", "image_source", {"file": str(image)}, True)
         cl.create_input("Main", "Camera", "image_source", {"file": str(image)}, True)
+        for name, x in (("Camera (plain)", 0.0), ("Camera", 320.0)):
+            item = cl.get_scene_item_id("Main", name).scene_item_id
+            cl.set_scene_item_transform("Main", item, {"positionX": x, "positionY": 88.0, "scaleX": 0.5, "scaleY": 0.5})
         cl.create_source_filter("Camera", "sdlive", "sdlive_filter",
                                 {"daemon_address": daemon.control_address, "preset": "anime"})
         time.sleep(12)
