@@ -89,6 +89,12 @@ from sdlive.daemon.protocol.messages import (
 )
 from sdlive.daemon.protocol.params import GenerationParams
 from sdlive.daemon.protocol.ring import FrameRing, RingError
+from sdlive.daemon.protocol.secret import (
+    LocalSecretError,
+    describe_handshake_failure,
+    read_local_secret,
+    secure_client_socket,
+)
 
 from .frames import check_frame
 
@@ -216,36 +222,105 @@ def _unavailable(address: str, timeout_s: float) -> DaemonUnavailable:
     )
 
 
-def _dealer(ctx: _Context, address: str, *, immediate: bool) -> _Socket:
+def _secure(sock: _Socket, secret: str | None) -> _Socket:
+    """Make ``sock`` (before ``connect``) a CurveZMQ client of a daemon holding ``secret``; plain when None."""
+    if secret is not None:
+        secure_client_socket(sock, secret)
+    return sock
+
+
+def _dealer(ctx: _Context, address: str, *, immediate: bool, secret: str | None = None) -> _Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
+    _secure(sock, secret)
     sock.connect(address)
     return sock
 
 
+def _client_secret(token: str | None, address: str) -> tuple[str | None, str]:
+    """The secret this client's sockets use and where it came from: the token (``"token"``), else on loopback this
+    user's local secret file when a daemon with local auth created one (``"local"``), else none (``"none"``)."""
+    if token:
+        return token, "token"
+    if is_loopback_address(address):
+        try:
+            secret = read_local_secret()
+        except LocalSecretError as exc:
+            raise DaemonError(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
+        if secret:
+            return secret, "local"
+    return None, "none"
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
 class _Channel:
-    """One DEALER socket doing request/reply with timeouts; replaced by a fresh socket after a timeout."""
+    """One DEALER socket doing request/reply with timeouts; replaced by a fresh socket after a timeout.
+
+    Its security follows the daemon's (docs/security.md): CurveZMQ with keys from the token, or on loopback from
+    this user's local secret. A monitor on the socket turns a failed handshake into a clear error instead of a
+    timeout; a local secret the daemon does not use (it runs without local auth) is dropped and the request
+    retried plain."""
 
     def __init__(self, ctx: _Context, address: str, *, token: str | None, timeout_s: float) -> None:
         self.ctx = ctx
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
+        self.secret, self.secret_from = _client_secret(token, address)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._socket: _Socket | None = None
+        self._monitor: _Socket | None = None
+        self._retries = 0
 
-    def _connect(self) -> _Socket:
+    def _connect(self) -> tuple[_Socket, _Socket | None]:
         if self._socket is None:
-            self._socket = _dealer(self.ctx, self.address, immediate=True)
-        return self._socket
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            _secure(sock, self.secret)
+            # watched only when there is a secret to get wrong, or a daemon may want one we do not have
+            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            sock.connect(self.address)
+            self._socket = sock
+        return self._socket, self._monitor
 
     def reset(self) -> None:
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._socket.close(linger=0)
             self._socket = None
+
+    def _handshake_failed(self, monitor: _Socket) -> bool:
+        """A handshake failure the monitor reported: True to retry on a fresh socket with another secret (the local
+        secret appeared, changed, or the daemon does not use local auth); otherwise raises DaemonError naming the
+        fix."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = int(recv_monitor_message(monitor)["event"])
+        why = describe_handshake_failure(event)
+        if why is None:
+            return False
+        self.reset()
+        if self.secret_from != "token" and self._retries > 0:
+            self._retries -= 1
+            fresh, origin = _client_secret(None, self.address)  # the file now (a daemon may just have made it)
+            if self.secret_from == "local" and fresh == self.secret:
+                fresh, origin = None, "none"  # the daemon runs without local auth: talk to it plainly
+            if fresh != self.secret:
+                log.debug("daemon at %s: handshake failed (%s); retrying with secret from %s", self.address, why, origin)
+                self.secret, self.secret_from = fresh, origin
+                return True
+        raise DaemonError(ErrorCode.UNAUTHORIZED.value, f"cannot talk to the daemon at {self.address}: {why}")
 
     def call(self, request: Request, reply_type: type[_ModelT], *, timeout_s: float | None = None) -> _ModelT:
         """Send ``request`` (its id and token set here) and return the reply parsed as ``reply_type``."""
@@ -253,39 +328,57 @@ class _Channel:
         with self._lock:
             request_id = next(self._ids)
             payload = encode_request(request.model_copy(update={"id": request_id, "token": self.token}))
-            sock = self._connect()
             deadline = time.monotonic() + timeout_s
-            try:
-                sock.send(payload, zmq.NOBLOCK)
-            except zmq.Again:
-                # IMMEDIATE: no connected peer yet; wait for one until the deadline.
-                while True:
-                    if time.monotonic() >= deadline:
-                        self.reset()
-                        raise _unavailable(self.address, timeout_s) from None
-                    if sock.poll(50, zmq.POLLOUT):
-                        sock.send(payload)
-                        break
+            self._retries = 2
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                    self.reset()
-                    raise _unavailable(self.address, timeout_s)
-                raw = sock.recv_multipart()[-1]
+                reply = self._exchange(payload, request_id, request.op, deadline, timeout_s)
+                if reply is not None:
+                    break
+            if isinstance(reply, ErrorReply):
+                raise DaemonError(reply.error.code, reply.error.message)
+            if not isinstance(reply, reply_type):  # decode_reply parses by op: a mismatch is a bug here
+                raise TypeError(f"{request.op} reply parsed as {type(reply).__name__}, not {reply_type.__name__}")
+            return reply
+
+    def _exchange(self, payload: bytes, request_id: int, op: str, deadline: float,
+                  timeout_s: float) -> BaseModel | None:
+        """One send and its reply; None to start again on a fresh socket (a handshake to redo without a secret)."""
+        sock, monitor = self._connect()
+        poller = zmq.Poller()
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        sent = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.reset()
+                raise _unavailable(self.address, timeout_s)
+            if not sent:
                 try:
-                    reply = decode_reply(raw, request.op)
-                except ProtocolError as exc:
-                    self.reset()
-                    raise DaemonError(exc.code.value, f"unreadable reply from {self.address}: {exc.message}") from None
-                if isinstance(reply, dict):  # decode_reply gives a model when told the op
-                    raise TypeError(f"{request.op} reply was not parsed into its model")
-                if reply.id not in (request_id, None):
-                    continue  # not the reply to this request (a DEALER may see replies to pipelined requests)
-                if isinstance(reply, ErrorReply):
-                    raise DaemonError(reply.error.code, reply.error.message)
-                if not isinstance(reply, reply_type):  # decode_reply parses by op: a mismatch is a bug here
-                    raise TypeError(f"{request.op} reply parsed as {type(reply).__name__}, not {reply_type.__name__}")
-                return reply
+                    sock.send(payload, zmq.NOBLOCK)
+                    sent = True
+                    poller.register(sock, zmq.POLLIN)
+                    continue
+                except zmq.Again:  # IMMEDIATE: no connected peer yet; wait for one until the deadline
+                    poller.register(sock, zmq.POLLOUT)
+            ready = dict(poller.poll(min(int(remaining * 1000) + 1, 50 if not sent else 1 << 30)))
+            if monitor is not None and monitor in ready:
+                if self._handshake_failed(monitor):
+                    return None
+                continue
+            if not sent or sock not in ready:
+                continue
+            raw = sock.recv_multipart()[-1]
+            try:
+                reply = decode_reply(raw, op)
+            except ProtocolError as exc:
+                self.reset()
+                raise DaemonError(exc.code.value, f"unreadable reply from {self.address}: {exc.message}") from None
+            if isinstance(reply, dict):  # decode_reply gives a model when told the op
+                raise TypeError(f"{op} reply was not parsed into its model")
+            if reply.id not in (request_id, None):
+                continue  # not the reply to this request (a DEALER may see replies to pipelined requests)
+            return reply
 
     def close(self) -> None:
         with self._lock:
@@ -451,6 +544,11 @@ class DaemonClient:
             self._closed = True
             self._channel.close()
 
+    @property
+    def secret(self) -> str | None:
+        """The secret this client's sockets use for CurveZMQ (its token, or this user's local secret), or None."""
+        return self._channel.secret
+
     def __enter__(self) -> DaemonClient:
         return self
 
@@ -481,7 +579,7 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float, liveness: int,
-                 pub_address: str | None = None, daemon_pid: int | None = None) -> None:
+                 pub_address: str | None = None, daemon_pid: int | None = None, secret: str | None = None) -> None:
         super().__init__(name=f"sdlive-heartbeat-{session.session_id}", daemon=True)
         self._session = session
         self._address = address
@@ -489,13 +587,14 @@ class _Heartbeat(threading.Thread):
         self._liveness = liveness
         self._pub_address = pub_address
         self._daemon_pid = daemon_pid
+        self._secret = secret
         self._payload = encode_request(build_request(HeartbeatRequest, session_id=session.session_id, token=token))
         self._halt = threading.Event()
         self.daemon_alive = True
         self.last_heard = time.monotonic()
 
     def _socket(self) -> _Socket:
-        return _dealer(zmq.Context.instance(), self._address, immediate=False)
+        return _dealer(zmq.Context.instance(), self._address, immediate=False, secret=self._secret)
 
     def _subscriber(self) -> _Socket | None:
         if not self._pub_address:
@@ -505,6 +604,7 @@ class _Heartbeat(threading.Thread):
         sub.setsockopt(zmq.RCVHWM, 64)
         for topic in (TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS):
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        _secure(sub, self._secret)
         try:
             sub.connect(_same_host(self._address, self._pub_address))
         except zmq.ZMQError as exc:
@@ -661,7 +761,7 @@ class SessionClient:
         hello = daemon.last_hello
         self._heartbeat = _Heartbeat(self, daemon.address, daemon.token, info.heartbeat_interval_s,
                                      info.heartbeat_liveness, pub_address=hello.pub_address if hello else None,
-                                     daemon_pid=hello.pid if hello else None)
+                                     daemon_pid=hello.pid if hello else None, secret=daemon.secret)
         self._heartbeat.start()
 
     def _open_rings(self, info: OpenSessionReply) -> None:
@@ -685,11 +785,11 @@ class SessionClient:
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 4)
-        push.connect(self.input_address)
+        _secure(push, self._daemon.secret).connect(self.input_address)
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 16)
-        pull.connect(self.output_address)
+        _secure(pull, self._daemon.secret).connect(self.output_address)
         self._data, self._data_out = push, pull
 
     # ------------------------------------------------------------------ frames

@@ -123,10 +123,10 @@ def test_a_stopping_daemon_ends_a_network_session_at_once_through_its_pub_sentin
         session = client.open_session(width=64, height=64, fps=10, pixel_format="bgr24", transport="net")
         session.send(np.zeros((64, 64, 3), np.uint8))
         time.sleep(0.3)  # the SUB is connected (a PUB drops what it sends before a subscriber joins)
-        stopped = time.monotonic()
-        proc.stop()
-        err = _raises_within(session, SessionLost, 2.5)  # well inside the 3 s heartbeat window
-        assert time.monotonic() - stopped < 2.5
+        proc.stop()  # SIGTERM, and wait until the process is gone (slow on a loaded machine)
+        exited = time.monotonic()
+        err = _raises_within(session, SessionLost, 1.5)  # the sentinel came before the exit: well inside the 3 s
+        assert time.monotonic() - exited < 1.5  # a heartbeat timeout would take
         assert err.code == "unknown_session" and "stopping" in err.message, err.message
         session.close()
 
@@ -142,3 +142,46 @@ def test_a_session_follows_preset_changes_made_elsewhere_and_the_daemons_figures
             assert session.daemon_stats.session_id == session.session_id
         finally:
             session.close()
+
+
+def _stream(session, frames: int = 12) -> int:
+    """Send ``frames`` frames and count the outputs that come back."""
+    got = 0
+    for i in range(frames):
+        session.send(np.full((session.height, session.width, 3), 20 * i % 256, np.uint8))
+        got += session.recv(timeout_s=0.2) is not None
+    deadline = time.monotonic() + 20
+    while got < frames - session.latency_frames - 4 and time.monotonic() < deadline:
+        got += session.recv(timeout_s=0.2) is not None
+    return got
+
+
+def test_a_token_daemon_is_reached_over_curve_on_every_socket_and_a_wrong_token_is_named(daemon_factory, wait_for):
+    proc = daemon_factory(token="s3cret-token")
+    with DaemonClient(proc.control_address, token="s3cret-token", timeout_s=30) as client:
+        assert client.hello().model == "tiny" and client.secret == "s3cret-token"
+        for transport in ("shm", "net"):  # net: the frame sockets are CurveZMQ too
+            with client.open_session(width=64, height=64, fps=10, pixel_format="bgr24", transport=transport) as s:
+                assert _stream(s) > 0, transport
+                assert wait_for(lambda s=s: s.daemon_stats is not None, 10), "no PUB stats over CurveZMQ"
+    started = time.monotonic()
+    for token in ("wrong", None):
+        with DaemonClient(proc.control_address, token=token, timeout_s=10) as bad:
+            with pytest.raises(DaemonError) as err:
+                bad.status()
+            assert err.value.code == "unauthorized" and "token" in err.value.message, err.value
+    assert time.monotonic() - started < 8  # named at the handshake, not after the timeouts
+
+
+def test_local_clients_use_the_users_local_secret_by_themselves(daemon_factory, tmp_path, monkeypatch):
+    from sdlive.daemon.protocol.secret import LOCAL_SECRET_ENV
+
+    monkeypatch.setenv(LOCAL_SECRET_ENV, str(tmp_path / "runtime" / "sdlive" / "secret"))
+    secured = daemon_factory("--local-auth")  # creates the secret file, every socket CurveZMQ
+    with DaemonClient(secured.control_address, timeout_s=30) as client:
+        assert client.secret is not None  # read from the file, nothing passed
+        with client.open_session(width=64, height=64, fps=10, pixel_format="bgr24") as s:
+            assert _stream(s) > 0
+    plain = daemon_factory()  # a daemon without local auth, while the secret file exists: plain, after one retry
+    with DaemonClient(plain.control_address, timeout_s=30) as client:
+        assert client.hello().model == "tiny" and client.secret is None
