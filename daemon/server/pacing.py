@@ -82,8 +82,17 @@ class Pacer:
 T = TypeVar("T")
 
 DEFAULT_QUEUE_LIMIT = 8
-"""Outputs one session may have waiting for release (two chunks of four): more means the source runs faster than
-its declared rate can release, and the oldest waiting output is dropped (newest wins) and counted."""
+"""Outputs one session may have waiting for release beyond what its latency target holds back (two chunks of four):
+more means the source runs faster than its declared rate can release, and the oldest waiting output is dropped
+(newest wins) and counted."""
+MAX_QUEUE_LIMIT = 32
+"""The most outputs one session may ever have waiting, however long its latency target (what memory is sized for)."""
+
+
+def queue_limit(target_latency_ns: int, fps: float) -> int:
+    """A lane's bound: the outputs a steady stream holds back for its latency target, plus two chunks."""
+    held = int(target_latency_ns * fps / 1e9) + 1
+    return max(DEFAULT_QUEUE_LIMIT, min(MAX_QUEUE_LIMIT, held + DEFAULT_QUEUE_LIMIT))
 
 
 BLOCKED_RETRY_NS = 1_000_000

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..protocol.messages import SessionInfo, SessionStats
 from ..protocol.params import GenerationParams
-from .pacing import DEFAULT_QUEUE_LIMIT, Pacer
+from .pacing import DEFAULT_QUEUE_LIMIT, Pacer, queue_limit
 from .slo import SloGuard
 from .stats import SessionCounters
 from .transports import BadInput, FrameTransport, InputFrame, TransportError
@@ -149,7 +149,9 @@ class Session:
         for out in outputs:
             capture, arrival = self._captures.pop(out.index, (frame.capture_ns, frame.arrival_ns))
             due, late = self.pacer.schedule(arrival_ns=arrival, ready_ns=ready_ns) if live else (ready_ns, False)
-            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late, gap))
+            # Live outputs wait out the latency target: the lane holds that many, plus two chunks.
+            limit = queue_limit(self.pacer.target_ns, self.fps) if live else DEFAULT_QUEUE_LIMIT
+            scheduled.append(Output(self, out.index, out.pixels, capture, arrival, due, late, gap, limit))
         if len(self._captures) > _MAX_TRACKED_CAPTURES:  # outputs the engine will never give: stay bounded anyway
             for stale in sorted(self._captures)[: -_MAX_TRACKED_CAPTURES // 4]:
                 del self._captures[stale]

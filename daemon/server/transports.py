@@ -26,7 +26,7 @@ from ..protocol.messages import TOPIC_EVENT, Event, NetEndpoints, OpenSessionReq
 from ..protocol.netframe import NetFrameError, NetFrameHeader, decode_payload
 from ..protocol.ring import FrameRing, RingError, RingSpaceError, ring_path
 from .items import NetAttach, NetCounters, NetDetach, NetOutput, OutboundItem, Publish
-from .pacing import DEFAULT_QUEUE_LIMIT
+from .pacing import MAX_QUEUE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def frame_memory_bytes(*, width: int, height: int, pixel_format: str, transport:
     """The most memory one session's frames can hold at once: its two rings (allocated for real), or its
     network queues (the NetLink, ZeroMQ's receive and send queues), plus outputs waiting in the output thread."""
     frame = width * height * PIXEL_FORMATS[pixel_format].bytes_per_pixel
-    waiting_outputs = DEFAULT_QUEUE_LIMIT * frame
+    waiting_outputs = MAX_QUEUE_LIMIT * frame
     if transport == "shm":
         return 2 * (256 + slots * (frame + 128)) + waiting_outputs
     per_message = frame + 65536  # the MAXMSGSIZE of the input socket

@@ -299,7 +299,7 @@ def test_a_source_faster_than_its_declared_fps_has_its_extra_outputs_dropped_and
             assert stats.dropped_out >= 10, stats
             # Every output the engine made has left, been dropped, or waits (at most a lane's worth).
             waiting = stats.engine_frames_out - stats.frames_out - stats.dropped_out
-            assert 0 <= waiting <= 8 + 4, stats
+            assert 0 <= waiting <= 32, stats
 
 
 def test_a_session_larger_than_the_frame_memory_is_refused_at_open(daemon_factory):
@@ -309,11 +309,11 @@ def test_a_session_larger_than_the_frame_memory_is_refused_at_open(daemon_factor
             client.open_session(width=1920, height=1080, fps=30, pixel_format="bgra", transport="net")
         assert err.value.code == "capacity"
         assert "MiB of frames" in err.value.message and "--frame-memory-mb" in err.value.message
-        # 16 frames at worst for shm (2 rings of 4 slots, 8 waiting outputs): 1280x720 bgra is ~ 56 MiB
-        first = client.open_session(width=1280, height=720, fps=30, pixel_format="bgra", transport="shm")
+        # 40 frames at worst for shm (2 rings of 4 slots, 32 waiting outputs): 640x352 bgra is ~ 34 MiB
+        first = client.open_session(width=640, height=352, fps=30, pixel_format="bgra", transport="shm")
         try:
-            with pytest.raises(DaemonError) as err:  # 480x480 bgra: ~ 14 MiB more, over the 64
-                client.open_session(width=480, height=480, fps=30, pixel_format="bgra", transport="shm")
+            with pytest.raises(DaemonError) as err:  # 640x480 bgra: ~ 47 MiB more, over the 64
+                client.open_session(width=640, height=480, fps=30, pixel_format="bgra", transport="shm")
             assert err.value.code == "capacity" and "1 open session(s)" in err.value.message
             with client.open_session(width=SIZE, height=SIZE, fps=15, transport="shm") as small:
                 assert feed(small, 8) >= 0

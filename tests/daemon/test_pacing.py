@@ -191,3 +191,12 @@ def test_an_offline_session_runs_at_the_models_speed_with_every_frame_in_order(d
     assert [f.timestamp_ns for f in got] == [1000 + i for i in range(len(got))] and len(got) >= expected
     assert stats.dropped_in == 0 and stats.dropped_out == 0, stats
     assert elapsed < 15, f"offline took {elapsed:.1f} s for {frames} frames: it is still paced"
+
+
+def test_a_lane_holds_what_the_latency_target_holds_back_and_no_more_than_its_cap():
+    from sdlive.daemon.server.pacing import DEFAULT_QUEUE_LIMIT, MAX_QUEUE_LIMIT, queue_limit
+
+    assert queue_limit(0, 30) == DEFAULT_QUEUE_LIMIT + 1
+    assert queue_limit(500 * MS, 30) == 16 + DEFAULT_QUEUE_LIMIT  # 15 outputs wait out half a second at 30 fps
+    assert queue_limit(10_000 * MS, 60) == MAX_QUEUE_LIMIT
+    assert queue_limit(10_000 * MS, 1) == DEFAULT_QUEUE_LIMIT + 11
