@@ -2,7 +2,7 @@
 address (SDLIVE_CONTROL/SDLIVE_PUB) and says which model it runs; a `render` started meanwhile reuses it; when
 `cam` quits while `render` still runs (cam is given --model tiny: the model probe, which imports torch, is
 tested in test_media_cli_errors), the daemon is left running for `render` (and cam says so), and `render`
-finishes its file."""
+finishes its file. A preset file added meanwhile is listed and used without a restart."""
 
 from __future__ import annotations
 
@@ -43,7 +43,14 @@ def test_render_reuses_the_daemon_cam_started_and_outlives_cam(tmp_path, media, 
     render = None
     try:
         assert wait_for(lambda: "sdlive-cam" in _clients(control), 150), "cam did not start a daemon at SDLIVE_CONTROL"
-        render = subprocess.Popen(sdlive_command("render", str(clip), "-o", str(tmp_path / "out.mp4")),
+        # a preset file written while the daemon runs is listed (with its hotkey's number) and usable at once
+        user_presets = tmp_path / "config" / "sdlive" / "presets"
+        user_presets.mkdir(parents=True)
+        (user_presets / "my-look.toml").write_text('name = "my-look"\nprompt = "a chalk drawing"\nhotkey = "ctrl+shift+9"\n')
+        listing = subprocess.run(sdlive_command("preset"), capture_output=True, text=True, env=env, timeout=60)
+        assert listing.returncode == 0 and " 9  my-look" in listing.stdout, listing.stdout + listing.stderr
+        render = subprocess.Popen(sdlive_command("render", str(clip), "-o", str(tmp_path / "out.mp4"),
+                                                 "--preset", "my-look", "--live"),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert wait_for(lambda: "sdlive-render" in _clients(control), 60), "render did not open a session"
         cam.stdin.write("q\n")
