@@ -88,6 +88,9 @@ class EngineSession(Protocol):
         """Change ``GenerationParams`` fields between chunks (values validated there: ``ValueError``, nothing
         changed). A prompt change blends over ``transition_chunks``; steps/mode changes drain the pipeline first."""
 
+    # Optional: ``close()``, called once when the caller lets the session go, must return at once (the daemon calls
+    # it holding its output thread's lock). The relay's ``RemoteSession`` closes its remote session that way.
+
 
 @runtime_checkable
 class Engine(Protocol):

@@ -174,7 +174,7 @@ def _meta_modules(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, Any]:
         try:
             with torch.device("meta"):
                 transformer = CausalWanTransformer3DModel(**spec.transformer).to(dtype).eval()
-                vae = AutoencoderKLWan(**spec.vae).to(dtype).eval()
+                vae = AutoencoderKLWan(**spec.vae).to(dtype).eval()  # type: ignore[attr-defined]  # diffusers' stubs
         finally:
             diffusers_logging.set_verbosity(verbosity)
         _MODULES.clear()  # one model at a time is enough (a daemon has one)

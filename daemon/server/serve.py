@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic.fields import FieldInfo
 
 from ..config import ConfigError, DaemonConfig, load_config
-from ..presets import load_presets
+from ..presets import PresetLibrary, load_presets
 from .loading import STAGE_WARMUP, LoadProgress
 from .loop import ComputeLoop
 from .transports import sweep_stale_rings
@@ -31,7 +32,7 @@ from .transports import sweep_stale_rings
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..engine import StreamEngine
+    from ..engine import Engine, StreamEngine
     from .ui import StatsView
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,15 @@ class _Interrupted(BaseException):
     """SIGTERM/SIGINT while the model loads (before the compute loop exists to receive a Shutdown)."""
 
 
-def serve(config: DaemonConfig) -> int:
-    """Run the daemon until shutdown; returns the exit code."""
+EngineLoader = Callable[..., "Engine"]
+"""``(config, view, progress=…) -> Engine``: :func:`load_engine`, or the relay's remote engine (``sdlive relay``)."""
+
+
+def serve(
+    config: DaemonConfig, *, engine_loader: EngineLoader | None = None, presets: PresetLibrary | None = None
+) -> int:
+    """Run the daemon until shutdown; returns the exit code. ``engine_loader`` replaces the model load (the relay
+    serves a remote daemon's model); ``presets`` replaces the preset folders of ``config``."""
     from . import ui as ui_mod
 
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: a stuck daemon explains itself
@@ -127,7 +135,8 @@ def serve(config: DaemonConfig) -> int:
     sys.setswitchinterval(0.001)
     view = ui_mod.StatsView() if config.ui and sys.stdout.isatty() else None
     setup_logging(config, console=view.console if view else None)
-    presets = load_presets(config.preset_dirs, user=config.user_presets)
+    if presets is None:
+        presets = load_presets(config.preset_dirs, user=config.user_presets)
     for problem in presets.problems:
         log.warning("preset skipped: %s", problem)
     if not len(presets):
@@ -159,7 +168,7 @@ def serve(config: DaemonConfig) -> int:
         signal.signal(signal.SIGINT, _interrupt_load)
         loop.interrupt_load = lambda: os.kill(os.getpid(), signal.SIGTERM)  # a `shutdown` request while loading
     try:
-        engine = load_engine(config, view, progress=loop.loading)
+        engine = (engine_loader or load_engine)(config, view, progress=loop.loading)
     except _Interrupted as exc:
         log.info("interrupted by %s while loading the model", exc)
         loop.shutdown(f"signal {exc} during model load", dead=False)

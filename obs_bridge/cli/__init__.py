@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from . import daemon, media, models, obs
+from . import daemon, media, models, obs, relay
 
 app = typer.Typer(
     name="sdlive",
@@ -45,7 +45,7 @@ def _root(
 ) -> None:
     """Real-time generative video for live streamers: a local GPU daemon, an OBS filter and a virtual webcam."""
 
-for _module in (daemon, models, obs, media):
+for _module in (daemon, models, obs, media, relay):
     _module.register(app)
 
 
