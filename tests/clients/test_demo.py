@@ -40,3 +40,19 @@ def test_demo_runs_offline_and_writes_a_playable_side_by_side_video(tmp_path, me
     assert address, text
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(address.group(1))), timeout=1):
         pass
+
+
+@pytest.mark.slow
+def test_demo_with_its_own_clip_takes_a_size_and_rounds_it(daemon, tmp_path, media):
+    clip = media.make_clip(tmp_path / "clip.mp4", frames=12, fps=12, width=160, height=90)
+    out = tmp_path / "demo.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from sdlive.obs_bridge.cli import main; main()", "demo", "--input", str(clip),
+         "--height", "60", "--output", str(out), "--daemon", daemon.control_address, "--presets", "anime,watercolor"],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0, text
+    assert "106x60 is restyled at 96x48" in text, text  # --height alone keeps the aspect ratio, then rounds
+    frames = media.read_frames(out)
+    assert len(frames) == 12 and frames[0].shape == (60, 2 * 106, 3)
