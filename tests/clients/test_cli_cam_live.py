@@ -140,3 +140,36 @@ def test_cam_holds_its_last_frame_through_a_daemon_restart_and_reconnects(daemon
     assert held >= 15, f"the held frame should repeat while the daemon was gone (longest repeat {held})"
     end_of_hold = runs.index(held)
     assert not all(same[end_of_hold + 1:]), "the frames after the reconnect should move again"
+
+
+def test_a_finite_input_is_paced_at_its_fps_and_flushed_to_the_last_frame(daemon, sdlive_command):
+    started = time.monotonic()
+    result = subprocess.run(sdlive_command("cam", "--input", "synthetic:20", "--width", "64", "--height", "64",
+                                           "--fps", "10", "--output", "none", "--daemon", daemon.control_address,
+                                           "--no-keys"), capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    log = " ".join(result.stderr.split())
+    assert result.returncode == 0, result.stderr
+    done = re.search(r"done: (\d+) frames out of (\d+) in ([\d.]+) s", log)
+    assert done, result.stderr
+    assert (int(done[1]), int(done[2])) == (20, 20), log  # every output back before it closed (padding dropped)
+    assert float(done[3]) >= 1.9 and took >= 1.9, log  # 20 frames at 10 fps: two seconds, not a burst
+
+
+def test_status_shows_a_loading_daemon_and_waits_for_it(daemon_factory, sdlive_command):
+    proc = daemon_factory(wait=False)
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        result = subprocess.run(sdlive_command("status", "--address", proc.control_address, "--timeout", "1"),
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode == 0:
+            seen.append(" ".join(result.stdout.split()))
+            if "loading tiny" in seen[-1]:
+                break
+    assert seen and "loading tiny:" in seen[-1], seen  # answered while loading, with its progress
+    assert "sdlive status --wait" in seen[-1]
+    waited = subprocess.run(sdlive_command("status", "--address", proc.control_address, "--wait", "--timeout", "30"),
+                            capture_output=True, text=True, timeout=180)
+    assert waited.returncode == 0, waited.stderr
+    assert "no sessions open" in waited.stdout and "loading" not in waited.stdout
