@@ -324,11 +324,11 @@ def _live_until_lost(source: FrameSource, session: SessionClient, sinks: list[Fr
     from ..client import DaemonUnavailable, SessionLost
     from ..media.pump import run_live
 
-    remaining = None if frames is None else max(1, frames - stats.frames_out + stats.held)
-    left = None if duration is None else max(0.1, duration - stats.elapsed_s)
+    # --duration is wall time from the start, reconnects included (run_live counts from its own start)
+    left = None if duration is None else max(0.1, duration - (time.perf_counter() - stats.started))
     stats.lost = None
     try:
-        return run_live(source, session, sinks, side_by_side_view=side_by_side, max_frames=remaining,
+        return run_live(source, session, sinks, side_by_side_view=side_by_side, max_frames=frames,  # stats' total
                         duration_s=left, keys=keys, switcher=switcher, on_stats=line, stats=stats)
     except (DaemonUnavailable, SessionLost) as exc:
         stats.lost = exc.message
