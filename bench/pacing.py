@@ -50,7 +50,11 @@ def start_daemon(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     while time.monotonic() < deadline:
         try:
             with DaemonClient(control, timeout_s=2.0) as client:
-                client.hello()
+                # It answers while its model loads (state "loading"): sessions can open once it is "ready".
+                while getattr(client.status(), "state", "ready") != "ready":
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"the daemon did not become ready; see {log}")
+                    time.sleep(0.5)
             return proc, control
         except DaemonUnavailable:
             if proc.poll() is not None:
