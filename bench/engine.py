@@ -4,7 +4,9 @@
 
 Prints a table and writes JSON with ``fps``, ``ttff_s``, ``stage_ms`` (encode/dit/decode medians),
 ``recompute_ratio`` (our streaming DiT loop over a baseline that recomputes the whole attention window every chunk:
-same weights, same run) and ``stream_batch_ratio`` (stream batch over no-batch at 2 steps, same run), ``device``.
+same weights, same run), ``stream_batch_ratio`` (stream batch over no-batch at 2 steps, same run),
+``host_syncs_per_chunk`` (device→host reads per steady chunk, counted by ``engine.syncs.HostSyncCounter``; the
+kinds in ``host_syncs_by_kind``), ``device``.
 ``--model wan2.1-1.3b --size 480x832`` runs the real shapes with random weights (``--random-weights``), for GPUs.
 """
 
@@ -99,6 +101,36 @@ def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, ste
     return median(times)
 
 
+def count_host_syncs(engine: StreamEngine, clip, *, steps: int) -> tuple[float, dict[str, float]]:
+    """Device→host reads per steady chunk (after the cache is full), the engine's synchronize calls included."""
+    from sdlive.daemon.engine.syncs import HostSyncCounter
+
+    params = SessionParams(prompt="a watercolor painting", steps=steps, stream_batch=True, seed=0)
+    height, width = clip.shape[1], clip.shape[2]
+    session = engine.open_session(width=width, height=height, params=params, pixel_format="rgb24")
+    warm = 5 + 4 * 8  # past the fill phase (6 cache frames) and the stream batch's warm-up
+    frames = [clip[i % len(clip)] for i in range(warm + 4 * 4)]
+    for frame in frames[:warm]:
+        session.push(frame)
+    counter = HostSyncCounter()
+    synchronize = engine.synchronize
+
+    def counted_synchronize() -> None:
+        counter.note("synchronize")
+        synchronize()
+
+    engine.synchronize = counted_synchronize  # type: ignore[method-assign]
+    try:
+        chunks_before = session.chunks
+        with counter:
+            for frame in frames[warm:]:
+                session.push(frame)
+        chunks = session.chunks - chunks_before
+    finally:
+        del engine.synchronize  # the class's own method again
+    return counter.total / chunks, {k: v / chunks for k, v in sorted(counter.by_kind.items())}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -164,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     nobatch2 = {"fps": med("nobatch2", "fps")}
     stream_batch_ratio = median([b["fps"] / n["fps"] for b, n in zip(runs["batch2"], runs["nobatch2"], strict=True)])
 
+    host_syncs, syncs_by_kind = count_host_syncs(engine, clip, steps=args.steps)
+
     device = str(engine.device)
     if engine.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(engine.device)})"
@@ -187,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stream_batch_fps_2steps": batch2["fps"],
         "no_batch_fps_2steps": nobatch2["fps"],
         "stream_batch_ratio": stream_batch_ratio,
+        "host_syncs_per_chunk": host_syncs,
+        "host_syncs_by_kind": syncs_by_kind,
     }
     rows = [
         ("device", device),
@@ -200,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("fps 2 steps, stream batch", batch2["fps"]),
         ("fps 2 steps, no batch", nobatch2["fps"]),
         ("stream_batch_ratio", stream_batch_ratio),
+        ("host_syncs_per_chunk", host_syncs),
+        ("  by kind", ", ".join(f"{k} {v:g}" for k, v in syncs_by_kind.items())),
     ]
     report(f"sdlive engine: {args.model} {width}x{height}", rows, result, args.json)
     return result
