@@ -486,7 +486,9 @@ class IOThread(threading.Thread):
                     parts[0].buffer, parts[1].buffer, width=net.width, height=net.height, pixel_format=net.pixel_format
                 )
             except Exception as exc:  # noqa: BLE001 - a bad frame is the client's fault, never ours to die of
-                self.inbox.put(NetInputError(session_id, f"bad network frame: {exc}"))
+                if link.refuse(now):  # counted; reported at most every 100 ms (a flood must not fill the inbox)
+                    total = f" ({link.refused} refused so far)" if link.refused > 1 else ""
+                    self.inbox.put(NetInputError(session_id, f"bad network frame: {exc}{total}"))
                 continue
             if link.put(header, payload, now):
                 self.inbox.put(NetInput(session_id, int(header.seq), int(header.timestamp_ns), NET_WAKE, now))

@@ -216,6 +216,7 @@ class Session:
     def stats(self, now_ns: int, *, device_memory_mb: float | None, pending_changes: int) -> SessionStats:
         """The session's figures (PUB ``stats`` and ``status`` entries)."""
         snap = self.counters.snapshot(now_ns)
+        snap = snap._replace(bad_frames=snap.bad_frames + self.transport.unreported_bad_frames())
         steps = self.params.steps
         return SessionStats(
             **self.info().model_dump(),

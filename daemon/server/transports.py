@@ -87,6 +87,9 @@ class FrameTransport(Protocol):
 
     def dropped_out(self) -> int: ...
 
+    def unreported_bad_frames(self) -> int:
+        """Bad frames counted by the transport but not reported to the session one by one (floods)."""
+
     def close(self) -> None: ...
 
 
@@ -204,6 +207,9 @@ class ShmTransport:
         except (RingError, ValueError, OSError):
             return 0
 
+    def unreported_bad_frames(self) -> int:
+        return 0
+
     def close(self) -> None:
         """Mark the rings closed for the client, unlink and unmap them (idempotent)."""
         for ring in (self.in_ring, self.out_ring):
@@ -290,6 +296,10 @@ class _Pending(NamedTuple):
     received_ns: int
 
 
+REFUSAL_REPORT_INTERVAL_NS = 100_000_000
+"""A network session's refused frames are reported (an ``error`` event) at most this often."""
+
+
 class NetLink(NetCounters):
     """What the IO thread and the compute loop share for one network session: the frames the IO thread received
     and checked (``netframe.check_frame``: nothing decoded yet), at most ``capacity`` of them, newest wins (the
@@ -310,8 +320,27 @@ class NetLink(NetCounters):
         """Frames accepted (checked and queued); IO thread."""
         self.dropped_in = 0
         """Frames dropped because ``capacity`` were already waiting (newest wins)."""
+        self.refused = 0
+        """Frames the IO thread refused (malformed, not the session's size …); IO thread."""
+        self.refusals_reported = 0
+        """Of those, the ones reported to the compute loop (a ``NetInputError`` each, counted there)."""
+        self._last_report_ns = -REFUSAL_REPORT_INTERVAL_NS
         self._waiting: deque[_Pending] = deque()
         self._lock = threading.Lock()
+
+    def refuse(self, now_ns: int) -> bool:
+        """Count one refused frame (IO thread); True when it should be reported: the first, then at most one per
+        ``REFUSAL_REPORT_INTERVAL_NS``, so a flood of bad frames cannot pile reports up on the compute loop's
+        inbox. The unreported ones still count in ``bad_frames`` (``unreported_refusals``)."""
+        self.refused += 1
+        if now_ns - self._last_report_ns < REFUSAL_REPORT_INTERVAL_NS:
+            return False
+        self._last_report_ns = now_ns
+        self.refusals_reported += 1
+        return True
+
+    def unreported_refusals(self) -> int:
+        return self.refused - self.refusals_reported
 
     def put(self, header: NetFrameHeader, payload: memoryview, received_ns: int) -> bool:
         """Queue one checked frame (IO thread); True when the queue was empty (wake the compute loop)."""
@@ -417,6 +446,9 @@ class NetTransport:
 
     def dropped_out(self) -> int:
         return self.counters.sent_dropped
+
+    def unreported_bad_frames(self) -> int:
+        return self.counters.unreported_refusals()
 
     def close(self) -> None:
         self.counters.clear()

@@ -68,6 +68,13 @@ class Events:
                     return [e for e in self.seen if e.session_id == session_id]
         raise AssertionError(f"no {event!r} event for {session_id} in {timeout_s:g} s; seen: {self.seen}")
 
+    def drain(self, quiet_s: float = 0.5) -> None:
+        """Read what was published until nothing came for ``quiet_s``."""
+        while self.sub.poll(int(quiet_s * 1000)):
+            _topic, message = decode_pub(self.sub.recv_multipart())
+            assert isinstance(message, Event)
+            self.seen.append(message)
+
     def close(self) -> None:
         self.sub.close(linger=0)
 
@@ -264,6 +271,11 @@ def test_tiny_jpegs_declaring_a_huge_image_are_refused_fast_and_control_stays_re
             assert time.perf_counter() - started < 20
             assert max(rtts) < max(500.0, 20 * max(quiet)), f"control round trips during the attack: {rtts} ms"
             assert wait_until_bad(session, 500)
+            assert session.status().bad_frames == 500, "every refused frame is counted"
+            events.drain()
+            reports = [e for e in events.seen if e.session_id == session.session_id and e.event == "error"]
+            flood_s = time.perf_counter() - started
+            assert len(reports) <= flood_s / 0.1 + 2, f"{len(reports)} reports in {flood_s:.1f} s: not rate-limited"
             assert daemon.alive
             push.close(linger=0)
         finally:
