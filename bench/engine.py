@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--compat", choices=("upstream", "clean"), default="upstream", help="upstream's quirks (default) or sdlive's rule"
     )
+    parser.add_argument("--decoder", choices=("full", "light"), default="full", help="the Wan VAE's decoder or TAEHV")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (medians)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--log-iterations", action="store_true", help="print every chunk's stage times")
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         random_weights=args.random_weights,
         base_only=args.allow_base_model,
         compat=args.compat,
+        decoder=args.decoder,
     )
     if args.random_weights and args.model != "tiny":
         # A random 5.7B text encoder would only cost memory and minutes: random prompt embeddings of the real shape.
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         **stamp(),
         "model": args.model,
         "compat": args.compat,
+        "decoder": args.decoder,
         "size": f"{width}x{height}",
         "steps": args.steps,
         "frames": args.frames,

@@ -58,8 +58,14 @@ class DaemonConfig(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Model dtype; default: bfloat16 on CUDA, float32 on CPU."""
     compat: Literal["upstream", "clean"] = "upstream"
-    """upstream: reproduce upstream StreamDiffusionV2's quirks (the adaptive sink check while the cache fills, bf16
-    rounding of the decoder's input), which its distilled weights were tuned with; clean: sdlive's own rule."""
+    """upstream: reproduce upstream StreamDiffusionV2's behaviour, quirks included (its KV-cache bookkeeping and
+    sink checks, its stream-batch warm-up, bf16 rounding of the decoder's input), which its distilled weights were
+    tuned with; clean: sdlive's own rules."""
+    decoder: Literal["full", "light"] = "full"
+    """full: the Wan VAE's decoder; light: the TAEHV tiny decoder (taew2_1: several times faster, less memory, a
+    little softer), its file from --light-decoder or beside the weights."""
+    light_decoder: Path | None = None
+    """The light decoder's weights (taew2_1.pth or .safetensors from github.com/madebyollin/taehv)."""
     allow_base_model: bool = False
     """Run a base Wan transformer when no StreamDiffusionV2 generator is found (it is not distilled for few-step
     streaming: blurry, slow to settle); without it that is an error naming what is missing."""

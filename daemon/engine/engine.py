@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with
 logger = logging.getLogger(__name__)
 
 PROMPT_MEMO_SIZE = 16
+
+Decoder = Literal["full", "light"]
+DECODERS: tuple[str, ...] = ("full", "light")
 
 MEMORY_MARGIN = 1.1
 """A session opens only when its estimated peak times this fits in the free device memory."""
@@ -95,6 +98,8 @@ class StreamEngine:
         base_only: bool = False,
         compat: Compat = DEFAULT_COMPAT,
         progress: ProgressFn | None = None,
+        decoder: Decoder = "full",
+        light_decoder: str | Path | None = None,
     ) -> StreamEngine:
         """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
         ``ModelSpec``.
@@ -110,8 +115,13 @@ class StreamEngine:
         stream-batch warm-up, its bf16 decoder input: ``configs.check_compat``); ``"clean"`` runs sdlive's own rules.
         Validated before anything loads (``ValueError``), with the
         cache settings too (``"upstream"`` needs ``num_kv_cache >= 4``: ``configs.check_compat_policy``).
+        ``decoder="light"``: sessions decode with the TAEHV-style tiny decoder (``model.taehv``) instead of the Wan
+        VAE's: ``light_decoder`` names its ``taew2_1`` file, else one beside ``weights`` is used (``tiny``: random).
         """
-        from ..model.bundle import load_model_bundle
+        from ..model.bundle import light_decoder_for, load_model_bundle
+
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
 
         # a clear error for an unknown name (or a bad cache setting) before anything loads
         compat = check_compat(compat)
@@ -133,6 +143,11 @@ class StreamEngine:
             base_only=base_only,
             progress=progress,
         )
+        if decoder == "light":
+            bundle.light_decoder, source = light_decoder_for(spec, light_decoder, weights, device=device, dtype=dtype)
+            bundle.sources["light_decoder"] = source
+            if progress is not None:
+                progress(f"light decoder from {source}")
         logger.info(
             "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s",
             spec.name,
@@ -146,6 +161,11 @@ class StreamEngine:
     @property
     def model_name(self) -> str:
         return self.spec.name
+
+    @property
+    def decoder(self) -> Decoder:
+        """``"light"`` when sessions decode with the light decoder, else ``"full"`` (the Wan VAE's)."""
+        return "light" if self.bundle.light_decoder is not None else "full"
 
     @property
     def cache_policy(self) -> CachePolicy:
@@ -218,7 +238,7 @@ class StreamEngine:
     def session_memory(self, *, width: int, height: int, steps: int, stream_batch: bool) -> SessionMemory:
         """The estimated bytes of one session of this shape (``model.memory.session_memory``)."""
         return session_memory(self.spec, width=width, height=height, steps=steps, stream_batch=stream_batch,
-                              dtype=self.dtype, cache_policy=self.spec.kv_cache)  # fmt: skip
+                              dtype=self.dtype, cache_policy=self.spec.kv_cache, decoder=self.decoder)  # fmt: skip
 
     def check_memory(self, *, width: int, height: int, params: GenerationParams) -> None:
         """Raise :class:`InsufficientMemory` when a session of this shape would not fit in the free device memory

@@ -34,6 +34,7 @@ from .formats import (
 )
 from .hub import HubCacheDir
 from .sources import ORIGINAL_VAE_FILE, WeightSources, locate_weights
+from .taehv import LIGHT_DECODER_FILES, TinyWanDecoder, load_tiny_decoder
 from .text import PromptEncoder, TextEncoder
 from .vae import StreamingVAE
 
@@ -58,10 +59,54 @@ class ModelBundle:
     text: PromptEncoder
     sources: dict[str, str] = field(default_factory=dict)
     """Where each part came from (for logs and ``status``)."""
+    light_decoder: TinyWanDecoder | None = None
+    """The light decoder sessions decode with instead of the Wan VAE's (``--decoder light``), or None."""
 
     def new_vae(self, *, normalize_latents: bool = False, compat: Compat = DEFAULT_COMPAT) -> StreamingVAE:
         """A ``StreamingVAE`` over these weights; ``compat="upstream"`` rounds decoder input latents to bf16."""
-        return StreamingVAE(self.vae, normalize_latents=normalize_latents, compat=compat)
+        return StreamingVAE(self.vae, normalize_latents=normalize_latents, compat=compat,
+                            light_decoder=self.light_decoder)  # fmt: skip
+
+
+def find_light_decoder(weights: str | Path | None) -> Path | None:
+    """A ``taew2_1`` file next to the model's weights: in ``weights``, its ``ckpts/`` (upstream's tree keeps it
+    there) or the folder above; None when there is none."""
+    if weights is None:
+        return None
+    root = Path(weights).expanduser()
+    folders = [root, root / "ckpts", root.parent, root.parent / "ckpts"] if root.is_dir() else [root.parent]
+    for folder in folders:
+        for name in LIGHT_DECODER_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def light_decoder_for(
+    spec: ModelSpec, path: str | Path | None, weights: str | Path | None, *, device: torch.device, dtype: torch.dtype
+) -> tuple[TinyWanDecoder, str]:
+    """The light decoder for ``spec`` and where it came from: ``path``, else a ``taew2_1`` file beside ``weights``,
+    else (``tiny``) random weights from the spec's seed; otherwise a :class:`CheckpointError` saying where to get it."""
+    found = Path(path).expanduser() if path is not None else find_light_decoder(weights)
+    if found is not None:
+        if not found.is_file():
+            raise CheckpointError(f"light decoder {found} not found: {_LIGHT_HINT}")
+        try:
+            return load_tiny_decoder(found, device=device, dtype=dtype), str(found)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"cannot load the light decoder {found}: {exc}") from None
+    if spec.random_weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed + 1)
+            decoder = TinyWanDecoder()
+        return decoder.to(device=device, dtype=dtype).eval().requires_grad_(False), f"random (seed {spec.seed + 1})"
+    raise CheckpointError(f"--decoder light needs a taew2_1 file and none was found beside the weights: {_LIGHT_HINT}")
+
+
+_LIGHT_HINT = (
+    "download https://github.com/madebyollin/taehv/raw/main/taew2_1.pth into the weights folder (or its ckpts/) "
+    "or pass --light-decoder PATH"
+)
 
 
 # --------------------------------------------------------------------------------------------- building models

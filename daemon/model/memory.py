@@ -217,11 +217,14 @@ def session_memory(
     stream_batch: bool = True,
     dtype: torch.dtype = torch.bfloat16,
     cache_policy: CachePolicy | None = None,
+    decoder: str = "full",
 ) -> SessionMemory:
-    """One session of ``model`` at ``width×height``, ``steps`` denoising steps, stream batch or not."""
+    """One session of ``model`` at ``width×height``, ``steps`` denoising steps, stream batch or not, decoding
+    with the Wan VAE (``"full"``) or the light decoder (``"light"``)."""
     spec = get_model_spec(model)
     policy = cache_policy or spec.kv_cache
-    return _session_memory(_shape_key(spec), _Unhashed(spec), width, height, steps, stream_batch, dtype, policy)
+    return _session_memory(_shape_key(spec), _Unhashed(spec), width, height, steps, stream_batch, dtype, policy,
+                           decoder)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
@@ -234,6 +237,7 @@ def _session_memory(
     stream_batch: bool,
     dtype: torch.dtype,
     policy: CachePolicy,
+    decoder: str,
 ) -> SessionMemory:
     from .kv_cache import KVCache
     from .vae import StreamingVAE
@@ -258,7 +262,13 @@ def _session_memory(
         kv_cache = cache.nbytes
         cross = transformer.cross_attention_cache(text)
         cross_bytes = cross.nbytes
-        svae = StreamingVAE(vae, accelerate=False)
+        light = None
+        if decoder == "light":
+            from .taehv import TinyWanDecoder
+
+            with torch.device("meta"):
+                light = TinyWanDecoder().to(dtype)
+        svae = StreamingVAE(vae, accelerate=False, light_decoder=light)
         # The first chunk (5 frames → 2 latents) fills the VAE caches; a steady chunk (4 frames → 1 latent) is
         # the one measured.
         svae.decode(svae.encode(torch.zeros(1, 3, 5, height, width, device="meta", dtype=dtype))[:, :, :1])
@@ -267,7 +277,7 @@ def _session_memory(
         latent = svae.encode(torch.zeros(1, 3, 4, height, width, device="meta", dtype=dtype))
         svae.decode(latent)
         vae_peak = counter.peak - before
-        vae_cache = _cache_bytes(svae)
+        vae_cache = _cache_bytes(svae) + (svae._light.nbytes if svae._light is not None else 0)
         # One steady DiT forward over every slot.
         counter.reset_peak()
         before = counter.live
@@ -303,12 +313,13 @@ def estimate(
     sessions: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     cache_policy: CachePolicy | None = None,
+    decoder: str = "full",
 ) -> MemoryEstimate:
     """The device memory ``model`` needs with ``sessions`` sessions of this shape (see :class:`MemoryEstimate`)."""
     return MemoryEstimate(
         model=model_memory(model, dtype),
         session=session_memory(model, width=width, height=height, steps=steps, stream_batch=stream_batch,
-                               dtype=dtype, cache_policy=cache_policy),  # fmt: skip
+                               dtype=dtype, cache_policy=cache_policy, decoder=decoder),  # fmt: skip
         sessions=sessions,
     )
 

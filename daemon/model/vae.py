@@ -28,6 +28,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from .configs import DEFAULT_COMPAT, Compat, check_compat
+from .taehv import StreamingTinyDecode, TinyWanDecoder
 
 __all__ = ["StreamingVAE", "accelerate_wan_vae"]
 
@@ -125,8 +126,12 @@ class StreamingVAE:
         normalize_latents: bool = False,
         accelerate: bool = True,
         compat: Compat = DEFAULT_COMPAT,
+        light_decoder: TinyWanDecoder | None = None,
     ) -> None:
         self.compat: Compat = check_compat(compat)
+        self.light_decoder = light_decoder
+        """The light decoder (``--decoder light``) that decodes instead of the Wan VAE's decoder, or None."""
+        self._light = StreamingTinyDecode(light_decoder) if light_decoder is not None else None
         self.vae = accelerate_wan_vae(vae) if accelerate else vae
         self.normalize_latents = normalize_latents
         param = next(vae.parameters())
@@ -149,6 +154,8 @@ class StreamingVAE:
         # Per causal conv: its cached last frames (diffusers also stores the marker string "Rep" there).
         self._enc_feat_map: list[torch.Tensor | str | None] = [None] * self._enc_convs
         self._dec_feat_map: list[torch.Tensor | str | None] = [None] * self._dec_convs
+        if self._light is not None:
+            self._light.reset()
         self.frames_encoded = 0
         self.latents_decoded = 0
 
@@ -208,6 +215,13 @@ class StreamingVAE:
             )
         if latents.shape[2] == 0:
             raise ValueError("streaming VAE decode needs at least one latent frame")
+        if self._light is not None:
+            # The light decoder takes the DiT's latents as they are (no mean/std: TAEHV's convention), to [0, 1].
+            assert self.light_decoder is not None
+            weight = next(self.light_decoder.parameters())
+            frames = self._light.decode(latents.to(device=weight.device, dtype=weight.dtype))
+            self.latents_decoded += latents.shape[2]
+            return (frames.float() * 2 - 1).clamp_(-1.0, 1.0).contiguous()
         z = self.unnormalize(latents.to(device=self.device))
         x = self.vae.post_quant_conv(z.to(self.dtype))
         outs = []

@@ -232,6 +232,8 @@ def load_engine(config: DaemonConfig, view: StatsView | None, progress: LoadProg
             cache_policy=config.cache_overrides(),
             base_only=config.allow_base_model,
             compat=config.compat,
+            decoder=config.decoder,
+            light_decoder=config.light_decoder,
             progress=progress.update if progress is not None else None,
         )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
