@@ -50,6 +50,13 @@ that word, woken within tens of microseconds. Elsewhere, or when the producer do
 sleeps in short steps (``poll_s``, 0.5 ms by default) and re-reads write_count. Futex waits are bounded (50 ms),
 so a producer that stops waking degrades to polling, never to a hang.
 
+Safe access (``safe=True``, what the daemon uses): the ring's memory is read and written only with
+``pread``/``pwrite`` on a kept descriptor. A mapped load of a page whose file another process truncated is a SIGBUS
+that kills the whole process; a ``pread`` just comes back short (a ``RingError``). ``verify`` checks that the name
+still points at the ring's file, at its size, with its header intact. Creation allocates the file's memory for real
+(``posix_fallocate``), so a folder too small (Docker's 64 MB ``/dev/shm``) is a ``RingSpaceError`` at creation,
+never a SIGBUS on first touch.
+
 Memory ordering: the producer writes the pixels, then publishes the slot's seq, then write_count, in program
 order. CPython cannot emit fences; on x86-64 (TSO) stores are seen in program order, so the algorithm is exact.
 On weakly ordered CPUs (ARM64) the double check still catches a writer that lapped the reader, which is the
@@ -603,10 +610,10 @@ class FrameRing:
             elif os.preadv(self._fd, [target], start) != self.frame_size:
                 raise self._truncated()
             data = out
-        elif copy or self._fd is not None:
-            data = self._read_bytes(start, self.frame_size) if self._fd is not None else self._mm[
-                start : start + self.frame_size
-            ]  # one memcpy into a new bytes object
+        elif self._fd is not None:  # safe mode has no views into the mapping: copy=False copies too
+            data = self._read_bytes(start, self.frame_size)
+        elif copy:
+            data = self._mm[start : start + self.frame_size]  # one memcpy into a new bytes object
         else:
             data = self._buf[start : start + self.frame_size].toreadonly()
         if self._u64(base) != s1:
