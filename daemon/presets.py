@@ -10,6 +10,8 @@ A preset is one TOML file (``presets/<name>.toml``)::
     transition_chunks = 4          # chunks over which a switch to this preset blends in
     hotkey = "ctrl+shift+1"        # suggestion for the OBS hotkey binding
     description = "..."
+    lora = "styles/ink.safetensors"  # optional LoRA file (relative to this folder), switched live with the preset
+    lora_strength = 0.8
 
 A later folder overrides an earlier one by preset name (user presets override shipped ones). A broken file is
 reported by file and line and skipped; it never stops the daemon. A running daemon sees new, edited and deleted
@@ -61,8 +63,21 @@ class Preset(StyleParams):
     prompt: Prompt  # required in a preset file (the other fields have the protocol's defaults)
     hotkey: str | None = None
     description: str | None = None
+    lora: str | None = None
+    """A LoRA style file (``.safetensors``, diffusers or original Wan layout), relative to this preset's folder."""
+    lora_strength: float = Field(default=1.0, ge=-2.0, le=2.0)
+    """The LoRA's weight (1: as trained, 0: off)."""
     source: str | None = Field(default=None, exclude=True)
     """The file it came from (not part of the TOML)."""
+
+    def lora_path(self) -> str | None:
+        """The LoRA file's absolute path (a relative ``lora`` is taken from the preset file's folder)."""
+        if self.lora is None:
+            return None
+        path = Path(self.lora).expanduser()
+        if not path.is_absolute() and self.source is not None:
+            path = Path(self.source).parent / path
+        return str(path)
 
     @field_validator("name")
     @classmethod

@@ -19,8 +19,10 @@ from ..model.configs import (
     check_compat_policy,
     get_model_spec,
 )
+from ..model.lora import LoraAdapters
 from ..model.memory import GiB, SessionMemory, session_memory
 from ..protocol.params import GenerationParams
+from .interface import InsufficientMemory
 from .session import NoiseFn, StreamSession
 
 if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with this module
@@ -38,10 +40,6 @@ DECODERS: tuple[str, ...] = ("full", "light")
 
 MEMORY_MARGIN = 1.1
 """A session opens only when its estimated peak times this fits in the free device memory."""
-
-
-class InsufficientMemory(ValueError):
-    """A session would not fit in the device's free memory; the message names what would."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -83,6 +81,8 @@ class StreamEngine:
         self.normalize_latents = normalize_latents
         self.transformer: CausalWanTransformer3DModel = bundle.transformer
         self._prompt_memo: dict[str, torch.Tensor] = {}
+        self.lora = LoraAdapters(self.transformer)
+        """The LoRA style files loaded on the transformer; each session sets its own weights (``set_lora``)."""
 
     @classmethod
     def load(

@@ -21,10 +21,14 @@ from ..protocol.params import GenerationParams
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "EngineSession", "OutputFrame", "Pixels", "StageTimes"]
+__all__ = ["Engine", "EngineSession", "InsufficientMemory", "OutputFrame", "Pixels", "StageTimes"]
 
 Pixels = npt.NDArray[np.uint8]
 """One frame, ``H×W×C`` uint8 in a session's pixel format (``rgb24``/``bgr24``: C = 3, ``rgba``/``bgra``: C = 4)."""
+
+
+class InsufficientMemory(ValueError):
+    """A session would not fit in the device's free memory; the message names what would."""
 
 
 @dataclass
@@ -90,6 +94,8 @@ class EngineSession(Protocol):
 
     # Optional: ``close()``, called once when the caller lets the session go, must return at once (the daemon calls
     # it holding its output thread's lock). The relay's ``RemoteSession`` closes its remote session that way.
+    # Optional: ``set_lora(path | None, strength, transition_chunks=None)``, a preset's LoRA style (StreamSession);
+    # a missing or mismatched file raises ``ValueError`` and changes nothing.
 
 
 @runtime_checkable

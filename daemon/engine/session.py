@@ -58,6 +58,16 @@ class _Denoised(NamedTuple):
 
 
 @dataclass
+class _LoraBlend:
+    """A LoRA change: adapter weights move from ``start`` to ``target`` over ``total`` chunks."""
+
+    start: dict[str, float]
+    target: dict[str, float]
+    total: int
+    done: int = 0
+
+
+@dataclass
 class _Blend:
     """A prompt transition: the text embedding moves from ``start`` to ``target`` over ``total`` chunks."""
 
@@ -108,6 +118,10 @@ class StreamSession:
         self._vae = engine.new_vae()
         self.stage_ms = StageTimes()
         """The last chunk's stage timings."""
+        self._lora_weights: dict[str, float] = {}  # adapter name → weight, this chunk
+        self._lora_target: dict[str, float] = {}
+        self._lora_blend: _LoraBlend | None = None
+        self._cross_lora: dict[str, float] | None = None  # the weights the cross-attention cache was made with
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -122,6 +136,11 @@ class StreamSession:
         depth = self._params.steps if self._params.stream_batch else 1
         # A chunk's first frame waits for the rest of its chunk, then for depth − 1 more chunks.
         return max(FIRST_CHUNK_FRAMES - 1, CHUNK_FRAMES - 1 + CHUNK_FRAMES * (depth - 1))
+
+    @property
+    def lora_weights(self) -> dict[str, float]:
+        """The LoRA adapters' weights this session's next chunk runs with (``{}``: none)."""
+        return dict(self._lora_weights)
 
     @property
     def frames_in(self) -> int:
@@ -154,7 +173,8 @@ class StreamSession:
         self._chunks = 0
         self._embeds = self.engine.encode_prompt(self._params.prompt)
         self._blend: _Blend | None = None
-        self._cross: CrossAttentionCache = self.engine.transformer.cross_attention_cache(self._embeds)
+        self._cross: CrossAttentionCache
+        self._set_embeds(self._embeds)
 
     @torch.inference_mode()
     def set_params(self, **changes: Any) -> None:
@@ -182,6 +202,24 @@ class StreamSession:
         self._params = new
         if mode_change and self._chunks:
             self._rebuild_caches()
+
+    @torch.inference_mode()
+    def set_lora(self, path: str | None, strength: float = 1.0, *, transition_chunks: int | None = None) -> None:
+        """Style the stream with the LoRA file ``path`` at ``strength`` (``None``: no LoRA), blending over
+        ``transition_chunks`` chunks (default: the session's) as a prompt change does; caches and counters continue.
+        A missing or mismatched file raises :class:`~sdlive.daemon.model.lora.LoraError` (a ``ValueError``) and
+        changes nothing."""
+        if not -2.0 <= float(strength) <= 2.0:
+            raise ValueError(f"lora_strength must be in -2..2, got {strength}")
+        target = {} if path is None else {self.engine.lora.load(path): float(strength)}
+        if target == self._lora_target:
+            return
+        self._lora_target = target
+        chunks = self._params.transition_chunks if transition_chunks is None else int(transition_chunks)
+        if self._chunks == 0 or chunks <= 0:
+            self._lora_weights, self._lora_blend = dict(target), None
+        else:
+            self._lora_blend = _LoraBlend(dict(self._lora_weights), target, chunks)
 
     @torch.inference_mode()
     def push(self, frame: Pixels | torch.Tensor) -> list[OutputFrame]:
@@ -267,7 +305,30 @@ class StreamSession:
 
     def _set_embeds(self, embeds: torch.Tensor) -> None:
         self._embeds = embeds
+        self.engine.lora.activate(self._lora_weights)  # a LoRA on attn2's projections shapes the text K/V too
         self._cross = self.engine.transformer.cross_attention_cache(embeds)
+        self._cross_lora = dict(self._lora_weights)
+
+    def _step_lora(self) -> None:
+        """One chunk further in a LoRA transition."""
+        blend = self._lora_blend
+        if blend is None:
+            return
+        blend.done += 1
+        alpha = min(blend.done / blend.total, 1.0)
+        names = sorted(set(blend.start) | set(blend.target))
+        weights = {n: (1 - alpha) * blend.start.get(n, 0.0) + alpha * blend.target.get(n, 0.0) for n in names}
+        self._lora_weights = {n: w for n, w in weights.items() if w != 0.0}
+        if alpha >= 1.0:
+            self._lora_blend = None
+
+    def _lora_cross(self) -> CrossAttentionCache:
+        """This session's LoRA weights in effect (the engine's adapters are shared by the sessions, which run one
+        forward at a time), and its cross-attention cache made with them."""
+        self.engine.lora.activate(self._lora_weights)
+        if self._cross_lora != self._lora_weights:
+            self._set_embeds(self._embeds)
+        return self._cross
 
     def _run_chunk(self, needed: int) -> None:
         frames = self._pending[:needed]
@@ -293,7 +354,9 @@ class StreamSession:
             strength, first_step = self._controller.update(motion_frames)
         self._previous_frame = frames[-1]
         noisy = strength * self._noise(tuple(latents.shape)) + (1 - strength) * latents
-        cross = self._chunk_cross()
+        self._step_lora()
+        self._chunk_cross()
+        cross = self._lora_cross()
 
         # 3. DiT: the first chunk (and no-batch mode) runs all steps here; stream batch runs one step per slot
         finished: list[_Denoised] = []
@@ -385,6 +448,8 @@ class StreamSession:
         (the same writes the pipeline would have made), and return their frames."""
         out: list[OutputFrame] = []
         steps = timesteps_for(self._cache_steps) if self._cache_steps else ()
+        if self._inflight:
+            self._lora_cross()
         for chunk in reversed(self._inflight):
             if chunk.first_index is None:
                 continue  # a filler: the real chunks behind it rewrite its cache frames on their way through

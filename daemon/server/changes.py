@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..protocol.params import GenerationParams
+from .items import LoraChoice
 from .prompts import PromptWarmer
 from .session import Session
 
@@ -24,6 +25,7 @@ class _Queued:
     session: Session
     changes: dict[str, Any]
     preset: str | None
+    lora: LoraChoice | None = None
 
 
 class ChangeQueue:
@@ -47,8 +49,10 @@ class ChangeQueue:
         self._on_broken = on_broken
         self._queued: list[_Queued] = []
 
-    def submit(self, session: Session, changes: dict[str, Any], preset: str | None) -> None:
-        item = _Queued(session, changes, preset)
+    def submit(
+        self, session: Session, changes: dict[str, Any], preset: str | None, lora: LoraChoice | None = None
+    ) -> None:
+        item = _Queued(session, changes, preset, lora)
         prompt = changes.get("prompt")
         waiting = self.pending(session) > 0
         if prompt is not None and prompt != session.params.prompt and not self.warmer.is_ready(prompt):
@@ -104,6 +108,10 @@ class ChangeQueue:
     def _apply(self, item: _Queued) -> None:
         session = item.session
         try:
+            set_lora = getattr(session.engine_session, "set_lora", None)  # engines with LoRA styles
+            if item.lora is not None and set_lora is not None:
+                # First: loading the file is what can fail, and then nothing has changed yet.
+                set_lora(item.lora.path, item.lora.strength, transition_chunks=item.changes.get("transition_chunks"))
             with self.warmer.lock:
                 session.engine_session.set_params(**item.changes)
         except ValueError as exc:

@@ -42,6 +42,16 @@ class ParamsChange:
     session_id: str
     changes: dict[str, Any]
     preset: str | None
+    lora: LoraChoice | None = None
+    """A preset switch's LoRA (a path of None: no LoRA); None for ``set_params``, which leaves the LoRA alone."""
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """The LoRA a preset styles with: ``path`` None is "none"."""
+
+    path: str | None
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class ComputeLoop:
         elif isinstance(item, ParamsChange):
             session = self.sessions.get(item.session_id)
             if session is not None and self._changes is not None:
-                self._changes.submit(session, item.changes, item.preset)
+                self._changes.submit(session, item.changes, item.preset, item.lora)
         elif isinstance(item, NetInput):
             session = self.sessions.get(item.session_id)
             if session is not None and isinstance(session.transport, NetTransport):

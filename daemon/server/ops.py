@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
+from ..engine.interface import InsufficientMemory
 from ..presets import Preset, PresetLibrary
 from ..protocol.constants import STYLE_FIELDS
 from ..protocol.errors import ErrorCode, ProtocolError
@@ -45,7 +46,7 @@ from ..protocol.messages import (
 )
 from ..protocol.params import GenerationParams
 from .directory import SessionDirectory
-from .items import InboundItem, LoopRequestMessage, ParamsChange, Shutdown
+from .items import InboundItem, LoopRequestMessage, LoraChoice, ParamsChange, Shutdown
 from .session import Session, new_session_id
 from .stats import device_memory_mb
 from .transports import FrameTransport, NetTransport, ShmTransport, check_frame_memory, open_transport
@@ -127,7 +128,9 @@ class FrontDesk:
         if message.op == "set_preset":
             self.presets.refresh()  # a preset file added or edited a moment ago is found
             preset = lookup_preset(self.presets, message.name)
-            params = self._queue(message.session_id, preset.style(), preset=message.name, what=f"preset {message.name!r}")
+            lora = LoraChoice(preset.lora_path(), preset.lora_strength)
+            params = self._queue(message.session_id, preset.style(), preset=message.name, what=f"preset {message.name!r}",
+                                 lora=lora)  # fmt: skip
             return SetPresetReply(session_id=message.session_id, preset=message.name, params=params)
         if message.op == "set_params":
             changes = message.changes()
@@ -145,14 +148,16 @@ class FrontDesk:
             self._presets_reply = preset_infos(self.presets)
         return self._presets_reply
 
-    def _queue(self, session_id: str, changes: dict[str, object], *, preset: str | None, what: str) -> GenerationParams:
+    def _queue(
+        self, session_id: str, changes: dict[str, object], *, preset: str | None, what: str, lora: LoraChoice | None = None
+    ) -> GenerationParams:
         try:
             params = self.directory.plan(session_id, changes, preset)
         except KeyError:
             raise unknown_session(session_id, self.directory.ids()) from None
         except ValidationError as exc:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"{what}: {summarize_validation_error(exc)}") from None
-        self.submit(ParamsChange(session_id, dict(changes), preset))
+        self.submit(ParamsChange(session_id, dict(changes), preset, lora))
         return params
 
 
@@ -193,8 +198,9 @@ class LoopOps:
         names = loop.presets.names()
         preset_name = msg.preset or config.default_preset or (names[0] if names else None)
         values: dict[str, object] = {}
-        if preset_name is not None:
-            values.update(lookup_preset(loop.presets, preset_name).style())
+        preset = lookup_preset(loop.presets, preset_name) if preset_name is not None else None
+        if preset is not None:
+            values.update(preset.style())
         if msg.params is not None:
             values.update(msg.params.changes())
         try:
@@ -206,6 +212,11 @@ class LoopOps:
                 engine_session = loop.engine.open_session(
                     width=msg.width, height=msg.height, params=params, pixel_format=msg.pixel_format
                 )
+                set_lora = getattr(engine_session, "set_lora", None)  # engines with LoRA styles (StreamSession)
+                if preset is not None and preset.lora is not None and set_lora is not None:
+                    set_lora(preset.lora_path(), preset.lora_strength)
+        except InsufficientMemory as exc:
+            raise ProtocolError(ErrorCode.CAPACITY, f"open_session: {exc}") from None
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"open_session: {exc}") from None
         except (MemoryError, RuntimeError) as exc:
