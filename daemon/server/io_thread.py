@@ -5,7 +5,8 @@ unauthorised message is answered at once with an error reply, even while the com
 and never reaches it. It then answers what it can on its own (``ops.FrontDesk``: hello, list_presets, heartbeat,
 shutdown, and set_preset / set_params, acknowledged and queued) and hands the rest (open_session, close_session,
 status) to the compute loop as :class:`~.items.LoopRequest` items, with network frames as
-:class:`~.items.NetInput`. Until the model is loaded (no front desk yet) requests wait here, bounded.
+:class:`~.items.NetInput`. While the model loads, a ``loading.LoadingDesk`` answers instead (state "loading" and
+progress, a ``loading`` error for what needs the model).
 
 Outbound, the compute loop and the output thread put replies, PUB messages, network frames and network-session
 binds/drops on the :class:`Outbox`, which wakes this thread through an inproc PAIR socket; the same PAIR carries
@@ -40,6 +41,7 @@ from ..protocol.messages import (
     error_reply,
     ok_reply,
 )
+from . import faults
 from .auth import SocketAuth
 from .directory import SessionDirectory
 from .items import (
@@ -57,6 +59,7 @@ from .items import (
     Publish,
     Reply,
 )
+from .loading import LoadingDesk
 from .ops import FrontDesk
 from .transports import NET_WAKE, NetLink
 
@@ -164,7 +167,7 @@ class IOThread(threading.Thread):
         self.bound_control = control
         self.bound_pub = pub
         self.counters = {"requests": 0, "rejected": 0}
-        self._desk: FrontDesk | None = None
+        self._desk: FrontDesk | LoadingDesk | None = None
         self._started_ns = time.monotonic_ns()
         self._waiting: list[tuple[list[bytes], Request, int]] = []
 
@@ -173,8 +176,9 @@ class IOThread(threading.Thread):
         refused = self.auth.refused if self.auth is not None else 0
         return {**self.counters, "refused_handshakes": refused}
 
-    def open_desk(self, desk: FrontDesk) -> None:
-        """Start answering requests (the model is loaded); requests that waited meanwhile are answered now."""
+    def open_desk(self, desk: FrontDesk | LoadingDesk) -> None:
+        """Answer requests through ``desk`` from now on (the loading desk while the model loads, then the front
+        desk); requests that waited for a desk are answered now."""
         self._desk = desk
         self.outbox.wake()
 
@@ -280,6 +284,7 @@ class IOThread(threading.Thread):
                 for envelope, message, received_ns in waiting:
                     self._dispatch(router, envelope, message, received_ns)
             if router in events:
+                faults.check("io")
                 for _ in range(256):  # bounded: a flood cannot starve the outbox
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -335,7 +340,7 @@ class IOThread(threading.Thread):
         if self._desk is None:
             if len(self._waiting) >= MAX_WAITING_REQUESTS:
                 self._reject(router, envelope, ProtocolError(
-                    ErrorCode.CAPACITY, "the daemon is still loading its model: retry in a few seconds", id=message.id
+                    ErrorCode.LOADING, "the daemon is starting: retry in a few seconds", id=message.id
                 ))  # fmt: skip
                 return
             self._waiting.append((envelope, message, now))
