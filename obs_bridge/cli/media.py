@@ -258,6 +258,7 @@ def cam(
     Keys while it runs: the preset numbers (`sdlive preset` lists them) pick a preset, n/p the next/previous one,
     q quits. When the daemon stops or restarts, the camera holds its last frame and reconnects.
     """
+    from ..client import DaemonError
     from ..media.capture import open_source
     from ..media.pump import PumpStats
 
@@ -282,9 +283,16 @@ def cam(
             dc = stack.enter_context(_connect(use.address, target.token))
             _check_preset(_preset_names(dc), preset, use.address)
 
-            def open_session() -> SessionClient:
-                return dc.open_session(width=size[0], height=size[1], fps=source.fps, pixel_format="bgr24",
-                                       preset=preset, params=params, client="sdlive-cam")
+            def open_session(current: str | None = preset) -> SessionClient:
+                """A session with the current style (after a reconnect: the preset switched to, when the new
+                daemon has it)."""
+                try:
+                    return dc.open_session(width=size[0], height=size[1], fps=source.fps, pixel_format="bgr24",
+                                           preset=current, params=params, client="sdlive-cam")
+                except DaemonError as exc:
+                    if current is None or exc.code != "unknown_preset":
+                        raise
+                    return open_session(None)
 
             session = open_session()
             stack.callback(lambda: session.close())
@@ -312,9 +320,13 @@ def cam(
             if final is not None:
                 stats.daemon = final
         err_console.print(f"done: {stats.frames_out} frames out of {stats.frames_in} in {stats.elapsed_s:.1f} s, "
-                          f"{stats.drops()}{f', {stats.reconnects} reconnects' if stats.reconnects else ''}")
+                          f"{stats.drops()}{_reconnects(stats.reconnects)}")
     except BaseException as exc:
         _reraise_as_exit(exc)
+
+
+def _reconnects(n: int) -> str:
+    return f", {n} reconnect{'s' if n != 1 else ''}" if n else ""
 
 
 def _live_until_lost(source: FrameSource, session: SessionClient, sinks: list[FrameSink], *, side_by_side: bool,
@@ -368,7 +380,7 @@ def _reconnect(use: DaemonInUse, target: Target, open_session: Any, sinks: list[
         try:
             with DaemonClient(use.address, token=target.token, timeout_s=max(backoff, 0.5)) as probe:
                 probe.hello()
-            session = open_session()
+            session = open_session(stats.preset)
         except DaemonError:
             backoff = min(backoff * 2, RECONNECT_INTERVAL_MAX_S)
             continue

@@ -36,6 +36,8 @@ def test_render_reuses_the_daemon_cam_started_and_outlives_cam(tmp_path, media, 
     env = {**os.environ, "SDLIVE_CONTROL": control, "SDLIVE_PUB": pub, "XDG_CONFIG_HOME": str(tmp_path / "config"),
            "PYTHONUNBUFFERED": "1"}
     env.pop("SDLIVE_CONFIG", None)
+    user_presets = tmp_path / "config" / "sdlive" / "presets"  # the user's preset folder, empty at the start
+    user_presets.mkdir(parents=True)
     clip = media.make_clip(tmp_path / "clip.mp4", frames=20, fps=10, width=96, height=54)
     cam = subprocess.Popen(sdlive_command("cam", "--input", "synthetic", "--width", "64", "--height", "64",
                                           "--output", "none", "--model", "tiny"),
@@ -44,11 +46,12 @@ def test_render_reuses_the_daemon_cam_started_and_outlives_cam(tmp_path, media, 
     try:
         assert wait_for(lambda: "sdlive-cam" in _clients(control), 150), "cam did not start a daemon at SDLIVE_CONTROL"
         # a preset file written while the daemon runs is listed (with its hotkey's number) and usable at once
-        user_presets = tmp_path / "config" / "sdlive" / "presets"
-        user_presets.mkdir(parents=True)
         (user_presets / "my-look.toml").write_text('name = "my-look"\nprompt = "a chalk drawing"\nhotkey = "ctrl+shift+9"\n')
-        listing = subprocess.run(sdlive_command("preset"), capture_output=True, text=True, env=env, timeout=60)
-        assert listing.returncode == 0 and " 9  my-look" in listing.stdout, listing.stdout + listing.stderr
+
+        def listed() -> str:
+            return subprocess.run(sdlive_command("preset"), capture_output=True, text=True, env=env, timeout=60).stdout
+
+        assert wait_for(lambda: " 9  my-look" in listed(), 20), listed()
         render = subprocess.Popen(sdlive_command("render", str(clip), "-o", str(tmp_path / "out.mp4"),
                                                  "--preset", "my-look", "--live"),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
