@@ -1,9 +1,10 @@
 """Benchmark the sdlive OBS filter inside a real OBS (Xvfb, software GL here) with a real daemon.
 
-    python bench/obs_filter.py --size 1280x720 --json OUT.json [--seconds 20] [--model tiny] [--device cpu]
+    python bench/obs_filter.py --size 1280x720 --json OUT.json [--source image|colour|media] [--seconds 20]
+                               [--model tiny] [--device cpu]
 
 Figures (measured by the script inside OBS with perf_counter_ns / monotonic_ns, read from its stats file):
-- ``render_thread_ms_p50/p99``: time the filter adds to OBS's graphics thread per captured frame (render the parent
+- ``render_thread_ms_p50/p99``: time the filter adds to OBS's graphics thread per captured frame (draw the source
   into a texrender, stage it, map the previous frame's stage surface, copy it into the input ring, upload the newest
   output frame, draw). Views after the first in the same frame only draw.
 - ``end_to_end_ms_p50``: from a frame's capture in OBS to its restyled frame being uploaded for display (includes the
@@ -38,12 +39,31 @@ def _load(name: str, path: Path):
     return module
 
 
+def source_input(kind: str, image: Path, work: Path) -> tuple[str, dict]:
+    """The OBS input kind and settings of the source under test."""
+    if kind == "colour":
+        import cv2
+
+        h, w = cv2.imread(str(image)).shape[:2]
+        return "color_source_v3", {"color": 0xFF2060C0, "width": w, "height": h}
+    if kind == "media":
+        import subprocess
+
+        video = work / "pattern.mkv"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-loop", "1", "-framerate", "30", "-i", str(image), "-t", "2",
+                        "-c:v", "ffv1", "-pix_fmt", "bgra", str(video)], check=True, timeout=120)
+        return "ffmpeg_source", {"local_file": str(video), "looping": True, "is_local_file": True}
+    return "image_source", {"file": str(image)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1280x720", help="source and canvas size, WxH")
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--seconds", type=float, default=20.0, help="measurement window after warm-up")
     ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--source", choices=("image", "colour", "media"), default="image",
+                    help="the filtered source: a test picture (image_source), a colour, or a looping video of it")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", dest="json_path")
@@ -78,7 +98,8 @@ def main() -> int:
         daemon.start()
         obs.start()
         cl = obs.client()
-        cl.create_input("Main", "src", "image_source", {"file": str(image)}, True)
+        kind, settings = source_input(args.source, image, work)
+        cl.create_input("Main", "src", kind, settings, True)
         names = harness.SCRIPT_NAMES
         cl.create_source_filter("src", names.FILTER_DISPLAY_NAME, names.FILTER_ID,
                                 {names.SETTING_ADDRESS: daemon.control_address})
@@ -101,6 +122,7 @@ def main() -> int:
         **stamp(),
         "bench": "obs_filter",
         "size": [width, height],
+        "source": args.source,
         "fps_target": args.fps,
         "model": args.model,
         "device": args.device,
@@ -116,7 +138,7 @@ def main() -> int:
         "note": "render-thread figures come from the script (perf_counter_ns around each capturing video_render)",
     }
     rows = [
-        ("size", f"{width}x{height} @ {args.fps} fps"),
+        ("source", f"{args.source}, {width}x{height} @ {args.fps} fps"),
         ("GL adapter", adapter),
         ("render thread p50 (ms)", result["render_thread_ms_p50"]),
         ("render thread p99 (ms)", result["render_thread_ms_p99"]),
