@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 _WAKE = b"w"
 _STOP = b"s"
+_DEAD_REPEATS = 6  # the dead sentinel, repeated for slow-joining subscribers
+_DEAD_REPEAT_INTERVAL_S = 0.2
 MAX_WIRE_BYTES = 32 * 2**20
 """ZeroMQ drops a peer that sends more than this in one message (memory guard); up to it, anything over the
 protocol's 64 KiB limit gets a ``too_large`` reply."""
@@ -258,10 +260,16 @@ class IOThread(threading.Thread):
             sessions=len(self.directory.ids()),
             message=reason,
         )
-        try:
-            pub.send_multipart(encode_pub(TOPIC_DAEMON, beat), zmq.NOBLOCK)
-        except Exception:  # noqa: BLE001 - best effort: the process exits non-zero and logs the reason anyway
-            log.exception("could not publish the dead sentinel")
+        # Sent a few times over a second: a subscriber still joining (a client that started with the daemon, one
+        # reconnecting) would miss a single beat, and this thread is going anyway.
+        for attempt in range(_DEAD_REPEATS):
+            try:
+                pub.send_multipart(encode_pub(TOPIC_DAEMON, beat), zmq.NOBLOCK)
+            except Exception:  # noqa: BLE001 - best effort: the process exits non-zero and logs the reason anyway
+                log.exception("could not publish the dead sentinel")
+                return
+            if attempt + 1 < _DEAD_REPEATS:
+                time.sleep(_DEAD_REPEAT_INTERVAL_S)
 
     def _loop(self, wake: zmq.Socket, router: zmq.Socket, pub: zmq.Socket) -> None:
         poller = zmq.Poller()
