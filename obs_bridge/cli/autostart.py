@@ -4,7 +4,8 @@
    default; :mod:`.connect`). A daemon answering there is used as it is, and the command says which model it runs.
 2. Nothing answers: an address given with ``--daemon`` or off this machine is an error (start that daemon); a
    local one gets a daemon started for this command, on the configured ports when they are free, with the best
-   model this machine has (real weights when downloaded and a GPU is there, else ``tiny``: :func:`pick_model`),
+   model this machine has (real weights when downloaded and a GPU is there, else the shipped ``mini``, else ``tiny``:
+   :func:`pick_model`),
    and the command says which and why.
 3. When the command ends, the daemon it started is stopped **unless another client has a session on it** (a
    ``render`` that reused the daemon a ``cam`` started): then it keeps running and the command says so. The
@@ -72,7 +73,8 @@ def port_free(address: str) -> bool:
 
 def pick_model(device: str | None) -> tuple[str, str]:
     """The model a daemon started here runs, and why: a real one whose weights are on disk (and a GPU to run it,
-    unless ``device`` says otherwise), else ``tiny`` (random weights, nothing to download, real time on a CPU).
+    unless ``device`` says otherwise), else ``mini`` (trained toy styles shipped in the package, real time on a CPU), else
+    ``tiny`` (random weights).
 
     Asked of a separate interpreter: the daemon side (torch) is never imported into this client process."""
     try:
@@ -84,11 +86,14 @@ def pick_model(device: str | None) -> tuple[str, str]:
     if "error" in found:
         return "tiny", f"no daemon-side model code ({found['error']})"
     real = found.get("downloaded") or []
+    # mini: a toy model trained on a CPU that ships in the package (docs/mini.md); tiny (random weights) otherwise
+    small, toy = ("mini", "mini (toy styles trained on a CPU, shipped in the package)") if "mini" in (
+        found.get("shipped") or []) else ("tiny", "tiny (random weights)")  # fmt: skip
     if not real:
-        return "tiny", "no downloaded weights: `sdlive models pull wan2.1-1.3b` for the real model"
+        return small, f"no downloaded weights, so {toy}: `sdlive models pull wan2.1-1.3b` for the real model"
     gpu = (device or "").startswith("cuda") or (device is None and found.get("cuda"))
     if not gpu:
-        return "tiny", f"{real[0]} is downloaded but there is no GPU to run it in real time (--model {real[0]} forces it)"
+        return small, f"{real[0]} is downloaded but there is no GPU to run it in real time, so {toy} (--model {real[0]} forces it)"
     return real[0], "downloaded weights found"
 
 

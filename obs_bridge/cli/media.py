@@ -3,7 +3,8 @@
 * ``sdlive cam``: a webcam (or file, screen, folder, generated clip, another session) restyled live into the virtual
   webcam, a preview window, a file or nowhere (stats only); keys switch presets while it runs.
 * ``sdlive render``: a video file restyled file to file, every frame, with its fps and audio.
-* ``sdlive demo``: the out-of-the-box run on any machine: a daemon with the ``tiny`` model, a generated clip,
+* ``sdlive demo``: the out-of-the-box run on any machine: a daemon with the shipped ``mini`` model (without real
+  weights), a generated clip,
   preset switches mid-stream, a side-by-side video and a stats table.
 
 Nothing here imports torch: a daemon this command needs is started as a separate ``sdlive serve`` process.
@@ -51,6 +52,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # a log lin
 out_console = Console(highlight=False)
 
 DEMO_PRESETS = ("anime", "van-gogh", "cyberpunk")
+MINI_DEMO_PRESETS = ("mini-cartoon", "mini-thermal", "mini-pencil-sketch")
+"""What the demo switches through on the ``mini`` model, which knows only its own style prompts (docs/mini.md)."""
 
 
 class CommandError(Exception):
@@ -250,7 +253,7 @@ def cam(
     vcam_device: Annotated[str | None, typer.Option("--vcam-device", help="Virtual camera device (e.g. /dev/video10).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after this many output frames.")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="Stop after this many seconds.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else mini).")] = None,
     no_keys: Annotated[bool, typer.Option("--no-keys", help="Don't read preset keys from the terminal.")] = False,
 ) -> None:
     """Restyle a webcam (or any input) live into a virtual webcam for Zoom/Discord/Meet, a window or a file.
@@ -457,7 +460,7 @@ def render(
     width: Annotated[int | None, typer.Option("--width", min=1, help="Restyle at this width (default: the input's; alone: keeps the aspect ratio).")] = None,
     height: Annotated[int | None, typer.Option("--height", min=1, help="Restyle at this height (default: the input's; alone: keeps the aspect ratio).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Only the first N frames.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model of a daemon this command starts (default: real weights if downloaded and a GPU is there, else mini).")] = None,
     live: Annotated[bool, typer.Option("--live", help="Pace the session like a live source (real time) instead of as fast as the model goes.")] = False,
 ) -> None:
     """Restyle a video file to a new file: every frame, the input's fps, its audio kept.
@@ -522,14 +525,14 @@ def demo(
     input: Annotated[str | None, typer.Option("--input", "-i", help="Use this clip instead of the generated one.")] = None,
     width: Annotated[int | None, typer.Option("--width", min=1, help="With --input: restyle at this width (alone: keeps the aspect ratio).")] = None,
     height: Annotated[int | None, typer.Option("--height", min=1, help="With --input: restyle at this height (alone: keeps the aspect ratio).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model for the demo's daemon (default: real weights if downloaded and a GPU is there, else tiny).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model for the demo's daemon (default: real weights if downloaded and a GPU is there, else mini).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda for the demo's daemon.")] = None,
     daemon: Annotated[str | None, typer.Option("--daemon", help="Use this running daemon instead of starting one.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN")] = None,
 ) -> None:
     """The out-of-the-box demo: a clip restyled with preset switches mid-stream, as a side-by-side video.
 
-    Starts a daemon of its own (real weights if downloaded and a GPU is there, else `tiny`: no GPU needed),
+    Starts a daemon of its own (real weights if downloaded and a GPU is there, else `mini`: no GPU needed),
     streams a generated clip (or --input) through it, writes input | restyled and prints the stats.
     """
     from ..client import DaemonError
@@ -560,7 +563,8 @@ def demo(
             dc = stack.enter_context(_connect(use.address, target.token))
             hello = dc.hello()
             available = _preset_names(dc)
-            wanted = wanted_given or [p for p in DEMO_PRESETS if p in available] or available[:3]
+            demo_presets = MINI_DEMO_PRESETS if hello.model == "mini" else DEMO_PRESETS
+            wanted = wanted_given or [p for p in demo_presets if p in available] or available[:3]
             for p in wanted:
                 _check_preset(available, p, use.address)
             if not wanted:
