@@ -38,10 +38,16 @@ class RandomPromptEmbeddings:
         return torch.randn(self.shape, generator=generator)
 
 
+def bench_prompt(engine: StreamEngine) -> str:
+    """The benchmark's prompt: a watercolour, in words the model knows (``mini`` takes only its own style prompts)."""
+    vocabulary = engine.prompt_vocabulary
+    return "a watercolor painting" if vocabulary is None else ("watercolor" if "watercolor" in vocabulary else vocabulary[0])
+
+
 def run_stream(engine: StreamEngine, clip, *, steps: int, stream_batch: bool, log_iterations: bool = False) -> dict:
     """Push the clip as fast as the engine takes it; returns timing figures."""
     n, height, width = clip.shape[0], clip.shape[1], clip.shape[2]
-    params = SessionParams(prompt="a watercolor painting", steps=steps, stream_batch=stream_batch, seed=0)
+    params = SessionParams(prompt=bench_prompt(engine), steps=steps, stream_batch=stream_batch, seed=0)
     session = engine.open_session(width=width, height=height, params=params, pixel_format="rgb24")
     stages: dict[str, list[float]] = {"encode": [], "dit": [], "decode": []}
     first_out = None
@@ -82,7 +88,7 @@ def recompute_baseline_dit_ms(engine: StreamEngine, width: int, height: int, ste
     window = spec.kv_cache.num_kv_cache + 1
     whole_window = CachePolicy(num_kv_cache=window, num_sink=0, sink_threshold=-1, rope_refresh_frames=0)
     x = torch.randn(1, 16, window, height // 8, width // 8, device=engine.device, dtype=engine.dtype)
-    cross = engine.transformer.cross_attention_cache(engine.encode_prompt("a watercolor painting"))
+    cross = engine.transformer.cross_attention_cache(engine.encode_prompt(bench_prompt(engine)))
     times = []
     for _ in range(chunks):
         t0 = time.perf_counter()
@@ -105,7 +111,7 @@ def count_host_syncs(engine: StreamEngine, clip, *, steps: int) -> tuple[float, 
     """Device→host reads per steady chunk (after the cache is full), the engine's synchronize calls included."""
     from sdlive.daemon.engine.syncs import HostSyncCounter
 
-    params = SessionParams(prompt="a watercolor painting", steps=steps, stream_batch=True, seed=0)
+    params = SessionParams(prompt=bench_prompt(engine), steps=steps, stream_batch=True, seed=0)
     height, width = clip.shape[1], clip.shape[2]
     session = engine.open_session(width=width, height=height, params=params, pixel_format="rgb24")
     warm = 5 + 4 * 8  # past the fill phase (6 cache frames) and the stream batch's warm-up

@@ -47,8 +47,9 @@ class DaemonConfig(BaseSettings):
         env_prefix="SDLIVE_", extra="forbid", validate_default=True, use_attribute_docstrings=True
     )
 
-    model: str = "tiny"
-    """Model name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``)."""
+    model: str = "auto"
+    """Model name (``tiny``, ``mini``, ``wan2.1-1.3b``, ``wan2.1-14b``) or ``auto``: a real model whose weights are
+    downloaded when a GPU is there, else ``mini`` (trained toy styles shipped in the package), else ``tiny``."""
     weights: Path | None = None
     """Local weights (file or folder): upstream StreamDiffusionV2's tree as it is (its root, ``ckpts/`` or
     ``wan_models/Wan2.1-T2V-1.3B/``), a diffusers folder or one checkpoint file; default: the hub cache / random

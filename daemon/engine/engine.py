@@ -210,6 +210,13 @@ class StreamEngine:
             compat=self.compat,
         )
 
+    @property
+    def prompt_vocabulary(self) -> list[str] | None:
+        """The only prompts this model takes (``mini``: its styles), or ``None`` when it has a text encoder and
+        takes any prompt."""
+        prompts = getattr(self.bundle.text, "prompts", None)
+        return list(prompts) if prompts is not None else None
+
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """[1, text_len, text_dim] on the engine's device; the on-disk cache means a known prompt never loads the
         text encoder."""

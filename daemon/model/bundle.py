@@ -3,6 +3,8 @@ seed, and its cached prompt encoder (``load_model_bundle``).
 
 - ``tiny`` (``spec.random_weights``): random weights from the spec's seed (deterministic; nothing is read), unless
   ``weights=`` gives trained parts of the same shapes.
+- ``mini`` (``spec.shipped_weights``): the safetensors inside the package (``weights/mini/``), or the same three
+  files in ``weights=`` (a retrained export); its prompts come from a table (``mini.PromptTable``), no text encoder.
 - real models: the files ``sources.locate_weights`` finds (``weights=`` first, then the hub cache), in any format
   ``formats`` converts. Models are built without storage and the checkpoint is assigned in.
 
@@ -33,6 +35,7 @@ from .formats import (
     read_checkpoint,
 )
 from .hub import HubCacheDir
+from .mini import PROMPTS_FILE, TRANSFORMER_FILE, VAE_FILE, PromptTable, shipped_weights_dir
 from .sources import ORIGINAL_VAE_FILE, WeightSources, locate_weights
 from .taehv import LIGHT_DECODER_FILES, TinyWanDecoder, load_tiny_decoder
 from .text import PromptEncoder, TextEncoder
@@ -56,7 +59,8 @@ class ModelBundle:
     spec: ModelSpec
     transformer: CausalWanTransformer3DModel
     vae: AutoencoderKLWan
-    text: PromptEncoder
+    text: PromptEncoder | PromptTable
+    """Prompt → embedding: the cached text encoder, or (``mini``) the table of the model's own prompts."""
     sources: dict[str, str] = field(default_factory=dict)
     """Where each part came from (for logs and ``status``)."""
     light_decoder: TinyWanDecoder | None = None
@@ -262,6 +266,36 @@ def _random_bundle(
     )
 
 
+def _shipped_bundle(
+    spec: ModelSpec, weights: str | Path | None, device: str | torch.device, dtype: torch.dtype, say: ProgressFn
+) -> ModelBundle:
+    """``mini``: its transformer, VAE and prompt table from the package (or from ``weights``, a folder holding the
+    same three files, e.g. a fresh ``tools/train_mini.py`` export)."""
+    if weights is None:
+        folder = shipped_weights_dir(spec)
+    else:
+        folder = Path(weights).expanduser()
+        missing = [n for n in (TRANSFORMER_FILE, VAE_FILE, PROMPTS_FILE) if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} is not a {spec.name} weights folder: missing {', '.join(missing)} (expected "
+                f"{TRANSFORMER_FILE}, {VAE_FILE}, {PROMPTS_FILE}, as tools/train_mini.py exports them); without "
+                f"--weights the {spec.name} weights inside the package are used"
+            )
+    say(f"loading the {spec.name} model from {folder}")
+    transformer = load_transformer(spec, folder / TRANSFORMER_FILE, device=device, dtype=dtype)
+    vae = load_vae(spec, folder / VAE_FILE, device=device, dtype=dtype)
+    table = PromptTable.from_file(spec.name, folder / PROMPTS_FILE)
+    if (table.text_len, table.text_dim) != (spec.text_len, spec.text_dim):
+        raise CheckpointError(
+            f"{folder / PROMPTS_FILE} holds [{table.text_len}, {table.text_dim}] prompt embeddings, the {spec.name} "
+            f"transformer takes [{spec.text_len}, {spec.text_dim}]"
+        )
+    where = str(folder)
+    return ModelBundle(spec=spec, transformer=transformer, vae=vae, text=table,
+                       sources={"transformer": where, "vae": where, "text_encoder": f"prompt table ({where})"})  # fmt: skip
+
+
 def _no_generator(spec: ModelSpec, src: WeightSources, weights: str | Path | None) -> CheckpointError:
     """Only a base transformer was found: what was found, what is missing, and the two fixes."""
     found = [f"the base transformer {src.base_transformer}"]
@@ -332,6 +366,9 @@ def load_model_bundle(
                 bundle.vae = load_vae(spec, src.vae, device=device, dtype=dtype)
                 bundle.sources["vae"] = str(src.vae)
         return bundle
+
+    if spec.shipped_weights is not None:
+        return _shipped_bundle(spec, weights, device, dtype, say)
 
     def not_found(part: str, in_hub: str, in_weights: str, note: str = "") -> CheckpointError:
         given = f" or {in_weights}in {weights}" if weights else ""

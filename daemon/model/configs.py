@@ -1,8 +1,9 @@
-"""Model configurations selectable by name: ``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``.
+"""Model configurations selectable by name: ``tiny``, ``mini``, ``wan2.1-1.3b``, ``wan2.1-14b``.
 
 Each spec holds the diffusers configs of the three parts (transformer, VAE, text encoder) and the streaming defaults
 of DESIGN §3. ``tiny`` has random weights made locally from a fixed seed: small enough for real time on a laptop CPU,
-it serves tests, CI and benchmarks. The Wan specs describe the real shapes; their weights come from a local path or
+it serves tests, CI and benchmarks. ``mini`` is a model of tiny's size trained on a CPU and shipped in the package
+(``shipped_weights``): the offline default, which visibly restyles. The Wan specs describe the real shapes; their weights come from a local path or
 the hub cache (see ``sdlive.daemon.model.sources``).
 """
 
@@ -176,6 +177,9 @@ class ModelSpec:
     generator_file: str | None = None
     """StreamDiffusionV2 distilled generator (original Wan key names) that overrides the base transformer."""
     estimated_vram_gb: float = 0.0
+    shipped_weights: str | None = None
+    """Weights inside the package (a folder under ``sdlive/daemon/model/``: ``transformer.safetensors``,
+    ``vae.safetensors``, ``prompts.safetensors``), for ``mini``; nothing to download."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -194,6 +198,24 @@ TINY = ModelSpec(
     default_steps=2,
     random_weights=True,
     seed=0,
+)
+
+# `mini` is tiny's size class trained here on a CPU (tools/train_mini.py, docs/mini.md): the same Wan DiT family at
+# dim 256 (2 heads x 128, so RoPE splits as in Wan2.1), 4 layers, and a Wan VAE at base width 8. Its "text encoder"
+# is a table of learned prompt embeddings, one per style (text_len 4 rows of text_dim 64): only its own prompts
+# (mini_styles.MINI_STYLES) are known. Shipped in the package, about 1 MB a part.
+MINI = ModelSpec(
+    name="mini",
+    transformer={**_WAN_DIT, "num_attention_heads": 2, "text_dim": 64, "freq_dim": 64, "ffn_dim": 1024, "num_layers": 4},
+    vae={
+        **_WAN_VAE, "base_dim": 8, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+        "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16,
+    },  # fmt: skip
+    text_encoder={},
+    text_len=4,
+    default_steps=1,
+    noise_scale=0.6,
+    shipped_weights="weights/mini",
 )
 
 WAN_1_3B = ModelSpec(
@@ -222,7 +244,7 @@ WAN_14B = ModelSpec(
     estimated_vram_gb=60.0,
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (TINY, WAN_1_3B, WAN_14B)}
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (TINY, MINI, WAN_1_3B, WAN_14B)}
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_SPECS)
 
 

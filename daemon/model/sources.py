@@ -234,11 +234,23 @@ class ModelInfo:
 
     name: str
     downloaded: bool
-    """All parts are on disk (always true for ``tiny``: nothing to download)."""
+    """All parts are on disk (always true for ``tiny``, and for ``mini`` whose weights ship in the package)."""
     location: str
     size_bytes: int
     estimated_vram_gb: float
     missing: list[str] = field(default_factory=list)
+
+
+def _shipped_info(spec: ModelSpec) -> ModelInfo:
+    """``mini``: its weights ship inside the package (missing only from a broken installation)."""
+    from .mini import shipped_weights_dir
+
+    try:
+        folder = shipped_weights_dir(spec)
+    except CheckpointError as exc:
+        return ModelInfo(spec.name, False, "-", 0, spec.estimated_vram_gb, [str(exc)])
+    return ModelInfo(spec.name, True, f"inside the package ({folder})", _files_size(folder.glob("*.safetensors")),
+                     spec.estimated_vram_gb)  # fmt: skip
 
 
 def _files_size(paths: Iterable[Path]) -> int:
@@ -258,6 +270,9 @@ def list_models(*, hub_cache_dir: HubCacheDir = None) -> list[ModelInfo]:
         spec = get_model_spec(name)
         if spec.random_weights:
             infos.append(ModelInfo(name, True, f"built from seed {spec.seed}", 0, spec.estimated_vram_gb))
+            continue
+        if spec.shipped_weights is not None:
+            infos.append(_shipped_info(spec))
             continue
         src = locate_weights(spec, None, hub_cache_dir)
         missing = []

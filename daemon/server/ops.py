@@ -196,7 +196,7 @@ class LoopOps:
         )  # fmt: skip
         loop.presets.refresh()
         names = loop.presets.names()
-        preset_name = msg.preset or config.default_preset or (names[0] if names else None)
+        preset_name = msg.preset or config.default_preset or _first_usable_preset(loop.presets, names, loop.engine)
         values: dict[str, object] = {}
         preset = lookup_preset(loop.presets, preset_name) if preset_name is not None else None
         if preset is not None:
@@ -319,3 +319,18 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         pub_address=pub_address,
         pid=os.getpid(),
     )
+
+
+def _first_usable_preset(presets: PresetLibrary, names: list[str], engine: object) -> str | None:
+    """The preset a session gets when neither the client nor the config names one: the first by name whose prompt
+    the model takes (a model with a fixed vocabulary, ``mini``, takes only its own style prompts; the rest take any)."""
+    vocabulary = getattr(engine, "prompt_vocabulary", None)
+    if vocabulary is not None:
+        from ..model.mini import normalise_prompt
+
+        known = {normalise_prompt(p) for p in vocabulary}
+        for name in names:
+            preset = presets.presets.get(name)
+            if preset is not None and normalise_prompt(preset.prompt) in known:
+                return name
+    return names[0] if names else None

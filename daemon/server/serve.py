@@ -151,6 +151,12 @@ def serve(
         return 2
     if secret is not None:
         log.info("every socket is CurveZMQ with keys from the %s", "token" if config.token else "local secret")
+    if config.model == "auto" and engine_loader is None:  # a relay's model is the remote daemon's
+        from ..model.probe import auto_model
+
+        name, why = auto_model(config.device)
+        config = config.model_copy(update={"model": name})
+        log.warning("model: %s (--model auto: %s)", name, why)
     loop = ComputeLoop(config, presets, secret=secret)
     try:
         loop.start()
@@ -253,7 +259,8 @@ def warm_up(engine: StreamEngine, size: int = 64, frames: int = 21) -> None:
     started = time.perf_counter()
     try:
         session = engine.open_session(
-            width=size, height=size, params=GenerationParams(prompt="warm-up"), pixel_format="bgr24"
+            width=size, height=size, params=GenerationParams(prompt=(engine.prompt_vocabulary or ["warm-up"])[0]),
+            pixel_format="bgr24",
         )
         rng = np.random.default_rng(0)
         for _ in range(frames):

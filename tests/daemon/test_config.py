@@ -14,9 +14,9 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-user-config"))
 
 
-def test_defaults_are_loopback_tiny_and_no_token():
+def test_defaults_are_loopback_auto_model_and_no_token():
     cfg = load_config()
-    assert cfg.model == "tiny"
+    assert cfg.model == "auto"  # serve picks: downloaded weights on a GPU, else the shipped mini, else tiny
     assert cfg.control == "tcp://127.0.0.1:5557" and cfg.pub == "tcp://127.0.0.1:5558"
     assert cfg.token is None and not cfg.remote
     assert cfg.heartbeat_timeout_s == pytest.approx(3.0)
