@@ -160,13 +160,14 @@ class DaemonConfig(BaseSettings):
         anything loads; a name the registry does not know is left for the model load to report)."""
         from .model.configs import MODEL_SPECS, check_compat_policy
 
-        spec = MODEL_SPECS.get(self.model)
+        # "auto" picks among models that share the default cache settings (tiny's, mini's, the Wan models')
+        spec = MODEL_SPECS.get("tiny" if self.model == "auto" else self.model)
         if spec is not None:
             try:
                 check_compat_policy(self.compat, spec.kv_cache.with_overrides(**self.cache_overrides()))
             except ValueError as exc:  # said in this config's names (the flags'), with the model's defaults
                 msg = str(exc).replace("num_kv_cache", "kv_cache_frames").replace("num_sink", "sink_frames")
-                raise ValueError(f"{msg} (the settings not given are {self.model}'s defaults)") from None
+                raise ValueError(f"{msg} (the settings not given are {spec.name}'s defaults)") from None
         return self
 
     def cache_overrides(self) -> dict[str, int | float | None]:
