@@ -27,7 +27,7 @@ from engine import RandomPromptEmbeddings, run_stream  # noqa: E402
 
 from sdlive.daemon.engine import StreamEngine  # noqa: E402
 from sdlive.daemon.model.bundle import light_decoder_for  # noqa: E402
-from sdlive.daemon.model.memory import GiB, estimate  # noqa: E402
+from sdlive.daemon.model.memory import GiB, estimate, free_device_bytes  # noqa: E402
 
 GPU_SIZES = ("832x480", "512x512")
 CPU_SIZES = ("64x48",)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if on_gpu:
         width, height = parse_size(sizes[0])
         need = estimate("wan2.1-14b", width=width, height=height, steps=1).total
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        free = free_device_bytes(device) or 0
         if need > free:
             skipped.append(f"wan2.1-14b: needs ~{need / GiB:.1f} GiB, {free / GiB:.1f} GiB free")
         elif time.monotonic() > deadline:

@@ -20,7 +20,7 @@ from ..model.configs import (
     get_model_spec,
 )
 from ..model.lora import LoraAdapters
-from ..model.memory import GiB, SessionMemory, session_memory
+from ..model.memory import GiB, SessionMemory, free_device_bytes, session_memory
 from ..protocol.params import GenerationParams
 from .interface import InsufficientMemory
 from .session import NoiseFn, StreamSession
@@ -237,10 +237,7 @@ class StreamEngine:
 
     def free_device_bytes(self) -> int | None:
         """Bytes free on the engine's GPU (what a new session may take), ``None`` on the CPU (not checked)."""
-        if self.device.type != "cuda":
-            return None
-        free, _total = torch.cuda.mem_get_info(self.device)
-        return int(free) + int(torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+        return free_device_bytes(self.device)
 
     def session_memory(self, *, width: int, height: int, steps: int, stream_batch: bool) -> SessionMemory:
         """The estimated bytes of one session of this shape (``model.memory.session_memory``)."""

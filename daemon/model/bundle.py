@@ -318,11 +318,10 @@ def text_encoder_device(spec: ModelSpec, device: torch.device, dtype: torch.dtyp
     beside the sessions (with 10 % to spare), else the CPU (slower, but never an out-of-memory error)."""
     if device.type != "cuda":
         return device
-    from .memory import model_memory
+    from .memory import free_device_bytes, model_memory
 
     need = model_memory(spec, dtype).text_encoder * 1.1
-    free, _total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = free_device_bytes(device) or 0
     if free >= need:
         return device
     logger.info("the %s text encoder (%.1f GiB) does not fit beside the sessions (%.1f GiB free): encoding on the CPU",

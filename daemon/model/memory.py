@@ -15,7 +15,6 @@ workspaces (cuDNN, flash-attn), and ``torch.compile``'s buffers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import weakref
 from dataclasses import dataclass
@@ -135,6 +134,16 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = self.live
 
 
+def free_device_bytes(device: torch.device | str) -> int | None:
+    """Bytes a new allocation may take on ``device``: free on the GPU plus what PyTorch's caching allocator holds
+    unused; ``None`` off CUDA (the CPU is not checked)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def _param_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     item = torch.empty((), dtype=dtype).element_size()
     return sum(p.numel() for p in module.parameters()) * item
@@ -145,20 +154,11 @@ def _shape_key(spec: ModelSpec) -> str:
     return json.dumps([spec.transformer, spec.vae, spec.text_encoder, spec.text_len, spec.text_dim], sort_keys=True)
 
 
-class _Unhashed:
-    """A spec passed through ``lru_cache`` by the key beside it (equal keys: equal memory)."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Unhashed)
-
-
 _MODULES: dict[tuple[str, torch.dtype], tuple[Any, Any]] = {}
+_MODEL_MEMORY: dict[tuple[str, torch.dtype], ModelMemory] = {}
+_SESSION_MEMORY: dict[tuple[Any, ...], SessionMemory] = {}
+"""Estimates by what they depend on (the spec's shapes, not its name: a spec holds dicts, so it is no key)."""
+_SESSION_MEMORY_ENTRIES = 64
 
 
 def _meta_modules(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -185,11 +185,13 @@ def _meta_modules(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, Any]:
 def model_memory(model: str | ModelSpec, dtype: torch.dtype = torch.bfloat16) -> ModelMemory:
     """The weights of ``model`` in ``dtype`` (counted on ``meta``: nothing is allocated or downloaded)."""
     spec = get_model_spec(model)
-    return _model_memory(_shape_key(spec), _Unhashed(spec), dtype)
+    key = (_shape_key(spec), dtype)
+    if key not in _MODEL_MEMORY:
+        _MODEL_MEMORY[key] = _model_memory(spec, dtype)
+    return _MODEL_MEMORY[key]
 
 
-@functools.lru_cache(maxsize=8)
-def _model_memory(_key: str, held: _Unhashed, dtype: torch.dtype) -> ModelMemory:
+def _model_memory(spec: ModelSpec, dtype: torch.dtype) -> ModelMemory:
     from transformers import UMT5Config, UMT5EncoderModel
 
     try:
@@ -197,7 +199,6 @@ def _model_memory(_key: str, held: _Unhashed, dtype: torch.dtype) -> ModelMemory
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
 
-    spec = held.spec
     transformer, vae = _meta_modules(spec, dtype)
     with no_init_weights(), torch.device("meta"):
         text = UMT5EncoderModel(UMT5Config(**spec.text_encoder))
@@ -223,14 +224,16 @@ def session_memory(
     with the Wan VAE (``"full"``) or the light decoder (``"light"``)."""
     spec = get_model_spec(model)
     policy = cache_policy or spec.kv_cache
-    return _session_memory(_shape_key(spec), _Unhashed(spec), width, height, steps, stream_batch, dtype, policy,
-                           decoder)  # fmt: skip
+    key = (_shape_key(spec), width, height, steps, stream_batch, dtype, policy, decoder)
+    if key not in _SESSION_MEMORY:
+        if len(_SESSION_MEMORY) >= _SESSION_MEMORY_ENTRIES:
+            _SESSION_MEMORY.pop(next(iter(_SESSION_MEMORY)))  # the oldest: a daemon sees few shapes
+        _SESSION_MEMORY[key] = _session_memory(spec, width, height, steps, stream_batch, dtype, policy, decoder)
+    return _SESSION_MEMORY[key]
 
 
-@functools.lru_cache(maxsize=64)
 def _session_memory(
-    _key: str,
-    held: _Unhashed,
+    spec: ModelSpec,
     width: int,
     height: int,
     steps: int,
@@ -242,7 +245,6 @@ def _session_memory(
     from .kv_cache import KVCache
     from .vae import StreamingVAE
 
-    spec = held.spec
     if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
         raise ValueError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, got {width}x{height}")
     # Sink check off: its decision is a device->host read, which meta tensors cannot give (the bytes are the same).
