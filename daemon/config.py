@@ -88,9 +88,10 @@ class DaemonConfig(BaseSettings):
     token: str | None = None
     """Shared secret every request must carry; required when any endpoint is not loopback. With a token every
     socket (control, PUB, network frames) is CurveZMQ with keys derived from it: clients need it to connect."""
-    local_auth: bool = False
-    """Keep other accounts on this machine out: without a token, secure every socket (CurveZMQ) with the per-user
-    secret in your runtime dir (created 0600 if absent), which your own clients read by themselves."""
+    local_auth: bool = True
+    """Keep other accounts on this machine out: without a token, every socket takes only clients holding the
+    per-user secret in your runtime dir (created 0600 if absent; ZMTP PLAIN, loopback only), which your own clients
+    and the OBS filter read by themselves."""
     max_sessions: int = Field(default=4, ge=1, le=64)
     """Most sessions at once."""
     heartbeat_interval_s: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0, le=60)

@@ -91,8 +91,9 @@ from sdlive.daemon.protocol.params import GenerationParams
 from sdlive.daemon.protocol.ring import FrameRing, RingError
 from sdlive.daemon.protocol.secret import (
     LocalSecretError,
+    Mechanism,
+    client_security,
     describe_handshake_failure,
-    read_local_secret,
     secure_client_socket,
 )
 
@@ -222,36 +223,40 @@ def _unavailable(address: str, timeout_s: float) -> DaemonUnavailable:
     )
 
 
-def _secure(sock: _Socket, secret: str | None) -> _Socket:
-    """Make ``sock`` (before ``connect``) a CurveZMQ client of a daemon holding ``secret``; plain when None."""
+Security = tuple[Mechanism, str | None]
+"""How a client's sockets are secured: ``("curve", token)``, ``("plain", local secret)`` or ``("none", None)``."""
+
+
+def _secure(sock: _Socket, security: Security) -> _Socket:
+    """Make ``sock`` (before ``connect``) a CurveZMQ (token) or PLAIN (local secret) client; NULL for none."""
+    mechanism, secret = security
     if secret is not None:
-        secure_client_socket(sock, secret)
+        secure_client_socket(sock, secret, mechanism)
     return sock
 
 
-def _dealer(ctx: _Context, address: str, *, immediate: bool, secret: str | None = None) -> _Socket:
+def _dealer(ctx: _Context, address: str, *, immediate: bool, security: Security = ("none", None)) -> _Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
-    _secure(sock, secret)
+    _secure(sock, security)
     sock.connect(address)
     return sock
 
 
 def _client_secret(token: str | None, address: str) -> tuple[str | None, str]:
-    """The secret this client's sockets use and where it came from: the token (``"token"``), else on loopback this
-    user's local secret file when a daemon with local auth created one (``"local"``), else none (``"none"``)."""
-    if token:
-        return token, "token"
-    if is_loopback_address(address):
-        try:
-            secret = read_local_secret()
-        except LocalSecretError as exc:
-            raise DaemonError(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
-        if secret:
-            return secret, "local"
-    return None, "none"
+    """The secret this client's sockets use and where it came from (``protocol.secret.client_security``): the
+    token (``"token"``, CurveZMQ), else on loopback this user's local secret file when a daemon with local auth
+    created one (``"local"``, PLAIN), else none (``"none"``)."""
+    try:
+        mechanism, secret = client_security(token, is_loopback_address(address))
+    except LocalSecretError as exc:
+        raise DaemonError(ErrorCode.UNAUTHORIZED.value, str(exc)) from None
+    return secret, {"curve": "token", "plain": "local", "none": "none"}[mechanism]
+
+
+_MECHANISM: dict[str, Mechanism] = {"token": "curve", "local": "plain", "none": "none"}
 
 
 _HANDSHAKE_EVENTS = (
@@ -262,8 +267,8 @@ _HANDSHAKE_EVENTS = (
 class _Channel:
     """One DEALER socket doing request/reply with timeouts; replaced by a fresh socket after a timeout.
 
-    Its security follows the daemon's (docs/security.md): CurveZMQ with keys from the token, or on loopback from
-    this user's local secret. A monitor on the socket turns a failed handshake into a clear error instead of a
+    Its security follows the daemon's (docs/security.md): CurveZMQ with keys from the token, or on loopback PLAIN
+    with this user's local secret. A monitor on the socket turns a failed handshake into a clear error instead of a
     timeout; a local secret the daemon does not use (it runs without local auth) is dropped and the request
     retried plain."""
 
@@ -284,12 +289,17 @@ class _Channel:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
-            _secure(sock, self.secret)
+            _secure(sock, self.security)
             # watched only when there is a secret to get wrong, or a daemon may want one we do not have
             self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             sock.connect(self.address)
             self._socket = sock
         return self._socket, self._monitor
+
+    @property
+    def security(self) -> Security:
+        """The mechanism and secret this channel's sockets use."""
+        return _MECHANISM[self.secret_from], self.secret
 
     def reset(self) -> None:
         if self._socket is not None:
@@ -546,8 +556,15 @@ class DaemonClient:
 
     @property
     def secret(self) -> str | None:
-        """The secret this client's sockets use for CurveZMQ (its token, or this user's local secret), or None."""
+        """The secret this client's sockets use (its token for CurveZMQ, or this user's local secret for PLAIN), or
+        None."""
         return self._channel.secret
+
+    @property
+    def security(self) -> Security:
+        """How this client's sockets are secured: ``("curve", token)``, ``("plain", local secret)``, ``("none",
+        None)``."""
+        return self._channel.security
 
     def __enter__(self) -> DaemonClient:
         return self
@@ -579,7 +596,7 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, session: SessionClient, address: str, token: str | None, interval_s: float, liveness: int,
-                 pub_address: str | None = None, daemon_pid: int | None = None, secret: str | None = None) -> None:
+                 pub_address: str | None = None, daemon_pid: int | None = None, security: Security = ("none", None)) -> None:
         super().__init__(name=f"sdlive-heartbeat-{session.session_id}", daemon=True)
         self._session = session
         self._address = address
@@ -587,14 +604,14 @@ class _Heartbeat(threading.Thread):
         self._liveness = liveness
         self._pub_address = pub_address
         self._daemon_pid = daemon_pid
-        self._secret = secret
+        self._security = security
         self._payload = encode_request(build_request(HeartbeatRequest, session_id=session.session_id, token=token))
         self._halt = threading.Event()
         self.daemon_alive = True
         self.last_heard = time.monotonic()
 
     def _socket(self) -> _Socket:
-        return _dealer(zmq.Context.instance(), self._address, immediate=False, secret=self._secret)
+        return _dealer(zmq.Context.instance(), self._address, immediate=False, security=self._security)
 
     def _subscriber(self) -> _Socket | None:
         if not self._pub_address:
@@ -604,7 +621,7 @@ class _Heartbeat(threading.Thread):
         sub.setsockopt(zmq.RCVHWM, 64)
         for topic in (TOPIC_DAEMON, TOPIC_EVENT, TOPIC_STATS):
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        _secure(sub, self._secret)
+        _secure(sub, self._security)
         try:
             sub.connect(_same_host(self._address, self._pub_address))
         except zmq.ZMQError as exc:
@@ -761,7 +778,7 @@ class SessionClient:
         hello = daemon.last_hello
         self._heartbeat = _Heartbeat(self, daemon.address, daemon.token, info.heartbeat_interval_s,
                                      info.heartbeat_liveness, pub_address=hello.pub_address if hello else None,
-                                     daemon_pid=hello.pid if hello else None, secret=daemon.secret)
+                                     daemon_pid=hello.pid if hello else None, security=daemon.security)
         self._heartbeat.start()
 
     def _open_rings(self, info: OpenSessionReply) -> None:
@@ -785,11 +802,11 @@ class SessionClient:
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 4)
-        _secure(push, self._daemon.secret).connect(self.input_address)
+        _secure(push, self._daemon.security).connect(self.input_address)
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 16)
-        _secure(pull, self._daemon.secret).connect(self.output_address)
+        _secure(pull, self._daemon.security).connect(self.output_address)
         self._data, self._data_out = push, pull
 
     # ------------------------------------------------------------------ frames

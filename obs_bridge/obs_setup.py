@@ -440,7 +440,7 @@ def obs_running() -> bool:
 # reports what it did (or would do, with --dry-run) through a stage callback, and --uninstall reverses it.
 
 INSTALL_DIR_NAME = "sdlive"  # <OBS config dir>/sdlive/: the script's files, its protocol copy, the presets
-PROTOCOL_FILES = ("constants.py", "ring.py")  # the stdlib-only part of daemon/protocol the script loads by path
+PROTOCOL_FILES = ("constants.py", "ring.py", "secret.py")  # the stdlib-only part of daemon/protocol the script loads by path
 Stage = Callable[[str, str], None]
 
 

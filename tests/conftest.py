@@ -12,17 +12,37 @@ timeout …); ``daemon_factory`` does the same with teardown handled.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+# One local secret per test session (daemons with local auth, on by default, create it; clients read it): no test
+# reads or writes the real user's runtime dir. Set at import so every daemon child and client inherits it.
+_SECRET_DIR = tempfile.mkdtemp(prefix="sdlive-tests-secret-")  # 0700
+os.environ["SDLIVE_SECRET_FILE"] = os.path.join(_SECRET_DIR, "sdlive", "secret")
+atexit.register(shutil.rmtree, _SECRET_DIR, ignore_errors=True)
+
+
+def _make_session_secret() -> None:
+    """Made now, as a daemon that ran before would have left it: a raw socket opened before the first daemon of the
+    session starts (``wait=False``) already holds the secret that daemon keeps."""
+    from sdlive.daemon.protocol.secret import ensure_local_secret
+
+    ensure_local_secret()
+
+
+_make_session_secret()
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0

@@ -289,8 +289,10 @@ class HelloReply(_Reply):
         None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
     )
     auth_required: bool = False
-    curve: bool = Field(
-        False, description="every socket is CurveZMQ (a token or local auth): see protocol.secret.secure_client_socket"
+    curve: bool = Field(False, description="every socket is CurveZMQ (a token): see protocol.secret")
+    security: Literal["curve", "plain", "none"] = Field(
+        "none", description="how every socket is secured: 'curve' (a token), 'plain' (local auth: ZMTP PLAIN with "
+        "the user's local secret), 'none' (--no-local-auth); see protocol.secret.client_security"
     )
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS

@@ -1,22 +1,25 @@
-"""Who may talk to a daemon: the per-user local secret, and the CurveZMQ keys every socket uses when a secret is set.
+"""Who may talk to a daemon: the per-user local secret, and how every socket is secured with a secret.
 
 Stdlib only at import, like ``constants.py`` and ``ring.py``: the OBS script can load this single file by path.
-Only :func:`curve_keys` and :func:`secure_client_socket` need pyzmq, imported when they are called.
+Only :func:`curve_keys`, :func:`secure_client_socket` and :func:`describe_handshake_failure` need pyzmq, imported
+when they are called.
 
-**The rule** (docs/security.md): a daemon started with a token (``--token``), or with local auth on
-(``--local-auth``, loopback only), makes *every* socket it binds (control ROUTER, PUB, and each network session's
-frame sockets) a CurveZMQ server. Its keys are derived from the secret, so no key files travel: a client that
-knows the secret derives the same keys and connects; one that does not cannot complete the handshake, and ZeroMQ
-delivers nothing from it (no request, no frame, no subscription). The traffic is encrypted as well.
+**The rule** (docs/security.md). A daemon secures *every* socket it binds (control ROUTER, PUB, and each network
+session's frame sockets):
 
-A client therefore does, for every socket it connects to a daemon::
+- with a token (``--token``, required off loopback): **CurveZMQ**, keys derived from the token, so no key files
+  travel and the traffic is encrypted;
+- else with local auth (on by default, loopback only): ZMTP **PLAIN** with the per-user local secret as the
+  password. Loopback traffic never leaves the machine and other unprivileged accounts cannot sniff it, so PLAIN's
+  cleartext is acceptable there, and a stdlib client (the OBS script) can speak it;
+- else (``--no-local-auth``): nothing (NULL).
 
-    secret = token or read_local_secret()        # explicit token first, else this user's local secret
+A peer without the secret cannot complete the handshake, and ZeroMQ delivers nothing from it. A client does, for
+every socket it connects to a daemon::
+
+    mechanism, secret = client_security(token, is_loopback_address(address))  # token → curve, local secret file → plain, else none
     if secret is not None:
-        secure_client_socket(sock, secret)       # before sock.connect(...)
-
-With no token and no local secret file the daemon runs without CurveZMQ (the default today on loopback), and the
-client connects as before.
+        secure_client_socket(sock, secret, mechanism)      # before sock.connect(...)
 
 **The local secret** is a random string in a file only its owner can read (0600, in a 0700 folder):
 ``$XDG_RUNTIME_DIR/sdlive/secret`` when that runtime dir exists, else ``~/.local/state/sdlive/secret``
@@ -33,23 +36,33 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "LOCAL_SECRET_ENV",
     "CurveKeys",
+    "PLAIN_USERNAME",
     "LocalSecretError",
+    "Mechanism",
+    "client_security",
     "curve_keys",
     "describe_handshake_failure",
     "ensure_local_secret",
     "local_secret_path",
     "read_local_secret",
+    "secure_client",
     "secure_client_socket",
 ]
 
 LOCAL_SECRET_ENV = "SDLIVE_SECRET_FILE"
 """Overrides where the local secret lives (tests, containers that share a runtime dir by another path)."""
 _SECRET_BYTES = 32
+PLAIN_USERNAME = "sdlive"
+"""The ZMTP PLAIN user name clients send with the local secret (the daemon checks only the password)."""
+PLAIN_MAX_BYTES = 255
+"""ZMTP PLAIN carries the password with a one-byte length."""
+Mechanism = Literal["curve", "plain", "none"]
+"""How a socket is secured: CurveZMQ (a token), ZMTP PLAIN (the local secret, loopback only), nothing."""
 _KEY_LABELS = (b"sdlive/curve/server\0", b"sdlive/curve/client\0")
 
 
@@ -94,7 +107,25 @@ def read_local_secret(path: Path | None = None) -> str | None:
     text = data.decode("ascii", errors="replace").strip()
     if not text:
         raise LocalSecretError(f"the local secret {path} is empty: delete it and restart the daemon")
+    if len(text.encode("utf-8")) > PLAIN_MAX_BYTES:
+        raise LocalSecretError(f"the local secret {path} is longer than {PLAIN_MAX_BYTES} bytes: delete it and "
+                               "restart the daemon (it writes a new one)")  # fmt: skip
     return text
+
+
+def client_security(token: str | None, loopback: bool, path: Path | None = None) -> tuple[Mechanism, str | None]:
+    """How a client secures its sockets to a daemon: an explicit token → ``("curve", token)``; else, for a daemon
+    on a loopback address (``constants.is_loopback_address``), this user's local secret file → ``("plain",
+    secret)``; else ``("none", None)``.
+
+    Raises :class:`LocalSecretError` for a local secret file that exists but is unusable (not private, empty)."""
+    if token:
+        return "curve", token
+    if loopback:
+        secret = read_local_secret(path)
+        if secret is not None:
+            return "plain", secret
+    return "none", None
 
 
 def ensure_local_secret(path: Path | None = None) -> str:
@@ -184,23 +215,44 @@ def curve_keys(secret: str) -> CurveKeys:
 
 def describe_handshake_failure(event: int) -> str | None:
     """What a client socket's monitor event (``sock.get_monitor_socket()``) means for the user, or None when it
-    is not a handshake failure: a daemon with CurveZMQ drops a peer without the right keys silently, so without
-    this a wrong or missing token is only a timeout."""
+    is not a handshake failure: a secured daemon drops a peer without the right secret, so without this a wrong or
+    missing secret is only a timeout."""
     import zmq
 
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return (
-            "the daemon and this client disagree on security: the daemon has a token or local auth and this client "
-            "has no secret (pass --token / SDLIVE_TOKEN, or run as the daemon's user), or the other way round"
+            "the daemon and this client disagree on security: the daemon has a token (CurveZMQ) or local auth "
+            "(its local secret) and this client has no secret or the other kind (pass --token / SDLIVE_TOKEN for a "
+            f"token daemon; for a local one run as the daemon's user, with the same {LOCAL_SECRET_ENV} if it has "
+            "one), or the daemon runs with --no-local-auth and this client has a token"
         )
     if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_AUTH):
-        return "the daemon refused this client's key: its token (or local secret) differs from this client's"
+        return (
+            f"the daemon refused this client's secret: its token (or local secret, {local_secret_path()}) differs "
+            "from this client's (a daemon of another user, or one started with another SDLIVE_SECRET_FILE)"
+        )
     return None
 
 
-def secure_client_socket(sock: Any, secret: str) -> None:
-    """Make ``sock`` (a pyzmq socket, before ``connect``) a CurveZMQ client of a daemon holding ``secret``."""
+def secure_client_socket(sock: Any, secret: str, mechanism: Mechanism = "curve") -> None:
+    """Make ``sock`` (a pyzmq socket, before ``connect``) a client of a daemon holding ``secret``: CurveZMQ keys
+    derived from a token (``"curve"``) or ZMTP PLAIN with the local secret (``"plain"``); ``"none"`` leaves it."""
+    if mechanism == "plain":
+        sock.plain_username = PLAIN_USERNAME.encode()
+        sock.plain_password = secret.encode("utf-8")
+        return
+    if mechanism == "none":
+        return
     keys = curve_keys(secret)
     sock.curve_serverkey = keys.server_public
     sock.curve_publickey = keys.client_public
     sock.curve_secretkey = keys.client_secret
+
+
+def secure_client(sock: Any, token: str | None = None, *, loopback: bool = True) -> Mechanism:
+    """:func:`client_security` then :func:`secure_client_socket` on ``sock`` (before ``connect``): the one call a
+    raw pyzmq client (a bench script, a test) makes per socket; returns the mechanism used."""
+    mechanism, secret = client_security(token, loopback)
+    if secret is not None:
+        secure_client_socket(sock, secret, mechanism)
+    return mechanism

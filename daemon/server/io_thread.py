@@ -156,7 +156,8 @@ class IOThread(threading.Thread):
         self.pub_address = pub
         self.token = token
         self.secret = secret
-        """CurveZMQ on every socket when set (``auth.SocketAuth``): the token, or the local secret."""
+        """Every socket secured with it when set (``auth.SocketAuth``): CurveZMQ with the token, else ZMTP PLAIN with
+        the local secret (loopback only)."""
         self.auth: SocketAuth | None = None
         self.inbox = inbox
         self.directory = directory
@@ -204,7 +205,7 @@ class IOThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.auth = SocketAuth(self.ctx, self.secret)
+            self.auth = SocketAuth(self.ctx, self.secret, "curve" if self.token else "plain")
             wake = self.ctx.socket(zmq.PAIR)
             wake.setsockopt(zmq.LINGER, 0)
             wake.bind(self._wake_address)

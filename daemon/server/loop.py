@@ -161,7 +161,7 @@ class ComputeLoop:
             pub_address=self.io.bound_pub,
             cache=self.cache,
             compat=self.compat,
-            curve=self.io.auth is not None and self.io.auth.enabled,
+            security=self.io.auth.mechanism if self.io.auth is not None else "none",
         )
 
     def attach_engine(self, engine: Engine) -> None:

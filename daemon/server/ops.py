@@ -303,7 +303,7 @@ def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
 
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
                 heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None,
-                compat: str | None = None, curve: bool = False) -> HelloReply:  # fmt: skip
+                compat: str | None = None, security: str = "none") -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
@@ -313,7 +313,8 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         cache=cache,
         compat=compat,
         auth_required=config_token,
-        curve=curve,
+        curve=security == "curve",
+        security=security,
         heartbeat_interval_s=heartbeat_interval_s,
         heartbeat_liveness=heartbeat_liveness,
         pub_address=pub_address,

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         if info.annotation is bool:
             if info.default is True:
                 help_text = f"turn off (on by default): {help_text}"
+                # the positive form too (--local-auth), so a script can say what it wants whatever the default
+                parser.add_argument(flag.replace("--no-", "--", 1), dest=field, action="store_const", const=True,
+                                    help=argparse.SUPPRESS)  # fmt: skip
             parser.add_argument(flag, dest=field, action="store_const", const=not info.default, help=help_text)
             continue
         default = info.get_default(call_default_factory=True)
@@ -150,7 +153,10 @@ def serve(
         log.error("%s", exc)
         return 2
     if secret is not None:
-        log.info("every socket is CurveZMQ with keys from the %s", "token" if config.token else "local secret")
+        log.info("every socket is secured: %s", "CurveZMQ with keys from the token" if config.token else
+                 "local auth, ZMTP PLAIN with your local secret (--no-local-auth turns it off)")  # fmt: skip
+    else:
+        log.warning("local auth is off (--no-local-auth): any account on this machine can drive this daemon")
     if config.model == "auto" and engine_loader is None:  # a relay's model is the remote daemon's
         from ..model.probe import auto_model
 

@@ -1,13 +1,18 @@
 """The filter's control channel to the daemon: a ZMTP 3.0 DEALER written on the stdlib ``socket`` module.
 
 The daemon's control socket is a ZeroMQ ROUTER; this speaks just enough of ZMTP 3.0 to be its DEALER: the greeting,
-the NULL security handshake, single-frame JSON requests and replies, and PONGs for the ROUTER's ZMTP PINGs. It is
+the NULL or PLAIN security handshake (RFC 23 and 24: a daemon with local auth, the default, takes the user's local
+secret as PLAIN password, read by ``sdlive_secret``), single-frame JSON requests and replies, and PONGs for the
+ROUTER's ZMTP PINGs. It is
 the only control path of the OBS script: it runs in whatever Python OBS embeds, with no extra package to install,
 and the daemon's IO thread answers every request on receipt, so a reply never waits for the model.
 
 A request that gets no reply in time raises ``ControlError`` and the next request opens a fresh TCP connection
 (the Paranoid Pirate pattern of the ZeroMQ Guide); whether the daemon is alive is for heartbeats to decide.
 No OBS imports: the tests drive this module against real ZeroMQ routers outside OBS.
+
+The mechanism follows the daemon's greeting: only the first 11 greeting bytes are sent before the peer's whole
+greeting is in (ZMTP allows it), so the rest says NULL to a NULL daemon and PLAIN to a PLAIN one.
 """
 
 from __future__ import annotations
@@ -18,17 +23,32 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
 REQUEST_TIMEOUT_S = 1.0  # default reply deadline, and the TCP connect + ZMTP handshake deadline
 
 _FLAG_MORE, _FLAG_LONG, _FLAG_COMMAND = 0x01, 0x02, 0x04
-_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+_SIGNATURE = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03"  # the first 11 bytes: signature and major version
+_GREETING_SIZE = 64
+_LOOPBACK = ("127.", "localhost", "::1")
 
 
-_SECURED = ("it is a daemon started with --token or --local-auth (CurveZMQ), which the OBS filter cannot open: run "
+def _greeting_rest(mechanism: bytes) -> bytes:
+    """The greeting after its first 11 bytes: minor version, mechanism, as-server 0, filler."""
+    return b"\x00" + mechanism.ljust(20, b"\x00") + b"\x00" * 32
+
+
+_SECURED = ("it is a daemon started with --token (CurveZMQ), which the OBS filter cannot open: run "
             "`sdlive relay` on this computer and give the filter the relay's address (docs/obs.md, Dual-PC)")
+_NO_SECRET = ("the daemon at {address} has local auth on (it takes only clients holding its user's local secret) and "
+              "there is no secret file at {path} for OBS's user: run OBS as the same user as `sdlive serve`, or set "
+              "SDLIVE_SECRET_FILE for OBS to the daemon's secret file (a sandboxed OBS such as Flatpak), or start the "
+              "daemon with --no-local-auth on a single-user machine")
+_WRONG_SECRET = ("the daemon at {address} refused this user's local secret ({path}; daemon said {reason}): the daemon "
+                 "runs as another user or with another SDLIVE_SECRET_FILE. Run OBS and `sdlive serve` as the same "
+                 "user with the same SDLIVE_SECRET_FILE (or none), or restart the daemon")
 
 
 class ControlError(Exception):
@@ -47,6 +67,11 @@ class RefusedError(ControlError):
     """Nothing listens at the address: the daemon is not running there (or exited a moment ago)."""
 
 
+class LocalAuthError(ControlError):
+    """A daemon with local auth cannot be opened: no secret, an unusable one, or a refused one (message: the fix).
+    A ControlError, so the filter's link retries it with backoff and shows it once per kind."""
+
+
 class _StaleConnection(ControlError):
     """A connection kept from an earlier request was closed by the daemon before anything came back on it."""
 
@@ -54,12 +79,16 @@ class _StaleConnection(ControlError):
 class StdlibControl:
     """One DEALER connection to ``tcp://HOST:PORT``. Not thread safe: one worker thread owns it."""
 
-    def __init__(self, address: str, token: str | None):
+    def __init__(self, address: str, token: str | None, secret: Callable[[], str | None] | None = None):
+        """``secret``: returns the PLAIN password for a daemon with local auth (default: this user's local secret,
+        read afresh per connection on a loopback address, ``sdlive_secret``); raises OSError naming the fix."""
         url = urlparse(address)
         if url.scheme != "tcp" or not url.hostname or not url.port:
             raise ValueError(f"daemon address {address!r}: the OBS filter connects to tcp://HOST:PORT addresses")
         self.address = address
         self.token = token or None
+        self._secret = secret
+        self._loopback = url.hostname.startswith(_LOOPBACK)
         self._host, self._port = url.hostname, url.port
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
@@ -155,32 +184,84 @@ class StdlibControl:
         try:
             # The signature and major version first, the rest once the peer's whole greeting is in (as ZMTP
             # allows): a peer that wants another mechanism shows it before it hangs up on ours.
-            sock.sendall(_GREETING[:11])
-            while len(self._buf) < len(_GREETING):
+            sock.sendall(_SIGNATURE)
+            while len(self._buf) < _GREETING_SIZE:
                 self._recv_more(deadline)
-            peer, self._buf = self._buf[: len(_GREETING)], self._buf[len(_GREETING) :]
+            peer, self._buf = self._buf[:_GREETING_SIZE], self._buf[_GREETING_SIZE:]
             if peer[0:1] != b"\xff" or peer[9:10] != b"\x7f" or peer[10] < 3:
                 raise ControlError(f"{self.address} does not speak ZMTP 3 (greeting {peer[:12]!r})")
             mechanism = peer[12:32].rstrip(b"\x00")
-            if mechanism != b"NULL":
+            metadata = _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
+            if mechanism == b"NULL":
+                sock.sendall(_greeting_rest(b"NULL"))
+                self._send_frame(b"\x05READY" + metadata, command=True)
+                self._await(b"READY", deadline, None)
+            elif mechanism == b"PLAIN":
+                self._plain(metadata, deadline)
+            else:
                 raise ControlError(f"{self.address} wants security mechanism "
                                    f"{mechanism.decode(errors='replace')}: {_SECURED}")
-            sock.sendall(_GREETING[11:])
-            ready = b"\x05READY" + _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
-            self._send_frame(ready, command=True)
-            while True:  # the peer's READY
-                is_cmd, body, _more = self._read_frame(deadline)
-                name = _command_name(body) if is_cmd else b""
-                if name == b"READY":
-                    return sock
-                if name == b"ERROR":
-                    raise ControlError(f"{self.address} refused the handshake: {body!r}")
+            return sock
         except ControlError:
             self._reset()
             raise
         except OSError as exc:  # a timeout included
             self._reset()
             raise ControlError(f"no ZMTP handshake with {self.address}: {exc or type(exc).__name__}") from None
+
+    def _plain(self, metadata: bytes, deadline: float) -> None:
+        """ZMTP PLAIN as its client (RFC 24): HELLO with user name and password, the server's WELCOME, INITIATE with
+        the metadata, its READY; an ERROR (a wrong password) or a secret that cannot be read is a LocalAuthError."""
+        read = self._secret
+        path = "the secret given"
+        username = b"sdlive"
+        if read is None:
+            import sdlive_secret  # the daemon's own secret.py, loaded by path (only when a daemon asks for it)
+
+            path = "this user's local secret"
+            try:
+                path = sdlive_secret.secret_path()
+                username = sdlive_secret.plain_username()
+            except OSError as exc:
+                raise LocalAuthError(f"cannot open the daemon at {self.address}: {exc}") from None
+            read = sdlive_secret.read_secret if self._loopback else (lambda: None)
+        try:
+            secret = read()
+        except OSError as exc:  # not private, unreadable, the contract's secret.py missing: the message says the fix
+            raise LocalAuthError(f"cannot open the daemon at {self.address}: {exc}") from None
+        if not secret:
+            raise LocalAuthError(_NO_SECRET.format(address=self.address, path=path))
+        password = secret.encode("utf-8")
+        assert self._sock is not None
+        self._sock.sendall(_greeting_rest(b"PLAIN"))
+        self._send_frame(b"\x05HELLO" + bytes([len(username)]) + username + bytes([len(password)]) + password,
+                         command=True)  # fmt: skip
+        refused = _WRONG_SECRET.format(address=self.address, path=path, reason="{reason}")
+        self._await(b"WELCOME", deadline, refused)
+        self._send_frame(b"\x08INITIATE" + metadata, command=True)
+        self._await(b"READY", deadline, refused)
+
+    def _await(self, command: bytes, deadline: float, refused: str | None) -> None:
+        """Read frames until the peer's ``command``; its ERROR raises ``refused`` (with the reason) when given."""
+        while True:
+            try:
+                is_cmd, body, _more = self._read_frame(deadline)
+            except ConnectionResetError:
+                if refused is not None:  # a PLAIN server that drops us without an ERROR: the same refusal
+                    raise LocalAuthError(refused.format(reason="nothing")) from None
+                raise
+            name = _command_name(body) if is_cmd else b""
+            if name == command:
+                return
+            # An ERROR command (name, reason length, reason: the ZAP status, "400"). libzmq 4.3 sends it one byte
+            # short ("^RROR\x03400", the name's length byte lost), hence the search for the name's tail.
+            at = body.find(b"RROR", 0, 6) if is_cmd else -1
+            if at >= 0:
+                start = at + 4
+                reason = body[start + 1 : start + 1 + body[start]].decode(errors="replace") if len(body) > start else ""
+                if refused is not None:
+                    raise LocalAuthError(refused.format(reason=repr(reason)))
+                raise ControlError(f"{self.address} refused the handshake: {reason!r}")
 
     def _send(self, data: bytes) -> bool:
         """Send one message; True when it went over a connection kept from an earlier request (one the daemon may

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from sdlive.daemon.protocol.messages import SessionStats, decode_pub
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonClient, DaemonError
 
 SCRIPT = Path(__file__).with_name("cam_recording_main.py")
@@ -45,6 +46,7 @@ def test_cam_reports_the_daemons_drops_and_records_a_file_at_real_speed(daemon, 
     halt = threading.Event()
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"stats")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(daemon.pub_address)
 
     def listen() -> None:

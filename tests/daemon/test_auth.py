@@ -1,7 +1,8 @@
 """Who gets in, on a real daemon: with a token every socket is CurveZMQ, so off loopback a client without the token
 (or with a wrong one) gets no reply on control and no message on PUB, while one holding it is served; the JSON
-token is still checked on every op but hello. With --local-auth the per-user secret keeps another account of this
-machine out: simulated as root with a child process that drops to `nobody`."""
+token is still checked on every op but hello. With local auth (the default) the per-user secret keeps another account
+of this machine out (ZMTP PLAIN): simulated with another secret file, and as root with a child process that drops to
+`nobody`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -42,13 +44,13 @@ def free_port(host: str) -> int:
 
 
 class Client:
-    """A DEALER (or SUB) that is a CurveZMQ client when given a secret."""
+    """A DEALER (or SUB) that is a CurveZMQ (or, ``mechanism="plain"``, PLAIN) client when given a secret."""
 
-    def __init__(self, address: str, secret: str | None, kind: int = zmq.DEALER) -> None:
+    def __init__(self, address: str, secret: str | None, kind: int = zmq.DEALER, mechanism: str = "curve") -> None:
         self.sock = zmq.Context.instance().socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
         if secret is not None:
-            secure_client_socket(self.sock, secret)
+            secure_client_socket(self.sock, secret, mechanism)
         if kind == zmq.SUB:
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(address)
@@ -70,9 +72,9 @@ class Client:
         self.sock.close(linger=0)
 
 
-def wait_served(proc, secret: str | None, timeout_s: float = 120.0) -> None:
+def wait_served(proc, secret: str | None, timeout_s: float = 120.0, mechanism: str = "curve") -> None:
     deadline = time.monotonic() + timeout_s
-    client = Client(proc.control_address, secret)
+    client = Client(proc.control_address, secret, mechanism=mechanism)
     try:
         while time.monotonic() < deadline:
             if not proc.alive:
@@ -184,7 +186,7 @@ INTRUDER = textwrap.dedent(
     for label, key in (("plain", None), ("guessed", "guess")):
         sock = zmq.Context.instance().socket(zmq.DEALER); sock.linger = 0
         if key:
-            secret.secure_client_socket(sock, key)
+            secret.secure_client_socket(sock, key, "plain")
         sock.connect(sys.argv[2]); wait_ms = int(float(sys.argv[3]) * 1000)
         try:
             sock.send(b'{"op": "shutdown"}', zmq.NOBLOCK)
@@ -202,14 +204,14 @@ def local_daemon(tmp_path_factory, launch_daemon):
     os.chmod(runtime, 0o755)  # like a shared parent: only sdlive's own 0700 folder and 0600 file protect the secret
     for parent in (runtime.parent, runtime.parent.parent):
         os.chmod(parent, os.stat(parent).st_mode | 0o005)  # let `nobody` walk to it, as to /run/user/<uid>
-    env = {"XDG_RUNTIME_DIR": str(runtime)}
-    proc = launch_daemon(tmp_path_factory.mktemp("local"), "--local-auth", env=env, wait=False)
     path = runtime / "sdlive" / "secret"
+    env = {"XDG_RUNTIME_DIR": str(runtime), secret_mod.LOCAL_SECRET_ENV: str(path)}
+    proc = launch_daemon(tmp_path_factory.mktemp("local"), "--local-auth", env=env, wait=False)
     try:
         deadline = time.monotonic() + 60
         while not path.exists() and time.monotonic() < deadline and proc.alive:
             time.sleep(0.1)
-        wait_served(proc, read_local_secret(path))
+        wait_served(proc, read_local_secret(path), mechanism="plain")
         yield proc, path
     finally:
         proc.stop()
@@ -218,16 +220,21 @@ def local_daemon(tmp_path_factory, launch_daemon):
 def test_local_auth_creates_a_private_secret_and_serves_its_owner(local_daemon):
     proc, path = local_daemon
     assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
-    owner = Client(proc.control_address, read_local_secret(path))
+    owner = Client(proc.control_address, read_local_secret(path), mechanism="plain")
     plain = Client(proc.control_address, None)
+    guesser = Client(proc.control_address, "not-the-secret", mechanism="plain")
     try:
         hello = owner.ask({"op": "hello"})
-        assert hello["ok"] and hello["curve"] is True and hello["auth_required"] is False
-        assert owner.ask({"op": "status"})["ok"]  # no JSON token: the socket's keys are the proof
+        assert hello["ok"] and hello["security"] == "plain" and hello["curve"] is False
+        assert hello["auth_required"] is False
+        assert owner.ask({"op": "status"})["ok"]  # no JSON token: the PLAIN password is the proof
         assert plain.ask({"op": "status"}, timeout_s=SILENCE_S) is None  # a client that did not read the secret
+        assert guesser.ask({"op": "shutdown"}, timeout_s=SILENCE_S) is None
+        assert owner.ask({"op": "status"})["requests"]["refused_handshakes"] >= 1
     finally:
         owner.close()
         plain.close()
+        guesser.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="simulating a second user needs root")
@@ -247,8 +254,39 @@ def test_another_local_user_can_neither_read_the_secret_nor_drive_the_daemon(loc
     assert "read" not in seen and "Permission denied" in seen["read_error"]
     assert seen["plain"] is None and seen["guessed"] is None  # its shutdown never arrived
     assert proc.alive  # and it still serves its owner
-    owner = Client(proc.control_address, read_local_secret(path))
+    owner = Client(proc.control_address, read_local_secret(path), mechanism="plain")
     try:
         assert owner.ask({"op": "status"})["ok"]
     finally:
         owner.close()
+
+
+def test_a_default_daemon_refuses_a_client_with_another_users_secret(daemon_factory, tmp_path):
+    """Local auth is on by default: a client process whose secret file holds another secret (another account's, as
+    far as the daemon can tell) is refused at the handshake with one clear error, and never reaches an op; the
+    same client with the daemon's own secret file (this test session's) is served by itself."""
+    proc = daemon_factory()  # no flags: the default config
+    assert "--local-auth" not in proc.args
+    other = tmp_path / "other-user" / "secret"
+    secret_mod.ensure_local_secret(other)  # a different random secret, private as the real one would be
+    probe = textwrap.dedent(
+        """
+        import sys
+        from sdlive.obs_bridge.client import DaemonClient, DaemonError
+        try:
+            with DaemonClient(sys.argv[1], timeout_s=20) as client:
+                print("served", client.hello().security, client.status().model)
+        except DaemonError as exc:
+            print("refused", exc.code, exc.message)
+        """
+    )
+    env = {**os.environ, secret_mod.LOCAL_SECRET_ENV: str(other)}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", probe, proc.control_address], capture_output=True, text=True,
+                         timeout=60, env=env).stdout  # fmt: skip
+    assert out.startswith("refused unauthorized") and "refused this client's secret" in out, out
+    assert time.monotonic() - started < 15  # named at the handshake, not after the 20 s timeout
+    own = subprocess.run([sys.executable, "-c", probe, proc.control_address], capture_output=True, text=True,
+                         timeout=60).stdout  # fmt: skip
+    assert own.split() == ["served", "plain", "tiny"], own
+    assert proc.alive

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sdlive.daemon.protocol.constants import PROTOCOL_VERSION
 from sdlive.daemon.protocol.errors import ERROR_CODES
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonClient, DaemonError, InvalidRequest
 
 SIZE = 64
@@ -27,6 +28,7 @@ class RawClient:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock)  # local auth is on by default: this session's secret (tests/conftest.py)
         self.sock.connect(address)
 
     def ask(self, *frames: bytes, timeout_s: float = 10.0) -> dict:
@@ -160,6 +162,7 @@ def test_req_style_envelope_is_answered_in_kind(daemon):
     ctx = zmq.Context.instance()
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
+    secure_client(req)  # local auth is on by default: this session's secret (tests/conftest.py)
     req.connect(daemon.control_address)
     try:
         req.send(b'{"op": "hello", "id": "r1"}')

@@ -177,11 +177,12 @@ def test_local_clients_use_the_users_local_secret_by_themselves(daemon_factory, 
     from sdlive.daemon.protocol.secret import LOCAL_SECRET_ENV
 
     monkeypatch.setenv(LOCAL_SECRET_ENV, str(tmp_path / "runtime" / "sdlive" / "secret"))
-    secured = daemon_factory("--local-auth")  # creates the secret file, every socket CurveZMQ
+    secured = daemon_factory()  # local auth by default: creates the secret file, every socket PLAIN with it
     with DaemonClient(secured.control_address, timeout_s=30) as client:
-        assert client.secret is not None  # read from the file, nothing passed
+        assert client.secret is not None and client.security[0] == "plain"  # read from the file, nothing passed
+        assert client.hello().security == "plain"
         with client.open_session(width=64, height=64, fps=10, pixel_format="bgr24") as s:
             assert _stream(s) > 0
-    plain = daemon_factory()  # a daemon without local auth, while the secret file exists: plain, after one retry
+    plain = daemon_factory("--no-local-auth")  # while the secret file exists: NULL, after one retry
     with DaemonClient(plain.control_address, timeout_s=30) as client:
         assert client.hello().model == "tiny" and client.secret is None

@@ -18,6 +18,7 @@ import zmq
 
 from sdlive.daemon.protocol.messages import Event, decode_pub
 from sdlive.daemon.protocol.ring import ring_path
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonError
 
 SIZE = 64
@@ -53,6 +54,7 @@ class Events:
         self.sub = zmq.Context.instance().socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"event")
+        secure_client(self.sub)  # local auth is on by default: this session's secret (tests/conftest.py)
         self.sub.connect(pub_address)
         self.seen: list[Event] = []
 
@@ -188,6 +190,7 @@ def raw_push(address: str) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100000)
+    secure_client(sock)  # local auth is on by default: this session's secret (tests/conftest.py)
     sock.connect(address)
     return sock
 

@@ -33,6 +33,7 @@ from sdlive.daemon.protocol.messages import (
 )
 from sdlive.daemon.protocol.params import GenerationParams
 from sdlive.daemon.protocol.ring import FrameRing
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.daemon.server.items import Shutdown
 from sdlive.daemon.server.loop import ComputeLoop
 
@@ -133,9 +134,11 @@ def harness(tmp_path) -> Iterator[Harness]:
     thread.start()
     ctx = zmq.Context()
     control = ctx.socket(zmq.DEALER)
+    secure_client(control)  # local auth is on by default: this session's secret (tests/conftest.py)
     control.connect(config.control)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(config.pub)
     harness = Harness(loop, engine, control, sub)
     try:

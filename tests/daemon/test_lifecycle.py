@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from sdlive.daemon.protocol.ring import FrameRing, ring_path
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonClient, DaemonError
 
 SIZE = 64
@@ -150,6 +151,7 @@ def test_unknown_model_is_a_fatal_error_reported_on_pub_and_in_the_log(tmp_path,
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RECONNECT_IVL, 10)
     sub.setsockopt(zmq.SUBSCRIBE, b"daemon")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(pub)  # before the daemon binds: ZeroMQ connects as soon as it does
     try:
         result = subprocess.run(
@@ -175,6 +177,7 @@ def test_sigterm_closes_sessions_unlinks_rings_and_says_so_on_pub(fast_daemon, w
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(proc.pub_address)
     try:
         with proc.client() as client:

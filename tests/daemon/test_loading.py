@@ -11,6 +11,8 @@ import time
 import pytest
 import zmq
 
+from sdlive.daemon.protocol.secret import secure_client
+
 READY_TIMEOUT_S = 120.0
 
 
@@ -18,6 +20,7 @@ class Raw:
     def __init__(self, address: str) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock)  # local auth is on by default: this session's secret (tests/conftest.py)
         self.sock.connect(address)
         self.asked = 0
 

@@ -13,6 +13,7 @@ import zmq
 from safetensors.torch import save_file
 
 from sdlive.daemon.model.configs import TINY
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonError
 
 DIM = TINY.transformer["num_attention_heads"] * TINY.transformer["attention_head_dim"]
@@ -44,6 +45,7 @@ def test_preset_loras_switch_live_and_bad_files_are_refused_by_name(lora_daemon,
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"event")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(lora_daemon.pub_address)
     events: list[dict] = []
 

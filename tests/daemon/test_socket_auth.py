@@ -27,7 +27,7 @@ def ctx():
     context.term()
 
 
-def _pair(ctx, auth: SocketAuth, client_secret: str | None):
+def _pair(ctx, auth: SocketAuth, client_secret: str | None, mechanism: str = "curve"):
     server = ctx.socket(zmq.ROUTER)
     server.setsockopt(zmq.LINGER, 0)
     auth.secure(server)
@@ -35,7 +35,7 @@ def _pair(ctx, auth: SocketAuth, client_secret: str | None):
     client = ctx.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
     if client_secret is not None:
-        secure_client_socket(client, client_secret)
+        secure_client_socket(client, client_secret, mechanism)
     client.connect(f"tcp://127.0.0.1:{port}")
     return server, client
 
@@ -53,6 +53,30 @@ def test_only_a_client_with_the_secret_gets_through(ctx, client_secret, delivere
             assert payload == b"ping"
             server.send_multipart([identity, b"pong"])
             assert client.poll(1500) and client.recv() == b"pong"
+    finally:
+        server.close(0)
+        client.close(0)
+        auth.stop()
+
+
+@pytest.mark.parametrize(
+    ("client_secret", "mechanism", "delivered"),
+    [("s3cret", "plain", True), ("wrong", "plain", False), (None, "none", False), ("s3cret", "curve", False)],
+)
+def test_local_auth_plain_admits_only_the_local_secret_and_counts_refusals(ctx, client_secret, mechanism, delivered):
+    """Local auth: a PLAIN server whose ZAP handler admits the local secret as password, nothing else (a wrong
+    password, a NULL client, a CURVE client with the right secret as token)."""
+    auth = SocketAuth(ctx, "s3cret", "plain")
+    assert auth.mechanism == "plain" and auth.enabled
+    server, client = _pair(ctx, auth, client_secret, mechanism)
+    try:
+        client.send(b"ping")
+        assert bool(server.poll(1500)) is delivered
+        if delivered:
+            assert server.recv_multipart()[1] == b"ping"
+            assert auth.refused == 0
+        elif mechanism == "plain":
+            assert auth.refused == 1  # the ZAP handler saw it and said no
     finally:
         server.close(0)
         client.close(0)

@@ -11,6 +11,7 @@ import numpy as np
 import zmq
 
 from sdlive.daemon.protocol.messages import SessionStats, decode_pub
+from sdlive.daemon.protocol.secret import secure_client
 
 SIZE = 64
 
@@ -21,6 +22,7 @@ def test_pub_stats_and_status_carry_real_numbers_while_streaming(daemon, sdlive_
     sub.setsockopt(zmq.LINGER, 0)
     for topic in (b"stats", b"event", b"daemon"):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(daemon.pub_address)
     received: list[tuple[str, dict]] = []
     stop = threading.Event()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonClient, DaemonError
 
 
@@ -21,6 +22,7 @@ def subscribe(address: str) -> zmq.Socket:
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    secure_client(sub)  # local auth is on by default: this session's secret (tests/conftest.py)
     sub.connect(address)
     return sub
 
@@ -44,6 +46,7 @@ def test_a_fault_in_the_io_thread_or_the_compute_loop_publishes_the_dead_sentine
     sub = subscribe(proc.pub_address)
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    secure_client(dealer)  # local auth is on by default: this session's secret (tests/conftest.py)
     dealer.connect(proc.control_address)
     try:
         if place == "loop":  # the loop answers status once the model is loaded: wait for the ready daemon's beat

@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge import obs_setup, obsws_tools
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,6 +301,7 @@ class RestartableDaemon:
         """One control request over a fresh DEALER (generous timeout: the compute loop answers between steps)."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock)  # local auth is on by default: this session's secret (tests/conftest.py)
         sock.connect(self.control_address)
         try:
             sock.send(json.dumps({"op": op, **fields}).encode())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ def script() -> types.SimpleNamespace:
     sys.path.insert(0, str(SCRIPT_DIR))
     try:
         modules = {name: importlib.import_module(f"sdlive_{name}")
-                   for name in ("control", "contract", "presets", "render", "hotkeys", "link", "settings")}
+                   for name in ("control", "contract", "presets", "render", "hotkeys", "link", "settings", "secret")}
     except (ImportError, OSError) as exc:
         pytest.skip(f"the OBS script cannot be imported outside OBS here (needs Debian's obs-studio): {exc}")
     finally:
@@ -196,7 +197,7 @@ def _timed(fn):
 
 
 def test_a_curve_daemon_is_a_clear_error_naming_the_relay(script):
-    """A daemon with --token or --local-auth runs CurveZMQ: the filter's plain ZMTP cannot open it."""
+    """A daemon with --token runs CurveZMQ: the filter's stdlib ZMTP cannot open it."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     public, secret = zmq.curve_keypair()
@@ -204,7 +205,7 @@ def test_a_curve_daemon_is_a_clear_error_naming_the_relay(script):
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     try:
         c = script.control.StdlibControl(f"tcp://127.0.0.1:{port}", None)
-        with pytest.raises(script.control.ControlError, match="--token or --local-auth .*sdlive relay"):
+        with pytest.raises(script.control.ControlError, match="--token .*CurveZMQ.*sdlive relay"):
             c.request("hello", timeout_s=1.0)
     finally:
         sock.close(0)
@@ -217,15 +218,54 @@ def test_non_tcp_address_is_refused_with_the_form_it_takes(script):
 
 
 def test_client_speaks_to_the_real_daemon(script, obs_daemon):
+    """The default daemon has local auth: the script reads this user's local secret itself (the session's
+    SDLIVE_SECRET_FILE, tests/conftest.py) through the daemon's own secret.py and does the PLAIN handshake."""
     c = script.control.StdlibControl(obs_daemon.control_address, None)
     version = script.contract.constants.PROTOCOL_VERSION
     hello = c.request("hello", client="obs:test", protocol=version)
-    assert hello["protocol"] == version
+    assert hello["protocol"] == version and hello["security"] == "plain"
     presets = c.request("list_presets")["presets"]  # a reply of several KiB
     assert "anime" in [p["name"] for p in presets]
     with pytest.raises(script.control.DaemonReplyError) as err:
         c.request("heartbeat", session_id="no-such-session")
     assert err.value.code == "unknown_session"
+    c.close()
+
+
+def test_a_wrong_or_missing_local_secret_is_one_line_naming_the_fix(script, obs_daemon, tmp_path, monkeypatch):
+    """Another user's secret (a different secret file, as OBS run by another account would read) is refused by the
+    daemon with a ZMTP ERROR, and no secret file at all is named before anything is sent: each a LocalAuthError
+    saying what to do, at once, not a timeout; the daemon counts the refusal and keeps serving its owner."""
+    from sdlive.daemon.protocol.secret import LOCAL_SECRET_ENV, ensure_local_secret
+
+    session_file = os.environ[LOCAL_SECRET_ENV]
+    other = tmp_path / "other" / "secret"
+    ensure_local_secret(other)
+    monkeypatch.setenv(LOCAL_SECRET_ENV, str(other))
+    c = script.control.StdlibControl(obs_daemon.control_address, None)
+    started = time.monotonic()
+    with pytest.raises(script.control.LocalAuthError, match=r"refused this user's local secret .*same user") as err:
+        c.request("hello", timeout_s=5.0)
+    assert time.monotonic() - started < 2.5
+    assert str(other) in str(err.value) and script.secret.secret_path() == str(other)
+    monkeypatch.setenv(LOCAL_SECRET_ENV, str(tmp_path / "nowhere" / "secret"))
+    with pytest.raises(script.control.LocalAuthError, match=r"local auth on .*no secret file at .*nowhere.*same user"):
+        c.request("hello", timeout_s=5.0)
+    wrong = script.control.StdlibControl(obs_daemon.control_address, None, secret=lambda: "a-guess")
+    with pytest.raises(script.control.LocalAuthError, match="refused"):
+        wrong.request("shutdown", timeout_s=5.0)
+    monkeypatch.setenv(LOCAL_SECRET_ENV, session_file)
+    owner = script.control.StdlibControl(obs_daemon.control_address, None)
+    status = owner.request("status")
+    assert status["requests"]["refused_handshakes"] >= 2
+    owner.close()
+
+
+def test_a_daemon_without_local_auth_is_reached_with_null(script, daemon_factory):
+    """--no-local-auth: the daemon greets NULL and the script answers NULL, though this user's secret exists."""
+    d = daemon_factory("--no-local-auth")
+    c = script.control.StdlibControl(d.control_address, None)
+    assert c.request("hello")["security"] == "none"
     c.close()
 
 

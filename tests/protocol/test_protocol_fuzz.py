@@ -25,6 +25,7 @@ from sdlive.daemon.protocol.messages import (
 )
 from sdlive.daemon.protocol.netframe import NETFRAME_HEADER_SIZE, NetFrameError, decode_frame
 from sdlive.daemon.protocol.ring import HEADER_SIZE, FrameRing, RingError, ring_path
+from sdlive.daemon.protocol.secret import secure_client
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DECODER_CODES = {"bad_json", "bad_request", "unknown_op", "too_large", "bad_params"}
@@ -217,6 +218,7 @@ def daemon_socket(daemon):
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock)  # local auth is on by default: this session's secret (tests/conftest.py)
     sock.connect(daemon.control_address)
     yield sock
     sock.close(0)
