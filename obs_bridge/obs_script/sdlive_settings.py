@@ -20,10 +20,12 @@ from sdlive_names import (
 from sdlive_obs_api import get_str, lib
 
 TOKEN_HELP = (
-    "Leave empty. The filter talks to a daemon on this computer over plain ZeroMQ and shared memory; a daemon started "
-    "with --token or --local-auth encrypts its sockets (CurveZMQ), which the filter cannot open. For such a daemon, "
-    "or one on another PC, run `sdlive relay` on this computer (it holds the token) and give the filter the relay's "
-    "address (docs/obs.md, Dual-PC). The filter sends this value with every request; no daemon needs it today."
+    "Leave empty. The filter talks to a daemon on this computer over ZeroMQ and shared memory; a daemon with local "
+    "auth (the default) is opened with your local secret, which the filter reads by itself (run OBS as the same user "
+    "as `sdlive serve`). A daemon started with --token encrypts its sockets (CurveZMQ), which the filter cannot open: "
+    "for such a daemon, or one on another PC, run `sdlive relay` on this computer (it holds the token) and give the "
+    "filter the relay's address (docs/obs.md, Dual-PC). The filter sends this value with every request; no daemon "
+    "needs it today."
 )
 STRENGTH_STEP = 0.01  # the slider's resolution; its lowest value is one step above the exclusive bound
 MIN_STRENGTH = constants.NOISE_SCALE_MIN_EXCLUSIVE + STRENGTH_STEP
