@@ -148,3 +148,21 @@ def test_a_local_secret_others_can_read_is_refused_with_the_fix(tmp_path):
     os.chmod(path.parent, 0o755)
     with pytest.raises(LocalSecretError, match="chmod 700"):
         ensure_local_secret(path)
+
+
+def test_secret_py_imports_only_the_stdlib_at_module_level():
+    """The OBS script loads secret.py by path in OBS's own Python: pyzmq only inside the functions that need it."""
+    import ast
+    import sys
+
+    from sdlive.daemon.protocol import secret
+
+    tree = ast.parse(open(secret.__file__, encoding="utf-8").read())
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, "a relative import: secret.py is loaded alone, by path"
+            imported.add(node.module.split(".")[0])
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

@@ -49,8 +49,9 @@ def test_install_copies_the_script_folder_contract_and_presets_and_lists_the_ent
     assert SCRIPT_DIR / SCRIPT_NAMES.ENTRY_FILE in modules and len(modules) > 5
     _same_files(dest, modules)  # side by side: OBS puts the entry file's folder on sys.path
     protocol = REPO / "daemon" / "protocol"
-    _same_files(dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME, [protocol / "constants.py", protocol / "ring.py"])
-    assert sorted(p.name for p in (dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME).iterdir()) == ["constants.py", "ring.py"]
+    contract = [protocol / "constants.py", protocol / "ring.py", protocol / "secret.py"]  # secret.py: local auth
+    _same_files(dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME, contract)
+    assert sorted(p.name for p in (dest / SCRIPT_NAMES.PROTOCOL_DIR_NAME).iterdir()) == [p.name for p in contract]
     assert (dest / "presets" / "anime.toml").is_file()
     assert _scripts(obs_config) == [str(dest / SCRIPT_NAMES.ENTRY_FILE)]
     assert (obs_config / "basic" / "scenes" / "sdlive.json.sdlive-backup").is_file()
