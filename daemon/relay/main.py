@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pub", default=None, metavar="ADDRESS", help=f"its stats PUB (default: {DEFAULT_PUB_ADDRESS})")
     parser.add_argument("--max-sessions", type=int, default=None, help="local sessions at most (default: 4)")
     parser.add_argument("--no-ui", dest="ui", action="store_false", default=None, help="no live stats table")
+    parser.add_argument("--no-local-auth", dest="local_auth", action="store_false", default=None,
+                        help="let any account of this machine use the relay (default: only clients holding your local "
+                             "secret, as a local daemon; docs/security.md)")  # fmt: skip
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-file", type=Path, default=None)
     parser.add_argument("--preset-mirror", type=Path, default=None, metavar="DIR",
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "pub": args.pub,
         "max_sessions": args.max_sessions,
         "ui": args.ui,
+        "local_auth": args.local_auth,
         "log_level": args.log_level,
         "log_file": args.log_file,
         "warmup": False,

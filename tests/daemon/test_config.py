@@ -124,3 +124,19 @@ def test_compat_defaults_to_upstream_is_a_flag_and_is_checked_with_the_cache(mon
     assert load_config(kv_cache_frames=3, sink_frames=1, compat="clean").kv_cache_frames == 3
     monkeypatch.setenv("SDLIVE_COMPAT", "clean")
     assert load_config().compat == "clean"
+
+
+def test_local_auth_is_on_by_default_with_flags_both_ways_env_and_the_relays_opt_out(monkeypatch):
+    from sdlive.daemon.relay.main import build_parser as relay_parser
+    from sdlive.daemon.server.serve import build_parser
+
+    assert load_config().local_auth is True
+    for argv, expected in (([], True), (["--no-local-auth"], False), (["--local-auth"], True)):
+        args = vars(build_parser().parse_args(argv))
+        args.pop("config")
+        assert load_config(**args).local_auth is expected, argv
+    assert "--no-local-auth" in " ".join(build_parser().format_help().split())
+    assert relay_parser().parse_args(["--daemon", "tcp://gpu:5557", "--no-local-auth"]).local_auth is False
+    assert relay_parser().parse_args(["--daemon", "tcp://gpu:5557"]).local_auth is None  # the config's default
+    monkeypatch.setenv("SDLIVE_LOCAL_AUTH", "false")
+    assert load_config().local_auth is False
