@@ -185,8 +185,9 @@ class DaemonConfig(BaseSettings):
         return self.heartbeat_interval_s * self.heartbeat_liveness
 
     def secret(self) -> str | None:
-        """The secret every socket is secured with: the token, else (``local_auth``) the local secret, created if
-        absent; None: plain sockets. Raises ``protocol.secret.LocalSecretError`` for a secret file that is unusable."""
+        """The secret every socket is secured with: the token (CurveZMQ), else (``local_auth``) the local secret,
+        created if absent (ZMTP PLAIN); None: NULL sockets. Raises ``protocol.secret.LocalSecretError`` for a secret
+        file that is unusable."""
         if self.token:
             return self.token
         if self.local_auth:
