@@ -91,7 +91,7 @@ class ComputeLoop:
         self.directory = SessionDirectory()
         self.io = IOThread(
             self.ctx, control=config.control, pub=config.pub, token=config.token, inbox=self.inbox,
-            directory=self.directory, secret=secret if secret is not None else config.token,
+            directory=self.directory, secret=secret if secret is not None else config.secret(),
         )  # fmt: skip
         self.outbox = self.io.outbox
         self.sessions: dict[str, Session] = {}
