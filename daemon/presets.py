@@ -50,7 +50,8 @@ PRESET_SUFFIX = ".toml"
 MAX_PRESET_FILES = 512
 """Preset files read per folder (a folder of thousands must not make every refresh slow)."""
 REFRESH_INTERVAL_S = 1.0
-"""``refresh`` looks at the folders at most this often."""
+"""``refresh`` stats every preset file at most this often; a file added, removed or saved by rename (as editors do)
+changes its folder's mtime, one stat per folder, which ``refresh`` checks every time."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -130,6 +131,7 @@ class PresetLibrary:
     """Grows by one each time a refresh changed what is loaded."""
     _stamp: _Stamp | None = field(default=None, repr=False)
     _checked: float = field(default=0.0, repr=False)
+    _folders: tuple[int, ...] = field(default=(), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh(self, *, min_interval_s: float = REFRESH_INTERVAL_S) -> bool:
@@ -138,9 +140,10 @@ class PresetLibrary:
         last good preset, and its problem says so."""
         with self._lock:
             now = time.monotonic()
-            if self._stamp is not None and now - self._checked < min_interval_s:
+            folders = _folder_mtimes(self.dirs)
+            if self._stamp is not None and now - self._checked < min_interval_s and folders == self._folders:
                 return False
-            self._checked = now
+            self._checked, self._folders = now, folders
             stamp = _stamp_of(self.dirs)
             if stamp == self._stamp:
                 return False
@@ -255,7 +258,7 @@ def load_presets(
     extra = [Path(d).expanduser() for d in extra_dirs]
     dirs.extend(extra)
     library = _load_dirs(dirs, extra)
-    library._stamp, library._checked = _stamp_of(dirs), time.monotonic()
+    library._stamp, library._checked, library._folders = _stamp_of(dirs), time.monotonic(), _folder_mtimes(dirs)
     return library
 
 
@@ -278,6 +281,17 @@ def _stamp_of(dirs: list[Path]) -> _Stamp:
                 files.append((path.name, st.st_mtime_ns, st.st_size))
         stamp.append((str(folder), exists, tuple(files)))
     return tuple(stamp)
+
+
+def _folder_mtimes(dirs: list[Path]) -> tuple[int, ...]:
+    """Each folder's mtime (-1: missing): it changes when a file in it is added, removed or renamed."""
+    out = []
+    for folder in dirs:
+        try:
+            out.append(folder.stat().st_mtime_ns)
+        except OSError:
+            out.append(-1)
+    return tuple(out)
 
 
 def _folder_rank(dirs: list[Path], source: str | None) -> int:

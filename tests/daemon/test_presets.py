@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -115,13 +117,27 @@ def test_a_file_broken_by_an_edit_keeps_its_last_good_preset(tmp_path, no_user):
     assert library.get("neon").steps == 4 and library.problems == []
 
 
-def test_refresh_looks_at_most_once_per_interval(tmp_path, no_user):
+def test_refresh_stats_the_files_at_most_once_per_interval(tmp_path, no_user):
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    _write(folder / "a.toml", "a")
+    library = load_presets([folder], shipped=False)
+    mtime = (folder / "a.toml").stat().st_mtime_ns
+    _write(folder / "a.toml", "a, edited in place")  # the folder's mtime does not change
+    os.utime(folder / "a.toml", ns=(mtime + 10**9, mtime + 10**9))
+    assert not library.refresh(min_interval_s=60)  # load_presets just looked: bounded work per request
+    assert library.refresh(min_interval_s=0) and library.get("a").prompt == "a, edited in place"
+
+
+def test_a_new_file_is_seen_by_the_very_next_refresh(tmp_path, no_user):
+    """Adding (or removing, or saving by rename) a file changes its folder's mtime: one stat, checked every time."""
     folder = tmp_path / "extra"
     folder.mkdir()
     library = load_presets([folder], shipped=False)
     _write(folder / "a.toml", "a")
-    assert not library.refresh(min_interval_s=60)  # load_presets just looked: bounded work per request
-    assert library.refresh(min_interval_s=0)
+    assert library.refresh(min_interval_s=60) and library.names() == ["a"]
+    (folder / "a.toml").unlink()
+    assert library.refresh(min_interval_s=60) and library.names() == []
 
 
 def test_a_running_daemon_picks_up_new_and_edited_preset_files(tmp_path, daemon_factory, wait_for):
