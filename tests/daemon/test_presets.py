@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ def test_user_preset_overrides_shipped_one(no_user):
         ('prompt = "ok"\nsteps = 9\n', 2, "steps"),
         ('prompt = "ok"\n\nnoise_scale = 0\n', 3, "noise_scale"),
         ('prompt = "ok"\ncolour = "red"\n', 2, "unknown key"),
-        ('steps = 2\n', None, "prompt"),
+        ("steps = 2\n", None, "prompt"),
         ('prompt = "ok"\nsteps = [\n', 2, "not valid TOML"),
         ('prompt = "   "\n', 1, "prompt"),
     ],
