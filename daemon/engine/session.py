@@ -17,9 +17,9 @@ A frame's path, by type: ``push(Pixels)`` → ``_frame_to_tensor``: RGB float ``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,27 @@ CHUNK_FRAMES = 4
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
 """Noise of a shape, instead of the session's seeded generator (tests: ``torch.zeros``)."""
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class ForwardCall:
+    """One DiT forward a session's chunk needs: ``forward_stream(x, t, cross, cache, commit)`` with the LoRA weights
+    ``lora`` active. A session's steps yield these and are sent back the flow ``[B, 16, F, h, w]`` (float32), so
+    that a caller may run several sessions' calls as one forward (``engine.batch``)."""
+
+    x: torch.Tensor  # [B, 16, F, h, w]
+    t: torch.Tensor  # [B]
+    cross: CrossAttentionCache  # batch 1 or B
+    cache: KVCache  # B slots
+    commit: bool | list[bool]
+    lora: dict[str, float] = field(default_factory=dict)
+
+
+Steps = Generator[ForwardCall, torch.Tensor, _T]
+"""A session's work that needs DiT forwards: it yields each :class:`ForwardCall`, is sent its flow, and returns
+its result (``StreamSession.push_steps``)."""
 
 
 @dataclass
@@ -109,7 +130,10 @@ class StreamSession:
         self.width = width
         self.height = height
         self.pixel_format = pixel_format
-        self._channels, self._rgb_index = PIXEL_FORMATS[pixel_format].bytes_per_pixel, PIXEL_FORMATS[pixel_format].rgb_index
+        self._channels, self._rgb_index = (
+            PIXEL_FORMATS[pixel_format].bytes_per_pixel,
+            PIXEL_FORMATS[pixel_format].rgb_index,
+        )
         self._params = params
         self._external_noise = noise_fn
         self._device = engine.device
@@ -188,7 +212,7 @@ class StreamSession:
         mode_change = new.stream_batch != old.stream_batch or new.steps != old.steps
         if mode_change and self._chunks:
             # Finish what is in the pipeline at the old step count, then rebuild the caches for the new one.
-            self._ready.extend(self._drain())
+            self._ready.extend(self._run_alone(self._drain()))
         if target is not None:
             if new.transition_chunks == 0 or self._chunks == 0:
                 self._set_embeds(target)
@@ -224,13 +248,55 @@ class StreamSession:
     @torch.inference_mode()
     def push(self, frame: Pixels | torch.Tensor) -> list[OutputFrame]:
         """Add one frame; returns the restyled frames that became ready, in input order."""
-        pixels = self._frame_to_tensor(frame)
+        return self._run_alone(self.push_steps(frame))
+
+    @property
+    def runs_chunk_next(self) -> bool:
+        """The next ``push`` completes a chunk (runs the DiT); the others only buffer a frame."""
+        return len(self._pending) + 1 >= (FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Sessions with equal keys can share one forward when their chunks run together (``engine.batch``): the
+        same latent size, dtype and device; the chunk shape and the LoRA weights are checked per forward."""
+        return (self.width, self.height, str(self._device), str(self._dtype))
+
+    def push_steps(self, frame: Pixels | torch.Tensor) -> Steps[list[OutputFrame]]:
+        """:meth:`push` as steps (:data:`Steps`): the caller runs the forwards it yields, alone or batched with other
+        sessions' (``engine.batch.run_together``). A bad frame raises ``ValueError`` at the first step, changing
+        nothing."""
+        with torch.inference_mode():
+            pixels = self._frame_to_tensor(frame)
         self._pending.append(pixels)
         self._frames_in += 1
         needed = FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES
         if len(self._pending) >= needed:
-            self._run_chunk(needed)
+            yield from self._run_chunk(needed)
         return self._take_ready()
+
+    def _run_alone(self, steps: Steps[_T]) -> _T:
+        """Run ``steps``' forwards one by one on this session's engine."""
+        try:
+            call = next(steps)
+            while True:
+                self.engine.lora.activate(call.lora)
+                flow = self.engine.transformer.forward_stream(
+                    call.x, call.t, call.cross, call.cache, commit=call.commit
+                )
+                call = steps.send(flow)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross: CrossAttentionCache,
+        cache: KVCache,
+        commit: bool | list[bool] = True,
+    ) -> Steps[torch.Tensor]:
+        """One DiT forward, run by whoever drives the steps; returns the flow."""
+        flow = yield ForwardCall(x, t, cross, cache, commit, dict(self._lora_weights))
+        return flow
 
     @torch.inference_mode()
     def flush(self) -> list[OutputFrame]:
@@ -239,8 +305,8 @@ class StreamSession:
         if self._pending:
             needed = FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES
             self._pending.extend([self._pending[-1]] * (needed - len(self._pending)))
-            self._run_chunk(needed)
-        self._ready.extend(self._drain())
+            self._run_alone(self._run_chunk(needed))
+        self._ready.extend(self._run_alone(self._drain()))
         padding = [f for f in self._ready if f.index >= self._frames_in]
         self._frames_out -= len(padding)
         self._ready = [f for f in self._ready if f.index < self._frames_in]
@@ -330,7 +396,7 @@ class StreamSession:
             self._set_embeds(self._embeds)
         return self._cross
 
-    def _run_chunk(self, needed: int) -> None:
+    def _run_chunk(self, needed: int) -> Steps[None]:
         frames = self._pending[:needed]
         del self._pending[:needed]
         first_index = self._next_chunk_index
@@ -340,7 +406,8 @@ class StreamSession:
 
         # 1. VAE encode (the causal-conv caches carry over from the previous chunk)
         t0 = time.perf_counter()
-        latents = self._vae.encode(video)
+        with torch.inference_mode():
+            latents = self._vae.encode(video)
         sync()
         t1 = time.perf_counter()
 
@@ -361,16 +428,17 @@ class StreamSession:
         # 3. DiT: the first chunk (and no-batch mode) runs all steps here; stream batch runs one step per slot
         finished: list[_Denoised] = []
         if self._chunks == 0 or not self._params.stream_batch:
-            x0 = self._denoise_sequential(noisy, first_step, steps, cross)
+            x0 = yield from self._denoise_sequential(noisy, first_step, steps, cross)
             finished.append(_Denoised(x0, first_index))
         else:
-            finished.extend(self._stream_batch_step(noisy, first_step, steps, cross, first_index))
+            finished.extend((yield from self._stream_batch_step(noisy, first_step, steps, cross, first_index)))
         sync()
         t2 = time.perf_counter()
 
         # 4. VAE decode of what left the pipeline
-        for x0, start in finished:
-            self._ready.extend(self._decode(x0, start))
+        with torch.inference_mode():
+            for x0, start in finished:
+                self._ready.extend(self._decode(x0, start))
         sync()
         t3 = time.perf_counter()
 
@@ -379,7 +447,7 @@ class StreamSession:
 
     def _denoise_sequential(
         self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: CrossAttentionCache
-    ) -> torch.Tensor:
+    ) -> Steps[torch.Tensor]:
         """All steps of one chunk back to back on the batch-1 cache (no-batch mode and the first chunk)."""
         if self._seq_cache is None:
             self._seq_cache = self._new_cache(batch_size=1)
@@ -391,7 +459,7 @@ class StreamSession:
             label = first_step if i == 0 else step
             t = torch.tensor([label], device=self._device, dtype=torch.float32)
             # Only the last step's keys stay in the cache: the earlier writes go to the same slot.
-            flow = self.engine.transformer.forward_stream(x, t, cross, seq_cache, commit=i == len(steps) - 1)
+            flow = yield from self._forward(x, t, cross, seq_cache, commit=i == len(steps) - 1)
             x0 = flow_to_x0(x, flow.to(x.dtype), [label])
             if i < len(steps) - 1:
                 x = add_noise(x0, self._noise(tuple(x0.shape)), [steps[i + 1]])
@@ -409,7 +477,7 @@ class StreamSession:
         steps: tuple[int, ...],
         cross: CrossAttentionCache,
         first_index: int,
-    ) -> list[_Denoised]:
+    ) -> Steps[list[_Denoised]]:
         """One batched forward: slot 0 takes the new chunk, slot i the chunk that is at step i.
 
         While the pipeline fills (fewer chunks than slots), ``compat="upstream"`` runs every slot as upstream does,
@@ -419,7 +487,7 @@ class StreamSession:
         """
         n = len(steps)
         if n == 1:
-            return [_Denoised(self._denoise_sequential(noisy, first_step, steps, cross), first_index)]
+            return [_Denoised((yield from self._denoise_sequential(noisy, first_step, steps, cross)), first_index)]
         slots = [_InFlight(noisy, 0, first_index), *self._inflight]
         if self.engine.compat == "upstream":
             slots += [_InFlight(torch.zeros_like(noisy), i, None) for i in range(len(slots), n)]
@@ -429,7 +497,7 @@ class StreamSession:
         t = torch.tensor(labels, device=self._device, dtype=torch.float32)
         real = [s.first_index is not None for s in slots]
         with self._level_caches().subset(0, k) as cache:
-            flow = self.engine.transformer.forward_stream(x, t, cross, cache, commit=True if all(real) else real)
+            flow = yield from self._forward(x, t, cross, cache, commit=True if all(real) else real)
         x0 = flow_to_x0(x, flow.to(x.dtype), labels)
         finished: list[_Denoised] = []
         inflight: list[_InFlight] = []
@@ -443,7 +511,7 @@ class StreamSession:
         self._inflight = inflight
         return finished
 
-    def _drain(self) -> list[OutputFrame]:
+    def _drain(self) -> Steps[list[OutputFrame]]:
         """Finish the chunks in the stream-batch pipeline, oldest first, each remaining step on its own level's cache
         (the same writes the pipeline would have made), and return their frames."""
         out: list[OutputFrame] = []
@@ -457,7 +525,7 @@ class StreamSession:
             while True:
                 t = torch.tensor([steps[j]], device=self._device, dtype=torch.float32)
                 with self._level_caches().subset(j, j + 1) as cache:
-                    flow = self.engine.transformer.forward_stream(x, t, self._cross, cache, commit=True)
+                    flow = yield from self._forward(x, t, self._cross, cache, commit=True)
                 x0 = flow_to_x0(x, flow.to(x.dtype), [steps[j]])
                 if j == len(steps) - 1:
                     break
