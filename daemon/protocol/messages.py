@@ -291,8 +291,9 @@ class HelloReply(_Reply):
     auth_required: bool = False
     curve: bool = Field(False, description="every socket is CurveZMQ (a token): see protocol.secret")
     security: Literal["curve", "plain", "none"] = Field(
-        "none", description="how every socket is secured: 'curve' (a token), 'plain' (local auth: ZMTP PLAIN with "
-        "the user's local secret), 'none' (--no-local-auth); see protocol.secret.client_security"
+        "none",
+        description="how every socket is secured: 'curve' (a token), 'plain' (local auth: ZMTP PLAIN with "
+        "the user's local secret), 'none' (--no-local-auth); see protocol.secret.client_security",
     )
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
@@ -403,6 +404,15 @@ class SessionStats(SessionInfo):
     pending_changes: int = Field(0, description="parameter changes queued, not applied yet")
     engine_frames_in: int = 0
     engine_frames_out: int = 0
+    dropped_late: int = Field(
+        0, description="inputs the deadline scheduler dropped: they could no longer meet their deadline"
+    )
+    late_in: int = Field(0, description="inputs that entered the engine after their deadline (scheduler misses)")
+    mode: str | None = Field(None, description="'stream_batch' or 'no_batch' (the mode the session runs in now)")
+    shared_forward: int = Field(
+        0, description="sessions that shared this session's last DiT forward (1: alone; 0: none ran yet)"
+    )
+    slo_switches: int = Field(0, description="switches between the stream batch and no-batch mode (SLO fallback)")
     ts: float = Field(default_factory=time.time, description="unix time of the figures")
 
 

@@ -5,6 +5,11 @@ frames), applies changes whose prompt is ready, then moves frames: transport →
 thread → transport. When nothing is ready it waits on the inbox for a short, bounded time (a request or a network
 frame wakes it at once; shared-memory input is polled at a fraction of the frame period: never a busy spin).
 
+Frames move in passes, the mechanism of the deadline scheduler (``scheduler.py``, the policy): each pass stages
+what the transports have, asks the scheduler for a plan (order, shared forwards, drops, mode switches), applies it
+and runs the pushes; a group of sessions runs its chunks through shared DiT forwards (``engine.batch``). The
+measured push times go back to the scheduler.
+
 SIGTERM/SIGINT become a :class:`~.items.Shutdown` on the inbox; shutdown closes every session (rings marked closed
 and unlinked), publishes ``state: "stopping"`` and stops the IO thread. A failure of the loop itself publishes the
 dead sentinel (``state: "dead"`` with the reason) before the process exits non-zero.
@@ -58,6 +63,7 @@ from .loading import LoadingDesk, LoadProgress
 from .ops import FrontDesk, LoopOps, cache_info, hello_reply, preset_infos
 from .pacing import OutputThread
 from .prompts import PromptWarmer
+from .scheduler import DeadlineScheduler
 from .session import Output, Session
 from .stats import device_memory_mb
 from .transports import InputFrame, NetTransport, SessionClosed
@@ -68,7 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.25
-_MAX_PUSHES_PER_TURN = 8
+_MAX_PASSES_PER_TURN = 8
 
 
 class ComputeLoop:
@@ -97,6 +103,8 @@ class ComputeLoop:
         self.sessions: dict[str, Session] = {}
         self.output: OutputThread[Output] = OutputThread(self._release_output)
         self.ops = LoopOps(self)
+        self.scheduler = DeadlineScheduler(batching=True)
+        """The policy of :meth:`_move_frames`; ``scheduler.batching = False`` runs every session's forward alone."""
         self.started_ns = time.monotonic_ns()
         self.device = config.device or "cpu"
         self.model_name = config.model
@@ -177,7 +185,9 @@ class ComputeLoop:
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
         )
         self._warm_presets()
-        self.io.open_desk(FrontDesk(hello=self._hello(), presets=self.presets, directory=self.directory, submit=self.inbox.put))
+        self.io.open_desk(
+            FrontDesk(hello=self._hello(), presets=self.presets, directory=self.directory, submit=self.inbox.put)
+        )
 
     def _warm_presets(self) -> None:
         """Encode every preset's prompt in the background (again after the preset files changed)."""
@@ -240,7 +250,7 @@ class ComputeLoop:
         the loop: the output thread releases them."""
         deadline = min(self._next_tick_ns, self._next_beat_ns)
         for s in self.sessions.values():
-            if s.failed or s.transport.has_input():
+            if s.failed or s.staged or s.transport.has_input():
                 return 0.0
             if s.transport.polled():
                 deadline = min(deadline, now + int(min(5e6, 1e9 / s.fps / 8)))
@@ -291,33 +301,99 @@ class ComputeLoop:
     # ------------------------------------------------------------------ frames
 
     def _move_frames(self) -> None:
-        """Round-robin over sessions, one input per session per pass; outputs go to the output thread."""
-        for _ in range(_MAX_PUSHES_PER_TURN):
-            pushed = False
+        """Passes of the deadline scheduler: stage inputs, plan, drop, switch modes, push (shared forwards where the
+        plan groups sessions); outputs go to the output thread."""
+        for _ in range(_MAX_PASSES_PER_TURN):
             for session in list(self.sessions.values()):
                 if session.failed:
                     self.close_session(session, session.failed, code="internal")
                     continue
+                if not self.scheduler.knows(session.session_id):
+                    self.scheduler.adopt(session.session_id, session.slo)
                 try:
-                    frame = session.take_input()
-                    if frame is None:
-                        continue
-                    try:
-                        outputs = session.push(frame)
-                    except ValueError as exc:
-                        session.counters.bad_frames += 1
-                        self.event("error", session.session_id, code="bad_params", message=f"bad frame: {exc}")
-                        continue
-                    for out in outputs:
-                        self.output.submit(session.session_id, out, out.due_ns)
-                    pushed = True
+                    session.stage_inputs()
                 except SessionClosed as exc:
                     self.close_session(session, exc.reason, code=exc.code)
-                except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
-                    log.exception("session %s failed", session.session_id)
-                    self.close_session(session, f"engine failed: {type(exc).__name__}: {exc}", code="internal")
-            if not pushed or not self.inbox.empty():
-                break  # nothing moved, or answer requests between frames
+            plan = self.scheduler.plan(time.monotonic_ns(), [s.view() for s in self.sessions.values()])
+            if not plan.groups:
+                break
+            for sid, count in plan.drops.items():
+                self.sessions[sid].drop_staged(count)
+            for sid in plan.misses:
+                self.sessions[sid].counters.late_in += 1
+            for group in plan.groups:
+                members = [self.sessions[sid] for sid in group if sid in self.sessions]
+                for session in members:
+                    if session.session_id in plan.switches:
+                        switch = plan.switches[session.session_id]
+                        self._guarded(session, lambda s=session, on=switch: s.set_mode(on))
+                members = [s for s in members if s.session_id in self.sessions and s.staged]
+                if len(members) > 1:
+                    self._push_together(members)
+                elif members:
+                    self._push_alone(members[0])
+            if not self.inbox.empty():
+                break  # answer requests between passes
+
+    def _guarded(self, session: Session, work: Callable[[], None]) -> bool:
+        """Run one session's work; its failure closes that session only. True when it went through."""
+        try:
+            work()
+            return True
+        except SessionClosed as exc:
+            self.close_session(session, exc.reason, code=exc.code)
+        except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
+            log.exception("session %s failed", session.session_id)
+            self.close_session(session, f"engine failed: {type(exc).__name__}: {exc}", code="internal")
+        return False
+
+    def _push_alone(self, session: Session) -> None:
+        frame = session.staged.popleft()
+        view = session.view()
+        mode = view.stream_batch
+
+        def push() -> None:
+            try:
+                outputs = session.push(frame, guard=False)
+            except ValueError as exc:
+                session.counters.bad_frames += 1
+                self.event("error", session.session_id, code="bad_params", message=f"bad frame: {exc}")
+                return
+            self.scheduler.observe(session.session_id, stream_batch=mode, push_ms=session.counters.push_ms)
+            if view.runs_chunk and view.batch_key is not None:
+                self.scheduler.observe_group(view.batch_key, 1, session.counters.push_ms)
+            for out in outputs:
+                self.output.submit(session.session_id, out, out.due_ns)
+
+        self._guarded(session, push)
+
+    def _push_together(self, members: list[Session]) -> None:
+        """One push of each member, their chunks through shared DiT forwards (``engine.batch.run_together``)."""
+        from ..engine.batch import run_together  # the engine's (torch): imported once the first group runs
+
+        frames = [s.staged.popleft() for s in members]
+        views = [s.view() for s in members]
+        started = time.perf_counter()
+        results = run_together(self.engine, [s.push_steps(f) for s, f in zip(members, frames, strict=True)])  # type: ignore[arg-type]
+        total_ms = (time.perf_counter() - started) * 1e3
+        self.scheduler.observe_group(views[0].batch_key, len(members), total_ms)
+        for session, frame, view, result in zip(members, frames, views, results, strict=True):
+            if isinstance(result, ValueError):
+                session.counters.bad_frames += 1
+                self.event("error", session.session_id, code="bad_params", message=f"bad frame: {result}")
+                continue
+            if isinstance(result, BaseException):
+                log.error("session %s failed in a shared forward: %r", session.session_id, result)
+                self.close_session(session, f"engine failed: {type(result).__name__}: {result}", code="internal")
+                continue
+            share = total_ms / len(members)  # each member's part of the shared time
+            self.scheduler.observe(session.session_id, stream_batch=view.stream_batch, push_ms=share)
+
+            def finish(s: Session = session, f: Any = frame, r: Any = result, ms: float = share) -> None:
+                for out in s.pushed(f, r, ms, shared=len(members)):
+                    self.output.submit(s.session_id, out, out.due_ns)
+
+            self._guarded(session, finish)
 
     def _release_output(self, out: Output) -> None:
         """Output thread: one output is due. An unexpected failure is that session's: it is marked failed, and the
@@ -347,11 +423,15 @@ class ComputeLoop:
 
     # ------------------------------------------------------------------ periodic
 
-    def session_stats(self, sessions: list[Session], now_ns: int, memory: dict[str, float | None]) -> list[SessionStats]:
+    def session_stats(
+        self, sessions: list[Session], now_ns: int, memory: dict[str, float | None]
+    ) -> list[SessionStats]:
         """The figures of ``sessions``, with ``memory`` (``device_memory_mb``, read once for all of them)."""
         device_mb = memory["allocated_mb"] if memory["allocated_mb"] is not None else memory["rss_mb"]
         return [
-            s.stats(now_ns, device_memory_mb=device_mb, pending_changes=self._changes.pending(s) if self._changes else 0)
+            s.stats(
+                now_ns, device_memory_mb=device_mb, pending_changes=self._changes.pending(s) if self._changes else 0
+            )
             for s in sessions
         ]
 
@@ -391,9 +471,12 @@ class ComputeLoop:
 
     # ------------------------------------------------------------------ closing
 
-    def close_session(self, session: Session, reason: str, *, code: str | None = None, event: str | None = None) -> None:
+    def close_session(
+        self, session: Session, reason: str, *, code: str | None = None, event: str | None = None
+    ) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return
+        self.scheduler.forget(session.session_id)
         self.directory.remove(session.session_id)
         with self.output.lock:  # no output is being written while the transport goes away
             self.output.forget(session.session_id)

@@ -162,6 +162,10 @@ class DeadlineScheduler:
         """Use ``guard`` (the session's own, so ``Session.slo`` shows the switches) for ``session_id``."""
         self._state(session_id).guard = guard
 
+    def knows(self, session_id: str) -> bool:
+        """The scheduler has state for this session (it saw it, or :meth:`adopt` gave it its guard)."""
+        return session_id in self._states
+
     def forget(self, session_id: str) -> None:
         """The session closed."""
         self._states.pop(session_id, None)

@@ -8,22 +8,26 @@ never asks which kind of transport it has (``transports.py``).
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
+from collections import deque
+from collections.abc import Generator, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ..protocol.messages import SessionInfo, SessionStats
 from ..protocol.params import GenerationParams
 from .pacing import DEFAULT_QUEUE_LIMIT, Pacer, queue_limit
+from .scheduler import SessionView, deadline_s
 from .slo import SloGuard
 from .stats import SessionCounters
 from .transports import BadInput, FrameTransport, InputFrame, TransportError
 
 if TYPE_CHECKING:
-    from ..engine.interface import EngineSession
+    from ..engine.interface import EngineSession, OutputFrame
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,10 @@ class Session:
         self.failed: str | None = None
         """Set by the output thread when an output cannot be delivered; the compute loop closes the session."""
         self.closed = False
+        self.staged: deque[InputFrame] = deque()
+        """Input frames taken from the transport, waiting for the scheduler (``scheduler.py``), oldest first."""
+        self.shared_forward = 0
+        """How many sessions shared this session's last chunk's DiT forward (1: alone; 0: none ran yet)."""
         self._captures: dict[int, tuple[int, int]] = {}
         self._pushed = 0
         self._out_seq = 0
@@ -129,15 +137,86 @@ class Session:
             self.counters.bad_frames += 1
             return None
 
-    def push(self, frame: InputFrame) -> list[Output]:
+    # ------------------------------------------------------------------ the scheduler's view (compute loop)
+
+    @property
+    def staging_limit(self) -> int:
+        """Most frames staged at once: offline one (the ring holds the rest, the client waits for room), live as many
+        as arrive within a frame's deadline (older ones would be dropped anyway; the ring drops beyond)."""
+        return 1 if self.pacing == "offline" else math.floor(deadline_s(self.fps) * self.fps) + 1
+
+    def stage_inputs(self) -> None:
+        """Take what the transport has, up to :attr:`staging_limit` staged frames."""
+        while len(self.staged) < self.staging_limit:
+            frame = self.take_input()
+            if frame is None:
+                if not self.transport.has_input():
+                    return
+                continue  # a bad frame, counted: the next one
+            self.staged.append(frame)
+
+    def drop_staged(self, count: int) -> None:
+        """The scheduler drops the ``count`` oldest staged frames: they could no longer meet their deadline."""
+        for _ in range(min(count, len(self.staged))):
+            self.staged.popleft()
+            self.counters.dropped_late += 1
+
+    def batch_key(self) -> Hashable | None:
+        """Sessions with equal keys may share one DiT forward (``None``: this engine session cannot)."""
+        key = getattr(self.engine_session, "batch_key", None)
+        return key() if callable(key) and hasattr(self.engine_session, "push_steps") else None
+
+    def view(self) -> SessionView:
+        """What the scheduler sees of this session now."""
+        params = self.engine_session.params
+        runs_chunk = bool(getattr(self.engine_session, "runs_chunk_next", False))
+        return SessionView(
+            session_id=self.session_id,
+            fps=self.fps,
+            arrivals_ns=tuple(f.arrival_ns for f in self.staged),
+            live=self.pacing == "live",
+            wants_stream_batch=self.prefers_stream_batch and params.steps > 1,
+            stream_batch=bool(params.stream_batch),
+            batch_key=self.batch_key(),
+            runs_chunk=runs_chunk,
+        )
+
+    def set_mode(self, stream_batch: bool) -> None:
+        """The scheduler's mode switch: the stream batch, or no-batch mode (drains the pipeline: no frame is lost)."""
+        if stream_batch == self.engine_session.params.stream_batch:
+            return
+        self.engine_session.set_params(stream_batch=stream_batch)
+        what = (
+            "stream batch again (waits back under the SLO)" if stream_batch else "no-batch mode (frames waited >= SLO)"
+        )
+        log.info("session %s: %s", self.session_id, what)
+
+    # ------------------------------------------------------------------ pushes
+
+    def push(self, frame: InputFrame, *, guard: bool = True) -> list[Output]:
         """Push one input frame; returns the outputs that became ready, each with its due time.
-        Raises ValueError for a frame the engine refuses (the caller counts it as bad)."""
-        index = self._pushed
-        if self.pacing == "live":
+        Raises ValueError for a frame the engine refuses (the caller counts it as bad). ``guard=False``: the mode
+        is the scheduler's choice (the compute loop), not this session's own SLO guard."""
+        if guard and self.pacing == "live":
             self._guard_slo(frame.arrival_ns)  # offline, waiting is expected: keep the stream batch
+        chunk = bool(getattr(self.engine_session, "runs_chunk_next", True))
         started = time.perf_counter()
         outputs = self.engine_session.push(frame.pixels)
         push_ms = (time.perf_counter() - started) * 1e3
+        return self.pushed(frame, outputs, push_ms, shared=1 if chunk else 0)
+
+    def push_steps(self, frame: InputFrame) -> Generator[Any, Any, list[OutputFrame]]:
+        """The engine session's steps for ``frame`` (``StreamSession.push_steps``), to run batched with other
+        sessions' (``engine.batch.run_together``); then :meth:`pushed` with the result."""
+        return self.engine_session.push_steps(frame.pixels)  # type: ignore[attr-defined, no-any-return]
+
+    def pushed(self, frame: InputFrame, outputs: list[OutputFrame], push_ms: float, *, shared: int) -> list[Output]:
+        """Bookkeeping after the engine took ``frame`` (its chunk ran alone, ``shared=1``, or in forwards ``shared``
+        sessions shared; ``0``: it only buffered the frame): counters, and the outputs that became ready with their
+        due times."""
+        index = self._pushed
+        if shared:
+            self.shared_forward = shared
         self._pushed += 1
         self.counters.frame_in(frame.arrival_ns)
         self._captures[index] = (frame.capture_ns, frame.arrival_ns)
@@ -163,10 +242,8 @@ class Session:
         params = self.engine_session.params
         wants = self.prefers_stream_batch and params.steps > 1
         switch = self.slo.observe(wait_s=(now - arrival_ns) / 1e9, now_s=now / 1e9, wants_stream_batch=wants)
-        if switch is not None and switch != params.stream_batch:
-            self.engine_session.set_params(stream_batch=switch)  # drains the pipeline: no frame is lost
-            what = "stream batch again (waits back under the SLO)" if switch else "no-batch mode (frames waited >= SLO)"
-            log.info("session %s: %s", self.session_id, what)
+        if switch is not None:
+            self.set_mode(switch)
 
     # ------------------------------------------------------------------ output (output thread, under its lock)
 
@@ -232,4 +309,7 @@ class Session:
             pending_changes=pending_changes,
             engine_frames_in=int(self.engine_session.frames_in),
             engine_frames_out=int(self.engine_session.frames_out),
+            mode="stream_batch" if self.params.stream_batch and steps > 1 else "no_batch",
+            shared_forward=self.shared_forward,
+            slo_switches=self.slo.switches,
         )

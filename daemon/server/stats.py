@@ -43,6 +43,8 @@ class CounterSnapshot(NamedTuple):
     latency_ms_p99: float | None
     jitter_ms: float | None
     deadline_misses: int
+    dropped_late: int
+    late_in: int
     bad_frames: int
     push_ms: float
     stage_ms: dict[str, float]
@@ -58,6 +60,10 @@ class SessionCounters:
     engine_outputs: int = 0
     deadline_misses: int = 0
     """Outputs that were ready after the pacer's due time (they leave late, at once)."""
+    dropped_late: int = 0
+    """Inputs the deadline scheduler dropped: they could no longer meet their deadline (``scheduler.py``)."""
+    late_in: int = 0
+    """Inputs that entered the engine after their deadline (the scheduler's misses)."""
     bad_frames: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)
     push_ms: float = 0.0
@@ -103,6 +109,8 @@ class SessionCounters:
                 latency_ms_p99=p99,
                 jitter_ms=round(float(iv.std()), 2) if iv.size >= 2 else None,
                 deadline_misses=self.deadline_misses,
+                dropped_late=self.dropped_late,
+                late_in=self.late_in,
                 bad_frames=self.bad_frames,
                 push_ms=round(self.push_ms, 3),
                 stage_ms=dict(self.stage_ms),
