@@ -36,18 +36,52 @@ def _cache_text(status: StatusReply) -> str:
 LEGEND = (
     "fps in/set: frames arriving / the session's rate · lat: capture → restyled frame out, percentiles · "
     "drops in/out: inputs never restyled (daemon behind) / outputs the client never read · "
-    "late: outputs released after their pacing deadline · step ms: one model step (one DiT forward) · "
+    "late: outputs released after their pacing deadline · "
+    "sched drop/miss: inputs the deadline scheduler dropped (they could no longer meet their deadline) / inputs it "
+    "ran after their deadline · mode: sb = stream batch, nb = no-batch (the lowest-latency mode, the SLO fallback), "
+    "×N: N sessions share one DiT forward · step ms: one model step (one DiT forward) · "
     "via: shm = shared memory (same machine), net = network"
 )
-_IDENTITY = (("session", "left"), ("client", "left"), ("size", "right"), ("preset", "left"), ("via", "left"),
-             ("frames\nin/out", "right"))
-_FIGURES = (("fps\nin/set", "right"), ("out\nfps", "right"), ("lat ms\np50/95/99", "right"), ("jitter\nms", "right"),
-            ("drops\nin/out", "right"), ("late", "right"), ("step\nms", "right"))
+_IDENTITY = (
+    ("session", "left"),
+    ("client", "left"),
+    ("size", "right"),
+    ("preset", "left"),
+    ("via", "left"),
+    ("frames\nin/out", "right"),
+)
+_FIGURES = (
+    ("fps\nin/set", "right"),
+    ("out\nfps", "right"),
+    ("lat ms\np50/95/99", "right"),
+    ("jitter\nms", "right"),
+    ("drops\nin/out", "right"),
+    ("late", "right"),
+    ("sched\ndrop/miss", "right"),
+    ("mode", "left"),
+    ("step\nms", "right"),
+)
 
 
 def _identity(s: SessionStats) -> list[str]:
-    return [s.session_id, s.client or "–", f"{s.width}x{s.height}", s.preset or "–", s.transport,
-            f"{s.frames_in}/{s.frames_out}"]
+    return [
+        s.session_id,
+        s.client or "–",
+        f"{s.width}x{s.height}",
+        s.preset or "–",
+        s.transport,
+        f"{s.frames_in}/{s.frames_out}",
+    ]
+
+
+def _mode(s: SessionStats) -> str:
+    """``sb`` / ``nb`` (stream batch / no-batch), ``×N`` when N sessions shared its last forward; ``–``: unknown (an
+    older daemon)."""
+    mode = getattr(s, "mode", None)
+    if mode is None:
+        return "–"
+    shared = getattr(s, "shared_forward", 0)
+    return ("sb" if mode == "stream_batch" else "nb") + (f" ×{shared}" if shared > 1 else "")
 
 
 def _figures(s: SessionStats) -> list[str]:
@@ -58,6 +92,8 @@ def _figures(s: SessionStats) -> list[str]:
         _fmt(s.jitter_ms),
         f"{s.dropped_in}/{s.dropped_out}",
         str(s.deadline_misses),
+        f"{s.dropped_late}/{s.late_in}",
+        _mode(s),
         _fmt(s.step_ms),
     ]
 
@@ -103,10 +139,15 @@ def status_table(status: StatusReply) -> Group:
     )
     loading = getattr(status, "loading", None)
     if getattr(status, "state", "ready") == "loading":
-        what = (f"{loading.stage} ({loading.stages_done} steps done, {loading.elapsed_s:.0f} s)"
-                if loading is not None else "…")
-        line = Text(f"loading {status.model}: {what}; sessions open once it is ready (`sdlive status --wait` follows it)",
-                    style="yellow")
+        what = (
+            f"{loading.stage} ({loading.stages_done} steps done, {loading.elapsed_s:.0f} s)"
+            if loading is not None
+            else "…"
+        )
+        line = Text(
+            f"loading {status.model}: {what}; sessions open once it is ready (`sdlive status --wait` follows it)",
+            style="yellow",
+        )
         return Group(head, line)
     if not status.sessions:
         return Group(head, Text("no sessions open: connect OBS, `sdlive cam`, or any client", style="dim"))
