@@ -412,6 +412,7 @@ class SessionStats(SessionInfo):
     shared_forward: int = Field(
         0, description="sessions that shared this session's last DiT forward (1: alone; 0: none ran yet)"
     )
+    shared_chunks: int = Field(0, description="chunks that ran in DiT forwards shared with other sessions")
     slo_switches: int = Field(0, description="switches between the stream batch and no-batch mode (SLO fallback)")
     ts: float = Field(default_factory=time.time, description="unix time of the figures")
 

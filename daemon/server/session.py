@@ -217,6 +217,8 @@ class Session:
         index = self._pushed
         if shared:
             self.shared_forward = shared
+        if shared > 1:
+            self.counters.shared_chunks += 1
         self._pushed += 1
         self.counters.frame_in(frame.arrival_ns)
         self._captures[index] = (frame.capture_ns, frame.arrival_ns)

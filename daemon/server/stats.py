@@ -45,6 +45,7 @@ class CounterSnapshot(NamedTuple):
     deadline_misses: int
     dropped_late: int
     late_in: int
+    shared_chunks: int
     bad_frames: int
     push_ms: float
     stage_ms: dict[str, float]
@@ -64,6 +65,8 @@ class SessionCounters:
     """Inputs the deadline scheduler dropped: they could no longer meet their deadline (``scheduler.py``)."""
     late_in: int = 0
     """Inputs that entered the engine after their deadline (the scheduler's misses)."""
+    shared_chunks: int = 0
+    """Chunks that ran in DiT forwards shared with other sessions (session batching)."""
     bad_frames: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)
     push_ms: float = 0.0
@@ -111,6 +114,7 @@ class SessionCounters:
                 deadline_misses=self.deadline_misses,
                 dropped_late=self.dropped_late,
                 late_in=self.late_in,
+                shared_chunks=self.shared_chunks,
                 bad_frames=self.bad_frames,
                 push_ms=round(self.push_ms, 3),
                 stage_ms=dict(self.stage_ms),

@@ -66,3 +66,26 @@ def test_an_overloaded_session_counts_drops_and_misses_in_status(daemon_factory,
     drops, misses = map(int, row[12].split("/"))
     assert status.dropped_late <= drops <= after.dropped_late and status.late_in <= misses <= after.late_in, row
     assert row[13] == "nb", row
+
+
+def test_sessions_of_one_size_fed_together_share_forwards_in_the_daemon(daemon_factory, wait_for):
+    daemon = daemon_factory()
+    with daemon.client() as client:
+        opened = [client.open_session(width=64, height=64, fps=15, client=f"pair-{i}") for i in range(2)]
+        try:
+            for i in range(40):
+                for session in opened:
+                    session.send(np.full((64, 64, 3), (9 * i) % 256, np.uint8), timestamp_ns=time.monotonic_ns())
+                for session in opened:
+                    while session.recv(timeout_s=0) is not None:
+                        pass
+                time.sleep(1 / 15)
+            assert wait_for(lambda: all(s.status().frames_in >= 40 for s in opened), timeout_s=30)
+            stats = [s.status() for s in opened]
+        finally:
+            for session in opened:
+                session.close()
+    # the chunks of both sessions ran through shared DiT forwards (a pass may catch one session's frame alone)
+    for s in stats:
+        assert s.shared_chunks >= 3, (s.shared_chunks, s.engine_frames_in)
+        assert s.dropped_late == 0 and s.late_in == 0

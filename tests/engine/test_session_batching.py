@@ -97,3 +97,16 @@ def test_a_bad_frame_fails_only_its_own_session(engine):
     assert results[0] == []
     assert isinstance(results[1], ValueError)
     assert good.frames_in == 1 and bad.frames_in == 0
+
+
+def test_measure_sessions_reports_throughput_and_latency_with_and_without_batching(engine):
+    from sdlive.daemon.engine.scale import measure_sessions
+
+    alone = measure_sessions(engine, n=2, batched=False, width=W, height=H, frames=8, warmup_frames=9)
+    together = measure_sessions(engine, n=2, batched=True, width=W, height=H, frames=8, warmup_frames=9)
+    for figures in (alone, together):
+        assert figures.frames == 2 * 8 and figures.fps > 0
+        assert 0 < figures.p50_ms <= figures.p99_ms
+    assert alone.shared_forwards == 0 and alone.forwards == 2 * together.forwards
+    assert together.shared_forwards == together.forwards > 0
+    assert set(together.as_dict()) >= {"n", "fps", "p99_ms"}
