@@ -96,6 +96,9 @@ class EngineSession(Protocol):
     # it holding its output thread's lock). The relay's ``RemoteSession`` closes its remote session that way.
     # Optional: ``set_lora(path | None, strength, transition_chunks=None)``, a preset's LoRA style (StreamSession);
     # a missing or mismatched file raises ``ValueError`` and changes nothing.
+    # Optional (session batching, ``engine.batch``): ``push_steps(frame)``, ``push`` as a generator of the forwards it
+    # needs; ``batch_key()``, sessions with equal keys may share a forward; ``runs_chunk_next``, the next push runs
+    # the DiT. The daemon batches only sessions that have all three (StreamSession); others run alone.
 
 
 @runtime_checkable
