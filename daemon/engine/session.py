@@ -284,7 +284,8 @@ class StreamSession:
                 )
                 call = steps.send(flow)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            result: _T = stop.value
+            return result
 
     def _forward(
         self,

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -325,8 +326,7 @@ class ComputeLoop:
                 members = [self.sessions[sid] for sid in group if sid in self.sessions]
                 for session in members:
                     if session.session_id in plan.switches:
-                        switch = plan.switches[session.session_id]
-                        self._guarded(session, lambda s=session, on=switch: s.set_mode(on))
+                        self._guarded(session, partial(session.set_mode, plan.switches[session.session_id]))
                 members = [s for s in members if s.session_id in self.sessions and s.staged]
                 if len(members) > 1:
                     self._push_together(members)

@@ -208,7 +208,7 @@ class Session:
     def push_steps(self, frame: InputFrame) -> Generator[Any, Any, list[OutputFrame]]:
         """The engine session's steps for ``frame`` (``StreamSession.push_steps``), to run batched with other
         sessions' (``engine.batch.run_together``); then :meth:`pushed` with the result."""
-        return self.engine_session.push_steps(frame.pixels)  # type: ignore[attr-defined, no-any-return]
+        return self.engine_session.push_steps(frame.pixels)  # type: ignore[attr-defined]
 
     def pushed(self, frame: InputFrame, outputs: list[OutputFrame], push_ms: float, *, shared: int) -> list[Output]:
         """Bookkeeping after the engine took ``frame`` (its chunk ran alone, ``shared=1``, or in forwards ``shared``
