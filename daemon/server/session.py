@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 _PLAUSIBLE_CLOCK_NS = 60 * 10**9
 """A capture timestamp within this of the daemon's monotonic clock is taken to share it (same machine)."""
 _MAX_TRACKED_CAPTURES = 4096
+MAX_STAGED = 32
+"""Most input frames a live session holds outside its ring (memory: at 1080p BGRA 32 frames are 265 MB)."""
 
 
 def new_session_id() -> str:
@@ -142,8 +144,11 @@ class Session:
     @property
     def staging_limit(self) -> int:
         """Most frames staged at once: offline one (the ring holds the rest, the client waits for room), live as many
-        as arrive within a frame's deadline (older ones would be dropped anyway; the ring drops beyond)."""
-        return 1 if self.pacing == "offline" else math.floor(deadline_s(self.fps) * self.fps) + 1
+        as arrive within a frame's deadline (older ones would be dropped anyway), at most ``MAX_STAGED`` (the ring
+        holds the rest and drops its oldest beyond: ``dropped_in``)."""
+        if self.pacing == "offline":
+            return 1
+        return min(MAX_STAGED, math.floor(deadline_s(self.fps) * self.fps) + 1)
 
     def stage_inputs(self) -> None:
         """Take what the transport has, up to :attr:`staging_limit` staged frames."""

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 SIZE = 128
-FPS = 240.0  # far beyond what the tiny model restyles on a CPU
+FPS = 120.0  # far beyond what the tiny model restyles on a CPU at 128x128
 
 
 def feed(session, seconds: float, *, lag_s: float = 0.0) -> int:
