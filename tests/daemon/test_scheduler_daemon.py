@@ -34,7 +34,7 @@ def test_an_overloaded_session_counts_drops_and_misses_in_status(daemon_factory,
     with daemon.client() as client:
         params = {"steps": 2, "stream_batch": True}
         with client.open_session(width=SIZE, height=SIZE, fps=FPS, params=params, client="overload") as session:
-            sent = feed(session, 6.0)
+            sent = feed(session, 4.5)
             assert wait_for(lambda: session.status().dropped_late > 0, timeout_s=20)
             status = session.status()
             table = subprocess.run(sdlive_command("status", "--address", daemon.control_address, "--timeout", "30"),
