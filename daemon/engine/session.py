@@ -255,6 +255,12 @@ class StreamSession:
         """The next ``push`` completes a chunk (runs the DiT); the others only buffer a frame."""
         return len(self._pending) + 1 >= (FIRST_CHUNK_FRAMES if self._chunks == 0 else CHUNK_FRAMES)
 
+    @property
+    def frames_to_chunk(self) -> int | None:
+        """Pushes before the one that runs the next chunk (0: the next push runs it); ``None`` before the first
+        chunk (5 frames, 2 latent frames: it never shares a forward with a later chunk)."""
+        return None if self._chunks == 0 else max(0, CHUNK_FRAMES - len(self._pending) - 1)
+
     def batch_key(self) -> tuple[Any, ...]:
         """Sessions with equal keys can share one forward when their chunks run together (``engine.batch``): the
         same latent size, dtype and device; the chunk shape and the LoRA weights are checked per forward."""

@@ -106,6 +106,8 @@ class ComputeLoop:
         self.ops = LoopOps(self)
         self.scheduler = DeadlineScheduler(batching=True)
         """The policy of :meth:`_move_frames`; ``scheduler.batching = False`` runs every session's forward alone."""
+        self._held: dict[str, int] = {}
+        """Sessions the last plan held for a batching partner, until when (ns): the loop sleeps, never spins."""
         self.started_ns = time.monotonic_ns()
         self.device = config.device or "cpu"
         self.model_name = config.model
@@ -251,7 +253,10 @@ class ComputeLoop:
         the loop: the output thread releases them."""
         deadline = min(self._next_tick_ns, self._next_beat_ns)
         for s in self.sessions.values():
-            if s.failed or s.staged or s.transport.has_input():
+            held = self._held.get(s.session_id)
+            if held is not None and now < held and not s.transport.has_input():
+                deadline = min(deadline, held)  # waits for a batching partner's frame (the poll below wakes it)
+            elif s.failed or s.staged or s.transport.has_input():
                 return 0.0
             if s.transport.polled():
                 deadline = min(deadline, now + int(min(5e6, 1e9 / s.fps / 8)))
@@ -316,7 +321,10 @@ class ComputeLoop:
                 except SessionClosed as exc:
                     self.close_session(session, exc.reason, code=exc.code)
             plan = self.scheduler.plan(time.monotonic_ns(), [s.view() for s in self.sessions.values()])
+            self._held = plan.held
             if not plan.groups:
+                for sid, count in plan.drops.items():  # alignment drops of a pass that runs nothing
+                    self.sessions[sid].drop_staged(count)
                 break
             for sid, count in plan.drops.items():
                 self.sessions[sid].drop_staged(count)

@@ -34,6 +34,12 @@ The rules, in the order a pass applies them:
 5. **Session batching.** Sessions whose ``batch_key`` is equal (same size and chunk shape: the engine decides what
    is compatible) and whose next push runs the DiT share one forward, each with its own KV-cache slots, unless
    batching is off or measurements show a shared forward costs each member no less than running alone.
+6. **Alignment of batching partners** (live sessions of one ``batch_key`` and fps, past their first chunk). Their
+   chunks only share a forward when they complete in the same pass. A session whose chunk is ready waits (is
+   *held*) for a partner whose chunk frame is the next to arrive, at most one frame period and only while its
+   frame's deadline leaves room for that and its push: sources that are not in step cost the earlier one up to a
+   period per chunk. A partner two or three frames off in its chunk is brought in step once, by dropping one or two
+   of its next frames (``ALIGN_COOLDOWN_S`` between two such alignments of a session; counted as drops).
 
 Costs: per session and mode an EWMA (``EWMA_ALPHA``) of the ms one push took (a push that only buffers a frame
 costs ~0, a chunk's push the whole chunk, so the mean is what a frame costs); an unmeasured session borrows the mean
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .slo import RECOVER_AFTER_S, RECOVER_WAIT_S, SLO_WAIT_S, SloGuard
 
@@ -66,6 +72,8 @@ AGING_S = 0.1
 """How much earlier a session sorts for every pass it was left out (anti-starvation)."""
 EWMA_ALPHA = 0.2
 """Weight of a new measurement in the per-session, per-mode cost estimate."""
+ALIGN_COOLDOWN_S = 5.0
+"""Least time between two alignments (rule 6) of one session."""
 MAX_UTILISATION = 0.9
 """The modelled load (busy fraction of the device) up to which a fallen-back session may return to the stream batch."""
 
@@ -82,7 +90,8 @@ class SessionView:
     ``arrivals_ns``: arrival times of the frames it holds, oldest first (empty: nothing to do). ``wants_stream_batch``:
     it asked for the stream batch and runs 2+ steps; ``stream_batch``: the mode it runs in now. ``batch_key``:
     sessions with equal keys may share one forward (``None``: never). ``runs_chunk``: its next push runs the DiT
-    (a push that only buffers a frame is never batched)."""
+    (a push that only buffers a frame is never batched). ``frames_to_chunk``: pushes before the one that runs its
+    next chunk (0: the next push runs it; ``None``: unknown, or its first chunk, which is never aligned)."""
 
     session_id: str
     fps: float
@@ -92,6 +101,7 @@ class SessionView:
     stream_batch: bool = False
     batch_key: Hashable | None = None
     runs_chunk: bool = False
+    frames_to_chunk: int | None = None
 
 
 @dataclass
@@ -99,13 +109,15 @@ class Plan:
     """One pass: ``groups`` run in order, each a list of session ids whose push shares one forward (one id: alone);
     ``drops``: frames to drop from the front of each session's queue; ``switches``: the stream-batch setting a session
     switches to before its push; ``deferred``: sessions with input left for the next pass; ``misses``: sessions
-    whose pushed frame is past its deadline."""
+    whose pushed frame is past its deadline; ``held``: sessions held for a batching partner."""
 
     groups: list[list[str]] = field(default_factory=list)
     drops: dict[str, int] = field(default_factory=dict)
     switches: dict[str, bool] = field(default_factory=dict)
     deferred: list[str] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)
+    """Sessions held back this pass to share a forward with a partner (rule 6): until when (ns) at the latest."""
 
     @property
     def order(self) -> list[str]:
@@ -121,6 +133,9 @@ class _State:
     last_pass: int = -1
     drops: int = 0
     misses: int = 0
+    last_arrival_ns: int | None = None
+    align_debt: int = 0  # frames still to drop to bring the session in step with its partners
+    aligned_at_s: float = -math.inf
 
 
 class DeadlineScheduler:
@@ -250,6 +265,14 @@ class DeadlineScheduler:
                 plan.switches[v.session_id] = switch
                 modes[v.session_id] = switch
 
+        # 6. Alignment of batching partners: drops that bring a session in step, holds for a partner's frame
+        if self.batching:
+            self._align(now_ns, views, plan)
+            waiting = [
+                v for v in waiting
+                if v.session_id not in plan.held and plan.drops.get(v.session_id, 0) < len(v.arrivals_ns)
+            ]  # fmt: skip
+
         # 3. Order: earliest (aged) deadline first, least recently served first on ties
         def key(v: SessionView) -> tuple[float, int]:
             state = self._state(v.session_id)
@@ -294,11 +317,13 @@ class DeadlineScheduler:
             start_ns = now_ns + int(elapsed_ms * 1e6)
             for w in group:
                 state = self._state(w.session_id)
-                drop = self._drops(w, start_ns) if w.live else 0
-                if drop:
-                    plan.drops[w.session_id] = drop
-                    state.drops += drop
-                kept = w.arrivals_ns[drop]
+                aligning = plan.drops.get(w.session_id, 0)  # an alignment drop (rule 6) comes first
+                w = replace(w, arrivals_ns=w.arrivals_ns[aligning:])
+                late = self._drops(w, start_ns) if w.live else 0
+                if late:
+                    plan.drops[w.session_id] = aligning + late
+                    state.drops += late
+                kept = w.arrivals_ns[late]
                 if w.live and start_ns > kept + int(deadline_s(w.fps) * 1e9):
                     plan.misses.append(w.session_id)
                     state.misses += 1
@@ -309,6 +334,52 @@ class DeadlineScheduler:
         for sid in plan.deferred:
             self._state(sid).skips += 1
         return plan
+
+    def _align(self, now_ns: int, views: Sequence[SessionView], plan: Plan) -> None:
+        """Rule 6 of the module docstring: fills ``plan.drops`` (alignment) and ``plan.held``."""
+        for v in views:
+            if v.arrivals_ns:
+                self._state(v.session_id).last_arrival_ns = v.arrivals_ns[-1]
+        partners: dict[tuple[Hashable, float], list[SessionView]] = {}
+        for v in views:
+            if v.live and v.batch_key is not None and v.frames_to_chunk is not None:
+                partners.setdefault((v.batch_key, round(v.fps, 1)), []).append(v)
+        now_s = now_ns / 1e9
+        for (key, fps), group in partners.items():
+            for v in group:  # a debt is paid from the frames the session holds, as they come
+                state = self._state(v.session_id)
+                if state.align_debt and v.arrivals_ns:
+                    paid = min(state.align_debt, len(v.arrivals_ns))
+                    plan.drops[v.session_id] = paid
+                    state.align_debt -= paid
+                    state.drops += paid
+            if len(group) < 2 or not self._sharing_pays(key, len(group)):
+                continue
+            period_ns = int(1e9 / fps)
+
+            def arrivals_to_chunk(v: SessionView) -> int:
+                """Arrivals still needed before the frame of its next chunk is here (0: it is)."""
+                held = len(v.arrivals_ns) - plan.drops.get(v.session_id, 0)
+                return max(0, (v.frames_to_chunk or 0) + 1 - held + self._state(v.session_id).align_debt)
+
+            need = {v.session_id: arrivals_to_chunk(v) for v in group}
+            lead = min(group, key=lambda v: (need[v.session_id], v.session_id))
+            for v in group:
+                if v is lead:
+                    continue
+                offset = (need[v.session_id] - need[lead.session_id]) % CHUNK_FRAMES
+                state = self._state(v.session_id)
+                if offset in (2, 3) and now_s - state.aligned_at_s >= ALIGN_COOLDOWN_S:
+                    state.align_debt += CHUNK_FRAMES - offset
+                    state.aligned_at_s = now_s
+                elif offset == 1 and need[lead.session_id] == 0 and lead.arrivals_ns:
+                    # the partner's chunk frame is the next to arrive: hold the lead for it, at most a period
+                    expected = (state.last_arrival_ns or now_ns) + period_ns
+                    until = min(expected + period_ns // 4, lead.arrivals_ns[-1] + period_ns)
+                    deadline = lead.arrivals_ns[0] + int(deadline_s(lead.fps) * 1e9)
+                    cost_ns = int(self.cost_ms(lead.session_id, lead.stream_batch) * 1e6)
+                    if now_ns < until and until + 2 * cost_ns < deadline:
+                        plan.held[lead.session_id] = until
 
     def _drops(self, v: SessionView, start_ns: int) -> int:
         """How many of the oldest frames to drop: beyond the backlog, or unable to meet their deadline by

@@ -184,6 +184,7 @@ class Session:
             stream_batch=bool(params.stream_batch),
             batch_key=self.batch_key(),
             runs_chunk=runs_chunk,
+            frames_to_chunk=getattr(self.engine_session, "frames_to_chunk", None),
         )
 
     def set_mode(self, stream_batch: bool) -> None:

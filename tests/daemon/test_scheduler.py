@@ -199,3 +199,83 @@ def test_offline_sessions_never_drop_and_are_not_starved_by_live_ones():
     simulate([live, offline], 5)
     assert offline.dropped == 0
     assert offline.pushed > 50
+
+
+@dataclass
+class Chunked:
+    """A modelled session whose every fourth push runs a chunk (``chunk_ms``); the others only buffer a frame."""
+
+    sid: str
+    fps: float
+    start_ns: int
+    chunk_ms: float = 20.0
+    queue: deque[int] = field(default_factory=deque)
+    pushes: int = 0
+    dropped: int = 0
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (time s, sessions sharing the forward)
+    waits_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.next_arrival_ns = self.start_ns
+
+    def arrive(self, now_ns: int) -> None:
+        while self.next_arrival_ns <= now_ns:
+            self.queue.append(self.next_arrival_ns)
+            self.next_arrival_ns += int(1e9 / self.fps)
+
+    def view(self) -> SessionView:
+        to_chunk = 3 - self.pushes % 4
+        return SessionView(self.sid, self.fps, tuple(self.queue), batch_key="64x64", runs_chunk=to_chunk == 0,
+                           frames_to_chunk=to_chunk)  # fmt: skip
+
+
+def simulate_chunks(sources: list[Chunked], seconds: float, *, shared_ms: float = 24.0) -> DeadlineScheduler:
+    """Sources whose chunks cost ``chunk_ms`` alone and ``shared_ms`` for one forward shared by several."""
+    sched = DeadlineScheduler()
+    by_id = {s.sid: s for s in sources}
+    now, end = 0, int(seconds * 1e9)
+    while now < end:
+        for s in sources:
+            s.arrive(now)
+        plan = sched.plan(now, [s.view() for s in sources if s.start_ns <= now])
+        for sid, n in plan.drops.items():
+            for _ in range(n):
+                by_id[sid].queue.popleft()
+            by_id[sid].dropped += n
+        spent = 0.0
+        for group in plan.groups:
+            members = [by_id[sid] for sid in group]
+            chunk = [m for m in members if m.pushes % 4 == 3]
+            cost = (shared_ms if len(chunk) > 1 else members[0].chunk_ms) if chunk else 0.1
+            for m in members:
+                m.waits_s.append((now - m.queue.popleft()) / 1e9)
+                if m.pushes % 4 == 3:
+                    m.chunks.append((now / 1e9, len(chunk)))
+                m.pushes += 1
+                sched.observe(m.sid, stream_batch=False, push_ms=cost / len(members))
+            if chunk:
+                sched.observe_group("64x64", len(chunk), cost)
+            spent += cost
+        now += int(max(spent, 0.5) * 1e6)
+    return sched
+
+
+@pytest.mark.parametrize("offset_frames", [1, 2, 3])
+def test_partners_two_or_three_frames_off_are_brought_in_step_once_and_then_share_every_chunk(offset_frames):
+    period = int(1e9 / 30)
+    a = Chunked("a", 30, 0)
+    b = Chunked("b", 30, offset_frames * period + period // 3)  # frames off, and not in step within a frame either
+    simulate_chunks([a, b], 12)
+    assert a.dropped + b.dropped <= 3, "at most one alignment, of at most 3 frames"
+    late = [n for t, n in a.chunks + b.chunks if t > 4]
+    assert late and all(n == 2 for n in late), "in step: every chunk in one shared forward"
+    # holding a chunk for the partner's frame costs at most a frame period of waiting
+    assert max(a.waits_s[len(a.waits_s) // 2 :] + b.waits_s[len(b.waits_s) // 2 :]) < 2.2 / 30
+
+
+def test_no_hold_or_alignment_for_sessions_that_cannot_share():
+    a = Chunked("a", 30, 0)
+    b = Chunked("b", 24, 1000)  # another fps: never in step
+    simulate_chunks([a, b], 5)
+    assert a.dropped == b.dropped == 0
+    assert max(a.waits_s) < 1.1 / 24 + 0.03

@@ -73,19 +73,23 @@ def test_sessions_of_one_size_fed_together_share_forwards_in_the_daemon(daemon_f
     with daemon.client() as client:
         opened = [client.open_session(width=64, height=64, fps=15, client=f"pair-{i}") for i in range(2)]
         try:
-            for i in range(40):
-                for session in opened:
-                    session.send(np.full((64, 64, 3), (9 * i) % 256, np.uint8), timestamp_ns=time.monotonic_ns())
+            # the second source starts two frames later: its chunks are off-phase until the scheduler aligns them
+            for i in range(42):
+                for k, session in enumerate(opened):
+                    if i >= 2 * k and i - 2 * k < 40:
+                        frame = np.full((64, 64, 3), (9 * i) % 256, np.uint8)
+                        session.send(frame, timestamp_ns=time.monotonic_ns())
                 for session in opened:
                     while session.recv(timeout_s=0) is not None:
                         pass
                 time.sleep(1 / 15)
-            assert wait_for(lambda: all(s.status().frames_in >= 40 for s in opened), timeout_s=30)
+            assert wait_for(lambda: all(s.status().frames_in + s.status().dropped_late >= 40 for s in opened), 30)
             stats = [s.status() for s in opened]
         finally:
             for session in opened:
                 session.close()
-    # the chunks of both sessions ran through shared DiT forwards (a pass may catch one session's frame alone)
+    # brought in step once (at most 3 frames dropped), the chunks of both ran through shared DiT forwards
+    assert sum(s.dropped_late for s in stats) <= 3
     for s in stats:
         assert s.shared_chunks >= 3, (s.shared_chunks, s.engine_frames_in)
-        assert s.dropped_late == 0 and s.late_in == 0
+        assert s.late_in == 0
