@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import moving_shapes, parse_size, report, stamp  # noqa: E402
+from engine import run_stream  # noqa: E402  (bench/engine.py)
 
-from sdlive.daemon.engine import SessionParams, StreamEngine  # noqa: E402
+from sdlive.daemon.engine import StreamEngine  # noqa: E402
 from sdlive.daemon.engine.scale import measure_sessions  # noqa: E402
 
 CHUNK_FRAMES = 4
@@ -57,19 +58,10 @@ def measure_session_scaling(engine: StreamEngine, args: argparse.Namespace) -> l
 
 
 def stage_times(engine: StreamEngine, args: argparse.Namespace) -> dict[str, float]:
-    """Median per-chunk encode/DiT/decode ms of one session (the first chunk aside)."""
+    """Median per-chunk encode/DiT/decode ms of one session (the first chunk aside): ``bench/engine.py``'s run."""
     width, height = args.size
     clip = moving_shapes(width, height, 1 + CHUNK_FRAMES * 8)
-    params = SessionParams(prompt="a watercolor painting", steps=args.steps, stream_batch=True, seed=0)
-    session = engine.open_session(width=width, height=height, params=params, pixel_format="rgb24")
-    stages: dict[str, list[float]] = {"encode": [], "dit": [], "decode": []}
-    for frame in clip:
-        before = session.chunks
-        session.push(frame)
-        if session.chunks != before and session.chunks > 1:
-            for key in stages:
-                stages[key].append(session.stage_ms[key])
-    return {k: statistics.median(v) for k, v in stages.items()}
+    return run_stream(engine, clip, steps=args.steps, stream_batch=True)["stage_ms"]
 
 
 def best_split(blocks: int, ranks: int, t_block: float, first_extra: float, last_extra: float) -> list[int]:
