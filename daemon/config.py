@@ -70,6 +70,15 @@ class DaemonConfig(BaseSettings):
     allow_base_model: bool = False
     """Run a base Wan transformer when no StreamDiffusionV2 generator is found (it is not distilled for few-step
     streaming: blurry, slow to settle); without it that is an error naming what is missing."""
+    gpus: int = Field(default=1, ge=1, le=16)
+    """Devices to run on (``--device cpu``: processes on the CPU). With more than 1 the daemon starts a rank per
+    device (or joins the ones ``torchrun`` started) and splits the work as ``--mode`` says."""
+    mode: Literal["pipeline", "shard"] = "pipeline"
+    """How ``--gpus`` N splits the work. pipeline: the transformer's blocks over the devices, every session through
+    all of them (near-linear throughput for the stream batch, 2+ steps); shard: whole sessions per device, placed by
+    free memory (simpler; each session as fast as on one device)."""
+    rebalance: Literal["auto", "off"] = "auto"
+    """Pipeline: after measuring, move blocks once from slower ranks to faster ones (auto), or keep the even split."""
     kv_cache_frames: int | None = Field(default=None, ge=1, le=1024)
     """Latent frames the DiT's rolling KV cache keeps per stream, sinks included; default: the model's (6)."""
     sink_frames: int | None = Field(default=None, ge=0, le=1023)

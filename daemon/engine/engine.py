@@ -23,11 +23,11 @@ from ..model.lora import LoraAdapters
 from ..model.memory import GiB, SessionMemory, free_device_bytes, session_memory
 from ..protocol.params import GenerationParams
 from .interface import InsufficientMemory
-from .session import NoiseFn, StreamSession
+from .session import ForwardCall, NoiseFn, StreamSession
 
 if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with this module
     from ..model.bundle import ModelBundle, ProgressFn
-    from ..model.causal_wan import CausalWanTransformer3DModel
+    from ..model.causal_wan import CausalWanTransformer3DModel, CrossAttentionCache
     from ..model.kv_cache import KVCache
     from ..model.vae import StreamingVAE
 
@@ -83,6 +83,9 @@ class StreamEngine:
         self._prompt_memo: dict[str, torch.Tensor] = {}
         self.lora = LoraAdapters(self.transformer)
         """The LoRA style files loaded on the transformer; each session sets its own weights (``set_lora``)."""
+        self.layers: range = range(len(self.transformer.blocks))
+        """The transformer blocks this engine runs and holds caches for: all of them, except on a pipeline stage
+        (``sdlive.daemon.distributed``)."""
 
     @classmethod
     def load(
@@ -208,7 +211,18 @@ class StreamEngine:
             device=self.device,
             dtype=self.dtype,
             compat=self.compat,
+            layers=self.layers,
         )
+
+    def cross_attention_cache(self, embeds: torch.Tensor) -> CrossAttentionCache:
+        """The text K/V of this engine's blocks for a prompt embedding (``[1, text_len, text_dim]``)."""
+        return self.transformer.cross_attention_cache(embeds, layers=self.layers)
+
+    def run_forward(self, call: ForwardCall) -> torch.Tensor:
+        """One DiT forward a session needs (with its LoRA weights active); the flow, float32. A pipeline stage
+        runs its part of it across the ranks instead."""
+        self.lora.activate(call.lora)
+        return self.transformer.forward_stream(call.x, call.t, call.cross, call.cache, commit=call.commit)
 
     @property
     def prompt_vocabulary(self) -> list[str] | None:

@@ -21,10 +21,14 @@ from ..protocol.params import GenerationParams
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "EngineSession", "InsufficientMemory", "OutputFrame", "Pixels", "StageTimes"]
+__all__ = ["Engine", "EngineFailure", "EngineSession", "InsufficientMemory", "OutputFrame", "Pixels", "StageTimes"]
 
 Pixels = npt.NDArray[np.uint8]
 """One frame, ``H×W×C`` uint8 in a session's pixel format (``rgb24``/``bgr24``: C = 3, ``rgba``/``bgra``: C = 4)."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine itself cannot go on (a pipeline rank died): the daemon ends, instead of closing one session."""
 
 
 class InsufficientMemory(ValueError):

@@ -250,6 +250,20 @@ class StreamSession:
         """Add one frame; returns the restyled frames that became ready, in input order."""
         return self._run_alone(self.push_steps(frame))
 
+    def check_frame(self, frame: Pixels | torch.Tensor) -> None:
+        """Raise ``ValueError`` for a frame ``push`` would refuse (a pipeline checks before its ranks push)."""
+        with torch.inference_mode():
+            self._frame_to_tensor(frame)
+
+    def kv_caches(self) -> list[KVCache]:
+        """The KV caches this session holds now (a pipeline's rebalance moves their blocks between ranks)."""
+        return [c for c in (self._seq_cache, self._batch_cache) if c is not None]
+
+    def refresh_cross_attention(self) -> None:
+        """Remake the text K/V for the engine's blocks (after a rebalance changed which blocks it runs)."""
+        with torch.inference_mode():
+            self._set_embeds(self._embeds)
+
     @property
     def runs_chunk_next(self) -> bool:
         """The next ``push`` completes a chunk (runs the DiT); the others only buffer a frame."""
@@ -284,11 +298,7 @@ class StreamSession:
         try:
             call = next(steps)
             while True:
-                self.engine.lora.activate(call.lora)
-                flow = self.engine.transformer.forward_stream(
-                    call.x, call.t, call.cross, call.cache, commit=call.commit
-                )
-                call = steps.send(flow)
+                call = steps.send(self.engine.run_forward(call))
         except StopIteration as stop:
             result: _T = stop.value
             return result
@@ -379,7 +389,7 @@ class StreamSession:
     def _set_embeds(self, embeds: torch.Tensor) -> None:
         self._embeds = embeds
         self.engine.lora.activate(self._lora_weights)  # a LoRA on attn2's projections shapes the text K/V too
-        self._cross = self.engine.transformer.cross_attention_cache(embeds)
+        self._cross = self.engine.cross_attention_cache(embeds)
         self._cross_lora = dict(self._lora_weights)
 
     def _step_lora(self) -> None:

@@ -298,11 +298,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         compat: Compat = DEFAULT_COMPAT,
+        layers: range | None = None,
     ) -> KVCache:
         """An empty :class:`KVCache` for this model's blocks (default device and dtype: those of ``attn1``).
 
         ``compat``: when the adaptive sink check runs (``"upstream"``: on every single-frame write, the fill phase
-        included, as the distilled weights were tuned with; ``"clean"``: only once the cache is full)."""
+        included, as the distilled weights were tuned with; ``"clean"``: only once the cache is full).
+        ``layers``: the blocks whose K/V this cache holds (a pipeline stage's; default: all)."""
         weight = self.stream_blocks[0].attn1.to_k.weight
         return KVCache(
             num_layers=len(self.blocks),
@@ -314,18 +316,27 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             device=device if device is not None else weight.device,
             dtype=dtype if dtype is not None else weight.dtype,
             compat=compat,
+            layers=layers,
         )
 
     @torch.no_grad()
-    def cross_attention_cache(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionCache:
-        """Text-embed ``encoder_hidden_states`` ``[B, L, text_dim]`` once and precompute every block's attn2 K/V."""
+    def cross_attention_cache(
+        self, encoder_hidden_states: torch.Tensor, layers: range | None = None
+    ) -> CrossAttentionCache:
+        """Text-embed ``encoder_hidden_states`` ``[B, L, text_dim]`` once and precompute every block's attn2 K/V
+        (only those of ``layers`` when given, a pipeline stage's: the others hold empty ``[B, 0, …]`` tensors)."""
         if self.condition_embedder.image_embedder is not None:
             raise NotImplementedError("image-conditioned (I2V) Wan models are not supported for streaming")
         weight = self.condition_embedder.text_embedder.linear_1.weight
         context = self.condition_embedder.text_embedder(encoder_hidden_states.to(weight.device, weight.dtype))
         keys, values = [], []
-        for block in self.stream_blocks:
+        for i, block in enumerate(self.stream_blocks):
             attn = block.attn2
+            if layers is not None and i not in layers:
+                empty = context.new_empty(context.shape[0], 0, attn.heads, context.shape[-1] // attn.heads)
+                keys.append(empty)
+                values.append(empty)
+                continue
             if attn.fused_projections:
                 key, value = attn.to_kv(context).chunk(2, dim=-1)
             else:
@@ -402,11 +413,25 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         decision (one small read per block; ``compat="upstream"``: on every call, as upstream; ``"clean"``: once
         per chunk, in the cache's full phase only; see ``KVCache``).
         """
+        grid = self.stream_grid(hidden_states, timestep, cross, kv_cache)
+        context = self.stream_context(kv_cache, grid, hidden_states.device)
+        hidden, timestep_proj, temb = self.stream_embed(hidden_states, timestep, cross)
+        hidden = self.stream_blocks_range(hidden, cross, timestep_proj, context, range(len(self.blocks)))
+        output = self.stream_head(hidden, temb, grid)
+        # End the chunk in the cache (advance positions, rotate rings) where committed
+        kv_cache.commit(commit)
+        return output
+
+    # The stages of ``forward_stream``, public so that a pipeline over several devices (``sdlive.daemon.distributed``)
+    # runs the same code: each rank the blocks it owns, the first the embedding, the last the head.
+
+    def stream_grid(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, cross: CrossAttentionCache, kv_cache: KVCache
+    ) -> tuple[int, int, int, int]:
+        """Check a chunk against its caches; its ``(batch, frames, height, width)`` after patching."""
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config["patch_size"]
-        post_patch_num_frames = num_frames // p_t
-        post_patch_height = height // p_h
-        post_patch_width = width // p_w
+        post_patch_height, post_patch_width = height // p_h, width // p_w
         if kv_cache.batch_size != batch_size:
             raise ValueError(f"KV cache has {kv_cache.batch_size} slots for a batch of {batch_size}")
         if kv_cache.tokens_per_frame != post_patch_height * post_patch_width:
@@ -416,23 +441,31 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             )
         if cross.batch_size not in (1, batch_size):
             raise ValueError(f"cross-attention cache batch {cross.batch_size} is neither 1 nor {batch_size}")
+        if timestep.ndim != 0 and timestep.shape != (batch_size,):
+            raise ValueError(f"timestep must have shape ({batch_size},), got {tuple(timestep.shape)}")
+        return batch_size, num_frames // p_t, post_patch_height, post_patch_width
+
+    def stream_context(
+        self, kv_cache: KVCache, grid: tuple[int, int, int, int], device: torch.device
+    ) -> StreamAttentionContext:
+        """RoPE at each slot's absolute frame position (``[1 or B, F*h*w, 1, head_dim / 2]``) and the cache."""
+        _, frames, height, width = grid
+        freqs_cos, freqs_sin = self.stream_rotary_emb(kv_cache.frame_positions(), frames, height, width, device)
+        return StreamAttentionContext(freqs_cos=freqs_cos, freqs_sin=freqs_sin, kv_cache=kv_cache)
+
+    def stream_embed(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, cross: CrossAttentionCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch and time embedding: tokens ``[B, F*h*w, inner_dim]``, ``timestep_proj`` ``[B, 6, inner_dim]`` and
+        ``temb`` ``[B, inner_dim]`` (both in the cross-attention cache's dtype)."""
+        batch_size = hidden_states.shape[0]
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
-        if timestep.shape != (batch_size,):
-            raise ValueError(f"timestep must have shape ({batch_size},), got {tuple(timestep.shape)}")
-
-        # 1. RoPE at each slot's absolute frame position: [1 or B, F*h*w, 1, head_dim / 2]
-        freqs_cos, freqs_sin = self.stream_rotary_emb(
-            kv_cache.frame_positions(), post_patch_num_frames, post_patch_height, post_patch_width, hidden_states.device
-        )
-        context = StreamAttentionContext(freqs_cos=freqs_cos, freqs_sin=freqs_sin, kv_cache=kv_cache)
-
-        # 2. Patch embedding: [B, C, F, H, W] -> [B, F*h*w, inner_dim]
+        # Patch embedding: [B, C, F, H, W] -> [B, F*h*w, inner_dim]
         hidden_states = hidden_states.to(self.patch_embedding.weight.dtype)
         hidden_states = self.patch_embedding(hidden_states)
         hidden_states = hidden_states.flatten(2).transpose(1, 2).contiguous()
-
-        # 3. Per-sample time embedding: temb [B, inner_dim], timestep_proj [B, 6, inner_dim]
+        # Per-sample time embedding: temb [B, inner_dim], timestep_proj [B, 6, inner_dim]
         embedder = self.condition_embedder
         timestep = embedder.timesteps_proj(timestep.to(hidden_states.device))
         time_embedder_dtype = next(iter(embedder.time_embedder.parameters())).dtype
@@ -440,24 +473,33 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             timestep = timestep.to(time_embedder_dtype)
         temb = embedder.time_embedder(timestep).type_as(cross.key[0])
         timestep_proj = embedder.time_proj(embedder.act_fn(temb)).unflatten(1, (6, -1))
+        return hidden_states, timestep_proj, temb
 
-        # 4. Transformer blocks (diffusers' own; the processors read `cross` and `context`)
-        for block in self.stream_blocks:
-            hidden_states = block(hidden_states, cross, timestep_proj, context)
+    def stream_blocks_range(
+        self,
+        hidden_states: torch.Tensor,
+        cross: CrossAttentionCache,
+        timestep_proj: torch.Tensor,
+        context: StreamAttentionContext,
+        layers: range,
+    ) -> torch.Tensor:
+        """Blocks ``layers`` (diffusers' own; the processors read ``cross`` and ``context``) on the tokens."""
+        for i in layers:
+            hidden_states = self.stream_blocks[i](hidden_states, cross, timestep_proj, context)
+        return hidden_states
 
-        # 5. Output norm, projection & unpatchify: [B, F*h*w, inner_dim] -> [B, C_out, F, H, W]
+    def stream_head(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int, int]
+    ) -> torch.Tensor:
+        """Output norm, projection and unpatchify: ``[B, F*h*w, inner_dim]`` → ``[B, C_out, F, H, W]`` float32."""
+        batch_size, frames, height, width = grid
+        p_t, p_h, p_w = self.config["patch_size"]
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
-        hidden_states = hidden_states.reshape(
-            batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
-        )
+        hidden_states = hidden_states.reshape(batch_size, frames, height, width, p_t, p_h, p_w, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        output = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-        # 6. End the chunk in the cache (advance positions, rotate rings) where committed
-        kv_cache.commit(commit)
-        return output.float()
+        return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
 
 
 def _angles(dim: int, max_seq_len: int, device: torch.device) -> torch.Tensor:

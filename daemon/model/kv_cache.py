@@ -114,6 +114,9 @@ class KVCache(PerBlockKV):
             with it); ``"clean"``: sdlive's own rule (module docstring).
         steps_per_chunk: denoising steps per chunk of a batch-1 cache in no-batch mode (upstream's
             ``total_steps``: its full-phase writes pop the queue only every that many writes); also an attribute.
+        layers: the blocks whose K/V this cache holds (a pipeline stage's, ``sdlive.daemon.distributed``; default:
+            all); the others get empty ``[B, 0, heads, head_dim]`` tensors and ``commit`` waits only for these.
+            The bookkeeping per slot is the same on every stage, so each stage's cache decides alike.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class KVCache(PerBlockKV):
         dtype: torch.dtype | None = None,
         compat: Compat = DEFAULT_COMPAT,
         steps_per_chunk: int = 1,
+        layers: range | None = None,
     ) -> None:
         if num_layers < 1 or batch_size < 1 or tokens_per_frame < 1 or num_heads < 1 or head_dim < 1:
             raise ValueError(
@@ -147,16 +151,24 @@ class KVCache(PerBlockKV):
         self.sink_threshold = float(policy.sink_threshold)
         self.rope_refresh_frames = policy.rope_refresh_frames
         self.steps_per_chunk = steps_per_chunk
+        self.layers: range = range(num_layers) if layers is None else layers
+        if self.layers.step != 1 or not 0 <= self.layers.start < self.layers.stop <= num_layers:
+            raise ValueError(f"layers must be a contiguous, non-empty range of the {num_layers} blocks, got {layers}")
         # The batch upstream's attention would see (its ``cache_bs``): a subset of a stream batch is still one.
         self._upstream_batch = batch_size
 
-        shape = (batch_size, self.num_kv_cache * tokens_per_frame, num_heads, head_dim)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.key: list[torch.Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.key: list[torch.Tensor] = [self._layer_buffer(i, device, dtype) for i in range(num_layers)]
         """Per block: post-RoPE keys ``[B, num_kv_cache * tokens_per_frame, heads, head_dim]``."""
-        self.value: list[torch.Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.value: list[torch.Tensor] = [self._layer_buffer(i, device, dtype) for i in range(num_layers)]
         """Per block: values, same shape as :attr:`key`."""
         self.reset()
+
+    def _layer_buffer(self, layer: int, device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
+        """Block ``layer``'s zeroed K or V buffer (empty when another pipeline stage holds the block)."""
+        frames = self.num_kv_cache if layer in self.layers else 0
+        shape = (self.batch_size, frames * self.tokens_per_frame, self.num_heads, self.head_dim)
+        return torch.zeros(shape, device=device, dtype=dtype)
 
     @property
     def steps_per_chunk(self) -> int:
@@ -297,6 +309,33 @@ class KVCache(PerBlockKV):
                     for mine, theirs in zip(getattr(self, name), getattr(view, name), strict=True):
                         mine[b] = theirs[j]
             self._countdown, self._countdown_after = view._countdown, view._countdown_after
+
+    # ------------------------------------------------------------------ pipeline stages
+
+    def layer_bookkeeping(self, layer: int) -> tuple[list[list[int]], list[list[int] | None]]:
+        """Block ``layer``'s own bookkeeping (its queues and decisions per slot), for a stage that takes it over."""
+        return [list(q) for q in self._queue[layer]], [_copy(d) for d in self._decided[layer]]
+
+    def adopt_layer(
+        self,
+        layer: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bookkeeping: tuple[list[list[int]], list[list[int] | None]],
+    ) -> None:
+        """Hold block ``layer`` from now on: its K/V buffers and bookkeeping as another stage had them."""
+        expected = (self.batch_size, self.num_kv_cache * self.tokens_per_frame, self.num_heads, self.head_dim)
+        if tuple(key.shape) != expected or tuple(value.shape) != expected:
+            raise ValueError(f"block {layer}'s K/V {tuple(key.shape)} do not fit this cache's {expected}")
+        self.key[layer], self.value[layer] = key, value
+        self._queue[layer], self._decided[layer] = bookkeeping
+        self.layers = _span(self.layers, layer, add=True)
+
+    def release_layer(self, layer: int) -> None:
+        """Stop holding block ``layer`` (another stage took it over): its buffers become empty."""
+        self.layers = _span(self.layers, layer, add=False)
+        self.key[layer] = self._layer_buffer(layer, self.device, self.dtype)
+        self.value[layer] = self._layer_buffer(layer, self.device, self.dtype)
 
     # ------------------------------------------------------------------ one chunk
 
@@ -465,8 +504,9 @@ class KVCache(PerBlockKV):
         flags = [bool(slots)] * self.batch_size if isinstance(slots, bool) else [bool(s) for s in slots]
         if len(flags) != self.batch_size:
             raise ValueError(f"commit() got {len(flags)} flags for {self.batch_size} slots")
-        if any(self._pending_frames) and any(self._layers_written) and not all(self._layers_written):
-            missing = self._layers_written.index(False)
+        written = [self._layers_written[i] for i in self.layers]
+        if any(self._pending_frames) and any(written) and not all(written):
+            missing = self.layers[written.index(False)]
             raise RuntimeError(f"block {missing} never wrote the chunk in flight; cannot commit")
         upstream = self.compat == "upstream"
         if upstream:
@@ -505,6 +545,19 @@ class KVCache(PerBlockKV):
             f"{self.head_dim}, dtype={self.dtype}, compat={self.compat}, positions={self._position}, "
             f"cached={self._num_frames})"
         )
+
+
+def _span(layers: range, layer: int, *, add: bool) -> range:
+    """``layers`` with ``layer`` added at (or removed from) one end; the held blocks stay contiguous."""
+    if add:
+        if layer == layers.start - 1:
+            return range(layer, layers.stop)
+        if layer == layers.stop:
+            return range(layers.start, layer + 1)
+    elif len(layers) > 1 and layer in (layers.start, layers.stop - 1):
+        return range(layers.start + 1, layers.stop) if layer == layers.start else range(layers.start, layers.stop - 1)
+    raise ValueError(f"block {layer} cannot be {'added to' if add else 'removed from'} blocks {layers.start}-"
+                     f"{layers.stop - 1}: a stage holds one contiguous, non-empty range")
 
 
 def _copy(value: list[int] | None) -> list[int] | None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import zmq
 
 from ..config import DaemonConfig
+from ..engine.interface import EngineFailure
 from ..presets import PresetLibrary
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import (
@@ -350,6 +351,8 @@ class ComputeLoop:
             return True
         except SessionClosed as exc:
             self.close_session(session, exc.reason, code=exc.code)
+        except EngineFailure:
+            raise  # the engine is gone for every session: the compute loop ends the daemon
         except Exception as exc:  # noqa: BLE001 - one session's failure must not take the others down
             log.exception("session %s failed", session.session_id)
             self.close_session(session, f"engine failed: {type(exc).__name__}: {exc}", code="internal")

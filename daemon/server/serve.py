@@ -110,7 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sdlive: {exc}", file=sys.stderr)
         return 2
+    if config.gpus > 1 and int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks serve rank 0's commands
+        return serve_rank(config)
     return serve(config)
+
+
+def serve_rank(config: DaemonConfig) -> int:
+    """A pipeline rank other than 0 under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``)."""
+    from ..distributed.launch import load_args, run_rank
+
+    logging.basicConfig(level=config.log_level, format=f"%(asctime)s rank {os.environ['RANK']} %(levelname)s "
+                        "%(name)s: %(message)s")  # fmt: skip
+    if config.model == "auto":
+        from ..model.probe import auto_model
+
+        config = config.model_copy(update={"model": auto_model(config.device)[0]})
+    return run_rank(load_args(config), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    address=os.environ.get("MASTER_ADDR", "127.0.0.1"), port=int(os.environ["MASTER_PORT"]))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- serve
@@ -193,11 +209,16 @@ def serve(
     loop.install_signal_handlers()  # from here on a signal is a Shutdown on the compute loop's inbox
     loop.attach_engine(engine)
     log.info("sdlive daemon ready: model %s on %s, control %s", loop.model_name, loop.device, loop.io.bound_control)
-    if view is not None:
-        loop.on_stats = view.update
-        with view:
-            return loop.run()
-    return loop.run()
+    try:
+        if view is not None:
+            loop.on_stats = view.update
+            with view:
+                return loop.run()
+        return loop.run()
+    finally:
+        close = getattr(engine, "close", None)  # a multi-device engine stops its other ranks
+        if callable(close):
+            close()
 
 
 def setup_logging(config: DaemonConfig, *, console: Console | None = None) -> None:
@@ -236,18 +257,23 @@ def load_engine(config: DaemonConfig, view: StatsView | None, progress: LoadProg
     started = time.perf_counter()
     spinner = view.console.status(f"loading model {config.model} …") if view is not None else contextlib.nullcontext()
     with spinner:
-        engine = StreamEngine.load(
-            config.model,
-            weights=config.weights,
-            device=config.device,
-            dtype=dtype,
-            cache_policy=config.cache_overrides(),
-            base_only=config.allow_base_model,
-            compat=config.compat,
-            decoder=config.decoder,
-            light_decoder=config.light_decoder,
-            progress=progress.update if progress is not None else None,
-        )
+        if config.gpus > 1:
+            from ..distributed.launch import load_multi_device
+
+            engine: Any = load_multi_device(config, progress=progress.update if progress is not None else None)
+        else:
+            engine = StreamEngine.load(
+                config.model,
+                weights=config.weights,
+                device=config.device,
+                dtype=dtype,
+                cache_policy=config.cache_overrides(),
+                base_only=config.allow_base_model,
+                compat=config.compat,
+                decoder=config.decoder,
+                light_decoder=config.light_decoder,
+                progress=progress.update if progress is not None else None,
+            )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
     if config.warmup:
         if progress is not None:
@@ -271,6 +297,9 @@ def warm_up(engine: StreamEngine, size: int = 64, frames: int = 21) -> None:
         rng = np.random.default_rng(0)
         for _ in range(frames):
             session.push(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        close = getattr(session, "close", None)  # a pipeline's ranks hold the session until told
+        if callable(close):
+            close()
     except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first session some time
         log.warning("warm-up failed (the first session may start slowly): %s", exc)
         return
