@@ -117,23 +117,32 @@ def recording_cam():
 def xdisplay():
     """A private Xvfb display (":N"), skipped when Xvfb is not installed."""
     import os
+    import select
     import shutil
 
     if not shutil.which("Xvfb"):
         pytest.skip("Xvfb is not installed (apt install xvfb)")
-    for n in range(91, 120):
-        if not os.path.exists(f"/tmp/.X11-unix/X{n}") and not os.path.exists(f"/tmp/.X{n}-lock"):
-            break
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "320x240x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/tmp/.X11-unix/X{n}"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.skip("Xvfb did not start")
-        time.sleep(0.05)
+    # -displayfd: Xvfb picks a free display and writes its number once it accepts connections (the socket file
+    # appears earlier, and a client connecting in between is refused: seen on a loaded CI machine).
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "320x240x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_fd,))
+    os.close(write_fd)
+    number = b""
+    deadline = time.monotonic() + 20
+    with os.fdopen(read_fd, "rb", buffering=0) as ready:
+        while not number.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ready], [], [], left)[0]:
+                proc.kill()
+                pytest.skip("Xvfb did not start within 20 s")
+            chunk = ready.read(16)
+            if not chunk:  # Xvfb exited
+                proc.kill()
+                pytest.skip("Xvfb did not start")
+            number += chunk
     try:
-        yield f":{n}"
+        yield f":{int(number)}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
