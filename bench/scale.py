@@ -13,8 +13,13 @@ rank, so at most as many ranks as blocks) to minimise the slowest stage, each st
 ``--link-gbps``), and with the stream batch at least as deep as the stages the pipeline emits one chunk per slowest
 stage: ``fps = chunk_frames / max(stage)``. Latency grows with the stages (every chunk crosses all of them).
 
-``ranks`` (1–3 ranks measured on CPU with gloo) is not produced: the pipeline-parallel engine is not built yet
-(issue 12), so there is nothing to measure; the JSON says so in ``ranks_missing``.
+``ranks``: one session through the pipeline over 1–``--max-ranks`` ranks (1: the plain single-process engine; 2+:
+``sdlive.daemon.distributed.launch.start_pipeline``, ranks as processes, gloo on the CPU, the blocks split evenly,
+no rebalance), ``--rank-steps`` denoising steps so the stream batch is at least as deep as the stages, measured by
+``measure_stream`` (``--repeats`` runs per rank count, medians). On one CPU the ranks share its cores (each rank
+takes ``cores // ranks`` threads; the single process runs with all of them and, as a like-for-like baseline, with one
+thread: two rows with ``n`` 1), so these figures show what the pipeline costs in
+transfers and lockstep, not a speed-up: that needs a device per rank.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import moving_shapes, parse_size, report, stamp  # noqa: E402
 from engine import run_stream  # noqa: E402  (bench/engine.py)
 
+from sdlive.daemon.distributed.launch import start_pipeline  # noqa: E402
 from sdlive.daemon.engine import StreamEngine  # noqa: E402
-from sdlive.daemon.engine.scale import measure_sessions  # noqa: E402
+from sdlive.daemon.engine.scale import measure_sessions, measure_stream  # noqa: E402
 
 CHUNK_FRAMES = 4
 
@@ -54,6 +61,41 @@ def measure_session_scaling(engine: StreamEngine, args: argparse.Namespace) -> l
             "shared_forwards": figs[-1]["shared_forwards"],
             "forwards": figs[-1]["forwards"],
         })  # fmt: skip
+    return rows
+
+
+def measure_rank_scaling(args: argparse.Namespace) -> list[dict]:
+    """1..max_ranks ranks: one engine start per rank count, ``repeats`` measured streams on it, the medians."""
+    width, height = args.size
+    threads = torch.get_num_threads()
+    rows = []
+    # (ranks, threads of the single process): the single process twice, with all cores and with one thread (what
+    # each rank of a CPU pipeline gets), so each pipeline row has a like-for-like baseline in the same run
+    runs = [(1, threads)] + ([(1, 1)] if threads > 1 else []) + [(w, 0) for w in range(2, args.max_ranks + 1)]
+    for world, single_threads in runs:
+        torch.set_num_threads(single_threads or threads)  # a pipeline's rank 0 (this process) takes cores // ranks
+        if world == 1:
+            engine = StreamEngine.load(args.model, device=args.device, random_weights=args.model != "tiny")
+        else:
+            load = {"model": args.model, "device": args.device, "random_weights": args.model != "tiny"}
+            engine = start_pipeline(load, world, rebalance="off")
+        try:
+            figs = [measure_stream(engine, width=width, height=height, steps=args.rank_steps, frames=args.frames).as_dict()
+                    for _ in range(args.repeats)]  # fmt: skip
+            split = [len(r) for r in engine.ranges] if world > 1 else [engine.spec.transformer["num_layers"]]
+        finally:
+            close = getattr(engine, "close", None)
+            if callable(close):
+                close()
+        rows.append({
+            "n": world,
+            "fps": round(statistics.median(f["fps"] for f in figs), 2),
+            "p99_ms": round(statistics.median(f["p99_ms"] for f in figs), 1),
+            "p50_ms": round(statistics.median(f["p50_ms"] for f in figs), 1),
+            "split": split,
+            "threads_per_rank": max(1, threads // world) if world > 1 else single_threads,
+        })  # fmt: skip
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -119,6 +161,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=41, help="frames measured per session and run")
     parser.add_argument("--max-sessions", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-ranks", type=int, default=3, help="ranks measured (on this machine's device type)")
+    parser.add_argument("--rank-steps", type=int, default=3, help="steps of the rank runs (>= ranks)")
     parser.add_argument("--max-gpus", type=int, default=8)
     parser.add_argument("--link-gbps", type=float, default=25.0, help="GPU-to-GPU bandwidth for the projection")
     parser.add_argument("--device", default="cpu")
@@ -135,6 +179,9 @@ def main() -> None:
     transfer_ms = tokens * dim * engine.dtype.itemsize / (args.link_gbps * 1e9) * 1e3
     blocks = spec.transformer["num_layers"]
     projection = project(stages, blocks, transfer_ms, args.max_gpus)
+    if args.rank_steps < args.max_ranks:
+        parser.error(f"--rank-steps {args.rank_steps} < --max-ranks {args.max_ranks}: the stream batch must be at least as deep as the stages")
+    ranks = measure_rank_scaling(args)
 
     result = {
         **stamp(),
@@ -147,10 +194,13 @@ def main() -> None:
         "blocks": blocks,
         "transfer_ms": round(transfer_ms, 4),
         "projection": projection,
-        "ranks_missing": "the pipeline-parallel engine (issue 12) is not built: no rank figures measured",
+        "ranks": ranks,
+        "rank_steps": args.rank_steps,
     }
     rows = [(f"sessions {r['n']} {'batched' if r['batched'] else 'alone'}: fps / p99 ms", f"{r['fps']} / {r['p99_ms']}")
             for r in sessions]  # fmt: skip
+    rows += [(f"ranks {r['n']} {r['split']} ({r['threads_per_rank']} thread(s) each): fps / p99 ms", f"{r['fps']} / {r['p99_ms']}")
+             for r in ranks]  # fmt: skip
     rows += [(f"projection {p['gpus']} GPU(s) {p['split']}: fps", p["fps"]) for p in projection]
     report(f"scale ({args.model}, {width}x{height}, {args.steps} steps, {engine.device})", rows, result, args.json)
 

@@ -1,4 +1,5 @@
-"""Throughput and latency of several sessions on one engine, with and without session batching (``bench/scale.py``).
+"""Throughput and latency of several sessions on one engine, with and without session batching, and of one session
+on any engine (a pipeline over ranks included) (``bench/scale.py``).
 
 :func:`measure_sessions` opens ``n`` sessions of one size at once and pushes frames into all of them in lockstep, as
 fast as the engine goes, through :func:`~.batch.run_together` (``batched=False``: every forward alone, the same
@@ -17,8 +18,9 @@ import numpy as np
 from ..protocol.params import GenerationParams
 from .batch import GroupTiming, run_together
 from .engine import StreamEngine
+from .interface import Engine
 
-__all__ = ["SessionsFigures", "measure_sessions"]
+__all__ = ["SessionsFigures", "StreamFigures", "measure_sessions", "measure_stream"]
 
 
 @dataclass
@@ -114,6 +116,85 @@ def measure_sessions(
         frames=outputs,
         forwards=len(timings),
         shared_forwards=sum(t.members > 1 for t in timings),
+        width=width,
+        height=height,
+        steps=steps,
+        stream_batch=stream_batch,
+        device=str(engine.device),
+    )
+
+
+@dataclass
+class StreamFigures:
+    """What :func:`measure_stream` measured; :meth:`as_dict` gives ``{fps, p99_ms, …}`` for JSON."""
+
+    fps: float
+    """Output frames per second of the one session."""
+    p50_ms: float
+    p99_ms: float
+    frames: int
+    width: int
+    height: int
+    steps: int
+    stream_batch: bool
+    device: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def measure_stream(
+    engine: Engine,
+    *,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 2,
+    stream_batch: bool = True,
+    frames: int = 41,
+    warmup_frames: int = 13,
+    prompt: str = "a watercolor painting",
+    seed: int = 0,
+) -> StreamFigures:
+    """One session of any :class:`~.interface.Engine` (one device, a pipeline over ranks, a remote one) through
+    its public ``push``: ``warmup_frames + frames`` frames as fast as it takes them, measured over the last
+    ``frames`` as :func:`measure_sessions` measures (outputs per second; latency from a frame's push to its output
+    being ready). The session is closed afterwards."""
+    if frames < 4:
+        raise ValueError(f"frames must be >= 4 (one chunk), got {frames}")
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    session = engine.open_session(
+        width=width, height=height, params=GenerationParams(prompt=prompt, steps=steps, stream_batch=stream_batch, seed=seed)
+    )  # fmt: skip
+    pushed_at: dict[int, float] = {}
+    latencies: list[float] = []
+    outputs = 0
+    started = 0.0
+    try:
+        for index in range(warmup_frames + frames):
+            measuring = index >= warmup_frames
+            if index == warmup_frames:
+                started = time.perf_counter()
+            pushed_at[index] = time.perf_counter()
+            results = session.push(np.roll(base, 2 * index, axis=1))
+            ready = time.perf_counter()
+            for out in results:
+                pushed = pushed_at.pop(out.index, None)
+                if measuring:
+                    outputs += 1
+                    if pushed is not None:
+                        latencies.append((ready - pushed) * 1e3)
+        elapsed = time.perf_counter() - started
+    finally:
+        close = getattr(session, "close", None)
+        if callable(close):
+            close()
+    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
+    return StreamFigures(
+        fps=round(outputs / elapsed, 2) if elapsed > 0 else 0.0,
+        p50_ms=round(float(np.percentile(lat, 50)), 2),
+        p99_ms=round(float(np.percentile(lat, 99)), 2),
+        frames=outputs,
         width=width,
         height=height,
         steps=steps,
