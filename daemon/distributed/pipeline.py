@@ -80,6 +80,12 @@ class PipelineEngine:
     def world(self) -> int:
         return self.ring.world
 
+    @property
+    def parallel(self) -> str:
+        """How this engine spans devices now, for the daemon's ``hello`` and ``status``."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        return f"pipeline over {self.world} ranks ({backend} on {self.device.type}): blocks {self.describe()}"
+
     def describe(self) -> str:
         """``blocks 0-19 on rank 0, 20-39 on rank 1``."""
         return ", ".join(f"{r.start}-{r.stop - 1} on rank {i}" for i, r in enumerate(self.ranges))

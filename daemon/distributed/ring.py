@@ -26,6 +26,8 @@ DATA_TIMEOUT = datetime.timedelta(minutes=10)
 IDLE_TIMEOUT = datetime.timedelta(days=30)
 """How long a worker waits for the next command: a daemon may sit idle between streams for days."""
 POLL_S = 0.0005
+PEER_EXIT_WAIT_S = 2.0
+"""After a failed transfer, how long to wait for a dying peer's exit status (to name it in the error)."""
 
 
 class RankFailure(EngineFailure):
@@ -127,6 +129,12 @@ class Ring:
 
     def _failure(self, what: str, exc: BaseException) -> RankFailure:
         gone = self.peer_gone()
+        # A peer's sockets reset as its process dies, a moment before its exit status exists: wait for it, so the
+        # error names the rank that died rather than gloo's "connection reset".
+        deadline = time.monotonic() + PEER_EXIT_WAIT_S
+        while gone is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gone = self.peer_gone()
         why = gone if gone is not None else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return RankFailure(f"pipeline rank {self.rank} lost its peers during {what}: {why}")
 

@@ -41,6 +41,11 @@ class ShardedEngine:
         return self.engines[0].compat
 
     @property
+    def parallel(self) -> str:
+        """How this engine spans devices now, for the daemon's ``hello`` and ``status``."""
+        return f"sessions sharded over {len(self.engines)} devices: {self.describe()}"
+
+    @property
     def cache_policy(self) -> Any:
         return self.engines[0].cache_policy
 

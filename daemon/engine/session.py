@@ -277,8 +277,9 @@ class StreamSession:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Sessions with equal keys can share one forward when their chunks run together (``engine.batch``): the
-        same latent size, dtype and device; the chunk shape and the LoRA weights are checked per forward."""
-        return (self.width, self.height, str(self._device), str(self._dtype))
+        same engine (``--mode shard`` has one per device, and two on one CPU are still two models), latent size,
+        dtype and device; the chunk shape and the LoRA weights are checked per forward."""
+        return (id(self.engine), self.width, self.height, str(self._device), str(self._dtype))
 
     def push_steps(self, frame: Pixels | torch.Tensor) -> Steps[list[OutputFrame]]:
         """:meth:`push` as steps (:data:`Steps`): the caller runs the forwards it yields, alone or batched with other

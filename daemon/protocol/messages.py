@@ -299,6 +299,9 @@ class HelloReply(_Reply):
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     pub_address: str | None = Field(None, description="where the daemon's PUB socket is bound")
     pid: int | None = Field(None, description="the daemon's process id")
+    parallel: str | None = Field(
+        None, description="several devices (serve --gpus N), at start: 'pipeline over N ranks …' or 'sessions sharded …'"
+    )
 
 
 class NetEndpoints(_Lenient):
@@ -434,6 +437,9 @@ class StatusReply(_Reply):
         None, description="'upstream': upstream StreamDiffusionV2's quirks, which the distilled weights expect; 'clean'"
     )
     memory: dict[str, float | None] = Field(default_factory=dict, description="device and host memory, MiB")
+    parallel: str | None = Field(
+        None, description="several devices (serve --gpus N), now: the pipeline's block split or the sessions per device"
+    )
     requests: dict[str, int] = Field(
         default_factory=dict, description="control requests seen / rejected; handshakes refused (wrong key)"
     )

@@ -114,6 +114,8 @@ class ComputeLoop:
         self.model_name = config.model
         self.cache: CacheInfo | None = None
         self.compat: str | None = None
+        self.parallel: str | None = None
+        """How the engine spans several devices (``serve --gpus N``), for ``hello``; None: one device."""
         """``"upstream"`` or ``"clean"`` (``model.configs.check_compat``); known once the engine is attached."""
         """The engine's KV cache settings (``hello``, ``status``); known once the engine is attached."""
         self._engine: Engine | None = None
@@ -174,7 +176,12 @@ class ComputeLoop:
             cache=self.cache,
             compat=self.compat,
             security=self.io.auth.mechanism if self.io.auth is not None else "none",
+            parallel=self.parallel,
         )
+
+    def parallel_now(self) -> str | None:
+        """How the engine spans several devices now (its block split may have changed since ``hello``)."""
+        return getattr(self._engine, "parallel", None) if self._engine is not None else None
 
     def attach_engine(self, engine: Engine) -> None:
         """Use ``engine`` (loaded after the sockets were bound), start encoding the presets' prompts and open the
@@ -184,6 +191,7 @@ class ComputeLoop:
         self.model_name = str(engine.model_name)
         self.cache = cache_info(engine.cache_policy)
         self.compat = str(engine.compat)
+        self.parallel = getattr(engine, "parallel", None)
         self._warmer = PromptWarmer(engine)
         self._changes = ChangeQueue(
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken
@@ -385,7 +393,9 @@ class ComputeLoop:
         frames = [s.staged.popleft() for s in members]
         views = [s.view() for s in members]
         started = time.perf_counter()
-        results = run_together(self.engine, [s.push_steps(f) for s, f in zip(members, frames, strict=True)])  # type: ignore[arg-type]
+        # the members' own engine (their equal batch keys name one): under --mode shard it is one of several
+        engine = getattr(members[0].engine_session, "engine", self.engine)
+        results = run_together(engine, [s.push_steps(f) for s, f in zip(members, frames, strict=True)])  # type: ignore[arg-type]
         total_ms = (time.perf_counter() - started) * 1e3
         self.scheduler.observe_group(views[0].batch_key, len(members), total_ms)
         for session, frame, view, result in zip(members, frames, views, results, strict=True):

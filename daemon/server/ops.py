@@ -284,6 +284,7 @@ class LoopOps:
             cache=loop.cache,
             compat=loop.compat,
             memory=memory,
+            parallel=loop.parallel_now(),
             requests=loop.io.request_counters(),
             sessions=stats,
         )
@@ -303,7 +304,7 @@ def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
 
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
                 heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None,
-                compat: str | None = None, security: str = "none") -> HelloReply:  # fmt: skip
+                compat: str | None = None, security: str = "none", parallel: str | None = None) -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
@@ -319,6 +320,7 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         heartbeat_liveness=heartbeat_liveness,
         pub_address=pub_address,
         pid=os.getpid(),
+        parallel=parallel,
     )
 
 

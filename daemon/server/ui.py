@@ -136,6 +136,7 @@ def status_table(status: StatusReply) -> Group:
         f"{len(status.sessions)}/{status.max_sessions} sessions · ",
         f"memory {_fmt(mem, '.0f')} MB · control {status.control_address or '?'}",
         _cache_text(status),
+        f"\n{status.parallel}" if getattr(status, "parallel", None) else "",
     )
     loading = getattr(status, "loading", None)
     if getattr(status, "state", "ready") == "loading":
