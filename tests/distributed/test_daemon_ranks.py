@@ -77,9 +77,19 @@ def single_frames(tmp_path_factory, launch_daemon):
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, launch_daemon):
+    """One `serve --gpus 2` daemon for the module (a start costs seconds); the last test kills one of its ranks."""
+    proc = launch_daemon(tmp_path_factory.mktemp("two-ranks"), "--gpus", "2", "--rebalance", "off", timeout_s=180)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank processes in /proc")
-def test_a_two_rank_daemon_serves_the_frames_of_a_one_device_daemon_and_says_how_it_spans(daemon_factory, single_frames):
-    proc = daemon_factory("--gpus", "2", "--rebalance", "off", timeout_s=180)
+def test_a_two_rank_daemon_serves_the_frames_of_a_one_device_daemon_and_says_how_it_spans(two_ranks, single_frames):
+    proc = two_ranks
     assert len(rank_pids(proc.process.pid)) == 1, "serve --gpus 2 spawns one more rank"
     with proc.client() as client:
         hello = client.hello()
@@ -89,13 +99,12 @@ def test_a_two_rank_daemon_serves_the_frames_of_a_one_device_daemon_and_says_how
     assert len(got) == len(single_frames)
     worst = max(int(np.abs(g.astype(np.int16) - w.astype(np.int16)).max()) for g, w in zip(got, single_frames, strict=True))
     assert worst <= 1, f"a frame of the 2-rank daemon differs from the one-device daemon's by {worst} levels"
-    assert proc.stop() == 0
     assert "pipeline of 2 ranks ready" in proc.log()
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank processes in /proc")
-def test_a_rank_killed_under_a_live_daemon_ends_it_with_the_dead_beat_naming_the_rank(daemon_factory):
-    proc = daemon_factory("--gpus", "2", "--rebalance", "off", timeout_s=180)
+def test_a_rank_killed_under_a_live_daemon_ends_it_with_the_dead_beat_naming_the_rank(two_ranks):
+    proc = two_ranks
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"daemon")
