@@ -251,9 +251,25 @@ class StreamSession:
         return self._run_alone(self.push_steps(frame))
 
     def check_frame(self, frame: Pixels | torch.Tensor) -> None:
-        """Raise ``ValueError`` for a frame ``push`` would refuse (a pipeline checks before its ranks push)."""
-        with torch.inference_mode():
-            self._frame_to_tensor(frame)
+        """Raise ``ValueError`` for a frame ``push`` would refuse (a pipeline checks before its ranks push); it
+        converts nothing, so checking first costs no second copy of the frame."""
+        if isinstance(frame, torch.Tensor):
+            if frame.shape != (3, self.height, self.width):
+                raise ValueError(f"tensor frame must be [3, {self.height}, {self.width}] RGB (got {list(frame.shape)})")
+            if not frame.is_floating_point():
+                raise ValueError(f"tensor frame must be floating point in [-1, 1] (got {frame.dtype})")
+            if not torch.isfinite(frame).all():
+                raise ValueError("frame contains NaN or infinite values")
+            return
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"frame must be a numpy array or a torch tensor (got {type(frame).__name__})")
+        expected = (self.height, self.width, self._channels)
+        if frame.shape != expected:
+            raise ValueError(
+                f"frame shape {frame.shape} != {expected} ({self.pixel_format} at {self.width}×{self.height})"
+            )
+        if frame.dtype != np.uint8:
+            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
 
     def kv_caches(self) -> list[KVCache]:
         """The KV caches this session holds now (a pipeline's rebalance moves their blocks between ranks)."""
@@ -333,24 +349,12 @@ class StreamSession:
     # ------------------------------------------------------------------ frames
 
     def _frame_to_tensor(self, frame: Pixels | torch.Tensor) -> torch.Tensor:
-        """Validate one frame and turn it into RGB float [3, H, W] in [-1, 1] on the engine's device."""
+        """Validate one frame (:meth:`check_frame`) and turn it into RGB float [3, H, W] in [-1, 1] on the engine's
+        device."""
+        self.check_frame(frame)
         if isinstance(frame, torch.Tensor):
-            if frame.shape != (3, self.height, self.width):
-                raise ValueError(f"tensor frame must be [3, {self.height}, {self.width}] RGB (got {list(frame.shape)})")
-            if not frame.is_floating_point():
-                raise ValueError(f"tensor frame must be floating point in [-1, 1] (got {frame.dtype})")
-            if not torch.isfinite(frame).all():
-                raise ValueError("frame contains NaN or infinite values")
             return frame.to(self._device, torch.float32).clamp(-1, 1)
-        if not isinstance(frame, np.ndarray):
-            raise ValueError(f"frame must be a numpy array or a torch tensor (got {type(frame).__name__})")
-        expected = (self.height, self.width, self._channels)
-        if frame.shape != expected:
-            raise ValueError(
-                f"frame shape {frame.shape} != {expected} ({self.pixel_format} at {self.width}×{self.height})"
-            )
-        if frame.dtype != np.uint8:
-            raise ValueError(f"unexpected frame dtype: {frame.dtype} != uint8")
+        assert isinstance(frame, np.ndarray)
         rgb = np.ascontiguousarray(frame[:, :, list(self._rgb_index)])
         tensor = torch.from_numpy(rgb).to(self._device).permute(2, 0, 1).float()
         return tensor / 127.5 - 1.0
