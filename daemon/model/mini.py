@@ -14,7 +14,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors import safe_open
 
 from .configs import ModelSpec
@@ -47,6 +46,9 @@ def shipped_weights_dir(spec: ModelSpec) -> Path:
 
 def normalise_prompt(prompt: str) -> str:
     """The form prompts are matched in: cleaned as for Wan (``prompt_clean``), lower case, single spaces."""
+    # imported here: diffusers' Wan pipeline module costs seconds, and `--model auto`'s probe imports this module
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
     return " ".join(prompt_clean(prompt).lower().split())
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from .configs import MODEL_NAMES, ModelSpec, get_model_spec
 from .errors import CheckpointError, pull_hint
-from .formats import VAE_FORMATS, checkpoint_keys, detect_format
 from .hub import HubCacheDir, cached_file, cached_snapshot
 
 __all__ = [
@@ -195,6 +194,8 @@ def locate_weights(spec: ModelSpec, weights: Path | None, hub_cache_dir: HubCach
                 f"{weights} does not exist: expected {spec.name} weights there (a file or folder); {pull_hint(spec)}"
             )
         if weights.is_file():
+            from .formats import VAE_FORMATS, checkpoint_keys, detect_format  # diffusers: only when a file is read
+
             if detect_format(checkpoint_keys(weights)) in VAE_FORMATS:
                 src.vae = weights
             else:
