@@ -98,6 +98,9 @@ class EngineSession(Protocol):
 
     # Optional: ``close()``, called once when the caller lets the session go, must return at once (the daemon calls
     # it holding its output thread's lock). The relay's ``RemoteSession`` closes its remote session that way.
+    # Optional: ``set_preset(name, changes)``, for a session whose model applies presets itself by name (the relay's
+    # RemoteSession: the remote daemon's preset, its LoRA included); the daemon then calls it instead of
+    # ``set_lora`` + ``set_params`` for a preset.
     # Optional: ``set_lora(path | None, strength, transition_chunks=None)``, a preset's LoRA style (StreamSession);
     # a missing or mismatched file raises ``ValueError`` and changes nothing.
     # Optional (session batching, ``engine.batch``): ``push_steps(frame)``, ``push`` as a generator of the forwards it

@@ -27,7 +27,13 @@ from sdlive.obs_bridge.client import DaemonClient, DaemonError, DaemonUnavailabl
 
 from ..engine.interface import OutputFrame, Pixels, StageTimes
 from ..model.configs import CachePolicy
-from ..protocol.constants import PIXEL_FORMATS, RECONNECT_INTERVAL_INIT_S, RECONNECT_INTERVAL_MAX_S, SIZE_MULTIPLE
+from ..protocol.constants import (
+    PIXEL_FORMATS,
+    RECONNECT_INTERVAL_INIT_S,
+    RECONNECT_INTERVAL_MAX_S,
+    SIZE_MULTIPLE,
+    STYLE_FIELDS,
+)
 from ..protocol.messages import HelloReply, PresetInfo
 from ..protocol.params import GenerationParams
 
@@ -140,6 +146,8 @@ class RemoteSession:
         self.width, self.height, self.pixel_format = width, height, pixel_format
         self._shape = (height, width, PIXEL_FORMATS[pixel_format].bytes_per_pixel)
         self._params = params
+        self._preset: str | None = None
+        """The remote preset this session runs (``set_preset``): reopening asks for it again, LoRA included."""
         self._lock = threading.Lock()  # the remote session and its control client: one thread at a time
         self._client: DaemonClient | None = None
         self._remote: SessionClient | None = None
@@ -240,6 +248,29 @@ class RemoteSession:
         finally:
             self._lock.release()
 
+    def set_preset(self, name: str, changes: dict[str, Any]) -> None:
+        """Switch to preset ``name`` *on the remote daemon* (the relay's presets mirror the remote's), so the remote
+        applies it as its own: its LoRA file, which lives on the GPU box, included. ``changes`` are the style fields
+        the relay's mirror of the preset gave, with any of the client's own over them, sent after the switch
+        (``ValueError`` here when they do not validate; nothing changed)."""
+        new = GenerationParams.model_validate({**self._params.model_dump(), **changes})
+        self._params, self._preset = new, name
+        remote = self._usable()
+        if remote is None:
+            return  # reconnecting: the reopened session asks for the preset
+        if not self._lock.acquire(blocking=False):
+            return  # a reopen is running: it takes self._preset
+        try:
+            remote.set_preset(name)
+            if changes:  # the client's own values over the preset's (the remote applies both in this order)
+                remote.set_params(**{k: v for k, v in changes.items() if k in STYLE_FIELDS})
+        except SessionLost as exc:
+            self._lost(str(exc), locked=True)
+        except DaemonError as exc:
+            log.warning("relay: the remote daemon did not take preset %r: %s", name, exc)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         """Close the remote session in the background (returns at once; the remote daemon also closes it when its
         heartbeats stop)."""
@@ -260,7 +291,7 @@ class RemoteSession:
         try:
             remote = client.open_session(
                 width=self.width, height=self.height, fps=REMOTE_FPS, pixel_format=self.pixel_format,
-                params=self._params.model_dump(), transport="net", client=engine.client_name,
+                preset=self._preset, params=self._params.model_dump(), transport="net", client=engine.client_name,
                 jpeg_quality=engine.jpeg_quality,
             )  # fmt: skip
         except BaseException:

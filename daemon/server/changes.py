@@ -108,12 +108,17 @@ class ChangeQueue:
     def _apply(self, item: _Queued) -> None:
         session = item.session
         try:
+            set_preset = getattr(session.engine_session, "set_preset", None)  # a relay's remote applies presets itself
             set_lora = getattr(session.engine_session, "set_lora", None)  # engines with LoRA styles
-            if item.lora is not None and set_lora is not None:
-                # First: loading the file is what can fail, and then nothing has changed yet.
-                set_lora(item.lora.path, item.lora.strength, transition_chunks=item.changes.get("transition_chunks"))
-            with self.warmer.lock:
-                session.engine_session.set_params(**item.changes)
+            if item.preset is not None and set_preset is not None:
+                with self.warmer.lock:
+                    set_preset(item.preset, item.changes)
+            else:
+                if item.lora is not None and set_lora is not None:
+                    # First: loading the file is what can fail, and then nothing has changed yet.
+                    set_lora(item.lora.path, item.lora.strength, transition_chunks=item.changes.get("transition_chunks"))
+                with self.warmer.lock:
+                    session.engine_session.set_params(**item.changes)
         except ValueError as exc:
             self._on_refused(session, str(exc))
             return

@@ -212,8 +212,11 @@ class LoopOps:
                 engine_session = loop.engine.open_session(
                     width=msg.width, height=msg.height, params=params, pixel_format=msg.pixel_format
                 )
+                set_preset = getattr(engine_session, "set_preset", None)  # a relay's remote applies presets itself
                 set_lora = getattr(engine_session, "set_lora", None)  # engines with LoRA styles (StreamSession)
-                if preset is not None and preset.lora is not None and set_lora is not None:
+                if preset is not None and set_preset is not None:
+                    set_preset(preset.name, values)
+                elif preset is not None and preset.lora is not None and set_lora is not None:
                     set_lora(preset.lora_path(), preset.lora_strength)
         except InsufficientMemory as exc:
             raise ProtocolError(ErrorCode.CAPACITY, f"open_session: {exc}") from None

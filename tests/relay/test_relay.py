@@ -72,10 +72,30 @@ class Relay:
         return self.process.returncode
 
 
+def write_lora(path: Path) -> None:
+    """A LoRA for tiny's self-attention queries (the format community Wan LoRAs use), on the remote's disk only."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlive.daemon.model.configs import TINY
+
+    dim = TINY.transformer["num_attention_heads"] * TINY.transformer["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(TINY.transformer["num_layers"]):
+        name = f"diffusion_model.blocks.{i}.self_attn.q"
+        state[f"{name}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.5
+        state[f"{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+
+
 @pytest.fixture(scope="module")
 def preset_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("remote-presets")
     (folder / "mine.toml").write_text('prompt = "a charcoal drawing"\nsteps = 1\n')
+    write_lora(folder / "styles" / "ink.safetensors")
+    (folder / "inked.toml").write_text('prompt = "an ink drawing"\nlora = "styles/ink.safetensors"\nlora_strength = 0.8\n')
     return folder
 
 
@@ -141,6 +161,29 @@ def test_a_local_client_streams_through_the_relay_with_the_remote_presets(relay,
         status = client.status()
         [local] = status.sessions
         assert local.frames_in > 0 and local.frames_out > 0
+    finally:
+        session.close()
+    assert wait_for(lambda: not remote_sessions(remote), 10)
+
+
+def test_a_remote_preset_with_a_lora_runs_with_it_through_the_relay(relay, remote, wait_for):
+    """The LoRA file lives on the GPU box: the relay switches the remote session to the preset by name, so the
+    remote daemon applies its own preset, LoRA included, at open and on a live switch."""
+    client = relay.wait_ready()
+    session = client.open_session(width=W, height=H, fps=20, pixel_format="bgr24", preset="inked", params={"seed": 5})
+    try:
+        assert wait_for(lambda: stream(session, clip(4)) is not None
+                        and remote_sessions(remote)[0].preset == "inked", 20), relay.log()
+        [mirrored] = remote_sessions(remote)
+        assert mirrored.params.prompt == "an ink drawing" and mirrored.params.seed == 5  # the client's value kept
+        assert "ink.safetensors" in remote.log()
+        session.set_preset("anime")  # no LoRA there: the remote drops it
+        assert wait_for(lambda: stream(session, clip(4)) is not None
+                        and remote_sessions(remote)[0].preset == "anime", 20), relay.log()
+        session.set_preset("inked")
+        assert wait_for(lambda: stream(session, clip(4)) is not None
+                        and remote_sessions(remote)[0].preset == "inked", 20), relay.log()
+        assert client.status().sessions[0].preset == "inked"
     finally:
         session.close()
     assert wait_for(lambda: not remote_sessions(remote), 10)
