@@ -529,11 +529,13 @@ def demo(
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda for the demo's daemon.")] = None,
     daemon: Annotated[str | None, typer.Option("--daemon", help="Use this running daemon instead of starting one.")] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="SDLIVE_TOKEN")] = None,
+    live: Annotated[bool, typer.Option("--live", help="Pace the session like a live source (real time) instead of as fast as the model goes.")] = False,
 ) -> None:
     """The out-of-the-box demo: a clip restyled with preset switches mid-stream, as a side-by-side video.
 
     Starts a daemon of its own (real weights if downloaded and a GPU is there, else `mini`: no GPU needed),
-    streams a generated clip (or --input) through it, writes input | restyled and prints the stats.
+    streams a generated clip (or --input) through it as fast as the model goes (--live: at the clip's fps),
+    writes input | restyled and prints the stats.
     """
     from ..client import DaemonError
     from ..media.capture import open_source
@@ -571,8 +573,10 @@ def demo(
                 raise CommandError(f"the daemon at {use.address} has no presets to switch through")
             # switch at equal intervals: frame 0 gets the first preset, then each next one a segment later
             schedule = {round(i * n / len(wanted)): name for i, name in enumerate(wanted)}
+            # offline: a clip on disk has no clock to keep, so it runs as fast as the model goes (--live paces it)
             session = stack.enter_context(dc.open_session(width=clip_size[0], height=clip_size[1], fps=clip_fps,
-                                                          pixel_format="bgr24", preset=wanted[0], client="sdlive-demo"))
+                                                          pixel_format="bgr24", preset=wanted[0], client="sdlive-demo",
+                                                          pacing="live" if live else "offline"))
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
