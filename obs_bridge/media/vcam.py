@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from sdlive.daemon.protocol.constants import DEFAULT_CONTROL_ADDRESS
 from sdlive.daemon.protocol.messages import SetParamsReply, SetPresetReply
 
 from ..client import DaemonClient, RestyledFrame
@@ -42,8 +41,9 @@ class StyledCamera:
     :param height: frame height in pixels.
     :param fps: the rate you intend to send at (the daemon paces its output at it; the camera advertises it).
     :param preset: the preset to start with (``None``: the daemon's default).
-    :param daemon: the daemon's control address.
-    :param token: its auth token, for a remote daemon.
+    :param daemon: the daemon's control address (``None``: the one every sdlive command uses: ``SDLIVE_CONTROL``,
+        then ``control`` in the config file, then ``tcp://127.0.0.1:5557``).
+    :param token: its auth token, for a remote daemon (``None``: ``SDLIVE_TOKEN``, then the config file's).
     :param output: where restyled frames go: ``"vcam"`` (every backend of this OS is tried), ``"vcam:BACKEND"``,
         ``"window"``, ``"file:PATH"`` or ``"none"``.
     :param device: the virtual camera device (e.g. ``/dev/video10``), for ``vcam`` outputs.
@@ -51,8 +51,12 @@ class StyledCamera:
     """
 
     def __init__(self, *, width: int, height: int, fps: float, preset: str | None = None,
-                 daemon: str = DEFAULT_CONTROL_ADDRESS, token: str | None = None, output: str = "vcam",
+                 daemon: str | None = None, token: str | None = None, output: str = "vcam",
                  device: str | None = None, steps: int | None = None) -> None:
+        from ..cli.connect import resolve_target  # the one address rule of every sdlive command
+
+        target = resolve_target(daemon, token, what="daemon=")
+        daemon, token = target.control, target.token
         self._closed = True
         self._shape = (int(height), int(width), 3)
         self._fps = float(fps)

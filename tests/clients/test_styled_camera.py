@@ -48,3 +48,18 @@ def test_styled_camera_restyles_sent_frames_into_the_virtual_camera(daemon, reco
 def test_styled_camera_without_a_backend_fails_before_touching_the_daemon():
     with pytest.raises(VirtualCameraUnavailable, match="unknown virtual-camera backend 'nope'"):
         StyledCamera(width=64, height=64, fps=30, output="vcam:nope", daemon="tcp://127.0.0.1:1")
+
+
+def test_styled_camera_finds_the_daemon_as_every_sdlive_command_does(daemon, recording_cam, monkeypatch, tmp_path):
+    """No ``daemon=``: SDLIVE_CONTROL (then the config file, then the default), the rule of `sdlive cam` and the rest."""
+    from sdlive.obs_bridge.cli.connect import TargetError
+
+    monkeypatch.setenv("SDLIVE_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text(f'control = "{daemon.control_address}"\n')
+    monkeypatch.delenv("SDLIVE_CONTROL", raising=False)
+    with StyledCamera(width=64, height=64, fps=FPS, output="vcam:recording") as cam:
+        with daemon.client() as dc:
+            assert cam.session_id in {s.session_id for s in dc.status().sessions}
+    monkeypatch.setenv("SDLIVE_CONTROL", "localhost:7557")
+    with pytest.raises(TargetError, match=r"localhost:7557.*\(from SDLIVE_CONTROL\)"):
+        StyledCamera(width=64, height=64, fps=FPS, output="vcam:recording")
