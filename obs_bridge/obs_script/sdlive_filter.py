@@ -212,7 +212,8 @@ def script_load(settings: Any) -> None:
     path = os.environ.get(ENV_STATS)
     if path:
         _stats = StatsWriter(path, _stats_snapshot).start()
-    info(f"script loaded (Python {sys.version.split()[0]}; {constants.PROTOCOL_VERSION} from {PROTOCOL_DIR})")
+    info(f"script loaded (Python {sys.version.split()[0]}, standard library in {sys.prefix}; "
+         f"{constants.PROTOCOL_VERSION} from {PROTOCOL_DIR})")
 
 
 def script_save(settings: Any) -> None:

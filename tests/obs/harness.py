@@ -79,6 +79,38 @@ def _free_display() -> int:
     raise RuntimeError("no free X display number in :90..:399")
 
 
+# ------------------------------------------------------------------------------------------- OBS environment
+
+# Kept from the tests' environment although they start with PYTHON: they change no path OBS's Python reads.
+PYTHON_VARS_KEPT = frozenset({"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER"})
+OTHER_PYTHON_VARS = frozenset({"VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_PYTHON_EXE"})
+SYSTEM_BIN_DIRS = ("/usr/bin", "/bin")  # where the distribution's python3 lives, beside OBS's libpython
+
+
+def _holds_python(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, n)) for n in ("python3", "python"))
+
+
+def obs_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a headless OBS runs with: ``base`` (the tests' own) without what would point OBS's embedded
+    Python at another interpreter.
+
+    OBS 29 on Linux initializes the system libpython (Debian: 3.11.2) without setting its home, so CPython takes
+    ``sys.prefix`` from the first ``python3`` on PATH: under pyenv (``pyenv exec`` puts the version's bin folder
+    first), a virtualenv or conda it loaded that interpreter's standard library into Debian's libpython (measured:
+    ``sys.prefix`` was ``~/.pyenv/versions/3.11.7``). So: no PYTHONHOME/PYTHONPATH/... and no PATH entry holding a
+    python3 other than the system's; OBS then uses ``/usr/lib/python3.X``, as when a user starts it."""
+    base = dict(os.environ if base is None else base)
+    env = {k: v for k, v in base.items()
+           if not ((k.startswith("PYTHON") and k not in PYTHON_VARS_KEPT) or "PYENV" in k
+                   or k in OTHER_PYTHON_VARS)}
+    path = [d for d in base.get("PATH", "").split(os.pathsep)
+            if d and (os.path.normpath(d) in SYSTEM_BIN_DIRS or not _holds_python(d))]
+    path += [d for d in SYSTEM_BIN_DIRS if d not in path]
+    env["PATH"] = os.pathsep.join(path)
+    return env
+
+
 # ------------------------------------------------------------------------------------------------ OBS config
 
 
@@ -137,10 +169,47 @@ def write_fresh_config(
     return collection
 
 
+# ------------------------------------------------------------------------------------------------ quitting OBS
+
+# OBS 29.0.2 (Debian) runs its whole shutdown inside its SIGINT handler, on top of whatever the main thread was doing
+# (gdb: QWidgetPrivate::close_helper right above "<signal handler called>"). With a media source, whose audio-mixer
+# meter repaints all the time, that now and then deadlocks in libxcb (the interrupted code held its lock: a hang after
+# "==== Shutting down") or leaves a freed widget in Qt's repaint list (SIGSEGV after "All scene data cleared"), with
+# no script loaded at all. A user closes the window instead: the harness does the same, from this helper script, which
+# closes OBS's main window from OBS's UI task queue (QWidget::close, as the window's close button) when the trigger
+# file appears. SIGINT stays the fallback where the helper is not loaded.
+QUIT_SCRIPT_NAME = "harness_quit_obs.py"
+QUIT_TRIGGER_NAME = "harness-quit-obs"
+QUIT_SCRIPT = f"""
+import ctypes, os
+import obspython as obs
+TRIGGER = os.path.join(os.environ["HOME"], {QUIT_TRIGGER_NAME!r})
+def _lib(*names):
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names))
+    return ctypes.CDLL(path)
+libobs, frontend = _lib("libobs.so"), _lib("libobs-frontend-api.so")
+widgets = _lib("libQt5Widgets.so", "libQt6Widgets.so")
+TASK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+close_window = TASK(ctypes.cast(widgets._ZN7QWidget5closeEv, ctypes.c_void_p).value)  # QWidget::close()
+frontend.obs_frontend_get_main_window.restype = ctypes.c_void_p
+libobs.obs_queue_task.argtypes = [ctypes.c_int, TASK, ctypes.c_void_p, ctypes.c_bool]
+def poll():
+    if os.path.exists(TRIGGER):
+        os.unlink(TRIGGER)
+        obs.timer_remove(poll)
+        obs.script_log(obs.LOG_INFO, "closing the main window")
+        libobs.obs_queue_task(0, close_window, frontend.obs_frontend_get_main_window(), False)  # OBS_TASK_UI
+def script_load(settings):
+    obs.timer_add(poll, 100)
+"""
+
+
 @dataclass
 class HeadlessOBS:
-    """A real OBS under Xvfb with its own config directory. ``start()`` waits for the websocket; ``stop()`` sends
-    SIGINT (a clean shutdown: scene collection saved, leak report logged) and kills Xvfb."""
+    """A real OBS under Xvfb with its own config directory. ``start()`` waits for the websocket; ``stop()`` closes
+    OBS's main window (a clean shutdown, as a user's: scene collection saved, leak report logged; SIGINT where the
+    harness's quit helper is not loaded, see ``QUIT_SCRIPT``) and kills Xvfb."""
 
     home: Path
     width: int = 320
@@ -166,11 +235,19 @@ class HeadlessOBS:
     def log_dir(self) -> Path:
         return self.config_dir / "logs"
 
+    @property
+    def quit_trigger(self) -> Path:
+        return self.home / QUIT_TRIGGER_NAME
+
     def write_config(self) -> Path:
+        """A fresh config loading ``scripts`` and, last, the harness's quit helper."""
         self.ws_port = self.ws_port or free_port()
+        helper = self.home / QUIT_SCRIPT_NAME
+        helper.parent.mkdir(parents=True, exist_ok=True)
+        helper.write_text(QUIT_SCRIPT, encoding="utf-8")
         return write_fresh_config(
             self.config_dir, width=self.width, height=self.height, fps=self.fps, ws_port=self.ws_port,
-            scripts=self.scripts,
+            scripts=[*self.scripts, helper],
         )
 
     def start(self, timeout: float = 60.0) -> HeadlessOBS:
@@ -190,7 +267,7 @@ class HeadlessOBS:
             if self.xvfb.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Xvfb :{self.display} did not start")
             time.sleep(0.05)
-        env = dict(os.environ)
+        env = obs_environment()  # the tests' environment, less what would misplace OBS's Python
         env.update(
             HOME=str(self.home), XDG_CONFIG_HOME=str(self.home / ".config"), DISPLAY=f":{self.display}",
             LIBGL_ALWAYS_SOFTWARE="1", QT_QPA_PLATFORM="xcb",
@@ -240,15 +317,18 @@ class HeadlessOBS:
             parts.append(self.stdout_path.read_text(errors="replace"))
         return "\n".join(parts)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 30.0, *, sigint: bool = False) -> int | None:
+        """Quit OBS: close its main window (``sigint``: send SIGINT, as Ctrl-C in a terminal); kill it after
+        ``timeout``. Returns its exit status."""
         rc = None
         if self.proc is not None and self.proc.poll() is None:
-            # OBS 29 crashes (SIGSEGV) or hangs about half the time when SIGINT arrives within its first second
-            # (reproduced with no script loaded at all): give it MIN_UPTIME_S before asking it to quit.
+            # Not in OBS's first seconds: OBS 29 crashed (SIGSEGV) or hung about half the time when SIGINT came within
+            # its first second (with no script loaded at all).
             wait = MIN_UPTIME_S - (time.monotonic() - self.ready_at)
             if wait > 0:
                 time.sleep(wait)
-            self.proc.send_signal(signal.SIGINT)
+            if sigint or not self._close_window():
+                self.proc.send_signal(signal.SIGINT)
             try:
                 rc = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -263,6 +343,24 @@ class HeadlessOBS:
             except subprocess.TimeoutExpired:
                 self.xvfb.kill()
         return rc
+
+    def _close_window(self, take_s: float = 3.0) -> bool:
+        """Ask the quit helper to close OBS's main window; False where it did not take the request within
+        ``take_s`` (not loaded: a config written without it, or a scene collection without it)."""
+        if f"Loaded python script: {QUIT_SCRIPT_NAME}" not in self.log_text():
+            return False
+        trigger = self.quit_trigger
+        trigger.touch()
+        deadline = time.monotonic() + take_s
+        while time.monotonic() < deadline:
+            if not trigger.exists() or self.proc.poll() is not None:
+                return True
+            time.sleep(0.05)
+        try:
+            trigger.unlink()
+        except FileNotFoundError:
+            return True  # taken just now
+        return False
 
     def __enter__(self) -> HeadlessOBS:
         return self.start()
