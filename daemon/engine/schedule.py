@@ -39,11 +39,23 @@ def timesteps_for(steps: int) -> tuple[int, ...]:
     return STEP_LISTS[steps]
 
 
+_GRIDS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _grid_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ, timesteps) of the grid on ``device``, copied there once."""
+    if device not in _GRIDS:
+        _GRIDS[device] = (SIGMAS.to(device), TIMESTEPS.to(device))
+    return _GRIDS[device]
+
+
 def sigma_for(timestep: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
-    """σ of the grid timestep nearest to each given timestep (float64, same shape as the input)."""
-    t = torch.as_tensor(timestep, dtype=torch.float64).cpu()
-    idx = (t.reshape(-1, 1) - TIMESTEPS.reshape(1, -1)).abs().argmin(dim=1)
-    return SIGMAS[idx].reshape(t.shape)
+    """σ of the grid timestep nearest to each given timestep (float64, same shape as the input), looked up where
+    the timesteps are: a tensor's device (no device→host read), the CPU for Python numbers."""
+    t = timestep.to(torch.float64) if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep, dtype=torch.float64)
+    sigmas, timesteps = _grid_on(t.device)
+    idx = (t.reshape(-1, 1) - timesteps.reshape(1, -1)).abs().argmin(dim=1)
+    return sigmas[idx].reshape(t.shape)
 
 
 def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -69,10 +81,11 @@ def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, timestep: torch.Tensor | f
 
 
 class NoiseLevel(NamedTuple):
-    """How a later chunk is noised: ``strength`` s interpolates noise and input latents, ``timestep`` labels it."""
+    """How a later chunk is noised: ``strength`` s interpolates noise and input latents, ``timestep`` labels it.
+    Both are 0-dim float64 tensors on the frames' device: deciding them reads nothing back to the host."""
 
-    strength: float
-    timestep: int
+    strength: torch.Tensor
+    timestep: torch.Tensor
 
 
 class NoiseController:
@@ -86,20 +99,21 @@ class NoiseController:
 
     def __init__(self, noise_scale: float) -> None:
         self.noise_scale = float(noise_scale)
-        self.previous: float | None = None
+        self.previous: float | torch.Tensor | None = None
 
     def reset(self) -> None:
         self.previous = None
 
     @staticmethod
-    def motion(frames: torch.Tensor) -> float:
-        """d for pixels [B, C, T, H, W] in [-1, 1] whose first frame is the one before the chunk."""
+    def motion(frames: torch.Tensor) -> torch.Tensor | float:
+        """d for pixels [B, C, T, H, W] in [-1, 1] whose first frame is the one before the chunk (a 0-dim float64
+        tensor on their device)."""
         if frames.shape[2] < 2:
             return 0.0
         x = frames.double()
         diffs = x[:, :, 1:] - x[:, :, :-1]
         per_frame = diffs.pow(2).mean(dim=(0, 1, 3, 4)).sqrt()
-        return min(max(per_frame.max().item() / MOTION_NORMALISER, 0.0), 1.0)
+        return (per_frame.max() / MOTION_NORMALISER).clamp(0.0, 1.0)
 
     def first(self) -> float:
         """The first chunk: s_init."""
@@ -107,9 +121,11 @@ class NoiseController:
         return self.noise_scale
 
     def update(self, frames: torch.Tensor) -> NoiseLevel:
-        """(s, current_step) for a later chunk; ``frames`` holds the previous frame then the new ones."""
-        d = self.motion(frames)
+        """(s, current_step) for a later chunk; ``frames`` holds the previous frame then the new ones. Computed on
+        the frames' device in float64, the same arithmetic as upstream's Python floats (``int()`` truncation
+        included: s > 0, so it is the floor)."""
+        d = torch.as_tensor(self.motion(frames), dtype=torch.float64, device=frames.device)
         previous = self.noise_scale if self.previous is None else self.previous
         s = 0.9 * (self.noise_scale - 0.1 * d) + 0.1 * previous
         self.previous = s
-        return NoiseLevel(s, int(1000 * s) - 100)
+        return NoiseLevel(s, torch.floor(1000 * s) - 100)

@@ -16,8 +16,7 @@ A frame's path, by type: ``push(Pixels)`` → ``_frame_to_tensor``: RGB float ``
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -28,6 +27,7 @@ from ..protocol.constants import PIXEL_FORMATS, SIZE_MULTIPLE
 from ..protocol.params import GenerationParams
 from .interface import OutputFrame, Pixels, StageTimes
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
+from .timing import StageClock
 
 if TYPE_CHECKING:  # the model (diffusers) is the engine's; this module never imports it
     from ..model.causal_wan import CrossAttentionCache
@@ -140,7 +140,7 @@ class StreamSession:
         self._dtype = engine.dtype
         self._tokens_per_frame = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
         self._vae = engine.new_vae()
-        self.stage_ms = StageTimes()
+        self._clock = StageClock(self._device)
         """The last chunk's stage timings."""
         self._lora_weights: dict[str, float] = {}  # adapter name → weight, this chunk
         self._lora_target: dict[str, float] = {}
@@ -177,6 +177,12 @@ class StreamSession:
     @property
     def chunks(self) -> int:
         return self._chunks
+
+    @property
+    def stage_ms(self) -> StageTimes:
+        """Milliseconds the last measured chunk spent encoding, in the DiT and decoding (on CUDA read from timing
+        events once they are done, never waited for: ``timing.StageClock``)."""
+        return self._clock.times()
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -362,13 +368,30 @@ class StreamSession:
     def _tensor_to_frames(self, video: torch.Tensor) -> list[Pixels]:
         """[1, 3, T, H, W] in [-1, 1] → T frames H×W×C uint8 in the session's pixel format."""
         u8 = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
-        rgb = u8.permute(1, 2, 3, 0).cpu().numpy()  # [T, H, W, 3]
+        rgb = self._read_back(u8.permute(1, 2, 3, 0))  # [T, H, W, 3]
         out = np.empty((rgb.shape[0], self.height, self.width, self._channels), dtype=np.uint8)
         for dst, src in enumerate(self._rgb_index):
             out[..., src] = rgb[..., dst]
         if self._channels == 4:
             out[..., 3] = 255
         return list(out)
+
+    def _read_back(self, pixels: torch.Tensor) -> np.ndarray:
+        """``pixels`` (uint8) on the host, and with them, in the same device→host copy, the KV caches' sink
+        decisions still on the device (``KVCache.pending_sink_choices``): a steady chunk reads the device once."""
+        caches = [c for c in self.kv_caches() if c.pending_sink_choices() is not None]
+        if not caches:
+            return pixels.cpu().numpy()
+        choices = [c.pending_sink_choices() for c in caches]
+        packed = torch.cat([pixels.reshape(-1), *[(ch + 1).to(torch.uint8) for ch in choices if ch is not None]])
+        host = packed.cpu().numpy()
+        n = pixels.numel()
+        at = n
+        for cache, ch in zip(caches, choices, strict=True):
+            assert ch is not None
+            cache.resolve_sink_choices((host[at : at + ch.numel()].astype(np.int64) - 1).tolist())
+            at += ch.numel()
+        return host[:n].reshape(tuple(pixels.shape))
 
     # ------------------------------------------------------------------ the loop
 
@@ -424,18 +447,19 @@ class StreamSession:
         first_index = self._next_chunk_index
         self._next_chunk_index += needed
         video = torch.stack(frames, dim=1).unsqueeze(0).to(self._dtype)  # [1, 3, T, H, W]
-        sync = self.engine.synchronize
+        clock = self._clock
 
         # 1. VAE encode (the causal-conv caches carry over from the previous chunk)
-        t0 = time.perf_counter()
+        clock.start()
         with torch.inference_mode():
             latents = self._vae.encode(video)
-        sync()
-        t1 = time.perf_counter()
+        clock.mark()
 
         # 2. Motion-aware noise: s interpolates the input, current_step labels it
         steps = timesteps_for(self._params.steps)
         previous = self._previous_frame
+        strength: float | torch.Tensor  # a device tensor after the first chunk: never read back
+        first_step: int | torch.Tensor
         if self._chunks == 0 or previous is None:
             strength, first_step = self._controller.first(), steps[0]
         else:
@@ -454,21 +478,25 @@ class StreamSession:
             finished.append(_Denoised(x0, first_index))
         else:
             finished.extend((yield from self._stream_batch_step(noisy, first_step, steps, cross, first_index)))
-        sync()
-        t2 = time.perf_counter()
+        clock.mark()
 
         # 4. VAE decode of what left the pipeline
         with torch.inference_mode():
             for x0, start in finished:
                 self._ready.extend(self._decode(x0, start))
-        sync()
-        t3 = time.perf_counter()
-
+        clock.mark()
         self._chunks += 1
-        self.stage_ms = StageTimes(encode=(t1 - t0) * 1e3, dit=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3)
+
+    def _labels(self, first: int | torch.Tensor, rest: Sequence[int] = ()) -> torch.Tensor:
+        """The timestep labels of one forward, float64 on the device: ``first`` (the noise controller's, a device
+        tensor after the first chunk: never read back) then ``rest``."""
+        if isinstance(first, torch.Tensor):
+            head = first.reshape(1).to(torch.float64)
+            return torch.cat([head, torch.tensor(rest, dtype=torch.float64, device=self._device)]) if rest else head
+        return torch.tensor([first, *rest], dtype=torch.float64, device=self._device)
 
     def _denoise_sequential(
-        self, noisy: torch.Tensor, first_step: int, steps: tuple[int, ...], cross: CrossAttentionCache
+        self, noisy: torch.Tensor, first_step: int | torch.Tensor, steps: tuple[int, ...], cross: CrossAttentionCache
     ) -> Steps[torch.Tensor]:
         """All steps of one chunk back to back on the batch-1 cache (no-batch mode and the first chunk)."""
         if self._seq_cache is None:
@@ -478,11 +506,10 @@ class StreamSession:
         x = noisy
         x0 = noisy
         for i, step in enumerate(steps):
-            label = first_step if i == 0 else step
-            t = torch.tensor([label], device=self._device, dtype=torch.float32)
+            label = self._labels(first_step if i == 0 else step)
             # Only the last step's keys stay in the cache: the earlier writes go to the same slot.
-            flow = yield from self._forward(x, t, cross, seq_cache, commit=i == len(steps) - 1)
-            x0 = flow_to_x0(x, flow.to(x.dtype), [label])
+            flow = yield from self._forward(x, label.float(), cross, seq_cache, commit=i == len(steps) - 1)
+            x0 = flow_to_x0(x, flow.to(x.dtype), label)
             if i < len(steps) - 1:
                 x = add_noise(x0, self._noise(tuple(x0.shape)), [steps[i + 1]])
         if self._params.stream_batch and len(steps) > 1:
@@ -495,7 +522,7 @@ class StreamSession:
     def _stream_batch_step(
         self,
         noisy: torch.Tensor,
-        first_step: int,
+        first_step: int | torch.Tensor,
         steps: tuple[int, ...],
         cross: CrossAttentionCache,
         first_index: int,
@@ -515,11 +542,10 @@ class StreamSession:
             slots += [_InFlight(torch.zeros_like(noisy), i, None) for i in range(len(slots), n)]
         k = len(slots)
         x = torch.cat([s.latent for s in slots], dim=0)
-        labels = [first_step] + [steps[s.step] for s in slots[1:]]
-        t = torch.tensor(labels, device=self._device, dtype=torch.float32)
+        labels = self._labels(first_step, [steps[s.step] for s in slots[1:]])
         real = [s.first_index is not None for s in slots]
         with self._level_caches().subset(0, k) as cache:
-            flow = yield from self._forward(x, t, cross, cache, commit=True if all(real) else real)
+            flow = yield from self._forward(x, labels.float(), cross, cache, commit=True if all(real) else real)
         x0 = flow_to_x0(x, flow.to(x.dtype), labels)
         finished: list[_Denoised] = []
         inflight: list[_InFlight] = []

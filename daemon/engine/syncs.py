@@ -2,8 +2,9 @@
 
 :class:`HostSyncCounter` is a torch function mode: inside it, every call that makes the host wait for a tensor's
 value is counted by name, on any device, so a CPU run shows what a CUDA run would stall on. Counted: ``item``,
-``tolist``, ``cpu``, ``numpy``, a tensor's ``bool``/``int``/``float``/``index`` (Python control flow on a tensor) and
-``torch.cuda.synchronize``-style waits reported through :meth:`HostSyncCounter.note`.
+``tolist``, ``cpu``, ``to(cpu)``, a tensor's ``bool``/``int``/``float``/``index`` (Python control flow on a tensor)
+and ``torch.cuda.synchronize``-style waits reported through :meth:`HostSyncCounter.note`. Not ``numpy``: it takes
+only a CPU tensor (on CUDA it raises), so the wait is the ``cpu()`` before it, counted there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ _READS = {
     torch.Tensor.item: "item",
     torch.Tensor.tolist: "tolist",
     torch.Tensor.cpu: "cpu",
-    torch.Tensor.numpy: "numpy",
     torch.Tensor.__bool__: "bool",
     torch.Tensor.__int__: "int",
     torch.Tensor.__float__: "float",

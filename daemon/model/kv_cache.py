@@ -45,9 +45,14 @@ exactly is the ``compat`` setting (:func:`~.configs.check_compat`):
 
 Design choices (see also ``docs/architecture.md``):
 
-* All bookkeeping is host ints (per slot; the queues per block and slot). The only device→host read in the hot path
-  is the sink-refresh decision, taken like upstream **per block** (inside every self-attention, on the block's own
-  keys/values); the decisions of all slots of a block are read back together (one small ``.tolist()`` per block).
+* All bookkeeping is host ints (per slot; the queues per block and slot). The sink-refresh decision is taken like
+  upstream's **per block** (inside every self-attention, on the block's own keys/values) but, with ``"upstream"``,
+  **on the device and read back later**: the write goes to ``where(refresh, chosen sink, planned slot)`` by device
+  indices, the block's queue is planned both ways, and the decisions of every block wait in the cache until one read
+  takes them all: :meth:`KVCache.pending_sink_choices` / :meth:`KVCache.resolve_sink_choices` (the session reads them
+  with its output frames, so a steady chunk reads the device once), else the next write of a block whose decision
+  is pending (or a copy, a subset, a stage hand-over) reads them first. ``"clean"`` reads its once-per-chunk decision
+  at once.
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
   ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
@@ -67,6 +72,19 @@ import torch.nn.functional as F
 from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat, check_compat, check_compat_policy
 
 __all__ = ["CacheWindow", "CachePolicy", "KVCache", "PerBlockKV"]
+
+_CHOSEN_SINK = -1
+"""In a queue planned before the device's sink choice is read: the chosen sink frame's end (its slot + 1)."""
+
+
+class _PendingSinks(NamedTuple):
+    """One block's sink decisions not read back yet: per slot of ``slots`` the queue without a refresh and the one
+    with (holding ``_CHOSEN_SINK``), and the device's choice (``-1``: no refresh, else the sink frame)."""
+
+    layer: int
+    slots: list[int]
+    choice: torch.Tensor
+    queues: list[tuple[list[int], list[int]]]
 
 
 class PerBlockKV:
@@ -199,6 +217,7 @@ class KVCache(PerBlockKV):
         self._ends_after: list[tuple[int, int] | None] = [None] * n
         self._countdown = self._steps_per_chunk
         self._countdown_after: int | None = None
+        self._pending_sinks: list[_PendingSinks] = []  # upstream: sink decisions still on the device
 
     @property
     def device(self) -> torch.device:
@@ -221,6 +240,7 @@ class KVCache(PerBlockKV):
 
         With ``compat="upstream"`` the fill phase registers each slot one chunk ahead, as upstream does (so it may
         name a slot not written yet, and frame slots 1 and 2 are never in it)."""
+        self._resolve_sinks()
         if self.compat == "clean":
             return list(self._queue[layer][b])
         return [end - 1 for end in self._queue[layer][b] if end > self.num_sink]
@@ -231,6 +251,7 @@ class KVCache(PerBlockKV):
         always empty with ``"clean"``, which overwrites a chosen sink at once)."""
         if self.compat == "clean":
             return []
+        self._resolve_sinks()
         return [end - 1 for end in self._queue[layer][b] if end <= self.num_sink]
 
     def frame_tokens(self, frame_slot: int) -> slice:
@@ -244,8 +265,10 @@ class KVCache(PerBlockKV):
     _PER_BLOCK_SLOT = ("_queue", "_decided")
 
     def _copy_with(self, key: list[torch.Tensor], value: list[torch.Tensor], slots: Sequence[int]) -> KVCache:
+        self._resolve_sinks()  # the copy's queues must be the real ones
         new = object.__new__(KVCache)
         new.__dict__.update(self.__dict__)
+        new._pending_sinks = []
         new.batch_size = len(slots)
         new.key, new.value = key, value
         new._layers_written = [False] * self.num_layers
@@ -302,6 +325,8 @@ class KVCache(PerBlockKV):
         try:
             yield view
         finally:
+            # the view's decisions still on the device become this cache's, for its slots
+            self._pending_sinks += [p._replace(slots=[slots[j] for j in p.slots]) for p in view._pending_sinks]
             for j, b in enumerate(slots):
                 for name in self._PER_SLOT:
                     getattr(self, name)[b] = getattr(view, name)[j]
@@ -314,6 +339,7 @@ class KVCache(PerBlockKV):
 
     def layer_bookkeeping(self, layer: int) -> tuple[list[list[int]], list[list[int] | None]]:
         """Block ``layer``'s own bookkeeping (its queues and decisions per slot), for a stage that takes it over."""
+        self._resolve_sinks()
         return [list(q) for q in self._queue[layer]], [_copy(d) for d in self._decided[layer]]
 
     def adopt_layer(
@@ -324,6 +350,7 @@ class KVCache(PerBlockKV):
         bookkeeping: tuple[list[list[int]], list[list[int] | None]],
     ) -> None:
         """Hold block ``layer`` from now on: its K/V buffers and bookkeeping as another stage had them."""
+        self._resolve_sinks()
         expected = (self.batch_size, self.num_kv_cache * self.tokens_per_frame, self.num_heads, self.head_dim)
         if tuple(key.shape) != expected or tuple(value.shape) != expected:
             raise ValueError(f"block {layer}'s K/V {tuple(key.shape)} do not fit this cache's {expected}")
@@ -333,6 +360,7 @@ class KVCache(PerBlockKV):
 
     def release_layer(self, layer: int) -> None:
         """Stop holding block ``layer`` (another stage took it over): its buffers become empty."""
+        self._resolve_sinks()
         self.layers = _span(self.layers, layer, add=False)
         self.key[layer] = self._layer_buffer(layer, self.device, self.dtype)
         self.value[layer] = self._layer_buffer(layer, self.device, self.dtype)
@@ -353,8 +381,9 @@ class KVCache(PerBlockKV):
             )
         return num_frames
 
-    def _sink_refresh(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> list[int]:
-        """Per slot in ``slots``: the least similar sink frame if its similarity is below the threshold, else -1.
+    def _sink_choice(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Per slot in ``slots``, on the device: the least similar sink frame if its similarity is below the
+        threshold, else -1 (``[len(slots)]`` int64, nothing read back).
 
         A sink frame the slot has not written yet counts as upstream's zero-initialised one: similarity 0.
         """
@@ -377,50 +406,129 @@ class KVCache(PerBlockKV):
         # argmin: the first of equal minima, as upstream's torch.argmin over one slot's sinks.
         least_similar = avg.argmin(dim=1)
         min_sim = avg.gather(1, least_similar[:, None])[:, 0]
-        choice = torch.where(min_sim < self.sink_threshold, least_similar, torch.full_like(least_similar, -1))
-        # The one device->host read of the hot path: which sink (if any) each slot refreshes, for this block.
-        return choice.tolist()
+        return torch.where(min_sim < self.sink_threshold, least_similar, torch.full_like(least_similar, -1))
+
+    def _sink_refresh(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> list[int]:
+        """:meth:`_sink_choice`, read back at once (``compat="clean"``: one check per chunk)."""
+        return self._sink_choice(layer, slots, key, value).tolist()
+
+    # ------------------------------------------------------------------ sink decisions on the device
+
+    def pending_sink_choices(self) -> torch.Tensor | None:
+        """The sink decisions still on the device, as one int64 tensor (values -1 … ``num_sink`` - 1), for a caller
+        that reads them with its own device→host copy and hands them to :meth:`resolve_sink_choices`; None: none."""
+        if not self._pending_sinks:
+            return None
+        return torch.cat([p.choice for p in self._pending_sinks])
+
+    def resolve_sink_choices(self, values: Sequence[int]) -> None:
+        """Apply the values of :meth:`pending_sink_choices` (read by the caller, in that order) to the queues."""
+        pending, self._pending_sinks = self._pending_sinks, []
+        if len(values) != sum(len(p.slots) for p in pending):
+            raise ValueError(f"{len(values)} sink decisions for {sum(len(p.slots) for p in pending)} pending")
+        at = 0
+        for p in pending:
+            for b, (without, with_refresh) in zip(p.slots, p.queues, strict=True):
+                sink = int(values[at])
+                at += 1
+                self._queue[p.layer][b] = (
+                    [sink + 1 if end == _CHOSEN_SINK else end for end in with_refresh] if sink >= 0 else without
+                )
+
+    def _resolve_sinks(self, layer: int | None = None) -> None:
+        """Read the pending decisions back (one read for all of them) when any is pending (for ``layer``)."""
+        if self._pending_sinks and (layer is None or any(p.layer == layer for p in self._pending_sinks)):
+            choices = self.pending_sink_choices()
+            assert choices is not None
+            self.resolve_sink_choices(choices.tolist())
 
     def _checks_sinks(self, num_frames: int) -> bool:
         return num_frames == 1 and self.num_sink > 0 and self.sink_threshold > -1.0
 
-    def _plan_upstream(self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> list[list[int]]:
-        """``compat="upstream"``: the frame slots of this write per slot, by upstream's rules (module docstring);
-        updates the block's queues at once and leaves the slots' ends and the countdown for :meth:`commit`."""
+    def _plan_slot(self, b: int, queue: list[int], num_frames: int) -> tuple[int, tuple[int, int], int]:
+        """Upstream's plan of one write for slot ``b`` (module docstring), updating ``queue`` in place: (the end of
+        the frame slots written, the slot's ends after the write, the countdown after it)."""
         size, sinks = self.num_kv_cache, self.num_sink
+        local_end = self._num_frames[b]
+        end = self._position[b] + num_frames
+        countdown = self._countdown
+        if end > size or local_end >= size:
+            if not queue:
+                check_compat_policy(self.compat, self.policy)  # the known case, with its own message
+                raise RuntimeError(f"no frame slot left to overwrite in {self!r}")
+            target_end = queue[0]
+            if self._upstream_batch == 1 and self._countdown > 1:
+                countdown = self._countdown - 1  # a no-batch chunk's earlier step: the same slot next time
+            else:
+                popped = queue.pop(0)
+                if popped > sinks:  # never the chosen sink (its end is at most `sinks`, _CHOSEN_SINK is below)
+                    queue.append(popped)
+                countdown = self._steps_per_chunk
+            new_local_end = size
+        else:
+            new_local_end = local_end + end - self._global_end[b]
+            target_end = new_local_end
+            registered = end + num_frames  # upstream's rolling_end: the slot one chunk ahead
+            if sinks < registered <= size and (not queue or queue[-1] != registered):
+                queue.append(registered)
+        return target_end, (new_local_end, end), countdown
+
+    def _plan_upstream(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int
+    ) -> list[list[int]] | torch.Tensor:
+        """``compat="upstream"``: the frame slots of this write per slot, by upstream's rules (module docstring);
+        updates the block's queues and leaves the slots' ends and the countdown for :meth:`commit`.
+
+        With the sink check, the decision stays on the device: each slot is planned without and with a refresh,
+        and the write goes by device indices (``[B]`` frame slots, returned as a tensor) when a full slot's target
+        depends on it; the queues are settled when the decisions are read (:meth:`resolve_sink_choices`)."""
+        self._resolve_sinks(layer)
         queues = self._queue[layer]
-        if self._checks_sinks(num_frames):
-            for b, sink in enumerate(self._sink_refresh(layer, list(range(self.batch_size)), key, value)):
+        countdown = self._countdown
+        if not self._checks_sinks(num_frames):
+            targets: list[list[int]] = []
+            for b in range(self.batch_size):
+                target_end, self._ends_after[b], countdown = self._plan_slot(b, queues[b], num_frames)
+                targets.append(list(range(target_end - num_frames, target_end)))
+            self._countdown_after = countdown
+            return targets
+        slots = list(range(self.batch_size))
+        choice = self._sink_choice(layer, slots, key, value)
+        plans: list[tuple[list[int], list[int]]] = []
+        ends: list[tuple[int, int]] = []
+        without_ends: list[int] = []
+        full: list[bool] = []
+        try:
+            for b in slots:
+                with_refresh = [_CHOSEN_SINK, *queues[b]]
+                with_end, slot_ends, countdown = self._plan_slot(b, with_refresh, num_frames)
+                without = list(queues[b])
+                without_end, _, _ = self._plan_slot(b, without, num_frames)
+                plans.append((without, with_refresh))
+                ends.append(slot_ends)
+                without_ends.append(without_end)
+                full.append(with_end == _CHOSEN_SINK)
+        except (RuntimeError, ValueError):
+            # No slot left unless the refresh frees one (a configuration upstream also fails on): decide now.
+            for b, sink in enumerate(choice.tolist()):
                 if sink >= 0:
                     queues[b].insert(0, sink + 1)
-        targets: list[list[int]] = []
-        countdown = self._countdown
-        for b in range(self.batch_size):
-            queue, local_end = queues[b], self._num_frames[b]
-            end = self._position[b] + num_frames
-            if end > size or local_end >= size:
-                if not queue:
-                    check_compat_policy(self.compat, self.policy)  # the known case, with its own message
-                    raise RuntimeError(f"no frame slot left to overwrite in {self!r}")
-                target_end = queue[0]
-                if self._upstream_batch == 1 and self._countdown > 1:
-                    countdown = self._countdown - 1  # a no-batch chunk's earlier step: the same slot next time
-                else:
-                    popped = queue.pop(0)
-                    if popped > sinks:
-                        queue.append(popped)
-                    countdown = self._steps_per_chunk
-                new_local_end = size
-            else:
-                new_local_end = local_end + end - self._global_end[b]
-                target_end = new_local_end
-                registered = end + num_frames  # upstream's rolling_end: the slot one chunk ahead
-                if sinks < registered <= size and (not queue or queue[-1] != registered):
-                    queue.append(registered)
-            targets.append(list(range(target_end - num_frames, target_end)))
-            self._ends_after[b] = (new_local_end, end)
+            targets = []
+            for b in slots:
+                target_end, self._ends_after[b], countdown = self._plan_slot(b, queues[b], num_frames)
+                targets.append(list(range(target_end - num_frames, target_end)))
+            self._countdown_after = countdown
+            return targets
+        for b in slots:
+            queues[b] = plans[b][0]  # until the decision is read
+            self._ends_after[b] = ends[b]
         self._countdown_after = countdown
-        return targets
+        self._pending_sinks.append(_PendingSinks(layer, slots, choice, plans))
+        if not any(full):  # fill phase: the write goes where it goes either way, only the queues wait
+            return [[end - 1] for end in without_ends]
+        no_refresh = torch.tensor(without_ends, device=choice.device)
+        refresh = (choice >= 0) & torch.tensor(full, device=choice.device)
+        return torch.where(refresh, choice + 1, no_refresh) - 1
 
     def _plan_clean(self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> list[list[int]]:
         """``compat="clean"``: the frame slots of the chunk in flight per slot, decided on its first write."""
@@ -481,7 +589,13 @@ class KVCache(PerBlockKV):
         # Write the chunk: one slice copy per frame when every slot uses the same frame slots.
         cache_k, cache_v, t = self.key[layer], self.value[layer], self.tokens_per_frame
         key, value = key.to(cache_k.dtype), value.to(cache_v.dtype)
-        if all(p == targets[0] for p in targets):
+        if isinstance(targets, torch.Tensor):  # one frame per slot, its slot decided on the device
+            rows = torch.arange(batch_size, device=targets.device)
+            frames_k = cache_k.view(batch_size, self.num_kv_cache, t, *cache_k.shape[2:])
+            frames_v = cache_v.view(batch_size, self.num_kv_cache, t, *cache_v.shape[2:])
+            frames_k[rows, targets] = key
+            frames_v[rows, targets] = value
+        elif all(p == targets[0] for p in targets):
             for f, slot in enumerate(targets[0]):
                 cache_k[:, slot * t : (slot + 1) * t] = key[:, f * t : (f + 1) * t]
                 cache_v[:, slot * t : (slot + 1) * t] = value[:, f * t : (f + 1) * t]
