@@ -265,7 +265,7 @@ class KVCache(PerBlockKV):
     _PER_BLOCK_SLOT = ("_queue", "_decided")
 
     def _copy_with(self, key: list[torch.Tensor], value: list[torch.Tensor], slots: Sequence[int]) -> KVCache:
-        self._resolve_sinks()  # the copy's queues must be the real ones
+        self._resolve_sinks(slots=slots)  # the copy's queues must be the real ones
         new = object.__new__(KVCache)
         new.__dict__.update(self.__dict__)
         new._pending_sinks = []
@@ -435,9 +435,13 @@ class KVCache(PerBlockKV):
                     [sink + 1 if end == _CHOSEN_SINK else end for end in with_refresh] if sink >= 0 else without
                 )
 
-    def _resolve_sinks(self, layer: int | None = None) -> None:
-        """Read the pending decisions back (one read for all of them) when any is pending (for ``layer``)."""
-        if self._pending_sinks and (layer is None or any(p.layer == layer for p in self._pending_sinks)):
+    def _resolve_sinks(self, layer: int | None = None, slots: Sequence[int] | None = None) -> None:
+        """Read the pending decisions back (one read for all of them) when any is pending (for ``layer``, for one
+        of ``slots``: a pipeline stage's per-slot subsets leave each other's decisions pending)."""
+        if self._pending_sinks and any(
+            (layer is None or p.layer == layer) and (slots is None or not set(p.slots).isdisjoint(slots))
+            for p in self._pending_sinks
+        ):
             choices = self.pending_sink_choices()
             assert choices is not None
             self.resolve_sink_choices(choices.tolist())
