@@ -3,18 +3,21 @@
 Stages, each checkpointed (every ``--checkpoint-s`` seconds and at its end) and resumable (run the same command
 again after an interruption: a finished stage is skipped, an unfinished one continues from its checkpoint):
 
-1. ``vae``: the mini Wan VAE (``AutoencoderKLWan`` at base width 8) on still images and 9-frame clips
-   (alternating steps; 64×64 crops for the first 70 % of the steps, then 128×128) made from scikit-image's sample images (camera motion and moving objects,
-   ``tools/mini_data.py``), MSE + L1, AdamW with a cosine decay.
+1. ``vae``: the mini VAE (diffusers' Wan2.2-style residual ``AutoencoderKLWan``: 2×2 patchify, base width 16) on
+   still images and 9-frame clips (alternating steps; 64×64 crops for the first 85 % of the steps, then 128×128)
+   made from scikit-image's sample images (camera motion and moving objects, ``tools/mini_data.py``), MSE + L1,
+   AdamW with a cosine decay.
    Its latents are then normalised per channel (folded into ``quant_conv``/``post_quant_conv``, so the shipped
    VAE's ``latents_mean``/``latents_std`` are 0/1 and the engine's upstream quirk of feeding raw μ is harmless).
-2. ``cache``: clips and their style targets (``sdlive.daemon.model.mini_styles``, every style per clip) encoded
-   once by the trained VAE into latents (``cache.pt``).
+2. ``clips`` + ``cache``: clips and their style targets (``sdlive.daemon.model.mini_styles``, every style per
+   clip) encoded once by the trained VAE into latents (``cache.pt``).
 3. ``dit``: the causal DiT and one prompt embedding per style, on the cached latents, as the engine runs it:
    chunks of latent frames (the first chunk 2 latent frames, then 1) under a block-causal mask, which equals the
    streaming KV cache while the context fits in it; each chunk noised as the engine noises it (the motion-aware
    controller's ``s·ε + (1−s)·z`` labelled ``int(1000 s) − 100``, the first chunk labelled 700, and the later
-   steps' re-noised estimates at 500/400/200), the loss on the x0 the engine computes (``x_t − σ·v``).
+   steps' re-noised estimates at 500/400/200), the loss on the x0 the engine computes (``x_t − σ·v``). A step
+   shows each clip in several styles with the same noise, and the loss weights the style-specific part of the error
+   (``style_weighted_loss``), so the prompts are not drowned by the content the styles share.
 4. ``export``: safetensors into ``daemon/model/weights/mini/`` (``--export``) and ``train_log.json``.
 
 Every random draw comes from ``--seed`` (per stage and step), so a rerun with the same step counts gives the same
@@ -176,9 +179,9 @@ def stage_vae(run: Run, args: argparse.Namespace) -> None:
             g["lr"] = _lr(step, args.vae_steps, args.vae_lr)
         # Even steps: 16 still images (the first-frame path); odd steps: 2 clips of 9 frames (first frame, then two
         # 4-frame groups through the causal caches: the path every later chunk of a stream takes).
-        # The first 70 % of the steps on 64×64 crops (4× the steps per second: the early phase needs steps), the
-        # rest at --vae-size.
-        size = 64 if step < 0.7 * args.vae_steps else args.vae_size
+        # The first --vae-small-frac of the steps on 64×64 crops (4× the steps per second: the early phase needs
+        # steps), the rest at --vae-size.
+        size = 64 if step < args.vae_small_frac * args.vae_steps else args.vae_size
         if step % 2 == 0:
             x = vae_batch(args.seed, step, 4 * args.vae_batch, size, 1)
         else:
@@ -243,7 +246,8 @@ def load_trained_vae(run: Run) -> Any:
 # ----------------------------------------------------------------------------------------------- stage 2: cache
 CLIP_FRAMES = 13
 """Frames per DiT training clip: 5 + 4 + 4 → latent frames 2 + 1 + 1, three chunks."""
-STYLES_PER_CLIP = 3
+STYLES_PER_CLIP = 7
+"""Style targets per clip: every style (so a DiT step can show one clip in several styles, see ``stage_dit``)."""
 
 
 def stage_clips(run: Run, args: argparse.Namespace) -> None:
@@ -265,7 +269,7 @@ def stage_clips(run: Run, args: argparse.Namespace) -> None:
         # styles in rotation (every style equally often), the rotation's start at random
         first = int(rng.integers(len(styles)))
         for j in range(STYLES_PER_CLIP):
-            k = (first + j * (1 + i % 2)) % len(styles)
+            k = (first + j * (1 + i % 2)) % len(styles) if STYLES_PER_CLIP < len(styles) else j
             style_ids[i, j] = k
             targets[i, j] = np.stack([stylize(styles[k], f) for f in clip])
     inputs.flush()
@@ -387,6 +391,9 @@ def noised_batch(z_in: torch.Tensor, z_tgt: torch.Tensor, rng: np.random.Generat
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The engine's noising of a batch of clips: (x_t, per-frame labels, per-frame σ of the labels).
 
+    ``z_in`` [B, C, F, h, w], ``z_tgt`` [B, K, C, F, h, w]: K style targets per clip. The K samples of a clip share
+    their noise and labels (and, for step 1, their x_t): x_t [B, K, C, F, h, w], labels and σ [B, K, F].
+
     Two kinds of sample, as the engine's denoising steps see them:
 
     * step 1 (3 in 4): the input latent interpolated with noise, ``s·ε + (1−s)·z``. The first chunk has
@@ -398,6 +405,7 @@ def noised_batch(z_in: torch.Tensor, z_tgt: torch.Tensor, rng: np.random.Generat
     from sdlive.daemon.engine.schedule import add_noise, sigma_for
 
     b, _, frames = z_in.shape[:3]
+    k = z_tgt.shape[1]
     chunks = chunk_ids(frames)
     xs, labels = [], []
     noise = torch.randn(z_in.shape, generator=gen)
@@ -410,15 +418,26 @@ def noised_batch(z_in: torch.Tensor, z_tgt: torch.Tensor, rng: np.random.Generat
                 per_chunk.append((s, int(1000 * s) - 100))
                 s_prev = s
             strength = torch.tensor([per_chunk[c][0] for c in chunks]).view(1, -1, 1, 1)
-            xs.append(strength * noise[i] + (1 - strength) * z_in[i])
-            labels.append([float(per_chunk[c][1]) for c in chunks])
+            xs.append((strength * noise[i] + (1 - strength) * z_in[i])[None].expand(k, *z_in.shape[1:]))
+            labels.append([[float(per_chunk[c][1]) for c in chunks]] * k)
         else:
             t = float(rng.choice([500, 400, 200]))
-            estimate = z_tgt[i] + float(rng.uniform(0, 0.3)) * (z_in[i] - z_tgt[i])
-            xs.append(add_noise(estimate, noise[i], t))
-            labels.append([t] * frames)
+            estimate = z_tgt[i] + float(rng.uniform(0, 0.3)) * (z_in[i][None] - z_tgt[i])
+            xs.append(add_noise(estimate, noise[i][None], t))
+            labels.append([[t] * frames] * k)
     lab = torch.tensor(labels)
     return torch.stack(xs), lab, sigma_for(lab).float()
+
+
+def style_weighted_loss(x0: torch.Tensor, target: torch.Tensor, k: int, style_weight: float) -> torch.Tensor:
+    """MSE of ``x0`` to ``target`` plus ``style_weight`` × the MSE of the error's style-specific part.
+
+    The batch holds groups of ``k`` samples, one clip in ``k`` styles with the same noise: the group's mean error is
+    what the styles share (mostly the content the noise destroyed), each sample's deviation from it is the error in
+    that sample's style. Plain MSE is dominated by the shared part and a DiT trained on it turns every prompt into one
+    average rendering (docs/mini.md); the second term gives the part only the prompt can fix its own weight."""
+    err = (x0 - target).unflatten(0, (-1, k))
+    return err.pow(2).mean() + style_weight * (err - err.mean(dim=1, keepdim=True)).pow(2).mean()
 
 
 def build_dit(seed: int) -> Any:
@@ -462,15 +481,17 @@ def stage_dit(run: Run, args: argparse.Namespace) -> None:
             g["lr"] = _lr(step, args.dit_steps, args.dit_lr)
         rng = _rng(args.seed, 3, step)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        # 4 in 5 steps: --dit-batch random 16×16-latent crops (128 px views); else a quarter of the batch at the full
-        # 32×32 latent (256 px), the size sdlive runs at: about the same tokens per step either way.
+        # 4 in 5 steps: --dit-batch samples of random 16×16-latent crops (128 px views), --dit-styles styles of each
+        # of --dit-batch / --dit-styles clips; else one clip in half as many styles at the full 32×32 latent (256 px),
+        # the size sdlive runs at: about the same tokens per step either way.
         full = rng.random() < 0.2
-        batch = max(1, args.dit_batch // 4) if full else args.dit_batch
+        k = max(2, args.dit_styles // 2) if full else args.dit_styles
+        batch = 1 if full else max(1, args.dit_batch // k)
         clips = torch.from_numpy(rng.integers(0, n_clips, batch))
-        which = torch.from_numpy(rng.integers(0, per_clip, batch))
+        which = torch.from_numpy(np.stack([rng.permutation(per_clip)[:k] for _ in range(batch)]))  # [batch, k]
         z_in = z_in_all[clips].float()
-        z_tgt = z_tgt_all[clips, which].float()
-        styles = style_ids[clips, which]
+        z_tgt = z_tgt_all[clips[:, None], which].float()  # [batch, k, C, F, h, w]
+        styles = style_ids[clips[:, None], which].reshape(-1)
         if not full:
             side = z_in.shape[-1]
             y, x = (int(v) for v in rng.integers(0, side - 16 + 1, 2))
@@ -478,9 +499,10 @@ def stage_dit(run: Run, args: argparse.Namespace) -> None:
         if rng.random() < 0.5:  # mirrored clips: more content from the same cache
             z_in, z_tgt = z_in.flip(-1), z_tgt.flip(-1)
         x_t, labels, sigma = noised_batch(z_in, z_tgt, rng, gen)
+        x_t, labels, sigma, z_tgt = x_t.flatten(0, 1), labels.flatten(0, 1), sigma.flatten(0, 1), z_tgt.flatten(0, 1)
         flow = causal_forward(model, x_t, labels, prompts[styles])
         x0 = x_t - sigma.view(*sigma.shape[:1], 1, -1, 1, 1) * flow
-        loss = F.mse_loss(x0, z_tgt)
+        loss = style_weighted_loss(x0, z_tgt, k, args.dit_style_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -545,17 +567,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-total-min", type=float, default=60.0, help="cap on all stages' training time")
     parser.add_argument("--checkpoint-s", type=float, default=120.0)
-    parser.add_argument("--vae-steps", type=int, default=2200)
-    parser.add_argument("--vae-minutes", type=float, default=22.0)
+    parser.add_argument("--vae-steps", type=int, default=1400)
+    parser.add_argument("--vae-minutes", type=float, default=24.0)
     parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--vae-size", type=int, default=128)
-    parser.add_argument("--vae-lr", type=float, default=4e-3)
-    parser.add_argument("--cache-clips", type=int, default=300)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-small-frac", type=float, default=0.85,
+                        help="fraction of the VAE steps on 64×64 crops (the rest at --vae-size)")
+    parser.add_argument("--cache-clips", type=int, default=150)
     parser.add_argument("--cache-size", type=int, default=256)
-    parser.add_argument("--dit-steps", type=int, default=2200)
-    parser.add_argument("--dit-minutes", type=float, default=20.0)
+    parser.add_argument("--dit-steps", type=int, default=800)
+    parser.add_argument("--dit-minutes", type=float, default=30.0)
     parser.add_argument("--dit-batch", type=int, default=8)
     parser.add_argument("--dit-lr", type=float, default=1e-3)
+    parser.add_argument("--dit-styles", type=int, default=4, help="styles per clip in a DiT step (same noise)")
+    parser.add_argument("--dit-style-weight", type=float, default=2.0,
+                        help="weight of the style-specific part of the DiT's error (style_weighted_loss)")
     parser.add_argument("--export", type=Path, default=DEFAULT_EXPORT, help="where the shipped weights go")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -201,14 +201,16 @@ TINY = ModelSpec(
 )
 
 # `mini` is tiny's size class trained here on a CPU (tools/train_mini.py, docs/mini.md): the same Wan DiT family at
-# dim 256 (2 heads x 128, so RoPE splits as in Wan2.1), 4 layers, and a Wan VAE at base width 8. Its "text encoder"
-# is a table of learned prompt embeddings, one per style (text_len 4 rows of text_dim 64): only its own prompts
-# (mini_styles.MINI_STYLES) are known. Shipped in the package, about 1 MB a part.
+# dim 256 (2 heads x 128, so RoPE splits as in Wan2.1), 4 layers, and a Wan2.2-style residual VAE (2x2 patchify, base
+# width 16, x8 in space and x4 in time like Wan2.1's, so the DiT's latents are the same shape). Its "text encoder" is a
+# table of learned prompt embeddings, one per style (text_len 4 rows of text_dim 64): only its own prompts
+# (mini_styles.MINI_STYLES) are known. Shipped in the package: a 19 MB DiT, a 2.8 MB VAE, 7 KB of prompts.
 MINI = ModelSpec(
     name="mini",
     transformer={**_WAN_DIT, "num_attention_heads": 2, "text_dim": 64, "freq_dim": 64, "ffn_dim": 1024, "num_layers": 4},
     vae={
-        **_WAN_VAE, "base_dim": 8, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+        **_WAN_VAE, "base_dim": 16, "dim_mult": [1, 2, 2], "num_res_blocks": 1, "temperal_downsample": [True, True],
+        "is_residual": True, "patch_size": 2, "in_channels": 12, "out_channels": 12,
         "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16,
     },  # fmt: skip
     text_encoder={},
