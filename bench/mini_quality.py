@@ -101,10 +101,10 @@ def stream(engine: StreamEngine, clip: np.ndarray, preset: Preset, variant: str 
     elif variant == "no-kv":
         run_chunk = session._run_chunk
 
-        def fresh_cache_chunk(needed: int) -> None:
+        def fresh_cache_chunk(needed: int) -> Any:  # a generator of the forwards to run, as _run_chunk is
             session._seq_cache = None  # the chunk sees no earlier chunk (1 step: the batch-1 cache is the only one)
             session._batch_cache = None
-            run_chunk(needed)
+            return (yield from run_chunk(needed))
 
         session._run_chunk = fresh_cache_chunk  # type: ignore[method-assign]
     elif variant != "full":
