@@ -239,6 +239,11 @@ def test_local_auth_creates_a_private_secret_and_serves_its_owner(local_daemon):
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="simulating a second user needs root")
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs a system python `nobody` can run")
+@pytest.mark.skipif(
+    Path("/usr/bin/python3").exists()
+    and subprocess.run(["/usr/bin/python3", "-c", "import zmq"], capture_output=True).returncode != 0,
+    reason="the system python `nobody` runs needs pyzmq: apt install python3-zmq (.ci/run does)",
+)
 def test_another_local_user_can_neither_read_the_secret_nor_drive_the_daemon(local_daemon):
     proc, path = local_daemon
     script = INTRUDER % {"uid": NOBODY}
