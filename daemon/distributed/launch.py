@@ -188,10 +188,14 @@ def run_rank(load: dict[str, Any], rank: int, world: int, *, address: str, port:
     stage.attach(ring, even_split(len(stage.transformer.blocks), world)[rank])
     ring.gather(stage.layers)  # PipelineEngine's start: who runs which blocks
     try:
-        return serve_worker(stage)
+        code = serve_worker(stage)
     except RankFailure as exc:
         log.error("%s", exc)
         return 1
+    # Leave the process group before the interpreter exits: its gloo threads, torn down by the exit instead, end
+    # the process in std::terminate ("terminate called without an active exception", SIGABRT) now and then.
+    ring.close()
+    return code
 
 
 def worker_main(argv: list[str] | None = None) -> int:
