@@ -101,7 +101,7 @@ def test_media_source_reaches_the_daemon(obs, obs_daemon, media):
 def test_slideshow_reaches_the_daemon(obs, obs_daemon, media):
     check(obs, obs_daemon, "slides", "slideshow",
           {"files": [{"value": str(media["slide"]), "hidden": False, "selected": False}],
-           "use_custom_size": f"{W}x{H}"}, pattern(2))
+           "use_custom_size": f"{W}x{H}", "transition": "cut"}, pattern(2))  # no fade-in: a frame is the slide
 
 
 def test_colour_source_reaches_the_daemon(obs, obs_daemon):

@@ -261,7 +261,8 @@ def test_reloading_the_script_with_filters_alive_keeps_them_running_and_quits_cl
         for n in (2, 3):
             before = {f: o.filter_stats(f)["frames_in"] for f in names}
             (Path(home) / "reload-sdlive").touch()
-            o.wait_for(lambda n=n: sum("script loaded" in ln for ln in o.sdlive_log_lines()) >= n, 20,
+            # an unload joins each live filter's worker (its session closed first): seconds on a loaded machine
+            o.wait_for(lambda n=n: sum("script loaded" in ln for ln in o.sdlive_log_lines()) >= n, 60,
                        f"load {n} of the script")
             o.wait_for(lambda b=before: all(o.filter_stats(f).get("frames_in", 0) > b[f] + 3 for f in names), 30,
                        "every filter to keep sending frames after the reload")
