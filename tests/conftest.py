@@ -208,6 +208,32 @@ def wait_for():
     return wait_until
 
 
+def _write_tiny_lora(path: Path, dim: int | None = None) -> None:
+    """A LoRA on tiny's self-attention queries, in the layout community Wan LoRAs use (``dim``: another model's
+    width, for a LoRA that does not fit)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlive.daemon.model.configs import TINY
+
+    dim = dim or TINY.transformer["num_attention_heads"] * TINY.transformer["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(TINY.transformer["num_layers"]):
+        name = f"diffusion_model.blocks.{i}.self_attn.q"
+        state[f"{name}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.5
+        state[f"{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+
+
+@pytest.fixture(scope="session")
+def write_tiny_lora():
+    """``write_tiny_lora(path, dim=None)``: writes a LoRA file for the tiny model (test files cannot import each
+    other under ``--import-mode=importlib``)."""
+    return _write_tiny_lora
+
+
 @pytest.fixture(scope="session")
 def sdlive_command():
     """``sdlive_command(*args)``: the argv that runs `sdlive ARGS` with the test interpreter."""

@@ -24,21 +24,15 @@ __all__ = ["SessionsFigures", "StreamFigures", "measure_sessions", "measure_stre
 
 
 @dataclass
-class SessionsFigures:
-    """What :func:`measure_sessions` measured; :meth:`as_dict` gives ``{n, fps, p99_ms, …}`` for JSON."""
+class StreamFigures:
+    """What :func:`measure_stream` measured; :meth:`as_dict` gives ``{fps, p99_ms, …}`` for JSON."""
 
-    n: int
-    batched: bool
     fps: float
-    """Output frames per second, all sessions together."""
+    """Output frames per second (all sessions together)."""
     p50_ms: float
     p99_ms: float
     frames: int
     """Output frames released while measuring (after the warm-up)."""
-    forwards: int
-    """DiT forwards run while measuring."""
-    shared_forwards: int
-    """Of those, forwards that served more than one session."""
     width: int
     height: int
     steps: int
@@ -47,6 +41,28 @@ class SessionsFigures:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass
+class SessionsFigures(StreamFigures):
+    """What :func:`measure_sessions` measured: :class:`StreamFigures` over ``n`` sessions, and the forwards."""
+
+    n: int = 1
+    batched: bool = False
+    forwards: int = 0
+    """DiT forwards run while measuring."""
+    shared_forwards: int = 0
+    """Of those, forwards that served more than one session."""
+
+
+def _rate_and_latency(outputs: int, elapsed: float, latencies: list[float]) -> dict[str, float]:
+    """fps and the p50/p99 latency (ms) of a measured window, as both figures report them."""
+    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
+    return {
+        "fps": round(outputs / elapsed, 2) if elapsed > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
 
 
 def measure_sessions(
@@ -106,13 +122,10 @@ def measure_sessions(
                     if pushed is not None:
                         latencies.append((ready - pushed) * 1e3)
     elapsed = time.perf_counter() - started
-    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return SessionsFigures(
         n=n,
         batched=batched,
-        fps=round(outputs / elapsed, 2) if elapsed > 0 else 0.0,
-        p50_ms=round(float(np.percentile(lat, 50)), 2),
-        p99_ms=round(float(np.percentile(lat, 99)), 2),
+        **_rate_and_latency(outputs, elapsed, latencies),
         frames=outputs,
         forwards=len(timings),
         shared_forwards=sum(t.members > 1 for t in timings),
@@ -122,25 +135,6 @@ def measure_sessions(
         stream_batch=stream_batch,
         device=str(engine.device),
     )
-
-
-@dataclass
-class StreamFigures:
-    """What :func:`measure_stream` measured; :meth:`as_dict` gives ``{fps, p99_ms, …}`` for JSON."""
-
-    fps: float
-    """Output frames per second of the one session."""
-    p50_ms: float
-    p99_ms: float
-    frames: int
-    width: int
-    height: int
-    steps: int
-    stream_batch: bool
-    device: str
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def measure_stream(
@@ -189,11 +183,8 @@ def measure_stream(
         close = getattr(session, "close", None)
         if callable(close):
             close()
-    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return StreamFigures(
-        fps=round(outputs / elapsed, 2) if elapsed > 0 else 0.0,
-        p50_ms=round(float(np.percentile(lat, 50)), 2),
-        p99_ms=round(float(np.percentile(lat, 99)), 2),
+        **_rate_and_latency(outputs, elapsed, latencies),
         frames=outputs,
         width=width,
         height=height,

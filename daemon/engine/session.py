@@ -379,16 +379,13 @@ class StreamSession:
     def _read_back(self, pixels: torch.Tensor) -> np.ndarray:
         """``pixels`` (uint8) on the host, and with them, in the same device→host copy, the KV caches' sink
         decisions still on the device (``KVCache.pending_sink_choices``): a steady chunk reads the device once."""
-        caches = [c for c in self.kv_caches() if c.pending_sink_choices() is not None]
-        if not caches:
+        pending = [(c, ch) for c in self.kv_caches() if (ch := c.pending_sink_choices()) is not None]
+        if not pending:
             return pixels.cpu().numpy()
-        choices = [c.pending_sink_choices() for c in caches]
-        packed = torch.cat([pixels.reshape(-1), *[(ch + 1).to(torch.uint8) for ch in choices if ch is not None]])
-        host = packed.cpu().numpy()
+        host = torch.cat([pixels.reshape(-1), *[(ch + 1).to(torch.uint8) for _, ch in pending]]).cpu().numpy()
         n = pixels.numel()
         at = n
-        for cache, ch in zip(caches, choices, strict=True):
-            assert ch is not None
+        for cache, ch in pending:
             cache.resolve_sink_choices((host[at : at + ch.numel()].astype(np.int64) - 1).tolist())
             at += ch.numel()
         return host[:n].reshape(tuple(pixels.shape))

@@ -8,33 +8,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import zmq
-from safetensors.torch import save_file
 
-from sdlive.daemon.model.configs import TINY
 from sdlive.daemon.protocol.secret import secure_client
 from sdlive.obs_bridge.client import DaemonError
 
-DIM = TINY.transformer["num_attention_heads"] * TINY.transformer["attention_head_dim"]
-
-
-def write_lora(path, dim: int = DIM) -> None:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for i in range(TINY.transformer["num_layers"]):
-        name = f"diffusion_model.blocks.{i}.self_attn.q"
-        state[f"{name}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.5
-        state[f"{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.5
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, path)
-
 
 @pytest.fixture
-def lora_daemon(tmp_path, daemon_factory):
+def lora_daemon(tmp_path, daemon_factory, write_tiny_lora):
     folder = tmp_path / "presets"
-    write_lora(folder / "styles" / "ink.safetensors")
-    write_lora(folder / "styles" / "big.safetensors", dim=1536)
+    write_tiny_lora(folder / "styles" / "ink.safetensors")
+    write_tiny_lora(folder / "styles" / "big.safetensors", dim=1536)
     (folder / "ink.toml").write_text('prompt = "an ink drawing"\nlora = "styles/ink.safetensors"\nlora_strength = 0.8\n')
     (folder / "gone.toml").write_text('prompt = "a lost style"\nlora = "styles/missing.safetensors"\n')
     (folder / "big.toml").write_text('prompt = "a 1.3B style"\nlora = "styles/big.safetensors"\n')

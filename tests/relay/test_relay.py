@@ -72,29 +72,11 @@ class Relay:
         return self.process.returncode
 
 
-def write_lora(path: Path) -> None:
-    """A LoRA for tiny's self-attention queries (the format community Wan LoRAs use), on the remote's disk only."""
-    import torch
-    from safetensors.torch import save_file
-
-    from sdlive.daemon.model.configs import TINY
-
-    dim = TINY.transformer["num_attention_heads"] * TINY.transformer["attention_head_dim"]
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for i in range(TINY.transformer["num_layers"]):
-        name = f"diffusion_model.blocks.{i}.self_attn.q"
-        state[f"{name}.lora_A.weight"] = torch.randn(4, dim, generator=g) * 0.5
-        state[f"{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g) * 0.5
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, path)
-
-
 @pytest.fixture(scope="module")
-def preset_dir(tmp_path_factory) -> Path:
+def preset_dir(tmp_path_factory, write_tiny_lora) -> Path:
     folder = tmp_path_factory.mktemp("remote-presets")
     (folder / "mine.toml").write_text('prompt = "a charcoal drawing"\nsteps = 1\n')
-    write_lora(folder / "styles" / "ink.safetensors")
+    write_tiny_lora(folder / "styles" / "ink.safetensors")  # on the remote's disk only
     (folder / "inked.toml").write_text('prompt = "an ink drawing"\nlora = "styles/ink.safetensors"\nlora_strength = 0.8\n')
     return folder
 
