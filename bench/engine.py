@@ -6,7 +6,9 @@ Prints a table and writes JSON with ``fps``, ``ttff_s``, ``stage_ms`` (encode/di
 ``recompute_ratio`` (our streaming DiT loop over a baseline that recomputes the whole attention window every chunk:
 same weights, same run), ``stream_batch_ratio`` (stream batch over no-batch at 2 steps, same run),
 ``host_syncs_per_chunk`` (device→host reads per steady chunk, counted by ``engine.syncs.HostSyncCounter``; the
-kinds in ``host_syncs_by_kind``), ``device``.
+kinds in ``host_syncs_by_kind``), ``compiled_fps`` and ``compiled_over_eager`` (the same stream on an engine with
+``--compile``'s hot loop, ``engine.compiled``, interleaved with the eager runs; ``compile_s``: its warm-up, the
+compilation; ``compiled_stage_ms``), ``device``.
 ``--model wan2.1-1.3b --size 480x832`` runs the real shapes with random weights (``--random-weights``), for GPUs.
 """
 
@@ -158,35 +160,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (medians)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--log-iterations", action="store_true", help="print every chunk's stage times")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled engine")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled engine (compiled_* keys: null)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     width, height = parse_size(args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = StreamEngine.load(
-        args.model,
-        weights=args.weights,
-        device=args.device,
-        random_weights=args.random_weights,
-        base_only=args.allow_base_model,
-        compat=args.compat,
-        decoder=args.decoder,
-    )
-    if args.random_weights and args.model != "tiny":
-        # A random 5.7B text encoder would only cost memory and minutes: random prompt embeddings of the real shape.
-        engine.bundle.text = RandomPromptEmbeddings(engine.spec.text_len, engine.spec.text_dim)
+    def load(compile_mode: str | None) -> StreamEngine:
+        engine = StreamEngine.load(
+            args.model,
+            weights=args.weights,
+            device=args.device,
+            random_weights=args.random_weights,
+            base_only=args.allow_base_model,
+            compat=args.compat,
+            decoder=args.decoder,
+            compile_mode=compile_mode,  # type: ignore[arg-type]
+        )
+        if args.random_weights and args.model != "tiny":
+            # A random 5.7B text encoder would only cost memory and minutes: random prompt embeddings of that shape.
+            engine.bundle.text = RandomPromptEmbeddings(engine.spec.text_len, engine.spec.text_dim)
+        return engine
+
+    engine = load(None)
     clip = moving_shapes(width, height, args.frames)
     run_stream(engine, clip[:16], steps=args.steps, stream_batch=True)  # warm-up: allocator, kernels
+    compiled = None if args.no_compile else load(args.compile_mode)
+    compile_s = None
+    if compiled is not None:
+        started = time.perf_counter()
+        run_stream(compiled, clip[:16], steps=args.steps, stream_batch=True)  # the compilation of this shape
+        compile_s = time.perf_counter() - started
 
     # The machines are noisy: every configuration runs --repeats times, interleaved, and medians are reported.
-    runs: dict[str, list[dict]] = {"main": [], "batch2": [], "nobatch2": []}
+    runs: dict[str, list[dict]] = {"main": [], "batch2": [], "nobatch2": [], "compiled": []}
     baseline_runs: list[float] = []
     chunks = max(3, min(8, args.frames // 4))
     for _ in range(args.repeats):
         runs["main"].append(
             run_stream(engine, clip, steps=args.steps, stream_batch=True, log_iterations=args.log_iterations)
         )
+        if compiled is not None:
+            runs["compiled"].append(run_stream(compiled, clip, steps=args.steps, stream_batch=True))
         # Recompute baseline: the DiT recomputes its whole attention window every chunk (same weights, same run).
         baseline_runs.append(recompute_baseline_dit_ms(engine, width, height, args.steps, chunks))
         runs["batch2"].append(run_stream(engine, clip, steps=2, stream_batch=True))
@@ -203,6 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     batch2 = {"fps": med("batch2", "fps")}
     nobatch2 = {"fps": med("nobatch2", "fps")}
     stream_batch_ratio = median([b["fps"] / n["fps"] for b, n in zip(runs["batch2"], runs["nobatch2"], strict=True)])
+
+    compiled_fps = compiled_over_eager = compiled_stages = None
+    if runs["compiled"]:
+        compiled_fps = med("compiled", "fps")
+        compiled_over_eager = median([c["fps"] / e["fps"] for c, e in zip(runs["compiled"], runs["main"], strict=True)])
+        compiled_stages = {k: median([r["stage_ms"][k] for r in runs["compiled"]]) for k in ("encode", "dit", "decode")}
 
     host_syncs, syncs_by_kind = count_host_syncs(engine, clip, steps=args.steps)
 
@@ -232,6 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
         "stream_batch_ratio": stream_batch_ratio,
         "host_syncs_per_chunk": host_syncs,
         "host_syncs_by_kind": syncs_by_kind,
+        "compile_mode": None if compiled is None else args.compile_mode,
+        "compile_s": compile_s,
+        "compiled_fps": compiled_fps,
+        "compiled_over_eager": compiled_over_eager,
+        "compiled_stage_ms": compiled_stages,
     }
     rows = [
         ("device", device),
@@ -248,6 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("host_syncs_per_chunk", host_syncs),
         ("  by kind", ", ".join(f"{k} {v:g}" for k, v in syncs_by_kind.items())),
     ]
+    if compiled_stages is not None:
+        rows += [
+            (f"compiled ({args.compile_mode}): warm-up s", compile_s),
+            ("compiled_fps", compiled_fps),
+            ("compiled_over_eager", compiled_over_eager),
+            ("  compiled encode / dit / decode ms", " / ".join(f"{compiled_stages[k]:.1f}" for k in compiled_stages)),
+        ]
     report(f"sdlive engine: {args.model} {width}x{height}", rows, result, args.json)
     return result
 

@@ -7,7 +7,9 @@
 For the 1.3B at 480×832 and 512×512: FPS and time to first frame at steps 1-4, stream batch and no-batch, the full
 (Wan VAE) and the light (TAEHV) decoder, and the peak memory beside the estimate of ``model.memory``; then the 14B
 at 1 step when the estimate fits in the free memory. Each configuration runs ``--repeats`` times, interleaved, and
-medians are reported. ``torch.compile`` of the hot loop is not implemented yet: ``compiled_fps`` is ``null``.
+medians are reported. Then the hot loop is compiled in place (``--compile``'s ``engine.compiled``) and the first
+size's stream-batch runs with the full decoder at ``--compile-steps`` are measured again: ``compiled_fps`` and
+``compile_s`` (the compiling warm-up) in their records (``null`` where not measured).
 Prints a table and writes JSON (``runs``: one record per configuration; ``skipped``: what did not run and why).
 """
 
@@ -26,6 +28,7 @@ from common import median, moving_shapes, parse_size, report, stamp  # noqa: E40
 from engine import RandomPromptEmbeddings, run_stream  # noqa: E402
 
 from sdlive.daemon.engine import StreamEngine  # noqa: E402
+from sdlive.daemon.engine.compiled import compile_hot_loop  # noqa: E402
 from sdlive.daemon.model.bundle import light_decoder_for  # noqa: E402
 from sdlive.daemon.model.memory import GiB, estimate, free_device_bytes  # noqa: E402
 
@@ -54,6 +57,7 @@ def _reset_peak(device: torch.device) -> None:
 def bench_model(
     model: str, device: str, sizes: tuple[str, ...], steps_list: tuple[int, ...], *, frames: int, repeats: int,
     deadline: float, decoders: tuple[str, ...], runs: list[dict[str, Any]], skipped: list[str],
+    compile_steps: tuple[int, ...] = (),
 ) -> None:  # fmt: skip
     engine = _engine(model, device)
     light, _ = light_decoder_for(engine.spec, None, None, device=engine.device, dtype=engine.dtype)
@@ -84,13 +88,40 @@ def bench_model(
                                    dtype=engine.dtype, decoder=decoder)  # fmt: skip
                     runs.append({
                         "model": model, "size": size, "steps": steps, "mode": mode, "decoder": decoder,
-                        "fps": median(fps), "ttff_s": median(ttff), "compiled_fps": None,
+                        "fps": median(fps), "ttff_s": median(ttff), "compiled_fps": None, "compile_s": None,
                         "peak_gib": max(peaks) / GiB if peaks else None, "estimate_gib": est.total / GiB,
                     })  # fmt: skip
     engine.bundle.light_decoder = None
+    if compile_steps:
+        bench_compiled(engine, sizes[0], compile_steps, frames=frames, repeats=repeats, deadline=deadline,
+                       runs=runs, skipped=skipped)  # fmt: skip
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def bench_compiled(
+    engine: StreamEngine, size: str, steps_list: tuple[int, ...], *, frames: int, repeats: int, deadline: float,
+    runs: list[dict[str, Any]], skipped: list[str],
+) -> None:  # fmt: skip
+    """Compile ``engine``'s hot loop in place and fill ``compiled_fps`` / ``compile_s`` of its eager records."""
+    compile_hot_loop(engine.bundle)
+    width, height = parse_size(size)
+    clip = moving_shapes(width, height, frames)
+    for steps in steps_list:
+        what = f"{engine.model_name} {size} {steps} step(s) compiled"
+        record = next((r for r in runs if r["model"] == engine.model_name and r["size"] == size
+                       and r["steps"] == steps and r["mode"] in ("stream batch", "-") and r["decoder"] == "full"), None)  # fmt: skip
+        if record is None:
+            continue
+        if time.monotonic() > deadline:
+            skipped.append(f"{what}: out of the time budget")
+            continue
+        started = time.perf_counter()
+        run_stream(engine, clip[:13], steps=steps, stream_batch=True)  # compiles this shape
+        record["compile_s"] = time.perf_counter() - started
+        record["compiled_fps"] = median([run_stream(engine, clip, steps=steps, stream_batch=True)["fps"]
+                                         for _ in range(repeats)])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -100,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--frames", type=int, default=None, help="frames per run (default: 64 GPU, 29 CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per configuration (default: 2, quick: 1)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; configurations past it are skipped")
+    parser.add_argument("--compile-steps", default="1,2", help="steps measured compiled too (quick: 1); '' for none")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    compile_steps = tuple(int(v) for v in args.compile_steps.split(",") if v.strip())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     started = time.monotonic()
@@ -111,12 +144,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or 2
     if args.quick:
         sizes, steps_list, repeats = sizes[:1], (1, 2), args.repeats or 1
+        compile_steps = compile_steps[:1]
     frames = args.frames or (64 if on_gpu else 29)
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
     small = "wan2.1-1.3b" if on_gpu else "tiny"
     bench_model(small, device, sizes, steps_list, frames=frames, repeats=repeats, deadline=deadline,
-                decoders=("full", "light"), runs=runs, skipped=skipped)  # fmt: skip
+                decoders=("full", "light"), runs=runs, skipped=skipped, compile_steps=compile_steps)  # fmt: skip
     if on_gpu:
         width, height = parse_size(sizes[0])
         need = estimate("wan2.1-14b", width=width, height=height, steps=1).total
@@ -136,8 +170,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[tuple[str, Any]] = [("device", name)]
     for r in runs:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        compiled = f", compiled {r['compiled_fps']:.2f} fps" if r["compiled_fps"] is not None else ""
         rows.append((f"{r['model']} {r['size']} {r['steps']}st {r['mode']} {r['decoder']}",
-                     f"{r['fps']:.2f} fps, ttff {r['ttff_s']:.2f} s, peak {peak} / est {r['estimate_gib']:.1f} GiB"))  # fmt: skip
+                     f"{r['fps']:.2f} fps, ttff {r['ttff_s']:.2f} s, peak {peak} / est {r['estimate_gib']:.1f} GiB"
+                     f"{compiled}"))  # fmt: skip
     for s in skipped:
         rows.append(("skipped", s))
     report("sdlive GPU benchmark", rows, result, args.json)

@@ -39,6 +39,17 @@ def default_config_file() -> Path:
     return Path(user_config_dir("sdlive")) / "config.toml"
 
 
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """``"512x288"`` → ``(512, 288)``; a ``ValueError`` unless both are positive multiples of 16."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; write it as WIDTHxHEIGHT, e.g. 512x512") from None
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise ValueError(f"size {text!r}: width and height must be multiples of 16 (at least 16)")
+    return width, height
+
+
 class DaemonConfig(BaseSettings):
     """Everything `sdlive serve` can be told. Build it with :func:`load_config`."""
 
@@ -118,9 +129,16 @@ class DaemonConfig(BaseSettings):
     """Load presets from ``user_config_dir("sdlive")/presets`` too."""
     default_preset: str | None = None
     """Preset for sessions opened without one (default: the first in sorted order)."""
+    compile: bool = False
+    """Compile the hot loop (transformer blocks, VAE) with torch.compile: faster chunks once compiled; each stream
+    size compiles on its first chunks (the warm-up's size at startup: set --warmup-size to your canvas)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode with --compile: reduce-overhead also records CUDA graphs (CUDA only)."""
     warmup: bool = True
-    """Run a throwaway 64×64 stream through the model at startup, so the first real session does not pay the
-    one-off kernel setup (seconds on CPU) while it is live."""
+    """Run a throwaway stream through the model at startup, so the first real session does not pay the one-off
+    kernel setup (seconds on CPU; with --compile, the compilation) while it is live."""
+    warmup_size: str = "64x64"
+    """Width x height of the warm-up stream (multiples of 16): with --compile, the size your sessions use."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """How much the daemon logs."""
     log_file: Path | None = None
@@ -145,6 +163,17 @@ class DaemonConfig(BaseSettings):
         if value.startswith("tcp://") and ":" not in value[len("tcp://") :]:
             raise ValueError(f"{value!r} has no port; write it as tcp://HOST:PORT")
         return value
+
+    @field_validator("warmup_size")
+    @classmethod
+    def _warmup_size(cls, value: str) -> str:
+        parse_frame_size(value)
+        return value
+
+    @property
+    def warmup_shape(self) -> tuple[int, int]:
+        """``warmup_size`` as ``(width, height)``."""
+        return parse_frame_size(self.warmup_size)
 
     @field_validator("token")
     @classmethod

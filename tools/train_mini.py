@@ -383,8 +383,8 @@ def use_training_attention(model: Any, on: bool) -> None:
     """Swap every ``attn1`` processor to the training one (``on``) or back to the streaming one."""
     from sdlive.daemon.model.causal_wan import CausalWanAttnProcessor
 
-    for i, block in enumerate(model.blocks):
-        block.attn1.set_processor(TrainSelfAttention() if on else CausalWanAttnProcessor(i))
+    for block in model.blocks:
+        block.attn1.set_processor(TrainSelfAttention() if on else CausalWanAttnProcessor())
 
 
 def noised_batch(z_in: torch.Tensor, z_tgt: torch.Tensor, rng: np.random.Generator, gen: torch.Generator

@@ -22,6 +22,7 @@ from ..model.configs import (
 from ..model.lora import LoraAdapters
 from ..model.memory import GiB, SessionMemory, free_device_bytes, session_memory
 from ..protocol.params import GenerationParams
+from .compiled import CompileMode, check_compile_mode, compile_hot_loop
 from .interface import InsufficientMemory
 from .session import ForwardCall, NoiseFn, StreamSession
 
@@ -71,6 +72,7 @@ class StreamEngine:
         dtype: torch.dtype,
         normalize_latents: bool = False,
         compat: Compat = DEFAULT_COMPAT,
+        compile_mode: CompileMode | None = None,
     ) -> None:
         self.compat: Compat = check_compat(compat)
         """``"upstream"`` | ``"clean"``: every session's KV caches and VAE follow it (see ``load``)."""
@@ -83,6 +85,8 @@ class StreamEngine:
         self._prompt_memo: dict[str, torch.Tensor] = {}
         self.lora = LoraAdapters(self.transformer)
         """The LoRA style files loaded on the transformer; each session sets its own weights (``set_lora``)."""
+        self.compile_mode = compile_mode
+        """The ``torch.compile`` mode the bundle's hot loop was compiled with (``load``), ``None``: eager."""
         self.layers: range = range(len(self.transformer.blocks))
         """The transformer blocks this engine runs and holds caches for: all of them, except on a pipeline stage
         (``sdlive.daemon.distributed``)."""
@@ -103,6 +107,7 @@ class StreamEngine:
         progress: ProgressFn | None = None,
         decoder: Decoder = "full",
         light_decoder: str | Path | None = None,
+        compile_mode: CompileMode | None = None,
     ) -> StreamEngine:
         """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
         ``ModelSpec``.
@@ -120,11 +125,15 @@ class StreamEngine:
         cache settings too (``"upstream"`` needs ``num_kv_cache >= 4``: ``configs.check_compat_policy``).
         ``decoder="light"``: sessions decode with the TAEHV-style tiny decoder (``model.taehv``) instead of the Wan
         VAE's: ``light_decoder`` names its ``taew2_1`` file, else one beside ``weights`` is used (``tiny``: random).
+        ``compile_mode``: compile the hot loop with ``torch.compile`` in this mode (``engine.compiled``; the first
+        chunks of each stream size compile, so warm up first); ``None``: eager.
         """
         from ..model.bundle import light_decoder_for, load_model_bundle
 
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
+        if compile_mode is not None:
+            check_compile_mode(compile_mode)
 
         # a clear error for an unknown name (or a bad cache setting) before anything loads
         compat = check_compat(compat)
@@ -151,15 +160,21 @@ class StreamEngine:
             bundle.sources["light_decoder"] = source
             if progress is not None:
                 progress(f"light decoder from {source}")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the VAE's convs run the same few shapes all stream long
+        if compile_mode is not None:
+            compile_hot_loop(bundle, compile_mode)
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s",
+            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s compile=%s",
             spec.name,
             device,
             dtype,
             spec.kv_cache,
             compat,
+            compile_mode or "off",
         )
-        return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents, compat=compat)
+        return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents, compat=compat,
+                   compile_mode=compile_mode)  # fmt: skip
 
     @property
     def model_name(self) -> str:

@@ -12,8 +12,9 @@ lacks for StreamDiffusionV2-style streaming (DESIGN §3):
 * :meth:`CausalWanTransformer3DModel.forward_stream`: one chunk ``[B, 16, F, h, w]`` with per-sample timesteps
   ``[B]`` → flow prediction ``v`` (float32).
 
-The blocks are diffusers' own ``WanTransformerBlock``: ``forward_stream`` calls ``block(hidden_states, cross,
-temb, context)``, and the block hands ``cross`` to ``attn2`` as its ``encoder_hidden_states`` and ``context`` (a
+The blocks are diffusers' own ``WanTransformerBlock``: ``forward_stream`` calls block ``i`` as
+``block(hidden_states, cross.for_block(i), temb, context.for_block(i))``, and the block hands the first (a
+:class:`BlockCrossAttention`) to ``attn2`` as its ``encoder_hidden_states`` and the second (a
 :class:`StreamAttentionContext`) to ``attn1`` as its ``rotary_emb``; the processors recognise those objects. Given
 ordinary tensors instead (diffusers' own ``forward``), both processors behave exactly like ``WanAttnProcessor``.
 """
@@ -38,6 +39,7 @@ from .configs import DEFAULT_CACHE_POLICY, DEFAULT_COMPAT, CachePolicy, Compat
 from .kv_cache import KVCache, PerBlockKV
 
 __all__ = [
+    "BlockCrossAttention",
     "CausalWanAttnProcessor",
     "CausalWanTransformer3DModel",
     "CrossAttentionCache",
@@ -61,6 +63,19 @@ class CrossAttentionCache(PerBlockKV):
     def batch_size(self) -> int:
         return self.key[0].shape[0]
 
+    def for_block(self, layer: int) -> BlockCrossAttention:
+        """Block ``layer``'s text keys/values."""
+        return BlockCrossAttention(self.key[layer], self.value[layer])
+
+
+@dataclass
+class BlockCrossAttention:
+    """One block's text keys/values ``[1 or B, L, heads, head_dim]``, passed through the block as its
+    ``encoder_hidden_states`` (a compiled block then never indexes by block number)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
 
 @dataclass
 class StreamAttentionContext:
@@ -73,6 +88,13 @@ class StreamAttentionContext:
     freqs_cos: torch.Tensor
     freqs_sin: torch.Tensor
     kv_cache: KVCache
+    layer: int = 0
+    """The block this context is for (:meth:`for_block`): the one index the processors need, kept out of the
+    modules so that one compiled block serves every block (``compile_repeated_blocks``)."""
+
+    def for_block(self, layer: int) -> StreamAttentionContext:
+        """This context for block ``layer``."""
+        return StreamAttentionContext(self.freqs_cos, self.freqs_sin, self.kv_cache, layer)
 
 
 def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -99,14 +121,14 @@ def _qkv_projections(attn: WanAttention, hidden_states: torch.Tensor) -> tuple[t
 
 
 class _StreamProcessor:
-    """What both streaming processors share: the block index, diffusers' ``WanAttnProcessor`` for ordinary tensors
-    (it gets the backend settings diffusers sets on this processor), the attention call and the output projection."""
+    """What both streaming processors share: diffusers' ``WanAttnProcessor`` for ordinary tensors (it gets the
+    backend settings diffusers sets on this processor), the attention call and the output projection. They hold no
+    block index: what is block-specific comes with each call, so one compiled block serves all (``engine.compiled``)."""
 
     _attention_backend = None  # set by diffusers (set_attention_backend), as on WanAttnProcessor
     _parallel_config = None
 
-    def __init__(self, layer_idx: int) -> None:
-        self.layer_idx = layer_idx
+    def __init__(self) -> None:
         self._default = WanAttnProcessor()
 
     def _stock(
@@ -145,7 +167,7 @@ class _StreamProcessor:
 
 
 class CausalWanAttnProcessor(_StreamProcessor):
-    """Self-attention (``attn1``) of block ``layer_idx`` over [KV cache ∪ chunk].
+    """Self-attention (``attn1``) over [KV cache ∪ chunk].
 
     With a :class:`StreamAttentionContext` as ``rotary_emb``: q/k/v projections and RMS norms as in
     ``WanAttnProcessor``, RoPE at the slots' absolute frame positions, the post-RoPE keys and the values written
@@ -176,38 +198,44 @@ class CausalWanAttnProcessor(_StreamProcessor):
         query = apply_rotary_emb(query, rotary_emb.freqs_cos, rotary_emb.freqs_sin)
         key = apply_rotary_emb(key, rotary_emb.freqs_cos, rotary_emb.freqs_sin)
 
-        # 3. Write post-RoPE K/V into the cache; get [cache ∪ chunk]: [B, S_kv, heads, head_dim]
-        key, value, lengths = rotary_emb.kv_cache.write(self.layer_idx, key, value)
-
-        # 4. Attention: [B, S, heads, head_dim] -> [B, S, heads * head_dim]
-        if lengths is None:
-            hidden_states = self._attention(query, key, value)
-        else:
-            # Slots hold different numbers of frames (stream-batch fill phase): one unmasked call per run of
-            # slots with equal lengths, so that mask-less kernels (flash-attn, sage) serve this case too.
-            runs = [self._attention(query[a:b], key[a:b, :n], value[a:b, :n]) for a, b, n in _equal_runs(lengths)]
-            hidden_states = torch.cat(runs, dim=0)
+        # 3-4. Write post-RoPE K/V into the cache, attend over [cache ∪ chunk]: [B, S, heads, head_dim]
+        hidden_states = self._cached_attention(rotary_emb, query, key, value)
 
         # 5. Output projection
         return self._project_out(attn, hidden_states, query)
 
+    @torch.compiler.disable
+    def _cached_attention(
+        self, context: StreamAttentionContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the chunk's K/V into the cache and attend over its valid frames. Never compiled: the cache's
+        bookkeeping is Python and the window grows while the cache fills, so a compiled block runs up to here
+        and from here on as two graphs that do not change from chunk to chunk."""
+        key, value, lengths = context.kv_cache.write(context.layer, key, value)
+        if lengths is None:
+            return self._attention(query, key, value)
+        # Slots hold different numbers of frames (stream-batch fill phase): one unmasked call per run of
+        # slots with equal lengths, so that mask-less kernels (flash-attn, sage) serve this case too.
+        runs = [self._attention(query[a:b], key[a:b, :n], value[a:b, :n]) for a, b, n in _equal_runs(lengths)]
+        return torch.cat(runs, dim=0)
+
 
 class WanCrossAttnCacheProcessor(_StreamProcessor):
-    """Cross-attention (``attn2``) of block ``layer_idx`` on precomputed text keys/values.
+    """Cross-attention (``attn2``) on precomputed text keys/values.
 
-    With a :class:`CrossAttentionCache` as ``encoder_hidden_states`` only the query side runs; with a tensor it is
-    ``WanAttnProcessor``.
+    With a :class:`BlockCrossAttention` (one block's part of a :class:`CrossAttentionCache`) as
+    ``encoder_hidden_states`` only the query side runs; with a tensor it is ``WanAttnProcessor``.
     """
 
     def __call__(
         self,
         attn: WanAttention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: CrossAttentionCache | torch.Tensor | None = None,
+        encoder_hidden_states: BlockCrossAttention | torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if not isinstance(encoder_hidden_states, CrossAttentionCache):
+        if not isinstance(encoder_hidden_states, BlockCrossAttention):
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
         # 1. Query: [B, S, heads * head_dim] -> [B, S, heads, head_dim]
@@ -215,8 +243,8 @@ class WanCrossAttnCacheProcessor(_StreamProcessor):
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
 
         # 2. Cached text K/V: [1 or B, L, heads, head_dim]
-        key = encoder_hidden_states.key[self.layer_idx]
-        value = encoder_hidden_states.value[self.layer_idx]
+        key = encoder_hidden_states.key
+        value = encoder_hidden_states.value
         if key.shape[0] != batch_size:
             key = key.expand(batch_size, -1, -1, -1)
             value = value.expand(batch_size, -1, -1, -1)
@@ -275,10 +303,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             rope_max_seq_len=rope_max_seq_len,
             pos_embed_seq_len=pos_embed_seq_len,
         )
-        for i, block in enumerate(self.stream_blocks):
+        for block in self.stream_blocks:
             # diffusers annotates set_processor with its own processor classes; any callable processor works.
-            block.attn1.set_processor(CausalWanAttnProcessor(i))  # type: ignore[arg-type]
-            block.attn2.set_processor(WanCrossAttnCacheProcessor(i))  # type: ignore[arg-type]
+            block.attn1.set_processor(CausalWanAttnProcessor())  # type: ignore[arg-type]
+            block.attn2.set_processor(WanCrossAttnCacheProcessor())  # type: ignore[arg-type]
         # float64 rotation angles per device, kept off the module so that `.to(dtype)` never rounds them.
         self._rope_angles: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -485,7 +513,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     ) -> torch.Tensor:
         """Blocks ``layers`` (diffusers' own; the processors read ``cross`` and ``context``) on the tokens."""
         for i in layers:
-            hidden_states = self.stream_blocks[i](hidden_states, cross, timestep_proj, context)
+            block = self.stream_blocks[i]
+            hidden_states = block(hidden_states, cross.for_block(i), timestep_proj, context.for_block(i))
         return hidden_states
 
     def stream_head(

@@ -46,7 +46,8 @@ class _FastWanCausalConv3d(WanCausalConv3d):
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        if not _use_onednn(x) or (torch.is_grad_enabled() and self.weight.requires_grad):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and (not _use_onednn(x) or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x, cache_x)  # off CPU, or training: the stock path
         # self._padding = (w, w, h, h, 2·t, 0): spatial padding is symmetric (ints; typed as Conv3d's str | int).
         causal_padding = cast(tuple[int, int, int, int, int, int], self._padding)
@@ -57,18 +58,9 @@ class _FastWanCausalConv3d(WanCausalConv3d):
         if pad_t > 0:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
         padding = [0, causal_padding[2], causal_padding[0]]
-        # Channels-last (NDHWC) is oneDNN's native layout: 3.4 → 2.1 ms for [1, 4, 6, 256, 256] 4→4 channels, and
-        # the elementwise ops and norms between convs keep the layout, so there is no reorder per call.
-        cl = torch.channels_last_3d
-        return torch.ops.aten.mkldnn_convolution(
-            x.contiguous(memory_format=cl),
-            self.weight.contiguous(memory_format=cl),
-            self.bias,
-            padding,
-            list(self.stride),
-            list(self.dilation),
-            self.groups,
-        )
+        if compiling and not _use_onednn(x):
+            return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return onednn_conv3d(x, self.weight, self.bias, padding, list(self.stride), list(self.dilation), self.groups)
 
 
 class _FastWanRMSNorm(WanRMS_norm):
@@ -84,13 +76,51 @@ class _FastWanRMSNorm(WanRMS_norm):
         return out + self.bias if isinstance(self.bias, torch.Tensor) else out
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.backends.mkldnn.enabled)
+@torch.library.custom_op("sdlive::onednn_conv3d", mutates_args=())
+def onednn_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """3D convolution by oneDNN in channels-last (NDHWC) layout, as one opaque op (aten's ``mkldnn_convolution``
+    has no shape function, so a compiled VAE calls this instead: inductor's own conv choice takes the slow path).
+
+    Channels-last is oneDNN's native layout: 3.4 → 2.1 ms for [1, 4, 6, 256, 256] 4→4 channels, and the elementwise
+    ops and norms between convs keep the layout, so there is no reorder per call."""
+    cl = torch.channels_last_3d
+    out = torch.ops.aten.mkldnn_convolution(
+        x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl), bias, padding, stride, dilation, groups
     )
+    return out.contiguous(memory_format=cl)
+
+
+@onednn_conv3d.register_fake
+def _onednn_conv3d_shape(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """The output of :func:`onednn_conv3d` without computing it (for tracing)."""
+    shape = F.conv3d(x, weight, bias, stride, padding, dilation, groups).shape
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _ONEDNN_AVAILABLE:
+        return False
+    # torch.backends' flags are opaque to dynamo (a graph break per conv): a compiled VAE reads them when compiled.
+    return torch.compiler.is_compiling() or bool(torch.backends.mkldnn.enabled)
+
+
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 
 
 def accelerate_wan_vae(vae: AutoencoderKLWan) -> AutoencoderKLWan:

@@ -272,18 +272,21 @@ def load_engine(config: DaemonConfig, view: StatsView | None, progress: LoadProg
                 compat=config.compat,
                 decoder=config.decoder,
                 light_decoder=config.light_decoder,
+                compile_mode=config.compile_mode if config.compile else None,
                 progress=progress.update if progress is not None else None,
             )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
     if config.warmup:
         if progress is not None:
             progress.update(STAGE_WARMUP)
-        warm_up(engine)
+        width, height = config.warmup_shape
+        warm_up(engine, width=width, height=height)
     return engine
 
 
-def warm_up(engine: StreamEngine, size: int = 64, frames: int = 21) -> None:
-    """Push a few chunks of noise through a throwaway session (first-call kernel setup, allocator growth)."""
+def warm_up(engine: StreamEngine, *, width: int = 64, height: int = 64, frames: int = 21) -> None:
+    """Push a few chunks of noise through a throwaway session (first-call kernel setup, allocator growth; with
+    ``--compile``, the compilation of this size's graphs)."""
     import numpy as np
 
     from ..protocol.params import GenerationParams
@@ -291,17 +294,17 @@ def warm_up(engine: StreamEngine, size: int = 64, frames: int = 21) -> None:
     started = time.perf_counter()
     try:
         session = engine.open_session(
-            width=size, height=size, params=GenerationParams(prompt=(engine.prompt_vocabulary or ["warm-up"])[0]),
+            width=width, height=height, params=GenerationParams(prompt=(engine.prompt_vocabulary or ["warm-up"])[0]),
             pixel_format="bgr24",
         )
         rng = np.random.default_rng(0)
         for _ in range(frames):
-            session.push(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            session.push(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         close = getattr(session, "close", None)  # a pipeline's ranks hold the session until told
         if callable(close):
             close()
     except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first session some time
         log.warning("warm-up failed (the first session may start slowly): %s", exc)
         return
-    log.info("warm-up done in %.1f s", time.perf_counter() - started)
+    log.info("warm-up (%dx%d) done in %.1f s", width, height, time.perf_counter() - started)
 
