@@ -25,6 +25,7 @@ import torch
 
 from ..protocol.constants import PIXEL_FORMATS, SIZE_MULTIPLE
 from ..protocol.params import GenerationParams
+from .frames import FrameUpload, to_pixel_format
 from .interface import OutputFrame, Pixels, StageTimes
 from .schedule import NoiseController, add_noise, flow_to_x0, timesteps_for
 from .timing import StageClock
@@ -138,6 +139,7 @@ class StreamSession:
         self._external_noise = noise_fn
         self._device = engine.device
         self._dtype = engine.dtype
+        self._upload = FrameUpload(height, width, self._channels, self._rgb_index, self._device)
         self._tokens_per_frame = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
         self._vae = engine.new_vae()
         self._clock = StageClock(self._device)
@@ -361,20 +363,12 @@ class StreamSession:
         if isinstance(frame, torch.Tensor):
             return frame.to(self._device, torch.float32).clamp(-1, 1)
         assert isinstance(frame, np.ndarray)
-        rgb = np.ascontiguousarray(frame[:, :, list(self._rgb_index)])
-        tensor = torch.from_numpy(rgb).to(self._device).permute(2, 0, 1).float()
-        return tensor / 127.5 - 1.0
+        return self._upload(frame)
 
     def _tensor_to_frames(self, video: torch.Tensor) -> list[Pixels]:
-        """[1, 3, T, H, W] in [-1, 1] → T frames H×W×C uint8 in the session's pixel format."""
-        u8 = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
-        rgb = self._read_back(u8.permute(1, 2, 3, 0))  # [T, H, W, 3]
-        out = np.empty((rgb.shape[0], self.height, self.width, self._channels), dtype=np.uint8)
-        for dst, src in enumerate(self._rgb_index):
-            out[..., src] = rgb[..., dst]
-        if self._channels == 4:
-            out[..., 3] = 255
-        return list(out)
+        """[1, 3, T, H, W] in [-1, 1] → T frames H×W×C uint8 in the session's pixel format (made on the device,
+        read back once)."""
+        return list(self._read_back(to_pixel_format(video, self._channels, self._rgb_index)))
 
     def _read_back(self, pixels: torch.Tensor) -> np.ndarray:
         """``pixels`` (uint8) on the host, and with them, in the same device→host copy, the KV caches' sink
