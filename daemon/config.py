@@ -129,6 +129,12 @@ class DaemonConfig(BaseSettings):
     """Load presets from ``user_config_dir("sdlive")/presets`` too."""
     default_preset: str | None = None
     """Preset for sessions opened without one (default: the first in sorted order)."""
+    attention_backend: Literal[
+        "native", "_native_flash", "_native_efficient", "_native_cudnn", "_native_math", "flex", "flash", "_flash_3",
+        "sage", "xformers",
+    ] = "native"
+    """Attention kernel of the DiT (diffusers' dispatch): native is PyTorch's SDPA (picks flash / efficient / cuDNN
+    itself); flash (flash-attn 2), _flash_3 (flash-attn 3, Hopper), sage, xformers need their package installed."""
     compile: bool = False
     """Compile the hot loop (transformer blocks, VAE) with torch.compile: faster chunks once compiled; each stream
     size compiles on its first chunks (the warm-up's size at startup: set --warmup-size to your canvas)."""

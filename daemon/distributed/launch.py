@@ -152,6 +152,7 @@ def load_args(config: Any) -> dict[str, Any]:
         "decoder": config.decoder,
         "light_decoder": str(config.light_decoder) if config.light_decoder else None,
         "compile_mode": config.compile_mode if config.compile else None,
+        "attention_backend": config.attention_backend,
     }
 
 

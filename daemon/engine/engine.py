@@ -22,6 +22,7 @@ from ..model.configs import (
 from ..model.lora import LoraAdapters
 from ..model.memory import GiB, SessionMemory, free_device_bytes, session_memory
 from ..protocol.params import GenerationParams
+from .attention import check_attention_backend
 from .compiled import CompileMode, check_compile_mode, compile_hot_loop
 from .interface import InsufficientMemory
 from .session import ForwardCall, NoiseFn, StreamSession
@@ -108,6 +109,7 @@ class StreamEngine:
         decoder: Decoder = "full",
         light_decoder: str | Path | None = None,
         compile_mode: CompileMode | None = None,
+        attention_backend: str = "native",
     ) -> StreamEngine:
         """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
         ``ModelSpec``.
@@ -127,6 +129,9 @@ class StreamEngine:
         VAE's: ``light_decoder`` names its ``taew2_1`` file, else one beside ``weights`` is used (``tiny``: random).
         ``compile_mode``: compile the hot loop with ``torch.compile`` in this mode (``engine.compiled``; the first
         chunks of each stream size compile, so warm up first); ``None``: eager.
+        ``attention_backend``: diffusers' attention dispatch for every attention (:data:`ATTENTION_BACKENDS`:
+        ``native`` is PyTorch's SDPA, which picks its own kernel; ``flash``, ``_flash_3``, ``sage`` … need their
+        package: a ``ValueError`` names it before anything loads).
         """
         from ..model.bundle import light_decoder_for, load_model_bundle
 
@@ -134,6 +139,7 @@ class StreamEngine:
             raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
         if compile_mode is not None:
             check_compile_mode(compile_mode)
+        check_attention_backend(attention_backend)
 
         # a clear error for an unknown name (or a bad cache setting) before anything loads
         compat = check_compat(compat)
@@ -160,18 +166,21 @@ class StreamEngine:
             bundle.sources["light_decoder"] = source
             if progress is not None:
                 progress(f"light decoder from {source}")
+        if attention_backend != "native":
+            bundle.transformer.set_attention_backend(attention_backend)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the VAE's convs run the same few shapes all stream long
         if compile_mode is not None:
             compile_hot_loop(bundle, compile_mode)
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s compile=%s",
+            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s compile=%s attention=%s",
             spec.name,
             device,
             dtype,
             spec.kv_cache,
             compat,
             compile_mode or "off",
+            attention_backend,
         )
         return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents, compat=compat,
                    compile_mode=compile_mode)  # fmt: skip
