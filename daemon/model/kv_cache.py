@@ -51,8 +51,9 @@ Design choices (see also ``docs/architecture.md``):
   indices, the block's queue is planned both ways, and the decisions of every block wait in the cache until one read
   takes them all: :meth:`KVCache.pending_sink_choices` / :meth:`KVCache.resolve_sink_choices` (the session reads them
   with its output frames, so a steady chunk reads the device once), else the next write of a block whose decision
-  is pending (or a copy, a subset, a stage hand-over) reads them first. ``"clean"`` reads its once-per-chunk decision
-  at once.
+  is pending (or a copy, a subset, a stage hand-over) reads them first. ``"clean"`` keeps its once-per-chunk
+  decision on the device likewise: the chunk's writes (its repeats in no-batch mode too) go by device indices, and
+  its commit plans each ring both ways until the same read.
 * A threshold of ``-1`` (or lower) turns the refresh off (a cosine is never below −1, and the check is skipped).
 * Slots may sit at different positions and frame counts (stream batch: slot ``i`` is one chunk behind slot
   ``i − 1``); ``write`` then reports each slot's valid length and attention runs per group of equal lengths (no
@@ -210,8 +211,11 @@ class KVCache(PerBlockKV):
         self._layers_written = [False] * layers  # by the forward in flight
         # clean: non-sink frame slots, oldest first (the round robin). upstream: its evict_idx, frame-slot *ends*.
         self._queue: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(layers)]
-        # clean: the chunk in flight's decision per block and slot, kept until its commit.
+        # clean: the chunk in flight's decision per block and slot, kept until its commit; a sink check's choice
+        # still on the device (its slots, the choice) and the device indices the chunk's writes go to meanwhile.
         self._decided: list[list[list[int] | None]] = [[None] * n for _ in range(layers)]
+        self._clean_choice: list[tuple[list[int], torch.Tensor] | None] = [None] * layers
+        self._clean_targets: list[torch.Tensor | None] = [None] * layers
         # upstream: per slot its global_end (frames), and both ends as the forward in flight leaves them.
         self._global_end: list[int] = [0] * n
         self._ends_after: list[tuple[int, int] | None] = [None] * n
@@ -269,6 +273,8 @@ class KVCache(PerBlockKV):
         new = object.__new__(KVCache)
         new.__dict__.update(self.__dict__)
         new._pending_sinks = []
+        new._clean_choice = [None] * self.num_layers
+        new._clean_targets = [None] * self.num_layers
         new.batch_size = len(slots)
         new.key, new.value = key, value
         new._layers_written = [False] * self.num_layers
@@ -325,6 +331,7 @@ class KVCache(PerBlockKV):
         try:
             yield view
         finally:
+            view._settle_clean_choices()  # a chunk's own choice in flight: read into its decisions
             # the view's decisions still on the device become this cache's, for its slots
             self._pending_sinks += [p._replace(slots=[slots[j] for j in p.slots]) for p in view._pending_sinks]
             for j, b in enumerate(slots):
@@ -437,7 +444,9 @@ class KVCache(PerBlockKV):
 
     def _resolve_sinks(self, layer: int | None = None, slots: Sequence[int] | None = None) -> None:
         """Read the pending decisions back (one read for all of them) when any is pending (for ``layer``, for one
-        of ``slots``: a pipeline stage's per-slot subsets leave each other's decisions pending)."""
+        of ``slots``: a pipeline stage's per-slot subsets leave each other's decisions pending); with ``"clean"``
+        also those of the chunk in flight (:meth:`_settle_clean_choices`)."""
+        self._settle_clean_choices(layer)
         if self._pending_sinks and any(
             (layer is None or p.layer == layer) and (slots is None or not set(p.slots).isdisjoint(slots))
             for p in self._pending_sinks
@@ -534,9 +543,35 @@ class KVCache(PerBlockKV):
         refresh = (choice >= 0) & torch.tensor(full, device=choice.device)
         return torch.where(refresh, choice + 1, no_refresh) - 1
 
-    def _plan_clean(self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> list[list[int]]:
-        """``compat="clean"``: the frame slots of the chunk in flight per slot, decided on its first write."""
+    def _settle_clean_choices(self, layer: int | None = None) -> None:
+        """``"clean"``: read the sink choices of the chunk in flight still on the device (of ``layer``, or all) into
+        its decisions; its writes go by those lists from then on."""
+        layers = [i for i in (self.layers if layer is None else [layer]) if self._clean_choice[i] is not None]
+        if not layers:
+            return
+        choices = torch.cat([self._clean_choice[i][1] for i in layers]).tolist()  # type: ignore[index]
+        at = 0
+        for i in layers:
+            checked, _ = self._clean_choice[i]  # type: ignore[misc]
+            for b in checked:
+                if choices[at] >= 0:
+                    self._decided[i][b] = [choices[at]]
+                at += 1
+            self._clean_choice[i] = self._clean_targets[i] = None
+
+    def _plan_clean(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, num_frames: int
+    ) -> list[list[int]] | torch.Tensor:
+        """``compat="clean"``: the frame slots of the chunk in flight per slot, decided on its first write.
+
+        The sink check's choice stays on the device when every slot starts its chunk at once (the steady state): the
+        chunk's writes go by device indices (``[B]``, one frame per slot, returned as a tensor), and :meth:`commit`
+        plans the rings both ways until the choice is read (:meth:`resolve_sink_choices`)."""
         decided = self._decided[layer]
+        targets = self._clean_targets[layer]
+        if targets is not None and all(d is not None for d in decided):
+            return targets  # a repeat of the chunk in flight: the same frame slots
+        self._resolve_sinks(layer)  # the rings are read below
         fresh = [b for b in range(self.batch_size) if decided[b] is None]
         for b in fresh:
             cached, ring = self._num_frames[b], self._queue[layer][b]
@@ -553,7 +588,15 @@ class KVCache(PerBlockKV):
             decided[b] = planned
         checked = [b for b in fresh if self._num_frames[b] == self.num_kv_cache]
         if checked and self._checks_sinks(num_frames):
-            for b, sink in zip(checked, self._sink_refresh(layer, checked, key, value), strict=True):
+            choice = self._sink_choice(layer, checked, key, value)
+            if len(fresh) == self.batch_size:
+                self._clean_choice[layer] = (checked, choice)
+                planned_slots = torch.tensor([d[0] for d in decided], device=choice.device)  # type: ignore[index]
+                rows = torch.tensor(checked, device=choice.device)
+                targets = planned_slots.index_put((rows,), torch.where(choice >= 0, choice, planned_slots[rows]))
+                self._clean_targets[layer] = targets
+                return targets
+            for b, sink in zip(checked, choice.tolist(), strict=True):  # a partial start: decide now
                 if sink >= 0:
                     decided[b] = [sink]
         return [list(d) for d in decided if d is not None]
@@ -634,6 +677,8 @@ class KVCache(PerBlockKV):
                     self._ends_after[b] = None
             if self._countdown_after is not None:
                 self._countdown, self._countdown_after = self._countdown_after, None
+        if not upstream:
+            self._commit_clean_choices(flags)
         for b, flag in enumerate(flags):
             num_frames = self._pending_frames[b]
             if not flag or num_frames is None:
@@ -655,6 +700,31 @@ class KVCache(PerBlockKV):
                 position = self.num_kv_cache - 1
             self._position[b] = position
         self._layers_written = [False] * self.num_layers
+
+    def _commit_clean_choices(self, flags: list[bool]) -> None:
+        """``"clean"`` commit of chunks whose sink choice is still on the device: the slots that end their chunk get
+        their ring planned both ways (a refresh leaves it as it is; else the written slot becomes the newest) and
+        the choice waits for :meth:`resolve_sink_choices`; slots that keep the chunk in flight keep the choice."""
+        for layer in self.layers:
+            pending = self._clean_choice[layer]
+            if pending is None:
+                continue
+            checked, choice = pending
+            ending = [flags[b] and self._pending_frames[b] is not None for b in checked]
+            if not any(ending):
+                continue
+            if not all(ending):  # some slots end the chunk, others keep it: decide now
+                self._settle_clean_choices(layer)
+                continue
+            plans: list[tuple[list[int], list[int]]] = []
+            for b in checked:
+                ring, (slot,) = self._queue[layer][b], self._decided[layer][b]  # type: ignore[misc]
+                without = [s for s in ring if s != slot] + ([slot] if slot >= self.num_sink else [])
+                plans.append((without, list(ring)))
+                self._queue[layer][b] = without  # until the choice is read
+                self._decided[layer][b] = []  # the ring is planned: nothing left for the commit below
+            self._pending_sinks.append(_PendingSinks(layer, list(checked), choice, plans))
+            self._clean_choice[layer] = self._clean_targets[layer] = None
 
     def __repr__(self) -> str:
         return (
