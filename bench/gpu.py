@@ -7,15 +7,17 @@
 For the 1.3B at 480×832 and 512×512: FPS and time to first frame at steps 1-4, stream batch and no-batch, the full
 (Wan VAE) and the light (TAEHV) decoder, and the peak memory beside the estimate of ``model.memory``; then the 14B
 at 1 step when the estimate fits in the free memory. Each configuration runs ``--repeats`` times, interleaved, and
-medians are reported. Then the hot loop is compiled in place (``--compile``'s ``engine.compiled``) and the first
-size's stream-batch runs with the full decoder at ``--compile-steps`` are measured again: ``compiled_fps`` and
-``compile_s`` (the compiling warm-up) in their records (``null`` where not measured).
+medians are reported. After the first size's runs the hot loop is compiled in place (``--compile``'s
+``engine.compiled``) and that size's stream-batch runs with the full decoder at ``--compile-steps`` are measured
+again: ``compiled_fps`` and ``compile_s`` (the compiling warm-up) in their records (``null`` where not measured);
+the later sizes run eager (``torch.compiler.set_stance("force_eager")``).
 Prints a table and writes JSON (``runs``: one record per configuration; ``skipped``: what did not run and why).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -61,43 +63,56 @@ def bench_model(
 ) -> None:  # fmt: skip
     engine = _engine(model, device)
     light, _ = light_decoder_for(engine.spec, None, None, device=engine.device, dtype=engine.dtype)
-    for size in sizes:
-        width, height = parse_size(size)
-        clip = moving_shapes(width, height, frames)
-        engine.bundle.light_decoder = None
-        run_stream(engine, clip[:13], steps=1, stream_batch=True)  # warm-up: kernels, allocator
-        for steps in steps_list:
-            for stream_batch in (True, False) if steps > 1 else (True,):
-                for decoder in decoders:
-                    mode = "stream batch" if stream_batch and steps > 1 else ("no-batch" if steps > 1 else "-")
-                    what = f"{model} {size} {steps} step(s) {mode} {decoder}"
-                    if time.monotonic() > deadline:
-                        skipped.append(f"{what}: out of the time budget")
-                        continue
-                    engine.bundle.light_decoder = light if decoder == "light" else None
-                    fps, ttff, peaks = [], [], []
-                    for _ in range(repeats):
-                        _reset_peak(engine.device)
-                        r = run_stream(engine, clip, steps=steps, stream_batch=stream_batch)
-                        fps.append(r["fps"])
-                        ttff.append(r["ttff_s"])
-                        peak = _peak_bytes(engine.device)
-                        if peak is not None:
-                            peaks.append(peak)
-                    est = estimate(engine.spec, width=width, height=height, steps=steps, stream_batch=stream_batch,
-                                   dtype=engine.dtype, decoder=decoder)  # fmt: skip
-                    runs.append({
-                        "model": model, "size": size, "steps": steps, "mode": mode, "decoder": decoder,
-                        "fps": median(fps), "ttff_s": median(ttff), "compiled_fps": None, "compile_s": None,
-                        "peak_gib": max(peaks) / GiB if peaks else None, "estimate_gib": est.total / GiB,
-                    })  # fmt: skip
-    engine.bundle.light_decoder = None
-    if compile_steps:
-        bench_compiled(engine, sizes[0], compile_steps, frames=frames, repeats=repeats, deadline=deadline,
-                       runs=runs, skipped=skipped)  # fmt: skip
+    for i, size in enumerate(sizes):
+        # Once the hot loop is compiled in place (after the first size), the later sizes' eager figures run eager.
+        stance = torch.compiler.set_stance("force_eager") if i > 0 and compile_steps else contextlib.nullcontext()
+        with stance:
+            bench_size(engine, light, size, steps_list, frames=frames, repeats=repeats, deadline=deadline,
+                       decoders=decoders, runs=runs, skipped=skipped)  # fmt: skip
+        if i == 0 and compile_steps:  # right after the first size's eager runs, so the time budget reaches them
+            bench_compiled(engine, size, compile_steps, frames=frames, repeats=repeats, deadline=deadline,
+                           runs=runs, skipped=skipped)  # fmt: skip
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def bench_size(
+    engine: StreamEngine, light: Any, size: str, steps_list: tuple[int, ...], *, frames: int, repeats: int,
+    deadline: float, decoders: tuple[str, ...], runs: list[dict[str, Any]], skipped: list[str],
+) -> None:  # fmt: skip
+    """Every configuration of one size, eager: a record each in ``runs``."""
+    model = engine.model_name
+    width, height = parse_size(size)
+    clip = moving_shapes(width, height, frames)
+    engine.bundle.light_decoder = None
+    run_stream(engine, clip[:13], steps=1, stream_batch=True)  # warm-up: kernels, allocator
+    for steps in steps_list:
+        for stream_batch in (True, False) if steps > 1 else (True,):
+            for decoder in decoders:
+                mode = "stream batch" if stream_batch and steps > 1 else ("no-batch" if steps > 1 else "-")
+                what = f"{model} {size} {steps} step(s) {mode} {decoder}"
+                if time.monotonic() > deadline:
+                    skipped.append(f"{what}: out of the time budget")
+                    continue
+                engine.bundle.light_decoder = light if decoder == "light" else None
+                fps, ttff, peaks = [], [], []
+                for _ in range(repeats):
+                    _reset_peak(engine.device)
+                    r = run_stream(engine, clip, steps=steps, stream_batch=stream_batch)
+                    fps.append(r["fps"])
+                    ttff.append(r["ttff_s"])
+                    peak = _peak_bytes(engine.device)
+                    if peak is not None:
+                        peaks.append(peak)
+                est = estimate(engine.spec, width=width, height=height, steps=steps, stream_batch=stream_batch,
+                               dtype=engine.dtype, decoder=decoder)  # fmt: skip
+                runs.append({
+                    "model": model, "size": size, "steps": steps, "mode": mode, "decoder": decoder,
+                    "fps": median(fps), "ttff_s": median(ttff), "compiled_fps": None, "compile_s": None,
+                    "peak_gib": max(peaks) / GiB if peaks else None, "estimate_gib": est.total / GiB,
+                })  # fmt: skip
+    engine.bundle.light_decoder = None
 
 
 def bench_compiled(
