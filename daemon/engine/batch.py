@@ -149,7 +149,8 @@ def run_together(
 ) -> list[Any]:
     """Drive several sessions' steps (``StreamSession.push_steps``) to their end, sharing forwards where the calls
     are compatible (``batch=False``: one forward per call, the same order: the reference). Returns each steps'
-    result, or the exception it raised (one session's failure never stops the others)."""
+    result, or the exception it raised (one session's failure never stops the others). ``on_forward`` gets each
+    forward's group size and time (on CUDA that waits for the device after each forward; without it nothing does)."""
     results: list[Any] = [None] * len(steps)
     waiting: dict[int, ForwardCall] = {}
 
@@ -177,7 +178,8 @@ def run_together(
                 try:
                     engine.lora.activate(call.lora)
                     flow = engine.transformer.forward_stream(call.x, call.t, call.cross, call.cache, commit=call.commit)
-                    engine.synchronize()
+                    if on_forward is not None:
+                        engine.synchronize()  # the forward's time is asked for (CUDA queues it: wait, once)
                 except Exception as exc:  # noqa: BLE001 - the members' chunk failed; the others go on
                     for i in members:
                         steps[i].close()
