@@ -135,6 +135,9 @@ class DaemonConfig(BaseSettings):
     ] = "native"
     """Attention kernel of the DiT (diffusers' dispatch): native is PyTorch's SDPA (picks flash / efficient / cuDNN
     itself); flash (flash-attn 2), _flash_3 (flash-attn 3, Hopper), sage, xformers need their package installed."""
+    quantize: Literal["none", "fp8-weight", "fp8"] = "none"
+    """FP8 weights for the DiT's blocks through torchao (pip install torchao): fp8-weight halves their memory on any
+    GPU; fp8 also runs the matmuls in FP8 (RTX 40xx, L4, H100 and later). LoRA presets need none."""
     compile: bool = False
     """Compile the hot loop (transformer blocks, VAE) with torch.compile: faster chunks once compiled; each stream
     size compiles on its first chunks (the warm-up's size at startup: set --warmup-size to your canvas)."""

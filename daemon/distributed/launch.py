@@ -153,6 +153,7 @@ def load_args(config: Any) -> dict[str, Any]:
         "light_decoder": str(config.light_decoder) if config.light_decoder else None,
         "compile_mode": config.compile_mode if config.compile else None,
         "attention_backend": config.attention_backend,
+        "quantize": config.quantize,
     }
 
 

@@ -25,6 +25,7 @@ from ..protocol.params import GenerationParams
 from .attention import check_attention_backend
 from .compiled import CompileMode, check_compile_mode, compile_hot_loop
 from .interface import InsufficientMemory
+from .precision import Quantize, check_quantize, quantize_transformer
 from .session import ForwardCall, NoiseFn, StreamSession
 
 if TYPE_CHECKING:  # the model (diffusers) loads with the first engine, not with this module
@@ -74,6 +75,7 @@ class StreamEngine:
         normalize_latents: bool = False,
         compat: Compat = DEFAULT_COMPAT,
         compile_mode: CompileMode | None = None,
+        quantize: Quantize = "none",
     ) -> None:
         self.compat: Compat = check_compat(compat)
         """``"upstream"`` | ``"clean"``: every session's KV caches and VAE follow it (see ``load``)."""
@@ -84,7 +86,9 @@ class StreamEngine:
         self.normalize_latents = normalize_latents
         self.transformer: CausalWanTransformer3DModel = bundle.transformer
         self._prompt_memo: dict[str, torch.Tensor] = {}
-        self.lora = LoraAdapters(self.transformer)
+        self.quantize: Quantize = quantize
+        """How the transformer's block weights were quantized at load (``engine.precision``), ``"none"``."""
+        self.lora = LoraAdapters(self.transformer, quantized=None if quantize == "none" else quantize)
         """The LoRA style files loaded on the transformer; each session sets its own weights (``set_lora``)."""
         self.compile_mode = compile_mode
         """The ``torch.compile`` mode the bundle's hot loop was compiled with (``load``), ``None``: eager."""
@@ -110,6 +114,7 @@ class StreamEngine:
         light_decoder: str | Path | None = None,
         compile_mode: CompileMode | None = None,
         attention_backend: str = "native",
+        quantize: Quantize = "none",
     ) -> StreamEngine:
         """Build the engine for a model: a registered name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or a
         ``ModelSpec``.
@@ -132,6 +137,8 @@ class StreamEngine:
         ``attention_backend``: diffusers' attention dispatch for every attention (:data:`ATTENTION_BACKENDS`:
         ``native`` is PyTorch's SDPA, which picks its own kernel; ``flash``, ``_flash_3``, ``sage`` … need their
         package: a ``ValueError`` names it before anything loads).
+        ``quantize``: ``"fp8-weight"`` / ``"fp8"`` stores the blocks' linear weights in FP8 through torchao
+        (``engine.precision``; checked before anything loads: torchao installed, ``fp8`` on a GPU that has FP8).
         """
         from ..model.bundle import light_decoder_for, load_model_bundle
 
@@ -152,6 +159,7 @@ class StreamEngine:
         if random_weights:
             spec = dataclasses.replace(spec, random_weights=True)
         device = resolve_device(device)
+        quantize = check_quantize(quantize, device)
         dtype = dtype or default_dtype(device)
         bundle = load_model_bundle(
             spec,
@@ -166,6 +174,7 @@ class StreamEngine:
             bundle.sources["light_decoder"] = source
             if progress is not None:
                 progress(f"light decoder from {source}")
+        quantize_transformer(bundle.transformer, quantize)  # before compiling: the graphs see the FP8 weights
         if attention_backend != "native":
             bundle.transformer.set_attention_backend(attention_backend)
         if device.type == "cuda":
@@ -173,7 +182,7 @@ class StreamEngine:
         if compile_mode is not None:
             compile_hot_loop(bundle, compile_mode)
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s compile=%s attention=%s",
+            "engine ready: model=%s device=%s dtype=%s cache=%s compat=%s compile=%s attention=%s quantize=%s",
             spec.name,
             device,
             dtype,
@@ -181,9 +190,10 @@ class StreamEngine:
             compat,
             compile_mode or "off",
             attention_backend,
+            quantize,
         )
         return cls(bundle, device=device, dtype=dtype, normalize_latents=normalize_latents, compat=compat,
-                   compile_mode=compile_mode)  # fmt: skip
+                   compile_mode=compile_mode, quantize=quantize)  # fmt: skip
 
     @property
     def model_name(self) -> str:

@@ -88,8 +88,10 @@ def _check_fits(path: Path, state: dict[str, torch.Tensor], model: torch.nn.Modu
 class LoraAdapters:
     """The LoRA adapters loaded on one transformer, and the weights in effect."""
 
-    def __init__(self, transformer: Any) -> None:
+    def __init__(self, transformer: Any, *, quantized: str | None = None) -> None:
         self.transformer = transformer
+        self.quantized = quantized
+        """The transformer's quantization (``--quantize``), which LoRA files cannot load onto; None: none."""
         self._names: dict[Path, str] = {}
         self._active: tuple[tuple[str, float], ...] | None = None
 
@@ -103,6 +105,9 @@ class LoraAdapters:
         name = self._names.get(path)
         if name is not None:
             return name
+        if self.quantized is not None:
+            raise LoraError(f"LoRA file {path}: LoRA styles do not load onto a quantized transformer (--quantize "
+                            f"{self.quantized}); run the daemon with --quantize none to use preset LoRAs")
         if len(self._names) >= MAX_ADAPTERS:
             raise LoraError(f"LoRA file {path}: this engine already holds {MAX_ADAPTERS} LoRA files; restart the daemon")
         state = read_lora(path)

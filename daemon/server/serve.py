@@ -274,6 +274,7 @@ def load_engine(config: DaemonConfig, view: StatsView | None, progress: LoadProg
                 light_decoder=config.light_decoder,
                 compile_mode=config.compile_mode if config.compile else None,
                 attention_backend=config.attention_backend,
+                quantize=config.quantize,
                 progress=progress.update if progress is not None else None,
             )
     log.info("model %s loaded in %.1f s", config.model, time.perf_counter() - started)
