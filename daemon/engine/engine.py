@@ -196,6 +196,17 @@ class StreamEngine:
                    compile_mode=compile_mode, quantize=quantize)  # fmt: skip
 
     @property
+    def acceleration(self) -> str | None:
+        """What runs the hot loop other than eager, SDPA and the loaded weights (``--compile``,
+        ``--attention-backend``, ``--quantize``), for ``hello`` / ``status``; None when nothing does."""
+        processor = self.transformer.stream_blocks[0].attn1.processor
+        backend = getattr(getattr(processor, "_attention_backend", None), "value", None)
+        parts = [f"torch.compile ({self.compile_mode})" if self.compile_mode else "",
+                 f"attention {backend}" if backend and backend != "native" else "",
+                 f"weights {self.quantize}" if self.quantize != "none" else ""]  # fmt: skip
+        return " · ".join(p for p in parts if p) or None
+
+    @property
     def model_name(self) -> str:
         return self.spec.name
 

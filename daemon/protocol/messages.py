@@ -302,6 +302,10 @@ class HelloReply(_Reply):
     parallel: str | None = Field(
         None, description="several devices (serve --gpus N), at start: 'pipeline over N ranks …' or 'sessions sharded …'"
     )
+    acceleration: str | None = Field(
+        None, description="what runs the hot loop beyond the defaults: 'torch.compile (default) · attention flash · "
+        "weights fp8-weight' (serve --compile, --attention-backend, --quantize); None: eager, SDPA, weights as loaded"
+    )
 
 
 class NetEndpoints(_Lenient):
@@ -440,6 +444,7 @@ class StatusReply(_Reply):
     parallel: str | None = Field(
         None, description="several devices (serve --gpus N), now: the pipeline's block split or the sessions per device"
     )
+    acceleration: str | None = Field(None, description="as in hello")
     requests: dict[str, int] = Field(
         default_factory=dict, description="control requests seen / rejected; handshakes refused (wrong key)"
     )

@@ -115,6 +115,7 @@ class ComputeLoop:
         self.cache: CacheInfo | None = None
         self.compat: str | None = None
         self.parallel: str | None = None
+        self.acceleration: str | None = None
         """How the engine spans several devices (``serve --gpus N``), for ``hello``; None: one device."""
         """``"upstream"`` or ``"clean"`` (``model.configs.check_compat``); known once the engine is attached."""
         """The engine's KV cache settings (``hello``, ``status``); known once the engine is attached."""
@@ -177,6 +178,7 @@ class ComputeLoop:
             compat=self.compat,
             security=self.io.auth.mechanism if self.io.auth is not None else "none",
             parallel=self.parallel,
+            acceleration=self.acceleration,
         )
 
     def parallel_now(self) -> str | None:
@@ -192,6 +194,7 @@ class ComputeLoop:
         self.cache = cache_info(engine.cache_policy)
         self.compat = str(engine.compat)
         self.parallel = getattr(engine, "parallel", None)
+        self.acceleration = getattr(engine, "acceleration", None)
         self._warmer = PromptWarmer(engine)
         self._changes = ChangeQueue(
             self._warmer, on_applied=self._change_applied, on_refused=self._change_refused, on_broken=self._broken

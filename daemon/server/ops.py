@@ -288,6 +288,7 @@ class LoopOps:
             compat=loop.compat,
             memory=memory,
             parallel=loop.parallel_now(),
+            acceleration=loop.acceleration,
             requests=loop.io.request_counters(),
             sessions=stats,
         )
@@ -307,7 +308,8 @@ def cache_info(policy: CachePolicy | None) -> CacheInfo | None:
 
 def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: int, heartbeat_interval_s: float,
                 heartbeat_liveness: int, pub_address: str, cache: CacheInfo | None = None,
-                compat: str | None = None, security: str = "none", parallel: str | None = None) -> HelloReply:  # fmt: skip
+                compat: str | None = None, security: str = "none", parallel: str | None = None,
+                acceleration: str | None = None) -> HelloReply:  # fmt: skip
     """The ``hello`` reply, which does not change while the daemon runs."""
     return HelloReply(
         daemon_version=DAEMON_VERSION,
@@ -324,6 +326,7 @@ def hello_reply(*, config_token: bool, model: str, device: str, max_sessions: in
         pub_address=pub_address,
         pid=os.getpid(),
         parallel=parallel,
+        acceleration=acceleration,
     )
 
 

@@ -137,6 +137,7 @@ def status_table(status: StatusReply) -> Group:
         f"memory {_fmt(mem, '.0f')} MB · control {status.control_address or '?'}",
         _cache_text(status),
         f"\n{status.parallel}" if getattr(status, "parallel", None) else "",
+        f"\n{status.acceleration}" if getattr(status, "acceleration", None) else "",
     )
     loading = getattr(status, "loading", None)
     if getattr(status, "state", "ready") == "loading":
