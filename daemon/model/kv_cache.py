@@ -415,10 +415,6 @@ class KVCache(PerBlockKV):
         min_sim = avg.gather(1, least_similar[:, None])[:, 0]
         return torch.where(min_sim < self.sink_threshold, least_similar, torch.full_like(least_similar, -1))
 
-    def _sink_refresh(self, layer: int, slots: list[int], key: torch.Tensor, value: torch.Tensor) -> list[int]:
-        """:meth:`_sink_choice`, read back at once (``compat="clean"``: one check per chunk)."""
-        return self._sink_choice(layer, slots, key, value).tolist()
-
     # ------------------------------------------------------------------ sink decisions on the device
 
     def pending_sink_choices(self) -> torch.Tensor | None:
