@@ -9,6 +9,8 @@ in its final layout once (``StreamSession._read_back``, with the KV caches' sink
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -33,7 +35,12 @@ class FrameUpload:
 
     def __call__(self, frame: np.ndarray) -> torch.Tensor:
         """``frame`` on the device as RGB float (the caller may reuse ``frame`` at once)."""
-        host = torch.from_numpy(frame)
+        if frame.flags.writeable:
+            host = torch.from_numpy(frame)
+        else:  # a network payload's buffer: only read here, so torch's warning about writes does not apply
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                host = torch.from_numpy(frame)
         if self._staging:
             slot, done = self._staging[self._next]
             if done is not None:
