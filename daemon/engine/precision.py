@@ -1,4 +1,7 @@
-"""``--quantize``: FP8 weights for the DiT's linear layers through torchao (an optional dependency).
+"""``--quantize``: FP8 weights for the DiT's linear layers through torchao (an optional dependency, ``pip install
+torchao``: not in the ``gpu`` extra, because with it installed diffusers imports it at every model load, printing
+load errors for its CUDA kernels on CPU builds, and the relay's frame-matching tests failed in that environment for
+a reason not found yet).
 
 * ``fp8-weight``: the blocks' linear weights stored in float8 (e4m3, one scale per output channel), dequantised in
   each matmul: half the transformer's bf16 weight memory on any device (torchao's ``Float8WeightOnlyConfig``).

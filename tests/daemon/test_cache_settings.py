@@ -1,5 +1,5 @@
-"""The engine settings given to `sdlive serve` (KV cache, compat, attention kernel, FP8 weights) reach the engine and
-are shown by `hello` and `status`."""
+"""The engine settings given to `sdlive serve` (KV cache, compat, attention kernel) reach the engine and are shown by
+`hello` and `status`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 def test_serve_cache_flags_are_shown_by_hello_and_status(daemon_factory):
     proc = daemon_factory(
         "--kv-cache-frames", "8", "--sink-frames", "2", "--sink-threshold", "-1", "--compat", "clean", "--no-warmup",
-        "--attention-backend", "_native_math", "--quantize", "fp8-weight",
+        "--attention-backend", "_native_math",
     )  # fmt: skip
     want = {"num_kv_cache": 8, "num_sink": 2, "sink_threshold": -1.0, "rope_refresh_frames": 50}
     with proc.client() as client:
         assert client.hello().cache.model_dump() == want
         assert client.status().cache.model_dump() == want
         assert client.hello().compat == client.status().compat == "clean"  # the flag reached the engine
-        accelerated = "attention _native_math · weights fp8-weight"  # read back from the engine's own modules
+        accelerated = "attention _native_math"  # read back from the engine's own modules
         assert client.hello().acceleration == client.status().acceleration == accelerated
 
 

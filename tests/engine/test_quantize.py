@@ -5,6 +5,7 @@ model is a clear error."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -15,7 +16,8 @@ import torch
 from sdlive.daemon.engine import SessionParams, StreamEngine
 from sdlive.daemon.model.lora import LoraError
 
-pytest.importorskip("torchao")
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao is not installed (pip install torchao)")
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +48,7 @@ def stream(engine: StreamEngine) -> list[np.ndarray]:
     return out
 
 
+@needs_torchao
 def test_fp8_weights_shrink_the_blocks_and_the_stream_follows_the_full_precision_one():
     full = StreamEngine.load("tiny", device="cpu")
     fp8 = StreamEngine.load("tiny", device="cpu", quantize="fp8-weight")
@@ -59,6 +62,7 @@ def test_fp8_weights_shrink_the_blocks_and_the_stream_follows_the_full_precision
     assert diff < 1.0, f"FP8 weights moved the frames by {diff:.2f} levels on average"  # measured: 0.30
 
 
+@needs_torchao
 def test_fp8_matmuls_need_a_gpu_that_has_them():
     with pytest.raises(ValueError, match="compute capability 8.9 or later.*fp8-weight stores FP8 weights"):
         StreamEngine.load("tiny", device="cpu", quantize="fp8")
@@ -70,6 +74,7 @@ def test_a_missing_torchao_names_the_install(monkeypatch):
         StreamEngine.load("tiny", device="cpu", quantize="fp8-weight")
 
 
+@needs_torchao
 def test_a_lora_preset_on_a_quantized_model_is_a_clear_error(tmp_path, write_tiny_lora):
     engine = StreamEngine.load("tiny", device="cpu", quantize="fp8-weight")
     path = tmp_path / "style.safetensors"
